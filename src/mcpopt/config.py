@@ -1,0 +1,298 @@
+"""Configuration: the standard `mcpServers` block plus mcpopt's own keys.
+
+A config file is YAML or JSON. Its `mcpServers` block is the one Claude Desktop, Cursor and
+VS Code use (`command`, `args`, `env`, `cwd`, `url`, `headers`, `type`/`transport`), so an
+existing `claude_desktop_config.json` loads unchanged. mcpopt's own keys sit beside it: per
+server (inside each server entry) and global (under `gateway:`).
+
+Environment variables override file values (pydantic-settings, nested with `__`):
+`MCPOPT_GATEWAY__SEPARATOR=.`, `MCPOPT_GATEWAY__CALL_TIMEOUT_MS=5000`, ...
+
+Every error is raised as `ConfigError` naming the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mcpopt.errors import ConfigError
+
+TransportName = Literal["stdio", "http", "sse"]
+
+_TRANSPORT_ALIASES = {
+    "stdio": "stdio",
+    "http": "http",
+    "streamable-http": "http",
+    "streamable_http": "http",
+    "streamablehttp": "http",
+    "sse": "sse",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RestartPolicy(_Strict):
+    """Restart of a crashed upstream: exponential backoff from `initial_backoff_ms` to `max_backoff_ms`."""
+
+    initial_backoff_ms: int = Field(500, ge=0)
+    max_backoff_ms: int = Field(30_000, ge=0)
+    enabled: bool = True
+
+
+class ServerConfig(_Strict):
+    """One upstream MCP server (an entry of `mcpServers`).
+
+    Standard keys: `command`, `args`, `env`, `cwd` (stdio); `url`, `headers` (HTTP/SSE);
+    `type` or `transport` (`stdio`, `http`/`streamable-http`, `sse`; inferred when absent).
+    mcpopt keys: `prefix` (namespace for tools/prompts, default the server name, `""` for
+    none), `timeout_ms` (per-call upstream timeout), `startup_timeout_ms`, `protocol`
+    (`auto`: discover then handshake; `legacy`: handshake only), `disabled`.
+    """
+
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    type: str | None = None
+    transport: str | None = None
+    # mcpopt's own keys
+    prefix: str | None = None
+    timeout_ms: int | None = Field(None, gt=0)
+    startup_timeout_ms: int = Field(30_000, gt=0)
+    protocol: Literal["auto", "legacy"] = "auto"
+    disabled: bool = False
+    description: str | None = None
+
+    @field_validator("type", "transport")
+    @classmethod
+    def _known_transport(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        norm = _TRANSPORT_ALIASES.get(value.lower())
+        if norm is None:
+            raise ValueError(f"expected one of stdio, http, streamable-http, sse (got {value!r})")
+        return norm
+
+    @model_validator(mode="after")
+    def _command_or_url(self) -> ServerConfig:
+        kind = self.kind
+        if kind == "stdio" and not self.command:
+            raise ValueError("a stdio server needs 'command' (or give 'url' for an HTTP/SSE server)")
+        if kind in ("http", "sse") and not self.url:
+            raise ValueError(f"a {kind} server needs 'url'")
+        if self.command and self.url:
+            raise ValueError("give either 'command' (stdio) or 'url' (HTTP/SSE), not both")
+        return self
+
+    @property
+    def kind(self) -> TransportName:
+        """The transport: explicit `type`/`transport`, else stdio for `command`, else http for `url`."""
+        explicit = self.type or self.transport
+        if explicit:
+            return explicit  # type: ignore[return-value]
+        if self.url and not self.command:
+            return "sse" if self.url.rstrip("/").endswith("/sse") else "http"
+        return "stdio"
+
+
+class GatewaySettings(_Strict):
+    """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
+
+    name: str = "mcpopt"
+    separator: str = "__"
+    prefix_tools: bool = True
+    """Namespace tools and prompts as `{prefix}{separator}{name}`; per-server `prefix` overrides."""
+    call_timeout_ms: int = Field(60_000, gt=0)
+    """Default per-call upstream timeout (tools/call, resources/read, prompts/get, ...)."""
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    page_size: int = Field(0, ge=0)
+    """Page size for the gateway's own list results; 0 sends each list whole."""
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+    @field_validator("separator")
+    @classmethod
+    def _valid_separator(cls, value: str) -> str:
+        if not value or not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,8}", value):
+            raise ValueError("expected 1-8 characters from A-Z a-z 0-9 _ - . / (MCP tool-name characters)")
+        return value
+
+
+class Config(BaseSettings):
+    """The whole configuration: `mcpServers` plus `gateway`.
+
+    Build it with `load_config(path)`; environment variables `MCPOPT_*` override file values.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MCPOPT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    mcpServers: dict[str, ServerConfig] = Field(default_factory=dict)  # noqa: N815 - the standard key
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    source: str = Field("", exclude=True)
+    """The file this config came from ("" when built in code)."""
+
+    @field_validator("mcpServers")
+    @classmethod
+    def _valid_names(cls, servers: dict[str, ServerConfig]) -> dict[str, ServerConfig]:
+        for name in servers:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+                raise ValueError(f"server name {name!r}: expected 1-64 characters from A-Z a-z 0-9 _ - .")
+        return servers
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: MCPOPT_* overrides what the file says.
+        return (env_settings, init_settings)
+
+    def active_servers(self) -> dict[str, ServerConfig]:
+        return {name: s for name, s in self.mcpServers.items() if not s.disabled}
+
+    def tool_prefix(self, server: str) -> str:
+        """The namespace prefix of a server's tools and prompts ("" when unprefixed)."""
+        cfg = self.mcpServers[server]
+        if cfg.prefix is not None:
+            return cfg.prefix
+        return server if self.gateway.prefix_tools else ""
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(shown, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(shown, "", f"cannot read the file ({exc.strerror})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            data = yaml.safe_load(text) or {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(shown, f"line {exc.lineno} column {exc.colno}", f"valid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(shown, where, f"valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(shown, "(top level)", f"a mapping with 'mcpServers' (got {type(data).__name__})")
+    return data
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after[_command_or_url()]",) or str(item).startswith("function-"):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _first_error(exc: ValidationError, file: str) -> ConfigError:
+    err = exc.errors(include_url=False)[0]
+    key = _key_path(tuple(err["loc"]))
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling; see `mcpopt init` for every key)"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" [+{more} more problem{'s' if more > 1 else ''}]"
+    return ConfigError(file, key, msg)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any] | None = None) -> Config:
+    """Load and validate a config file (YAML or JSON) with `MCPOPT_*` overrides.
+
+    Args:
+        path: the file; `.json` is parsed as JSON, anything else as YAML (a superset).
+        data: an already-parsed mapping, used instead of reading `path` (tests, embedding).
+
+    Returns:
+        The validated `Config`; relative `cwd` values resolve against the file's folder.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, not YAML/JSON, or a key is invalid.
+    """
+    shown = str(path) if path is not None else ""
+    raw = data if data is not None else (_read_file(Path(path)) if path is not None else {})
+    try:
+        config = Config(**raw)
+    except ValidationError as exc:
+        raise _first_error(exc, shown or "(environment)") from None
+    except (TypeError, ValueError) as exc:  # pydantic-settings: malformed MCPOPT_* JSON values
+        raise ConfigError(shown or "(environment)", "MCPOPT_*", f"valid values ({exc})") from None
+    config.source = shown
+    if path is not None:
+        base = Path(path).resolve().parent
+        for server in config.mcpServers.values():
+            if server.cwd and not os.path.isabs(server.cwd):
+                server.cwd = str(base / server.cwd)
+    return config
+
+
+STARTER_CONFIG = """\
+# mcpopt configuration. The `mcpServers` block is the one Claude Desktop, Cursor and
+# VS Code use: paste yours here unchanged. mcpopt's own keys sit beside the standard ones.
+# Any key can be overridden from the environment: MCPOPT_GATEWAY__SEPARATOR=. and so on.
+
+mcpServers:
+  time:                                   # a stdio server: command + args (+ env, cwd)
+    command: uvx
+    args: ["mcp-server-time"]
+    # env: {TZ: UTC}
+    # cwd: .
+    # --- mcpopt keys (all optional) ---
+    # prefix: time                        # tools are served as time__get_current_time; "" = no prefix
+    # timeout_ms: 30000                   # per-call upstream timeout (default: gateway.call_timeout_ms)
+    # startup_timeout_ms: 30000           # how long the server may take to answer its handshake
+    # protocol: auto                      # auto = discover (2026-07-28), else handshake; legacy = handshake
+    # disabled: false
+
+  # everything:                           # a Streamable HTTP server
+  #   url: http://127.0.0.1:3001/mcp
+  #   headers: {Authorization: "Bearer ..."}
+  #   type: http                          # http | streamable-http | sse (inferred from the URL if absent)
+
+gateway:
+  name: mcpopt
+  separator: "__"                         # tool and prompt names: {server}{separator}{name}
+  prefix_tools: true                      # false: serve names unprefixed (collisions: first server wins)
+  call_timeout_ms: 60000                  # default upstream timeout per call
+  page_size: 0                            # 0 = lists are sent whole; N = paginate the gateway's lists
+  log_level: warning
+  restart:                                # crashed upstreams restart with exponential backoff
+    enabled: true
+    initial_backoff_ms: 500
+    max_backoff_ms: 30000
+"""

@@ -1,0 +1,83 @@
+"""One exception hierarchy for mcpopt; every message says what to do next.
+
+Errors that reach an MCP client are turned into JSON-RPC errors (`ErrorData`) by
+`to_error_data`, always naming the upstream server involved, never carrying a traceback.
+"""
+
+from __future__ import annotations
+
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND, ErrorData
+
+# JSON-RPC server-error range (-32000..-32099) codes used by the gateway itself.
+UPSTREAM_UNAVAILABLE = -32010
+"""The upstream server is down, starting, or restarting."""
+UPSTREAM_TIMEOUT = -32011
+"""The upstream did not answer within its timeout."""
+UPSTREAM_CLOSED = -32012
+"""The upstream's connection closed while the call was in flight (crash, kill)."""
+GATEWAY_REJECTED = -32013
+"""The gateway refused the call (limits, queue full)."""
+
+
+class McpoptError(Exception):
+    """Base of every error mcpopt raises on purpose."""
+
+
+class ConfigError(McpoptError):
+    """A configuration file or environment override is invalid.
+
+    `str(err)` is one message naming the file, the key path and what was expected.
+    """
+
+    def __init__(self, file: str, key: str, expected: str) -> None:
+        self.file = file
+        self.key = key
+        self.expected = expected
+        where = f"{file}: " if file else ""
+        key_part = f"key '{key}': " if key else ""
+        super().__init__(f"config error: {where}{key_part}{expected}")
+
+
+class GatewayError(McpoptError):
+    """An error answered to an MCP client as a JSON-RPC error.
+
+    Attributes:
+        code: JSON-RPC error code.
+        server: the upstream server name the error concerns, if any.
+    """
+
+    code: int = INTERNAL_ERROR
+
+    def __init__(self, message: str, *, server: str | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.server = server
+        if code is not None:
+            self.code = code
+
+    def to_error_data(self) -> ErrorData:
+        data = {"server": self.server} if self.server else None
+        return ErrorData(code=self.code, message=str(self), data=data)
+
+
+class UnknownTarget(GatewayError):
+    """No tool, prompt or resource of that name is served by the gateway."""
+
+    code = INVALID_PARAMS
+
+
+class MethodNotSupported(GatewayError):
+    code = METHOD_NOT_FOUND
+
+
+class UpstreamUnavailable(GatewayError):
+    """The upstream is not connected (starting, crashed, restarting, or failed to start)."""
+
+    code = UPSTREAM_UNAVAILABLE
+
+
+class UpstreamTimeout(GatewayError):
+    code = UPSTREAM_TIMEOUT
+
+
+class UpstreamClosed(GatewayError):
+    code = UPSTREAM_CLOSED

@@ -1,0 +1,551 @@
+"""The gateway: one MCP server in front of many upstream MCP servers.
+
+Built on the SDK's low-level `mcp.server.Server`, which owns the protocol with clients (both
+eras: the initialize handshake 2024-11-05..2025-11-25 and the stateless 2026-07-28 envelope).
+Lists are answered from the aggregated catalog; everything else is forwarded to the upstream
+that owns the name or URI.
+
+The hot path (`tools/call`) is a server middleware that forwards raw JSON-RPC params and the
+raw result dict, without building or validating SDK models on the way: it only rewrites the
+tool name, relays progress, and adapts the result's envelope when the client and the upstream
+speak different eras (`resultType`, cache hints, the `serverInfo` stamp, `InputRequiredResult`).
+Other forwarded methods return the upstream's raw result and let the SDK sieve it for the
+client's protocol version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.client._input_required import run_input_required_driver
+from mcp.server import Server
+from mcp.server.connection import Connection
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import NotificationOptions
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    INVALID_PARAMS,
+    LOG_LEVEL_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from mcpopt.config import Config
+from mcpopt.errors import GatewayError, UnknownTarget
+from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
+from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
+from mcpopt.upstream.server import CatalogKind, Upstream
+
+logger = logging.getLogger(__name__)
+
+_ENVELOPE_KEYS = (PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY, CLIENT_CAPABILITIES_META_KEY, LOG_LEVEL_META_KEY)
+"""2026-07-28 request `_meta` keys that describe the client's own connection: never forwarded."""
+_MODERN_RESULT_KEYS = ("resultType", "ttlMs", "cacheScope")
+"""Result fields that exist only from 2026-07-28 on; dropped for handshake-era clients."""
+_MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
+_VERSION = "0.1.0"
+
+
+class Gateway:
+    """Aggregates upstream MCP servers behind one SDK `Server`.
+
+    Lifecycle: `async with gateway.running():` starts every upstream in parallel and waits for
+    each to be ready (or to fail, which it reports and retries in the background); leaving the
+    block stops them all and reaps their processes. Serve `gateway.server` on any transport.
+
+    Args:
+        config: the loaded configuration.
+        filters: pipeline filters for tool calls (outermost first).
+    """
+
+    def __init__(self, config: Config, filters: list[Filter] | None = None) -> None:
+        self.config = config
+        self.namer = Namer(config)
+        self.catalog = GatewayCatalog()
+        g = config.gateway
+        self.upstreams: dict[str, Upstream] = {
+            name: Upstream(
+                name,
+                cfg,
+                self,
+                call_timeout_s=g.call_timeout_ms / 1000,
+                restart_initial_s=g.restart.initial_backoff_ms / 1000,
+                restart_max_s=g.restart.max_backoff_ms / 1000,
+                restart_enabled=g.restart.enabled,
+            )
+            for name, cfg in config.active_servers().items()
+        }
+        self.pipeline = Pipeline(self._forward_tool_call, filters or [])
+        self._connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
+        self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
+        self._callers: dict[str, list[ServerRequestContext[Any, Any]]] = {name: [] for name in self.upstreams}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server_info_stamp = {"name": g.name, "version": _VERSION}
+        self.server = self._build_server()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def running(self, wait_s: float | None = None) -> Any:
+        """Start all upstreams in parallel; wait up to each one's startup timeout for it."""
+        async with anyio.create_task_group() as tg:
+            for up in self.upstreams.values():
+                tg.start_soon(up.run)
+            waits = [
+                up.wait_ready(wait_s if wait_s is not None else up.cfg.startup_timeout_ms / 1000)
+                for up in self.upstreams.values()
+            ]
+            await asyncio.gather(*waits)
+            try:
+                yield self
+            finally:
+                for up in self.upstreams.values():
+                    await up.stop()
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per upstream: name, state, protocol version, counts, restarts, last error."""
+        rows = []
+        for name, up in self.upstreams.items():
+            rows.append(
+                {
+                    "server": name,
+                    "state": up.state,
+                    "transport": up.cfg.kind,
+                    "protocol": up.protocol_version,
+                    "tools": len(up.catalog.tools),
+                    "resources": len(up.catalog.resources),
+                    "templates": len(up.catalog.templates),
+                    "prompts": len(up.catalog.prompts),
+                    "restarts": up.restarts,
+                    "error": up.last_error,
+                }
+            )
+        return rows
+
+    # ---- UpstreamListener ---------------------------------------------------------------
+    async def catalog_changed(self, server: str, kinds: set[CatalogKind]) -> None:
+        old = self.catalog
+        self.catalog = build_catalog(self.namer, self.upstreams)
+        changed: list[str] = []
+        if "tools" in kinds and _names(old.tools) != _names(self.catalog.tools):
+            changed.append("notifications/tools/list_changed")
+        elif "tools" in kinds and old.tools != self.catalog.tools:
+            changed.append("notifications/tools/list_changed")
+        if "prompts" in kinds and old.prompts != self.catalog.prompts:
+            changed.append("notifications/prompts/list_changed")
+        if "resources" in kinds and (old.resources != self.catalog.resources or old.templates != self.catalog.templates):
+            changed.append("notifications/resources/list_changed")
+        for method in changed:
+            await self._broadcast(method, None)
+
+    async def resource_updated(self, server: str, uri: str) -> None:
+        guri = self.namer.uri(server, uri)
+        for conn in list(self._subscriptions.get(guri, ())):
+            await _notify(conn, "notifications/resources/updated", {"uri": guri})
+
+    async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None:
+        data = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+        data["logger"] = f"{server}/{data['logger']}" if data.get("logger") else server
+        for conn in list(self._connections):
+            if conn.protocol_version not in _MODERN:
+                await _notify(conn, "notifications/message", data)
+
+    async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
+        """Relay an upstream's sampling / elicitation / roots request to the client calling it."""
+        callers = self._callers.get(server) or []
+        for ctx in reversed(callers):
+            if ctx.protocol_version in _MODERN or not ctx.session.can_send_request:
+                continue
+            try:
+                return await _ask_client(ctx, request)
+            except MCPError as exc:
+                return exc.error
+        return types.ErrorData(
+            code=INVALID_PARAMS,
+            message=f"no connected client can answer {request.method} for MCP server '{server}'",
+        )
+
+    # ---- the SDK server -----------------------------------------------------------------
+    def _build_server(self) -> Server[Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MCPDeprecationWarning)
+            server: Server[Any] = Server(
+                self.config.gateway.name,
+                version=_VERSION,
+                instructions="mcpopt gateway: tools, prompts and resources of several MCP servers, namespaced by server.",
+                on_list_tools=self._list_tools,
+                on_call_tool=self._call_tool_typed,
+                on_list_resources=self._list_resources,
+                on_list_resource_templates=self._list_templates,
+                on_read_resource=self._read_resource,
+                on_subscribe_resource=self._subscribe,
+                on_unsubscribe_resource=self._unsubscribe,
+                on_list_prompts=self._list_prompts,
+                on_get_prompt=self._get_prompt,
+                on_completion=self._complete,
+                on_set_logging_level=self._set_level,
+            )
+        # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper)
+        # fast path; telemetry comes back as a pipeline filter.
+        server.middleware = [self._middleware]
+        self._init_options = server.create_initialization_options(
+            NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        )
+        return server
+
+    @property
+    def init_options(self) -> Any:
+        return self._init_options
+
+    async def _middleware(self, ctx: ServerRequestContext[Any, Any], call_next: Callable[..., Awaitable[Any]]) -> Any:
+        conn = ctx.session._connection  # noqa: SLF001 - the SDK's per-connection object
+        if conn not in self._connections:
+            self._connections[conn] = None
+        if ctx.method == "tools/call":
+            return await self._call_tool_fast(ctx)
+        return await call_next(ctx)
+
+    # ---- tools --------------------------------------------------------------------------
+    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        items, cursor = self._page(self.catalog.tools, params)
+        return types.ListToolsResult(tools=items, next_cursor=cursor)
+
+    async def _call_tool_fast(self, ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
+        params = ctx.params
+        if not isinstance(params, Mapping) or not isinstance(name := params.get("name"), str):
+            raise MCPError(code=INVALID_PARAMS, message="tools/call needs params.name (a string)")
+        route = self.catalog.tool_routes.get(name)
+        if route is None:
+            raise _unknown("tool", name, self.upstreams)
+        out = dict(params)
+        out["name"] = route.name
+        meta = out.get("_meta")
+        token = None
+        if meta:
+            meta = {k: v for k, v in meta.items() if k not in _ENVELOPE_KEYS}
+            token = meta.pop("progressToken", None)
+            if meta:
+                out["_meta"] = meta
+            else:
+                del out["_meta"]
+        call = ToolCall(route.server, route.name, name, out, _progress_relay(ctx, token) if token is not None else None)
+        callers = self._callers[route.server]
+        callers.append(ctx)
+        try:
+            result = await self.pipeline(call)
+            if result.get("resultType") == "input_required" and ctx.protocol_version not in _MODERN:
+                up = self.upstreams[route.server]
+                result = await self._drive_input_required(ctx, up, "tools/call", out, result)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        finally:
+            callers.remove(ctx)
+        return self._envelope(ctx.protocol_version, result)
+
+    async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
+        """The pipeline's terminal: send the call to its upstream."""
+        up = self.upstreams[call.server]
+        return await up.request("tools/call", call.params, on_progress=call.on_progress)
+
+    async def _call_tool_typed(self, ctx: Any, params: types.CallToolRequestParams) -> Any:
+        # Reached only if the middleware is removed; kept so the tools capability is declared.
+        return await self._call_tool_fast(ctx)
+
+    def _envelope(self, version: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Adapt a forwarded result's envelope to the client's era (cheap: top-level keys only)."""
+        if version in _MODERN:
+            meta = result.get("_meta")
+            result = dict(result)
+            result.setdefault("resultType", "complete")
+            result["_meta"] = {**meta, SERVER_INFO_META_KEY: self._server_info_stamp} if isinstance(meta, dict) else {
+                SERVER_INFO_META_KEY: self._server_info_stamp
+            }
+            return result
+        if any(k in result for k in _MODERN_RESULT_KEYS) or (
+            isinstance(result.get("_meta"), dict) and SERVER_INFO_META_KEY in result["_meta"]
+        ):
+            result = {k: v for k, v in result.items() if k not in _MODERN_RESULT_KEYS}
+            meta = result.get("_meta")
+            if isinstance(meta, dict) and SERVER_INFO_META_KEY in meta:
+                meta = {k: v for k, v in meta.items() if k != SERVER_INFO_META_KEY}
+                if meta:
+                    result["_meta"] = meta
+                else:
+                    del result["_meta"]
+        return result
+
+    async def _drive_input_required(
+        self, ctx: Any, up: Upstream, method: str, params: dict[str, Any], first: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Resolve a 2026-07-28 `InputRequiredResult` for a handshake-era client.
+
+        The embedded input requests become server-to-client requests on the client's
+        connection (sampling/createMessage, elicitation/create, roots/list); the original
+        request is retried upstream with `inputResponses` and `requestState` (SEP-2322).
+        """
+        parsed = types.InputRequiredResult.model_validate(first, by_name=False)
+
+        async def dispatch(_key: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
+            try:
+                return await _ask_client(ctx, request)
+            except MCPError as exc:
+                return exc.error
+
+        async def retry(responses: types.InputResponses | None, state: str | None) -> Any:
+            again = dict(params)
+            if responses is not None:
+                again["inputResponses"] = {
+                    k: v.model_dump(by_alias=True, mode="json", exclude_none=True) for k, v in responses.items()
+                }
+            if state is not None:
+                again["requestState"] = state
+            raw = await up.request(method, again)
+            if raw.get("resultType") == "input_required":
+                return types.InputRequiredResult.model_validate(raw, by_name=False)
+            return raw
+
+        return await run_input_required_driver(parsed, dispatch=dispatch, retry=retry)
+
+    # ---- prompts ------------------------------------------------------------------------
+    async def _list_prompts(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+        items, cursor = self._page(self.catalog.prompts, params)
+        return types.ListPromptsResult(prompts=items, next_cursor=cursor)
+
+    async def _get_prompt(self, ctx: Any, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        route = self.catalog.prompt_routes.get(params.name)
+        if route is None:
+            raise _unknown("prompt", params.name, self.upstreams)
+        out = _forward_params(ctx.params, name=route.name)
+        return await self._forward(ctx, route.server, "prompts/get", out)
+
+    # ---- resources ----------------------------------------------------------------------
+    async def _list_resources(
+        self, ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        items, cursor = self._page(self.catalog.resources, params)
+        return types.ListResourcesResult(resources=items, next_cursor=cursor)
+
+    async def _list_templates(
+        self, ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        items, cursor = self._page(self.catalog.templates, params)
+        return types.ListResourceTemplatesResult(resource_templates=items, next_cursor=cursor)
+
+    def _resolve_uri(self, uri: str) -> Route:
+        route = self.namer.resolve_uri(uri)
+        if route is not None and route.server in self.upstreams:
+            return route
+        # Servers with `prefix: ""` keep their URIs: find the one that lists it (or whose
+        # template could produce it); with a single such server, it is that one.
+        unprefixed = [s for s in self.namer.unprefixed_servers() if s in self.upstreams]
+        for server in unprefixed:
+            up = self.upstreams[server]
+            if any(str(r.uri) == uri for r in up.catalog.resources):
+                return Route(server, uri)
+        for server in unprefixed:
+            up = self.upstreams[server]
+            if any(_template_matches(t.uri_template, uri) for t in up.catalog.templates):
+                return Route(server, uri)
+        if len(unprefixed) == 1:
+            return Route(unprefixed[0], uri)
+        raise UnknownTarget(f"Unknown resource: {uri} (no MCP server behind this gateway serves it)")
+
+    async def _read_resource(self, ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        try:
+            route = self._resolve_uri(str(params.uri))
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        out = _forward_params(ctx.params, uri=route.name)
+        result = await self._forward(ctx, route.server, "resources/read", out)
+        contents = result.get("contents")
+        if isinstance(contents, list):
+            result = dict(result)
+            result["contents"] = [
+                {**c, "uri": self.namer.uri(route.server, c["uri"])} if isinstance(c, dict) and "uri" in c else c
+                for c in contents
+            ]
+        return result
+
+    async def _subscribe(self, ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        uri = str(params.uri)
+        route = self._resolve_uri(uri)
+        await self.upstreams[route.server].request("resources/subscribe", {"uri": route.name})
+        conn = ctx.session._connection  # noqa: SLF001
+        self._subscriptions.setdefault(uri, weakref.WeakSet()).add(conn)
+        return types.EmptyResult()
+
+    async def _unsubscribe(self, ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        uri = str(params.uri)
+        route = self._resolve_uri(uri)
+        subs = self._subscriptions.get(uri)
+        if subs is not None:
+            subs.discard(ctx.session._connection)  # noqa: SLF001
+            if not subs:
+                del self._subscriptions[uri]
+                with contextlib.suppress(Exception):
+                    await self.upstreams[route.server].request("resources/unsubscribe", {"uri": route.name})
+        return types.EmptyResult()
+
+    # ---- completion, logging ------------------------------------------------------------
+    async def _complete(self, ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
+        ref = params.ref
+        raw = dict(ctx.params)
+        if isinstance(ref, types.PromptReference):
+            route = self.catalog.prompt_routes.get(ref.name)
+            if route is None:
+                raise _unknown("prompt", ref.name, self.upstreams)
+            raw["ref"] = {**raw["ref"], "name": route.name}
+        else:
+            route = self.namer.resolve_uri(ref.uri)
+            if route is None:
+                unprefixed = self.namer.unprefixed_servers()
+                if not unprefixed:
+                    raise MCPError(code=INVALID_PARAMS, message=f"Unknown resource template: {ref.uri}")
+                route = Route(unprefixed[0], ref.uri)
+            raw["ref"] = {**raw["ref"], "uri": route.name}
+        up = self.upstreams.get(route.server)
+        if up is None or not (up.capabilities and up.capabilities.completions):
+            return {"completion": {"values": [], "hasMore": False}}
+        return await self._forward(ctx, route.server, "completion/complete", _forward_params(raw))
+
+    async def _set_level(self, ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
+        for up in self.upstreams.values():
+            if up.state == "ready" and up.capabilities and up.capabilities.logging and not up.modern:
+                with contextlib.suppress(Exception):
+                    await up.request("logging/setLevel", {"level": params.level})
+        return types.EmptyResult()
+
+    # ---- helpers ------------------------------------------------------------------------
+    async def _forward(self, ctx: Any, server: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        up = self.upstreams.get(server)
+        if up is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown MCP server: {server}")
+        meta = params.get("_meta")
+        token = meta.pop("progressToken", None) if isinstance(meta, dict) else None
+        if isinstance(meta, dict) and not meta:
+            params.pop("_meta")
+        callers = self._callers[server]
+        callers.append(ctx)
+        try:
+            result = await up.request(
+                method, params, on_progress=_progress_relay(ctx, token) if token is not None else None
+            )
+            if result.get("resultType") == "input_required" and ctx.protocol_version not in _MODERN:
+                result = await self._drive_input_required(ctx, up, method, params, result)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        finally:
+            callers.remove(ctx)
+        if ctx.protocol_version not in _MODERN:
+            # The SDK's sieve drops later-revision fields, but a modern upstream's serverInfo
+            # stamp in `_meta` is ours to drop.
+            return self._envelope(ctx.protocol_version, result)
+        result.pop("_meta", None) if result.get("_meta") == {} else None
+        return result
+
+    def _page(self, items: list[Any], params: types.PaginatedRequestParams | None) -> tuple[list[Any], str | None]:
+        size = self.config.gateway.page_size
+        if not size:
+            return items, None
+        start = 0
+        if params is not None and params.cursor:
+            try:
+                start = int(params.cursor)
+            except ValueError:
+                raise MCPError(code=INVALID_PARAMS, message=f"Invalid cursor: {params.cursor!r}") from None
+        end = start + size
+        return items[start:end], (str(end) if end < len(items) else None)
+
+    async def _broadcast(self, method: str, params: dict[str, Any] | None) -> None:
+        for conn in list(self._connections):
+            if conn.protocol_version in _MODERN:
+                continue  # 2026-07-28 clients learn of changes on subscriptions/listen streams
+            await _notify(conn, method, params)
+
+
+async def _notify(conn: Connection, method: str, params: dict[str, Any] | None) -> None:
+    if not conn.has_standalone_channel:
+        return
+    try:
+        with anyio.move_on_after(2):
+            await conn.outbound.notify(method, params)
+    except Exception as exc:  # noqa: BLE001 - a gone client must not break the gateway
+        logger.debug("notification %s to a client failed: %s", method, exc)
+
+
+_INPUT_RESULT_TYPES: dict[str, Any] = {
+    "sampling/createMessage": types.CreateMessageResult,
+    "elicitation/create": types.ElicitResult,
+    "roots/list": types.ListRootsResult,
+}
+
+
+async def _ask_client(ctx: Any, request: types.InputRequest) -> types.InputResponse:
+    """Send a server-to-client request on the channel of the client's in-flight request."""
+    data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+    channel = ctx.session._request_outbound  # noqa: SLF001 - rides the request's own stream on HTTP
+    raw = await channel.send_raw_request(data["method"], data.get("params"), None)
+    result_type = _INPUT_RESULT_TYPES[data["method"]]
+    if data["method"] == "sampling/createMessage" and isinstance(raw.get("content"), list):
+        result_type = types.CreateMessageResultWithTools
+    return result_type.model_validate(raw, by_name=False)
+
+
+def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:
+    session = ctx.session
+    request_id = ctx.request_id
+
+    async def relay(progress: float, total: float | None, message: str | None) -> None:
+        with contextlib.suppress(Exception):
+            await session.send_progress_notification(token, progress, total, message, related_request_id=request_id)
+
+    return relay
+
+
+def _forward_params(params: Mapping[str, Any] | None, **updates: Any) -> dict[str, Any]:
+    out = dict(params or {})
+    out.update(updates)
+    meta = out.get("_meta")
+    if isinstance(meta, Mapping):
+        meta = {k: v for k, v in meta.items() if k not in _ENVELOPE_KEYS}
+        if meta:
+            out["_meta"] = meta
+        else:
+            del out["_meta"]
+    return out
+
+
+def _unknown(kind: str, name: str, upstreams: dict[str, Upstream]) -> MCPError:
+    down = [n for n, up in upstreams.items() if up.state != "ready"]
+    hint = ""
+    for server in down:
+        if name.startswith(server):
+            up = upstreams[server]
+            why = f": {up.last_error}" if up.last_error else ""
+            hint = f" (MCP server '{server}' is {up.state}{why})"
+            break
+    return MCPError(code=INVALID_PARAMS, message=f"Unknown {kind}: {name}{hint}")
+
+
+def _names(items: list[Any]) -> list[str]:
+    return [i.name for i in items]
+
+
+def _template_matches(template: str, uri: str) -> bool:
+    literal = template.split("{", 1)[0]
+    return bool(literal) and uri.startswith(literal)
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,444 @@
+"""One upstream MCP server behind the gateway: a persistent session, supervised.
+
+`Upstream` keeps exactly one session open to its server (never a handshake per call), learns
+its tools, resources, resource templates and prompts, and restarts it with exponential
+backoff when it fails to start, crashes or closes. Calls made while it is down fail at once
+with an error naming the server; calls in flight when it dies fail within the time it takes
+the transport to see the close (stdio: immediately on EOF).
+
+The gateway hears about changes through `UpstreamListener`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import anyio
+import mcp_types as types
+from mcp.client._probe import negotiate_auto
+from mcp.client.session import ClientRequestContext, ClientSession
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from mcpopt.config import ServerConfig
+from mcpopt.errors import GatewayError, UpstreamClosed, UpstreamTimeout, UpstreamUnavailable
+from mcpopt.upstream.transports import StderrTail, open_transport
+
+logger = logging.getLogger(__name__)
+
+State = Literal["idle", "starting", "ready", "down", "stopped"]
+CatalogKind = Literal["tools", "resources", "prompts"]
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+
+_LIST_PAGE_CAP = 1000
+"""Pages followed per list before giving up: a server whose cursor never ends cannot hang startup."""
+
+
+class UpstreamListener(Protocol):
+    """What an `Upstream` tells the gateway."""
+
+    async def catalog_changed(self, server: str, kinds: set[CatalogKind]) -> None: ...
+
+    async def resource_updated(self, server: str, uri: str) -> None: ...
+
+    async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None: ...
+
+    async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
+        """Forward a server-to-client request (sampling, elicitation, roots) to a connected client."""
+        ...
+
+
+@dataclass
+class Catalog:
+    """What one upstream serves, as last listed."""
+
+    tools: list[types.Tool] = field(default_factory=list)
+    resources: list[types.Resource] = field(default_factory=list)
+    templates: list[types.ResourceTemplate] = field(default_factory=list)
+    prompts: list[types.Prompt] = field(default_factory=list)
+
+
+class Upstream:
+    """A supervised, persistent session to one MCP server.
+
+    Args:
+        name: the server's name in `mcpServers`.
+        cfg: its config entry.
+        listener: receives catalog changes, notifications and server-to-client requests.
+        call_timeout_s: default per-request timeout (seconds) when `cfg.timeout_ms` is unset.
+        restart_initial_s / restart_max_s / restart_enabled: the backoff policy.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cfg: ServerConfig,
+        listener: UpstreamListener,
+        *,
+        call_timeout_s: float = 60.0,
+        restart_initial_s: float = 0.5,
+        restart_max_s: float = 30.0,
+        restart_enabled: bool = True,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.listener = listener
+        self.timeout_s = (cfg.timeout_ms / 1000) if cfg.timeout_ms else call_timeout_s
+        self.restart_initial_s = restart_initial_s
+        self.restart_max_s = restart_max_s
+        self.restart_enabled = restart_enabled
+        self.state: State = "idle"
+        self.catalog = Catalog()
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.stderr = StderrTail(name)
+        self._session: ClientSession | None = None
+        self._modern = False
+        self._ready = anyio.Event()
+        self._stop = anyio.Event()
+        self._closed: anyio.Event | None = None
+        self._send_raw: Callable[..., Awaitable[dict[str, Any]]] | None = None
+        self._stamp: Callable[[dict[str, Any], Any], None] | None = None
+
+    # ---- status -------------------------------------------------------------------------
+    @property
+    def session(self) -> ClientSession | None:
+        return self._session
+
+    @property
+    def protocol_version(self) -> str | None:
+        return self._session.protocol_version if self._session is not None else None
+
+    @property
+    def modern(self) -> bool:
+        """True when the session speaks the stateless 2026-07-28 era."""
+        return self._modern
+
+    @property
+    def capabilities(self) -> types.ServerCapabilities | None:
+        return self._session.server_capabilities if self._session is not None else None
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the first connection attempt settles; True if the server is ready."""
+        with anyio.move_on_after(timeout_s):
+            await self._ready.wait()
+        return self.state == "ready"
+
+    # ---- supervision --------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect, serve until the connection ends, restart with backoff; until `stop()`."""
+        backoff = self.restart_initial_s
+        while not self._stop.is_set():
+            self.state = "starting"
+            connected_at = None
+            try:
+                async with AsyncExitStack() as stack:
+                    await self._connect(stack)
+                    connected_at = time.monotonic()
+                    self.state = "ready"
+                    self.last_error = None
+                    self._ready.set()
+                    await self.listener.catalog_changed(self.name, {"tools", "resources", "prompts"})
+                    assert self._closed is not None
+                    async with anyio.create_task_group() as tg:
+
+                        async def _watch_stop() -> None:
+                            await self._stop.wait()
+                            tg.cancel_scope.cancel()
+
+                        tg.start_soon(_watch_stop)
+                        await self._closed.wait()
+                        tg.cancel_scope.cancel()
+                    if not self._stop.is_set():
+                        self.last_error = "connection closed (the server exited or closed its output)"
+            except Exception as exc:  # noqa: BLE001 - any failure of one upstream stays contained here
+                self.last_error = _describe(exc) + self._stderr_hint()
+                logger.warning("upstream %r: %s", self.name, self.last_error)
+            finally:
+                was_ready = self.state == "ready"
+                self._session = None
+                self._send_raw = None
+                self.state = "stopped" if self._stop.is_set() else "down"
+                self._ready.set()
+            if self._stop.is_set():
+                break
+            if was_ready:
+                self.catalog = Catalog()
+                with contextlib.suppress(Exception):
+                    await self.listener.catalog_changed(self.name, {"tools", "resources", "prompts"})
+            if not self.restart_enabled:
+                break
+            if connected_at is not None and time.monotonic() - connected_at > 30:
+                backoff = self.restart_initial_s  # it ran a good while: start the backoff over
+            self.restarts += 1
+            logger.warning("upstream %r down; restarting in %.1f s", self.name, backoff)
+            with anyio.move_on_after(backoff):
+                await self._stop.wait()
+            backoff = min(max(backoff * 2, 0.05), self.restart_max_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    async def _connect(self, stack: AsyncExitStack) -> None:
+        self.stderr.lines.clear()
+        closed = anyio.Event()
+        self._closed = closed
+        read_stream, write_stream = await stack.enter_async_context(open_transport(self.name, self.cfg, self.stderr))
+        session = ClientSession(
+            _ClosingReadStream(read_stream, closed),
+            write_stream,
+            sampling_callback=self._on_sampling,
+            elicitation_callback=self._on_elicitation,
+            list_roots_callback=self._on_list_roots,
+            logging_callback=self._on_log,
+            message_handler=self._on_message,
+            client_info=types.Implementation(name="mcpopt", version="0.1.0"),
+        )
+        await stack.enter_async_context(session)
+        with anyio.fail_after(self.cfg.startup_timeout_ms / 1000):
+            if self.cfg.protocol == "legacy":
+                await session.initialize()
+            else:
+                await negotiate_auto(session)
+            self._session = session
+            self._modern = session.protocol_version in MODERN_PROTOCOL_VERSIONS
+            # The hot path sends raw JSON-RPC through the session's own dispatcher and stamp,
+            # skipping the typed request/result models (see `request`).
+            self._send_raw = session._dispatcher.send_raw_request  # noqa: SLF001
+            self._stamp = session._stamp  # noqa: SLF001
+            self.started_at = time.time()
+            await self._refresh({"tools", "resources", "prompts"})
+
+    def _stderr_hint(self) -> str:
+        tail = self.stderr.text().strip()
+        if not tail:
+            return ""
+        last = tail.splitlines()[-3:]
+        return " | stderr: " + " / ".join(line.strip()[:200] for line in last)
+
+    # ---- catalog ------------------------------------------------------------------------
+    async def _refresh(self, kinds: set[CatalogKind]) -> None:
+        session = self._session
+        if session is None:
+            return
+        caps = session.server_capabilities or types.ServerCapabilities()
+        if "tools" in kinds:
+            self.catalog.tools = (
+                await _all_pages(lambda c: session.list_tools(params=_page(c)), "tools") if caps.tools else []
+            )
+        if "resources" in kinds:
+            if caps.resources:
+                self.catalog.resources = await _all_pages(
+                    lambda c: session.list_resources(params=_page(c)), "resources"
+                )
+                self.catalog.templates = await _all_pages(
+                    lambda c: session.list_resource_templates(params=_page(c)), "resource_templates"
+                )
+            else:
+                self.catalog.resources, self.catalog.templates = [], []
+        if "prompts" in kinds:
+            self.catalog.prompts = (
+                await _all_pages(lambda c: session.list_prompts(params=_page(c)), "prompts") if caps.prompts else []
+            )
+
+    async def refresh(self, kinds: set[CatalogKind]) -> None:
+        """Re-list `kinds` from the server and tell the listener (after a list_changed)."""
+        try:
+            await self._refresh(kinds)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("upstream %r: re-listing %s failed: %s", self.name, sorted(kinds), _describe(exc))
+            return
+        await self.listener.catalog_changed(self.name, kinds)
+
+    # ---- requests -----------------------------------------------------------------------
+    def _require(self) -> ClientSession:
+        session = self._session
+        if session is None or self.state != "ready":
+            why = f": {self.last_error}" if self.last_error else ""
+            raise UpstreamUnavailable(
+                f"MCP server '{self.name}' is unavailable ({self.state}){why}", server=self.name
+            )
+        return session
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        timeout_s: float | None = None,
+        on_progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Send one request as raw JSON-RPC params and return the raw result dict.
+
+        This is the forwarding hot path: nothing is re-validated that is only passed on.
+
+        Raises:
+            UpstreamUnavailable: the server is not connected.
+            UpstreamTimeout: no answer within `timeout_s` (default: the server's timeout).
+            UpstreamClosed: the connection closed while waiting (crash, kill).
+            MCPError: the server answered with a JSON-RPC error (passed on as it is).
+        """
+        self._require()
+        send, stamp = self._send_raw, self._stamp
+        assert send is not None and stamp is not None
+        data: dict[str, Any] = {"method": method, "params": dict(params) if params else {}}
+        opts: dict[str, Any] = {"timeout": timeout_s or self.timeout_s}
+        if on_progress is not None:
+            opts["on_progress"] = on_progress
+        stamp(data, opts)
+        try:
+            return await send(method, data["params"] or None, opts)
+        except MCPError as exc:
+            raise self._translate(exc, method, opts["timeout"]) from None
+
+    def _translate(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
+        if exc.code == REQUEST_TIMEOUT:
+            return UpstreamTimeout(
+                f"MCP server '{self.name}' did not answer {method} within {timeout_s:g} s", server=self.name
+            )
+        if exc.code == CONNECTION_CLOSED:
+            return UpstreamClosed(
+                f"MCP server '{self.name}' closed the connection during {method} (it crashed or was stopped)",
+                server=self.name,
+            )
+        return exc
+
+    async def typed(self, call: Callable[[ClientSession], Awaitable[Any]], method: str) -> Any:
+        """Run a typed `ClientSession` call with the gateway's error translation."""
+        session = self._require()
+        try:
+            with anyio.fail_after(self.timeout_s):
+                return await call(session)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"MCP server '{self.name}' did not answer {method} within {self.timeout_s:g} s", server=self.name
+            ) from None
+        except MCPError as exc:
+            raise self._translate(exc, method, self.timeout_s) from None
+
+    # ---- callbacks from the server ------------------------------------------------------
+    async def _on_sampling(
+        self, ctx: ClientRequestContext, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
+        result = await self.listener.client_request(self.name, types.CreateMessageRequest(params=params))
+        return result  # type: ignore[return-value]
+
+    async def _on_elicitation(
+        self, ctx: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult | types.ErrorData:
+        result = await self.listener.client_request(self.name, types.ElicitRequest(params=params))
+        return result  # type: ignore[return-value]
+
+    async def _on_list_roots(self, ctx: ClientRequestContext) -> types.ListRootsResult | types.ErrorData:
+        result = await self.listener.client_request(self.name, types.ListRootsRequest())
+        return result  # type: ignore[return-value]
+
+    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+        await self.listener.log_message(self.name, params)
+
+    async def _on_message(self, message: Any) -> None:
+        if isinstance(message, Exception):
+            logger.debug("upstream %r transport error: %s", self.name, message)
+            return
+        root = getattr(message, "root", message)
+        if isinstance(root, types.ToolListChangedNotification):
+            await self._spawn_refresh({"tools"})
+        elif isinstance(root, types.ResourceListChangedNotification):
+            await self._spawn_refresh({"resources"})
+        elif isinstance(root, types.PromptListChangedNotification):
+            await self._spawn_refresh({"prompts"})
+        elif isinstance(root, types.ResourceUpdatedNotification):
+            await self.listener.resource_updated(self.name, str(root.params.uri))
+
+    async def _spawn_refresh(self, kinds: set[CatalogKind]) -> None:
+        # Re-listing is a request to the same server: it must not run inside the dispatcher's
+        # notification callback, or it would wait on the loop that delivers its own answer.
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.refresh(kinds))
+
+
+class _ClosingReadStream:
+    """Wraps a transport's read stream and sets `closed` when it ends (EOF, crash, close)."""
+
+    def __init__(self, inner: Any, closed: anyio.Event) -> None:
+        self._inner = inner
+        self._closed = closed
+
+    async def receive(self) -> Any:
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._closed.set()
+            raise
+
+    def __aiter__(self) -> _ClosingReadStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        await self._inner.aclose()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._inner.close()
+
+    async def __aenter__(self) -> _ClosingReadStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _page(cursor: str | None) -> types.PaginatedRequestParams | None:
+    return types.PaginatedRequestParams(cursor=cursor) if cursor else None
+
+
+async def _all_pages(fetch: Callable[[str | None], Awaitable[Any]], attr: str) -> list[Any]:
+    items: list[Any] = []
+    cursor: str | None = None
+    for _ in range(_LIST_PAGE_CAP):
+        result = await fetch(cursor)
+        items.extend(getattr(result, attr))
+        cursor = result.next_cursor
+        if not cursor:
+            break
+    return items
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if leaves:
+            return _describe(leaves[0])
+    if isinstance(exc, GatewayError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the server's handshake (startup_timeout_ms)"
+    if isinstance(exc, FileNotFoundError):
+        return f"command not found: {exc.filename or exc}"
+    if isinstance(exc, PermissionError):
+        return f"command not executable: {exc.filename or exc}"
+    if isinstance(exc, MCPError):
+        if exc.code == CONNECTION_CLOSED:
+            return "connection closed during the handshake (the server exited)"
+        return f"error {exc.code}: {exc}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
