@@ -181,6 +181,7 @@ async def _with_client(cfg: Config, action: Any) -> Any:
     from mcpopt.gateway.server import Gateway
 
     gateway = Gateway(cfg)
+    failure: str | None = None
     async with gateway.running():
         for row in gateway.status():
             if row["state"] != "ready":
@@ -189,7 +190,9 @@ async def _with_client(cfg: Config, action: Any) -> Any:
             try:
                 return await action(client)
             except MCPError as exc:
-                raise McpoptError(f"error {exc.code}: {exc}") from None
+                failure = f"error {exc.code}: {exc}"
+    # Raised outside the task groups, so the user sees one line, not an exception group.
+    raise McpoptError(failure or "no result")
 
 
 @app.command()

@@ -203,6 +203,34 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, key: str, file: str, config_dir: str) -> Any:
+    """Expand `${VAR}` / `${VAR:-default}` in string values; `${CONFIG_DIR}` is the file's folder.
+
+    Raises:
+        ConfigError: a variable is not set and has no default.
+    """
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name == "CONFIG_DIR":
+                return config_dir
+            got = os.environ.get(name, default)
+            if got is None:
+                raise ConfigError(file, key, f"environment variable {name} is not set (use ${{{name}:-default}})")
+            return got
+
+        return _VAR.sub(sub, value) if "${" in value else value
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{key}.{k}", file, config_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{key}[{i}]", file, config_dir) for i, v in enumerate(value)]
+    return value
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
@@ -246,6 +274,12 @@ def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any]
     """
     shown = str(path) if path is not None else ""
     raw = data if data is not None else (_read_file(Path(path)) if path is not None else {})
+    config_dir = str(Path(path).resolve().parent) if path is not None else os.getcwd()
+    servers = raw.get("mcpServers")
+    if isinstance(servers, dict):
+        raw = {**raw, "mcpServers": {
+            name: _expand(entry, f"mcpServers.{name}", shown, config_dir) for name, entry in servers.items()
+        }}
     try:
         config = Config(**raw)
     except ValidationError as exc:
@@ -270,7 +304,7 @@ mcpServers:
   time:                                   # a stdio server: command + args (+ env, cwd)
     command: uvx
     args: ["mcp-server-time"]
-    # env: {TZ: UTC}
+    # env: {TZ: UTC}                      # ${VAR}, ${VAR:-default} and ${CONFIG_DIR} expand in values
     # cwd: .
     # --- mcpopt keys (all optional) ---
     # prefix: time                        # tools are served as time__get_current_time; "" = no prefix

@@ -451,7 +451,13 @@ class Gateway:
             # The SDK's sieve drops later-revision fields, but a modern upstream's serverInfo
             # stamp in `_meta` is ours to drop.
             return self._envelope(ctx.protocol_version, result)
-        result.pop("_meta", None) if result.get("_meta") == {} else None
+        # 2026-07-28 results carry `resultType`; cacheable ones also `ttlMs`/`cacheScope`
+        # (SEP-2549). A handshake-era upstream gives none: forward as "complete", not cacheable.
+        result = dict(result)
+        result.setdefault("resultType", "complete")
+        if method == "resources/read":
+            result.setdefault("ttlMs", 0)
+            result.setdefault("cacheScope", "private")
         return result
 
     def _page(self, items: list[Any], params: types.PaginatedRequestParams | None) -> tuple[list[Any], str | None]:
