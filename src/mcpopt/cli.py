@@ -112,7 +112,10 @@ async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
             for row in gateway.status():
                 if row["state"] != "ready":
                     logging.getLogger("mcpopt").warning(
-                        "MCP server %r is %s: %s (retrying in the background)", row["server"], row["state"], row["error"]
+                        "MCP server %r is %s: %s (retrying in the background)",
+                        row["server"],
+                        row["state"],
+                        row["error"],
                     )
             if transport == "stdio":
                 await serve_stdio(gateway)

@@ -116,7 +116,7 @@ class GatewaySettings(_Strict):
     """Namespace tools and prompts as `{prefix}{separator}{name}`; per-server `prefix` overrides."""
     call_timeout_ms: int = Field(60_000, gt=0)
     """Default per-call upstream timeout (tools/call, resources/read, prompts/get, ...)."""
-    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    restart: RestartPolicy = Field(default_factory=lambda: RestartPolicy())
     page_size: int = Field(0, ge=0)
     """Page size for the gateway's own list results; 0 sends each list whole."""
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
@@ -143,7 +143,7 @@ class Config(BaseSettings):
     )
 
     mcpServers: dict[str, ServerConfig] = Field(default_factory=dict)  # noqa: N815 - the standard key
-    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())
     source: str = Field("", exclude=True)
     """The file this config came from ("" when built in code)."""
 
@@ -277,9 +277,12 @@ def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any]
     config_dir = str(Path(path).resolve().parent) if path is not None else os.getcwd()
     servers = raw.get("mcpServers")
     if isinstance(servers, dict):
-        raw = {**raw, "mcpServers": {
-            name: _expand(entry, f"mcpServers.{name}", shown, config_dir) for name, entry in servers.items()
-        }}
+        raw = {
+            **raw,
+            "mcpServers": {
+                name: _expand(entry, f"mcpServers.{name}", shown, config_dir) for name, entry in servers.items()
+            },
+        }
     try:
         config = Config(**raw)
     except ValidationError as exc:

@@ -64,14 +64,21 @@ async def run_demo(config: str, as_json: bool = False) -> bool:
         await step("prompts/list", client.list_prompts)
         calls: list[tuple[str, dict[str, Any], str]] = [
             ("time__get_current_time", {"timezone": "Europe/Paris"}, "datetime"),
-            ("time__convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}, "21:00"),
+            (
+                "time__convert_time",
+                {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"},
+                "21:00",
+            ),
             ("git__git_log", {"repo_path": str(root), "max_count": 3}, "Commit"),
             ("everything__echo", {"message": "hello through mcpopt"}, "hello through mcpopt"),
             ("everything__get-sum", {"a": 2, "b": 3}, "5"),
             ("filesystem__list_directory", {"path": str(sample)}, "notes.txt"),
             ("filesystem__read_text_file", {"path": str(sample / "notes.txt")}, "sample"),
-            ("memory__create_entities", {"entities": [{"name": "mcpopt-demo", "entityType": "project",
-                                                       "observations": ["ran the demo"]}]}, "mcpopt-demo"),
+            (
+                "memory__create_entities",
+                {"entities": [{"name": "mcpopt-demo", "entityType": "project", "observations": ["ran the demo"]}]},
+                "mcpopt-demo",
+            ),
             ("memory__search_nodes", {"query": "mcpopt-demo"}, "ran the demo"),
         ]
         names = {t.name for t in tools.tools} if tools else set()
@@ -79,8 +86,11 @@ async def run_demo(config: str, as_json: bool = False) -> bool:
             if name not in names:
                 steps.append({"step": f"tools/call {name}", "ok": False, "ms": 0, "detail": "tool not listed"})
                 continue
-            await step(f"tools/call {name}", lambda n=name, a=args: client.call_tool(n, a),
-                       lambda r, e=expect: not r.is_error and e in _text(r))
+            await step(
+                f"tools/call {name}",
+                lambda n=name, a=args: client.call_tool(n, a),
+                lambda r, e=expect: not r.is_error and e in _text(r),
+            )
         # A second round of the same calls: the steady-state cost of a call through the gateway.
         t0 = time.perf_counter()
         n = 0
@@ -100,13 +110,19 @@ async def run_demo(config: str, as_json: bool = False) -> bool:
             await step(f"prompts/get {simple}", lambda: client.get_prompt(simple), lambda r: len(r.messages) > 0)
         else:
             steps.append({"step": "prompts/get", "ok": False, "ms": 0, "detail": "no simple-prompt listed"})
-        await step("tools/call memory__delete_entities",
-                   lambda: client.call_tool("memory__delete_entities", {"entityNames": ["mcpopt-demo"]}),
-                   lambda r: not r.is_error)
+        await step(
+            "tools/call memory__delete_entities",
+            lambda: client.call_tool("memory__delete_entities", {"entityNames": ["mcpopt-demo"]}),
+            lambda r: not r.is_error,
+        )
     ok = all(s["ok"] for s in steps)
     if as_json:
-        print(json.dumps({"ok": ok, "startup_ms": round(started_ms, 1), "steady_call_ms": round(steady_ms, 3),
-                          "steps": steps}, indent=2))
+        print(
+            json.dumps(
+                {"ok": ok, "startup_ms": round(started_ms, 1), "steady_call_ms": round(steady_ms, 3), "steps": steps},
+                indent=2,
+            )
+        )
         return ok
     table = Table(title="mcpopt demo: one client session through the gateway")
     table.add_column("step")

@@ -104,7 +104,10 @@ async def wait_port(port: int, timeout_s: float = 30) -> None:
 @contextlib.asynccontextmanager
 async def background(cmd: list[str], env: dict[str, str] | None = None) -> AsyncIterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -146,27 +149,37 @@ else:
 
 async def _stdio_paths(calls: int, warmup: int, peers: bool, tmp: Path) -> list[PathResult]:
     time_cmd = str(SERVERS_PY / "mcp-server-time")
-    args = {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
+    arguments: dict[str, Any] = {"timezone": "UTC"}
     ok = _ok_time
     cfg = _write(tmp, "stdio.json", {"mcpServers": {"time": {"command": time_cmd, "args": []}}})
     paths: list[tuple[str, StdioServerParameters, str]] = [
         ("direct", StdioServerParameters(command=time_cmd, args=[]), "get_current_time"),
-        ("mcpopt", StdioServerParameters(command=_mcpopt_cmd()[0], args=[*_mcpopt_cmd()[1:], "serve", "-c", cfg]),
-         "time__get_current_time"),
+        (
+            "mcpopt",
+            StdioServerParameters(command=_mcpopt_cmd()[0], args=[*_mcpopt_cmd()[1:], "serve", "-c", cfg]),
+            "time__get_current_time",
+        ),
     ]
     if peers and FASTMCP_PY.exists():
         script = tmp / "fastmcp_proxy.py"
         script.write_text(FASTMCP_PROXY)
         target = json.dumps({"mcpServers": {"time": {"command": time_cmd, "args": []}}})
-        paths.append(("fastmcp-proxy", StdioServerParameters(command=str(FASTMCP_PY), args=[str(script), target]),
-                      "get_current_time"))
+        paths.append(
+            (
+                "fastmcp-proxy",
+                StdioServerParameters(command=str(FASTMCP_PY), args=[str(script), target]),
+                "get_current_time",
+            )
+        )
     results = []
     for label, params, tool in paths:
         # Legacy mode: FastMCP's proxy fails the SDK's default auto mode on some servers (see README).
         async with Client(params, mode="legacy") as client:
-            samples, errors = await measure(
-                lambda c=client, t=tool: c.call_tool(t, args["arguments"]), calls, warmup, ok
-            )
+
+            def one(c: Client = client, t: str = tool) -> Awaitable[Any]:
+                return c.call_tool(t, arguments)
+
+            samples, errors = await measure(one, calls, warmup, ok)
         results.append(summarize("stdio", label, samples, errors))
     return results
 
@@ -196,9 +209,11 @@ async def _http_paths(calls: int, warmup: int, peers: bool, tmp: Path) -> list[P
             for label, url, tool in targets:
                 try:
                     async with Client(url, mode="legacy") as client:
-                        samples, errors = await measure(
-                            lambda c=client, t=tool: c.call_tool(t, {"message": "bench"}), calls, warmup, _ok_echo
-                        )
+
+                        def one(c: Client = client, t: str = tool) -> Awaitable[Any]:
+                            return c.call_tool(t, {"message": "bench"})
+
+                        samples, errors = await measure(one, calls, warmup, _ok_echo)
                     results.append(summarize("http", label, samples, errors))
                 except Exception as exc:  # noqa: BLE001
                     results.append(summarize("http", label, [], calls, note=f"failed: {type(exc).__name__}"))
@@ -242,7 +257,13 @@ def report(results: list[PathResult], as_json: bool) -> None:
         table.add_column(col, justify="right" if col not in ("transport", "path") else "left")
     for d in rows:
         table.add_row(
-            d["transport"], d["path"], str(d["calls"]), str(d["errors"]), f"{d['p50_ms']:.2f}",
-            f"{d['p95_ms']:.2f}", f"{d['p99_ms']:.2f}", f"{d['p50_added_ms']:+.2f}" + (f" {d['note']}" if d["note"] else ""),
+            d["transport"],
+            d["path"],
+            str(d["calls"]),
+            str(d["errors"]),
+            f"{d['p50_ms']:.2f}",
+            f"{d['p95_ms']:.2f}",
+            f"{d['p99_ms']:.2f}",
+            f"{d['p50_added_ms']:+.2f}" + (f" {d['note']}" if d["note"] else ""),
         )
     Console().print(table)

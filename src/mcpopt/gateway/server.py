@@ -144,7 +144,9 @@ class Gateway:
             changed.append("notifications/tools/list_changed")
         if "prompts" in kinds and old.prompts != self.catalog.prompts:
             changed.append("notifications/prompts/list_changed")
-        if "resources" in kinds and (old.resources != self.catalog.resources or old.templates != self.catalog.templates):
+        if "resources" in kinds and (
+            old.resources != self.catalog.resources or old.templates != self.catalog.templates
+        ):
             changed.append("notifications/resources/list_changed")
         for method in changed:
             await self._broadcast(method, None)
@@ -183,17 +185,17 @@ class Gateway:
             server: Server[Any] = Server(
                 self.config.gateway.name,
                 version=_VERSION,
-                instructions="mcpopt gateway: tools, prompts and resources of several MCP servers, namespaced by server.",
+                instructions="mcpopt gateway: the tools, prompts and resources of several MCP servers, by server.",
                 on_list_tools=self._list_tools,
                 on_call_tool=self._call_tool_typed,
                 on_list_resources=self._list_resources,
                 on_list_resource_templates=self._list_templates,
-                on_read_resource=self._read_resource,
+                on_read_resource=self._read_resource,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
                 on_subscribe_resource=self._subscribe,
                 on_unsubscribe_resource=self._unsubscribe,
                 on_list_prompts=self._list_prompts,
-                on_get_prompt=self._get_prompt,
-                on_completion=self._complete,
+                on_get_prompt=self._get_prompt,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
+                on_completion=self._complete,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
                 on_set_logging_level=self._set_level,
             )
         # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper)
@@ -268,9 +270,11 @@ class Gateway:
             meta = result.get("_meta")
             result = dict(result)
             result.setdefault("resultType", "complete")
-            result["_meta"] = {**meta, SERVER_INFO_META_KEY: self._server_info_stamp} if isinstance(meta, dict) else {
-                SERVER_INFO_META_KEY: self._server_info_stamp
-            }
+            result["_meta"] = (
+                {**meta, SERVER_INFO_META_KEY: self._server_info_stamp}
+                if isinstance(meta, dict)
+                else {SERVER_INFO_META_KEY: self._server_info_stamp}
+            )
             return result
         if any(k in result for k in _MODERN_RESULT_KEYS) or (
             isinstance(result.get("_meta"), dict) and SERVER_INFO_META_KEY in result["_meta"]
@@ -330,9 +334,7 @@ class Gateway:
         return await self._forward(ctx, route.server, "prompts/get", out)
 
     # ---- resources ----------------------------------------------------------------------
-    async def _list_resources(
-        self, ctx: Any, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourcesResult:
+    async def _list_resources(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
         items, cursor = self._page(self.catalog.resources, params)
         return types.ListResourcesResult(resources=items, next_cursor=cursor)
 

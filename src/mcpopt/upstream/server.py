@@ -195,9 +195,9 @@ class Upstream:
         session = ClientSession(
             _ClosingReadStream(read_stream, closed),
             write_stream,
-            sampling_callback=self._on_sampling,
-            elicitation_callback=self._on_elicitation,
-            list_roots_callback=self._on_list_roots,
+            sampling_callback=self._on_sampling,  # type: ignore[arg-type]
+            elicitation_callback=self._on_elicitation,  # type: ignore[arg-type]
+            list_roots_callback=self._on_list_roots,  # type: ignore[arg-type]
             logging_callback=self._on_log,
             message_handler=self._on_message,
             client_info=types.Implementation(name="mcpopt", version="0.1.0"),
@@ -263,9 +263,7 @@ class Upstream:
         session = self._session
         if session is None or self.state != "ready":
             why = f": {self.last_error}" if self.last_error else ""
-            raise UpstreamUnavailable(
-                f"MCP server '{self.name}' is unavailable ({self.state}){why}", server=self.name
-            )
+            raise UpstreamUnavailable(f"MCP server '{self.name}' is unavailable ({self.state}){why}", server=self.name)
         return session
 
     async def request(
