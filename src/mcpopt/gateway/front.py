@@ -20,6 +20,7 @@ from mcp.server.runner import serve_dual_era_loop
 from mcp.shared.message import SessionMessage
 
 from mcpopt.gateway.server import Gateway
+from mcpopt.upstream.pipes import PipeWriter
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ async def serve_stdio(gateway: Gateway) -> None:
     )
     writer = asyncio.StreamWriter(w_transport, w_protocol, None, loop)
     read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
-    write_send, write_recv = anyio.create_memory_object_stream[SessionMessage](64)
+    write_send = PipeWriter(writer)
     validate_json = types.jsonrpc_message_adapter.validate_json
 
     async def pump_in() -> None:
@@ -58,20 +59,9 @@ async def serve_stdio(gateway: Gateway) -> None:
                     continue
                 await read_send.send(SessionMessage(msg))
 
-    async def pump_out() -> None:
-        async with write_recv:
-            async for message in write_recv:
-                data = message.message.model_dump_json(by_alias=True, exclude_unset=True)
-                try:
-                    writer.write(data.encode() + b"\n")
-                    await writer.drain()
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump_in)
-            tg.start_soon(pump_out)
             await serve_dual_era_loop(
                 gateway.server,
                 read_recv,

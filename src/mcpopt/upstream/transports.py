@@ -21,6 +21,7 @@ from mcp.shared.message import SessionMessage
 
 from mcpopt.config import ServerConfig
 from mcpopt.upstream import process
+from mcpopt.upstream.pipes import PipeWriter
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
     assert proc.stdin and proc.stdout and proc.stderr
     stdin, stdout, err = proc.stdin, proc.stdout, proc.stderr
     read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
-    write_send, write_recv = anyio.create_memory_object_stream[SessionMessage](64)
+    write_send = PipeWriter(stdin)
     validate_json = types.jsonrpc_message_adapter.validate_json
 
     async def reader() -> None:
@@ -76,17 +77,6 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
                     continue
                 await read_send.send(SessionMessage(msg))
 
-    async def writer() -> None:
-        async with write_recv:
-            async for session_message in write_recv:
-                data = session_message.message.model_dump_json(by_alias=True, exclude_unset=True)
-                try:
-                    stdin.write(data.encode() + b"\n")
-                    await stdin.drain()
-                except (BrokenPipeError, ConnectionResetError, RuntimeError):
-                    await read_send.aclose()
-                    return
-
     async def drain_stderr() -> None:
         while True:
             line = await err.readline()
@@ -98,7 +88,6 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
-        tg.start_soon(writer)
         tg.start_soon(drain_stderr)
         try:
             yield read_recv, write_send
