@@ -12,12 +12,17 @@ import contextlib
 import logging
 import os
 import sys
+from functools import partial
 from typing import Any
 
 import anyio
 import mcp_types as types
+import orjson
 from mcp.server.runner import serve_dual_era_loop
+from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
+from mcp_types import PROTOCOL_VERSION_META_KEY
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.gateway.server import Gateway
 from mcpopt.upstream.pipes import PipeWriter
@@ -42,7 +47,8 @@ async def serve_stdio(gateway: Gateway) -> None:
     writer = asyncio.StreamWriter(w_transport, w_protocol, None, loop)
     read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
     write_send = PipeWriter(writer)
-    validate_json = types.jsonrpc_message_adapter.validate_json
+    validate = types.jsonrpc_message_adapter.validate_python
+    fast = FastFront(gateway, writer)
 
     async def pump_in() -> None:
         async with read_send:
@@ -53,7 +59,10 @@ async def serve_stdio(gateway: Gateway) -> None:
                 if line.isspace():
                     continue
                 try:
-                    msg: Any = validate_json(line, by_name=False)
+                    obj = orjson.loads(line)
+                    if fast.offer(obj):
+                        continue
+                    msg: Any = validate(obj, by_name=False)
                 except Exception as exc:  # noqa: BLE001 - reported to the session, never fatal
                     await read_send.send(exc)
                     continue
@@ -71,9 +80,97 @@ async def serve_stdio(gateway: Gateway) -> None:
             )
             tg.cancel_scope.cancel()
     finally:
+        fast.cancel_all()
         r_transport.close()
         with contextlib.suppress(Exception):
             w_transport.close()
+
+
+class FastFront:
+    """`tools/call` on the stdio front without the SDK's per-request machinery.
+
+    The SDK's server owns the connection: the handshake, lists, every other method, and the
+    connection's state. Once a handshake-era connection is initialized (or for a request that
+    carries a 2026-07-28 envelope), a `tools/call` line is answered here instead: parsed once
+    with orjson, run through the same `Gateway.call_tool` (pipeline and all), and answered with
+    one orjson line. Progress for the client's token and cancellation (`notifications/cancelled`
+    for one of these ids) are handled here too; everything else goes to the SDK.
+    """
+
+    def __init__(self, gateway: Gateway, writer: asyncio.StreamWriter) -> None:
+        self.gateway = gateway
+        self.writer = writer
+        self.inflight: dict[Any, asyncio.Task[None]] = {}
+
+    def offer(self, msg: Any) -> bool:
+        if not isinstance(msg, dict):
+            return False
+        method = msg.get("method")
+        if method == "tools/call" and "id" in msg:
+            version = self._version(msg.get("params"))
+            if version is None:
+                return False
+            rid = msg["id"]
+            if rid in self.inflight:
+                return False  # a duplicate id: let the SDK answer it as the protocol says
+            task = asyncio.get_running_loop().create_task(self._call(rid, msg.get("params"), version))
+            self.inflight[rid] = task
+            task.add_done_callback(partial(self._done, rid))
+            return True
+        if method == "notifications/cancelled":
+            params = msg.get("params")
+            found = self.inflight.get(params.get("requestId")) if isinstance(params, dict) else None
+            if found is not None:
+                found.cancel()
+                return True
+        return False
+
+    def _done(self, rid: Any, _task: asyncio.Task[None]) -> None:
+        self.inflight.pop(rid, None)
+
+    def _version(self, params: Any) -> str | None:
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if isinstance(meta, dict) and PROTOCOL_VERSION_META_KEY in meta:
+            version = meta[PROTOCOL_VERSION_META_KEY]
+            return version if version in MODERN_PROTOCOL_VERSIONS else None
+        conn = self.gateway.latest_connection
+        if conn is None or not conn.initialize_accepted or conn.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return None
+        return conn.protocol_version
+
+    async def _call(self, rid: Any, params: Any, version: str) -> None:
+        conn = self.gateway.latest_connection
+        channel = conn.outbound if conn is not None and version not in MODERN_PROTOCOL_VERSIONS else None
+        try:
+            result = await self.gateway.call_tool(params, version, channel, self._relay)
+            self._write({"jsonrpc": "2.0", "id": rid, "result": result})
+        except asyncio.CancelledError:
+            return  # cancelled by the client: no response (spec, basic/utilities/cancellation)
+        except MCPError as exc:
+            err = exc.error.model_dump(mode="json", exclude_none=True)
+            self._write({"jsonrpc": "2.0", "id": rid, "error": err})
+        except Exception as exc:  # noqa: BLE001 - one bad call never ends the connection
+            logger.exception("tools/call failed inside the gateway")
+            self._write({"jsonrpc": "2.0", "id": rid, "error": {"code": -32603, "message": f"mcpopt: {exc}"}})
+
+    def _relay(self, token: Any) -> Any:
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            params: dict[str, Any] = {"progressToken": token, "progress": progress}
+            if total is not None:
+                params["total"] = total
+            if message is not None:
+                params["message"] = message
+            self._write({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+
+        return relay
+
+    def _write(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(orjson.dumps(message) + b"\n")
+
+    def cancel_all(self) -> None:
+        for task in list(self.inflight.values()):
+            task.cancel()
 
 
 def http_app(gateway: Gateway, host: str) -> Any:

@@ -22,6 +22,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -46,7 +47,7 @@ from mcpopt.config import Config
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
 from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
-from mcpopt.upstream.server import CatalogKind, Upstream
+from mcpopt.upstream.server import CatalogKind, ProgressFn, Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class Gateway:
         self.pipeline = Pipeline(self._forward_tool_call, filters or [])
         self._connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
-        self._callers: dict[str, list[ServerRequestContext[Any, Any]]] = {name: [] for name in self.upstreams}
+        self._callers: dict[str, list[Caller]] = {name: [] for name in self.upstreams}
+        self.latest_connection: Connection | None = None
+        """The last client connection seen (on the stdio front, the only one)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
         self.server = self._build_server()
@@ -166,11 +169,11 @@ class Gateway:
     async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
         """Relay an upstream's sampling / elicitation / roots request to the client calling it."""
         callers = self._callers.get(server) or []
-        for ctx in reversed(callers):
-            if ctx.protocol_version in _MODERN or not ctx.session.can_send_request:
+        for caller in reversed(callers):
+            if caller.modern or caller.channel is None:
                 continue
             try:
-                return await _ask_client(ctx, request)
+                return await _ask_client(caller.channel, request)
             except MCPError as exc:
                 return exc.error
         return types.ErrorData(
@@ -214,8 +217,13 @@ class Gateway:
         conn = ctx.session._connection  # noqa: SLF001 - the SDK's per-connection object
         if conn not in self._connections:
             self._connections[conn] = None
+        self.latest_connection = conn
         if ctx.method == "tools/call":
-            return await self._call_tool_fast(ctx)
+            session = ctx.session
+            channel = session._request_outbound if session.can_send_request else None  # noqa: SLF001
+            return await self.call_tool(
+                ctx.params, ctx.protocol_version, channel, lambda token: _progress_relay(ctx, token)
+            )
         return await call_next(ctx)
 
     # ---- tools --------------------------------------------------------------------------
@@ -223,8 +231,26 @@ class Gateway:
         items, cursor = self._page(self.catalog.tools, params)
         return types.ListToolsResult(tools=items, next_cursor=cursor)
 
-    async def _call_tool_fast(self, ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
-        params = ctx.params
+    async def call_tool(
+        self,
+        params: Mapping[str, Any] | None,
+        version: str,
+        channel: Any,
+        relay: Callable[[Any], ProgressFn],
+    ) -> dict[str, Any]:
+        """Forward one `tools/call` (raw params in, raw result out) through the pipeline.
+
+        Args:
+            params: the client's raw `CallToolRequestParams`.
+            version: the protocol version the client speaks (decides the result envelope).
+            channel: where server-to-client requests for this call go (`send_raw_request`),
+                or None when the client cannot take requests.
+            relay: builds the progress relay for the client's progress token.
+
+        Raises:
+            MCPError: unknown tool, bad params, upstream JSON-RPC errors, and the gateway's own
+                errors (unavailable, timeout, closed) with the server named in message and data.
+        """
         if not isinstance(params, Mapping) or not isinstance(name := params.get("name"), str):
             raise MCPError(code=INVALID_PARAMS, message="tools/call needs params.name (a string)")
         route = self.catalog.tool_routes.get(name)
@@ -241,19 +267,27 @@ class Gateway:
                 out["_meta"] = meta
             else:
                 del out["_meta"]
-        call = ToolCall(route.server, route.name, name, out, _progress_relay(ctx, token) if token is not None else None)
+        call = ToolCall(route.server, route.name, name, out, relay(token) if token is not None else None)
+        modern = version in _MODERN
+        caller = Caller(modern, channel)
         callers = self._callers[route.server]
-        callers.append(ctx)
+        callers.append(caller)
         try:
             result = await self.pipeline(call)
-            if result.get("resultType") == "input_required" and ctx.protocol_version not in _MODERN:
+            if result.get("resultType") == "input_required" and not modern:
+                if channel is None:
+                    raise MCPError(
+                        code=INVALID_PARAMS,
+                        message=f"MCP server '{route.server}' needs input from "
+                        "the client, and this connection cannot carry the request",
+                    )
                 up = self.upstreams[route.server]
-                result = await self._drive_input_required(ctx, up, "tools/call", out, result)
+                result = await self._drive_input_required(channel, up, "tools/call", out, result)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         finally:
-            callers.remove(ctx)
-        return self._envelope(ctx.protocol_version, result)
+            callers.remove(caller)
+        return self._envelope(version, result)
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
         """The pipeline's terminal: send the call to its upstream."""
@@ -261,8 +295,8 @@ class Gateway:
         return await up.request("tools/call", call.params, on_progress=call.on_progress)
 
     async def _call_tool_typed(self, ctx: Any, params: types.CallToolRequestParams) -> Any:
-        # Reached only if the middleware is removed; kept so the tools capability is declared.
-        return await self._call_tool_fast(ctx)
+        # Never reached (the middleware answers tools/call); registered so `tools` is declared.
+        raise MCPError(code=INVALID_PARAMS, message="tools/call is served by the gateway middleware")
 
     def _envelope(self, version: str, result: dict[str, Any]) -> dict[str, Any]:
         """Adapt a forwarded result's envelope to the client's era (cheap: top-level keys only)."""
@@ -290,7 +324,7 @@ class Gateway:
         return result
 
     async def _drive_input_required(
-        self, ctx: Any, up: Upstream, method: str, params: dict[str, Any], first: dict[str, Any]
+        self, channel: Any, up: Upstream, method: str, params: dict[str, Any], first: dict[str, Any]
     ) -> dict[str, Any]:
         """Resolve a 2026-07-28 `InputRequiredResult` for a handshake-era client.
 
@@ -302,7 +336,7 @@ class Gateway:
 
         async def dispatch(_key: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
             try:
-                return await _ask_client(ctx, request)
+                return await _ask_client(channel, request)
             except MCPError as exc:
                 return exc.error
 
@@ -437,18 +471,21 @@ class Gateway:
         token = meta.pop("progressToken", None) if isinstance(meta, dict) else None
         if isinstance(meta, dict) and not meta:
             params.pop("_meta")
+        session = ctx.session
+        channel = session._request_outbound if session.can_send_request else None  # noqa: SLF001
+        caller = Caller(ctx.protocol_version in _MODERN, channel)
         callers = self._callers[server]
-        callers.append(ctx)
+        callers.append(caller)
         try:
             result = await up.request(
                 method, params, on_progress=_progress_relay(ctx, token) if token is not None else None
             )
-            if result.get("resultType") == "input_required" and ctx.protocol_version not in _MODERN:
-                result = await self._drive_input_required(ctx, up, method, params, result)
+            if result.get("resultType") == "input_required" and not caller.modern and channel is not None:
+                result = await self._drive_input_required(channel, up, method, params, result)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         finally:
-            callers.remove(ctx)
+            callers.remove(caller)
         if ctx.protocol_version not in _MODERN:
             # The SDK's sieve drops later-revision fields, but a modern upstream's serverInfo
             # stamp in `_meta` is ours to drop.
@@ -499,15 +536,22 @@ _INPUT_RESULT_TYPES: dict[str, Any] = {
 }
 
 
-async def _ask_client(ctx: Any, request: types.InputRequest) -> types.InputResponse:
-    """Send a server-to-client request on the channel of the client's in-flight request."""
+async def _ask_client(channel: Any, request: types.InputRequest) -> types.InputResponse:
+    """Send a server-to-client request on the client's channel (on HTTP, the call's own stream)."""
     data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
-    channel = ctx.session._request_outbound  # noqa: SLF001 - rides the request's own stream on HTTP
     raw = await channel.send_raw_request(data["method"], data.get("params"), None)
     result_type = _INPUT_RESULT_TYPES[data["method"]]
     if data["method"] == "sampling/createMessage" and isinstance(raw.get("content"), list):
         result_type = types.CreateMessageResultWithTools
     return result_type.model_validate(raw, by_name=False)
+
+
+@dataclass(slots=True)
+class Caller:
+    """A client call in flight to an upstream: where that upstream's own requests can go."""
+
+    modern: bool
+    channel: Any
 
 
 def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:

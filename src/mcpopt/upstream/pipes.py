@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Any
 
 import anyio
 from mcp.shared.message import SessionMessage
@@ -24,6 +25,8 @@ class PipeWriter:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._closed = False
+        self.fast: Any = None
+        """A `FastChannel` on the same pipe, when the transport offers one."""
 
     async def send(self, item: SessionMessage, /) -> None:
         if self._closed or self._writer.is_closing():

@@ -29,6 +29,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.config import ServerConfig
 from mcpopt.errors import GatewayError, UpstreamClosed, UpstreamTimeout, UpstreamUnavailable
+from mcpopt.upstream.fastpath import ChannelClosed, FastChannel
 from mcpopt.upstream.transports import StderrTail, open_transport
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Upstream:
         self._closed: anyio.Event | None = None
         self._send_raw: Callable[..., Awaitable[dict[str, Any]]] | None = None
         self._stamp: Callable[[dict[str, Any], Any], None] | None = None
+        self._fast: FastChannel | None = None
 
     # ---- status -------------------------------------------------------------------------
     @property
@@ -166,6 +168,7 @@ class Upstream:
                 was_ready = self.state == "ready"
                 self._session = None
                 self._send_raw = None
+                self._fast = None
                 self.state = "stopped" if self._stop.is_set() else "down"
                 self._ready.set()
             if self._stop.is_set():
@@ -214,6 +217,7 @@ class Upstream:
             # skipping the typed request/result models (see `request`).
             self._send_raw = session._dispatcher.send_raw_request  # noqa: SLF001
             self._stamp = session._stamp  # noqa: SLF001
+            self._fast = getattr(write_stream, "fast", None)
             self.started_at = time.time()
             await self._refresh({"tools", "resources", "prompts"})
 
@@ -288,14 +292,23 @@ class Upstream:
         send, stamp = self._send_raw, self._stamp
         assert send is not None and stamp is not None
         data: dict[str, Any] = {"method": method, "params": dict(params) if params else {}}
-        opts: dict[str, Any] = {"timeout": timeout_s or self.timeout_s}
+        timeout = timeout_s or self.timeout_s
+        opts: dict[str, Any] = {"timeout": timeout}
+        stamp(data, opts)  # the era's envelope: 2026-07-28 `_meta` keys, or nothing
+        fast = self._fast
+        if fast is not None:
+            try:
+                return await fast.request(method, data["params"], timeout, on_progress)
+            except TimeoutError:
+                raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
+            except ChannelClosed:
+                raise self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout) from None
         if on_progress is not None:
             opts["on_progress"] = on_progress
-        stamp(data, opts)
         try:
             return await send(method, data["params"] or None, opts)
         except MCPError as exc:
-            raise self._translate(exc, method, opts["timeout"]) from None
+            raise self._translate(exc, method, timeout) from None
 
     def _translate(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
         if exc.code == REQUEST_TIMEOUT:

@@ -16,11 +16,13 @@ from typing import Any
 
 import anyio
 import mcp_types as types
+import orjson
 from mcp.client._transport import TransportStreams
 from mcp.shared.message import SessionMessage
 
 from mcpopt.config import ServerConfig
 from mcpopt.upstream import process
+from mcpopt.upstream.fastpath import FastChannel
 from mcpopt.upstream.pipes import PipeWriter
 
 logger = logging.getLogger(__name__)
@@ -55,27 +57,38 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
     stdin, stdout, err = proc.stdin, proc.stdout, proc.stderr
     read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
     write_send = PipeWriter(stdin)
-    validate_json = types.jsonrpc_message_adapter.validate_json
+    channel = FastChannel(stdin)
+    write_send.fast = channel  # the gateway's forwarding side channel (see fastpath)
+    validate = types.jsonrpc_message_adapter.validate_python
 
     async def reader() -> None:
         async with read_send:
-            while True:
-                try:
-                    line = await stdout.readline()
-                except (ValueError, asyncio.LimitOverrunError) as exc:  # a line over the 1 GiB limit
-                    await read_send.send(exc)
-                    return
-                if not line:
-                    return  # EOF: the server exited or closed stdout
-                if line.isspace():
+            try:
+                await read_lines()
+            finally:
+                channel.close()
+
+    async def read_lines() -> None:
+        while True:
+            try:
+                line = await stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError) as exc:  # a line over the 1 GiB limit
+                await read_send.send(exc)
+                return
+            if not line:
+                return  # EOF: the server exited or closed stdout
+            if line.isspace():
+                continue
+            try:
+                obj = orjson.loads(line)
+                if channel.offer(obj):
                     continue
-                try:
-                    msg: Any = validate_json(line, by_name=False)
-                except Exception as exc:  # noqa: BLE001 - a malformed line is reported, not fatal
-                    logger.debug("%s: unparsable stdout line: %.200r", server, line)
-                    await read_send.send(exc)
-                    continue
-                await read_send.send(SessionMessage(msg))
+                msg: Any = validate(obj, by_name=False)
+            except Exception as exc:  # noqa: BLE001 - a malformed line is reported, not fatal
+                logger.debug("%s: unparsable stdout line: %.200r", server, line)
+                await read_send.send(exc)
+                continue
+            await read_send.send(SessionMessage(msg))
 
     async def drain_stderr() -> None:
         while True:

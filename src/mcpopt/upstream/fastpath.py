@@ -1,0 +1,131 @@
+"""A lean JSON-RPC request channel beside the SDK session on a stdio upstream.
+
+The SDK's `ClientSession` owns the connection (handshake, lists, notifications, the server's
+own requests). Forwarded calls, which only need "send these params, give me the result dict",
+take this side channel on the same pipe: the request line is written with orjson under an id
+the SDK never mints (`"~<n>"`), and the transport's reader hands the matching response (and
+progress for its token) straight to the waiting call as a plain dict -- no pydantic model is
+built for a message the gateway only passes on. Everything else on the pipe goes to the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from mcp.shared.exceptions import MCPError
+
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+ID_PREFIX = "~"
+_HIGH_WATER = 1 << 16
+
+
+class ChannelClosed(Exception):
+    """The pipe closed (the server exited) while a request was waiting."""
+
+
+class FastChannel:
+    """Correlates `~n`-id requests with their responses on one stdio pipe."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._next = 0
+        self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], ProgressFn | None]] = {}
+        self._closed = False
+
+    # ---- called by the transport's reader ------------------------------------------------
+    def offer(self, msg: Any) -> bool:
+        """Take `msg` if it is ours (a response to a `~` id, or progress for one); else False."""
+        if not isinstance(msg, dict):
+            return False
+        rid = msg.get("id")
+        if isinstance(rid, str) and rid.startswith(ID_PREFIX):
+            if "method" in msg:
+                return False  # a server request that happens to use such an id: not ours
+            entry = self._pending.get(rid)
+            if entry is not None and not entry[0].done():
+                if "error" in msg and isinstance(msg["error"], dict):
+                    err = msg["error"]
+                    entry[0].set_exception(
+                        MCPError(
+                            code=int(err.get("code", -32603)), message=str(err.get("message", "")), data=err.get("data")
+                        )
+                    )
+                else:
+                    result = msg.get("result")
+                    entry[0].set_result(result if isinstance(result, dict) else {})
+            return True
+        if msg.get("method") == "notifications/progress":
+            params = msg.get("params")
+            token = params.get("progressToken") if isinstance(params, dict) else None
+            if isinstance(token, str) and token.startswith(ID_PREFIX):
+                entry = self._pending.get(token)
+                if entry is not None and entry[1] is not None:
+                    assert isinstance(params, dict)
+                    asyncio.get_running_loop().create_task(
+                        _safe(entry[1](params.get("progress", 0), params.get("total"), params.get("message")))
+                    )
+                return True
+        return False
+
+    def close(self) -> None:
+        """Fail every waiting request: the connection is gone."""
+        self._closed = True
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed())
+
+    # ---- called by the gateway -----------------------------------------------------------
+    async def request(
+        self, method: str, params: Mapping[str, Any], timeout_s: float, on_progress: ProgressFn | None = None
+    ) -> dict[str, Any]:
+        """Send one request and wait for its result dict.
+
+        Raises:
+            MCPError: the server answered with a JSON-RPC error.
+            TimeoutError: no answer within `timeout_s` (a cancel notification is sent).
+            ChannelClosed: the pipe closed first.
+        """
+        if self._closed or self._writer.is_closing():
+            raise ChannelClosed()
+        self._next += 1
+        rid = f"{ID_PREFIX}{self._next}"
+        if on_progress is not None:
+            meta = dict(params.get("_meta") or {})
+            meta["progressToken"] = rid
+            params = {**params, "_meta": meta}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, on_progress)
+        try:
+            self._write({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+            if self._writer.transport.get_write_buffer_size() > _HIGH_WATER:
+                await self._writer.drain()
+            async with asyncio.timeout(timeout_s):
+                return await fut
+        except (TimeoutError, asyncio.CancelledError):
+            # Tell the server to stop (MCP cancellation, basic/utilities/cancellation).
+            with contextlib.suppress(Exception):
+                reason = "timed out" if not fut.cancelled() else "cancelled by the client"
+                self._write(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": rid, "reason": reason},
+                    }
+                )
+            raise
+        except (BrokenPipeError, ConnectionResetError, RuntimeError) as exc:
+            raise ChannelClosed() from exc
+        finally:
+            self._pending.pop(rid, None)
+
+    def _write(self, message: dict[str, Any]) -> None:
+        self._writer.write(orjson.dumps(message) + b"\n")
+
+
+async def _safe(coro: Awaitable[None]) -> None:
+    with contextlib.suppress(Exception):
+        await coro
