@@ -24,7 +24,7 @@ from mcp.shared.message import SessionMessage
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.server import ClientLink, Gateway
 from mcpopt.upstream.pipes import PipeWriter
 
 logger = logging.getLogger(__name__)
@@ -140,9 +140,16 @@ class FastFront:
 
     async def _call(self, rid: Any, params: Any, version: str) -> None:
         conn = self.gateway.latest_connection
-        channel = conn.outbound if conn is not None and version not in MODERN_PROTOCOL_VERSIONS else None
+        legacy = conn is not None and version not in MODERN_PROTOCOL_VERSIONS
+        link = ClientLink(
+            version=version,
+            connection=conn if legacy else None,
+            requests=conn.outbound if legacy and conn is not None else None,
+            notify=self._notify,
+            relay=self._relay,
+        )
         try:
-            result = await self.gateway.call_tool(params, version, channel, self._relay)
+            result = await self.gateway.call_tool(params, link)
             self._write({"jsonrpc": "2.0", "id": rid, "result": result})
         except asyncio.CancelledError:
             return  # cancelled by the client: no response (spec, basic/utilities/cancellation)
@@ -152,6 +159,9 @@ class FastFront:
         except Exception as exc:  # noqa: BLE001 - one bad call never ends the connection
             logger.exception("tools/call failed inside the gateway")
             self._write({"jsonrpc": "2.0", "id": rid, "error": {"code": -32603, "message": f"mcpopt: {exc}"}})
+
+    async def _notify(self, method: str, params: Any = None, *_: Any) -> None:
+        self._write({"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})})
 
     def _relay(self, token: Any) -> Any:
         async def relay(progress: float, total: float | None, message: str | None) -> None:

@@ -92,6 +92,7 @@ class Gateway:
         self._connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
         self._callers: dict[str, list[Caller]] = {name: [] for name in self.upstreams}
+        self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self.latest_connection: Connection | None = None
         """The last client connection seen (on the stdio front, the only one)."""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -162,18 +163,28 @@ class Gateway:
     async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None:
         data = params.model_dump(by_alias=True, mode="json", exclude_none=True)
         data["logger"] = f"{server}/{data['logger']}" if data.get("logger") else server
+        callers = self._callers.get(server)
+        if callers:
+            # A message during a call belongs to that call: it rides the call's own stream.
+            caller = callers[-1]
+            if caller.notify is not None and _level_at_least(params.level, caller.log_level):
+                with contextlib.suppress(Exception):
+                    await caller.notify("notifications/message", data)
+            return
         for conn in list(self._connections):
-            if conn.protocol_version not in _MODERN:
+            if conn.protocol_version not in _MODERN and _level_at_least(
+                params.level, self._log_levels.get(conn, "debug")
+            ):
                 await _notify(conn, "notifications/message", data)
 
     async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
         """Relay an upstream's sampling / elicitation / roots request to the client calling it."""
         callers = self._callers.get(server) or []
         for caller in reversed(callers):
-            if caller.modern or caller.channel is None:
+            if caller.modern or caller.requests is None:
                 continue
             try:
-                return await _ask_client(caller.channel, request)
+                return await _ask_client(caller.requests, request)
             except MCPError as exc:
                 return exc.error
         return types.ErrorData(
@@ -219,33 +230,32 @@ class Gateway:
             self._connections[conn] = None
         self.latest_connection = conn
         if ctx.method == "tools/call":
-            session = ctx.session
-            channel = session._request_outbound if session.can_send_request else None  # noqa: SLF001
-            return await self.call_tool(
-                ctx.params, ctx.protocol_version, channel, lambda token: _progress_relay(ctx, token)
-            )
+            return await self.call_tool(ctx.params, self.link(ctx))
         return await call_next(ctx)
+
+    def link(self, ctx: ServerRequestContext[Any, Any]) -> ClientLink:
+        """The `ClientLink` of a request the SDK's server dispatched."""
+        session = ctx.session
+        outbound = session._request_outbound  # noqa: SLF001 - on HTTP: the request's own stream
+        return ClientLink(
+            version=ctx.protocol_version,
+            connection=session._connection,  # noqa: SLF001
+            requests=outbound if session.can_send_request else None,
+            notify=outbound.notify,
+            relay=lambda token: _progress_relay(ctx, token),
+        )
 
     # ---- tools --------------------------------------------------------------------------
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         items, cursor = self._page(self.catalog.tools, params)
         return types.ListToolsResult(tools=items, next_cursor=cursor)
 
-    async def call_tool(
-        self,
-        params: Mapping[str, Any] | None,
-        version: str,
-        channel: Any,
-        relay: Callable[[Any], ProgressFn],
-    ) -> dict[str, Any]:
+    async def call_tool(self, params: Mapping[str, Any] | None, link: ClientLink) -> dict[str, Any]:
         """Forward one `tools/call` (raw params in, raw result out) through the pipeline.
 
         Args:
             params: the client's raw `CallToolRequestParams`.
-            version: the protocol version the client speaks (decides the result envelope).
-            channel: where server-to-client requests for this call go (`send_raw_request`),
-                or None when the client cannot take requests.
-            relay: builds the progress relay for the client's progress token.
+            link: how to reach the calling client (its era, request and notification channels).
 
         Raises:
             MCPError: unknown tool, bad params, upstream JSON-RPC errors, and the gateway's own
@@ -256,38 +266,52 @@ class Gateway:
         route = self.catalog.tool_routes.get(name)
         if route is None:
             raise _unknown("tool", name, self.upstreams)
-        out = dict(params)
-        out["name"] = route.name
-        meta = out.get("_meta")
-        token = None
-        if meta:
-            meta = {k: v for k, v in meta.items() if k not in _ENVELOPE_KEYS}
-            token = meta.pop("progressToken", None)
-            if meta:
-                out["_meta"] = meta
-            else:
-                del out["_meta"]
-        call = ToolCall(route.server, route.name, name, out, relay(token) if token is not None else None)
-        modern = version in _MODERN
-        caller = Caller(modern, channel)
+        up = self.upstreams[route.server]
+        out, token, caller = self._prepare(params, link, up, name=route.name)
+        call = ToolCall(route.server, route.name, name, out, link.relay(token) if token is not None else None)
         callers = self._callers[route.server]
         callers.append(caller)
         try:
             result = await self.pipeline(call)
-            if result.get("resultType") == "input_required" and not modern:
-                if channel is None:
-                    raise MCPError(
-                        code=INVALID_PARAMS,
-                        message=f"MCP server '{route.server}' needs input from "
-                        "the client, and this connection cannot carry the request",
-                    )
-                up = self.upstreams[route.server]
-                result = await self._drive_input_required(channel, up, "tools/call", out, result)
+            if result.get("resultType") == "input_required" and not caller.modern:
+                result = await self._drive_input_required(caller, up, "tools/call", out, result)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         finally:
             callers.remove(caller)
-        return self._envelope(version, result)
+        return self._envelope(link.version, result)
+
+    def _prepare(
+        self, params: Mapping[str, Any], link: ClientLink, up: Upstream, **updates: Any
+    ) -> tuple[dict[str, Any], Any, Caller]:
+        """Params to send upstream, the client's progress token, and the in-flight `Caller`.
+
+        Drops the client's own 2026-07-28 envelope keys and progress token from `_meta` (the
+        upstream session stamps its own), and carries the client's log level: to a 2026-07-28
+        upstream as the per-request opt-in, which has no `logging/setLevel`.
+        """
+        out = dict(params)
+        out.update(updates)
+        meta = out.get("_meta")
+        token = None
+        client_level = None
+        if meta:
+            client_level = meta.get(LOG_LEVEL_META_KEY)
+            meta = {k: v for k, v in meta.items() if k not in _ENVELOPE_KEYS}
+            token = meta.pop("progressToken", None)
+        modern = link.version in _MODERN
+        if modern:
+            level = client_level if isinstance(client_level, str) else None
+        else:
+            level = self._log_levels.get(link.connection, "debug") if link.connection is not None else "debug"
+        if up.modern and level is not None:
+            meta = dict(meta or {})
+            meta[LOG_LEVEL_META_KEY] = level
+        if meta:
+            out["_meta"] = meta
+        else:
+            out.pop("_meta", None)
+        return out, token, Caller(modern, link.requests, link.notify, level)
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
         """The pipeline's terminal: send the call to its upstream."""
@@ -324,7 +348,7 @@ class Gateway:
         return result
 
     async def _drive_input_required(
-        self, channel: Any, up: Upstream, method: str, params: dict[str, Any], first: dict[str, Any]
+        self, caller: Caller, up: Upstream, method: str, params: dict[str, Any], first: dict[str, Any]
     ) -> dict[str, Any]:
         """Resolve a 2026-07-28 `InputRequiredResult` for a handshake-era client.
 
@@ -332,6 +356,13 @@ class Gateway:
         connection (sampling/createMessage, elicitation/create, roots/list); the original
         request is retried upstream with `inputResponses` and `requestState` (SEP-2322).
         """
+        channel = caller.requests
+        if channel is None:
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"MCP server '{up.name}' needs input from the client (sampling, elicitation or roots), "
+                "and this client connection cannot carry requests",
+            )
         parsed = types.InputRequiredResult.model_validate(first, by_name=False)
 
         async def dispatch(_key: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
@@ -416,7 +447,10 @@ class Gateway:
     async def _subscribe(self, ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
         uri = str(params.uri)
         route = self._resolve_uri(uri)
-        await self.upstreams[route.server].request("resources/subscribe", {"uri": route.name})
+        try:
+            await self.upstreams[route.server].subscribe(route.name)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
         conn = ctx.session._connection  # noqa: SLF001
         self._subscriptions.setdefault(uri, weakref.WeakSet()).add(conn)
         return types.EmptyResult()
@@ -430,7 +464,7 @@ class Gateway:
             if not subs:
                 del self._subscriptions[uri]
                 with contextlib.suppress(Exception):
-                    await self.upstreams[route.server].request("resources/unsubscribe", {"uri": route.name})
+                    await self.upstreams[route.server].unsubscribe(route.name)
         return types.EmptyResult()
 
     # ---- completion, logging ------------------------------------------------------------
@@ -456,6 +490,7 @@ class Gateway:
         return await self._forward(ctx, route.server, "completion/complete", _forward_params(raw))
 
     async def _set_level(self, ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
+        self._log_levels[ctx.session._connection] = params.level  # noqa: SLF001
         for up in self.upstreams.values():
             if up.state == "ready" and up.capabilities and up.capabilities.logging and not up.modern:
                 with contextlib.suppress(Exception):
@@ -467,21 +502,14 @@ class Gateway:
         up = self.upstreams.get(server)
         if up is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown MCP server: {server}")
-        meta = params.get("_meta")
-        token = meta.pop("progressToken", None) if isinstance(meta, dict) else None
-        if isinstance(meta, dict) and not meta:
-            params.pop("_meta")
-        session = ctx.session
-        channel = session._request_outbound if session.can_send_request else None  # noqa: SLF001
-        caller = Caller(ctx.protocol_version in _MODERN, channel)
+        link = self.link(ctx)
+        params, token, caller = self._prepare(params, link, up)
         callers = self._callers[server]
         callers.append(caller)
         try:
-            result = await up.request(
-                method, params, on_progress=_progress_relay(ctx, token) if token is not None else None
-            )
-            if result.get("resultType") == "input_required" and not caller.modern and channel is not None:
-                result = await self._drive_input_required(channel, up, method, params, result)
+            result = await up.request(method, params, on_progress=link.relay(token) if token is not None else None)
+            if result.get("resultType") == "input_required" and not caller.modern:
+                result = await self._drive_input_required(caller, up, method, params, result)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         finally:
@@ -547,11 +575,34 @@ async def _ask_client(channel: Any, request: types.InputRequest) -> types.InputR
 
 
 @dataclass(slots=True)
+class ClientLink:
+    """How the gateway reaches the client behind one request.
+
+    Attributes:
+        version: the protocol version the client speaks on this request.
+        connection: the SDK `Connection` (None when not known).
+        requests: has `send_raw_request(method, params, opts)` for server-to-client requests,
+            or None when the client cannot take requests (2026-07-28, or no back-channel).
+        notify: `async (method, params)` sending a notification tied to this request.
+        relay: builds the progress relay for the client's progress token.
+    """
+
+    version: str
+    connection: Connection | None
+    requests: Any
+    notify: Callable[..., Awaitable[None]] | None
+    relay: Callable[[Any], ProgressFn]
+
+
+@dataclass(slots=True)
 class Caller:
-    """A client call in flight to an upstream: where that upstream's own requests can go."""
+    """A client call in flight to an upstream: where that upstream's requests and logs go."""
 
     modern: bool
-    channel: Any
+    requests: Any
+    notify: Callable[..., Awaitable[None]] | None
+    log_level: str | None
+    """The lowest level of log messages this client wants (None: none)."""
 
 
 def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:
@@ -588,6 +639,19 @@ def _unknown(kind: str, name: str, upstreams: dict[str, Upstream]) -> MCPError:
             hint = f" (MCP server '{server}' is {up.state}{why})"
             break
     return MCPError(code=INVALID_PARAMS, message=f"Unknown {kind}: {name}{hint}")
+
+
+_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+def _level_at_least(level: str, minimum: str | None) -> bool:
+    """RFC 5424 severity order, as MCP's logging levels (spec: server/utilities/logging)."""
+    if minimum is None:
+        return False
+    try:
+        return _LEVELS.index(level) >= _LEVELS.index(minimum)
+    except ValueError:
+        return True
 
 
 def _names(items: list[Any]) -> list[str]:

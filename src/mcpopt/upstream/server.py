@@ -11,6 +11,7 @@ The gateway hears about changes through `UpstreamListener`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -109,6 +110,10 @@ class Upstream:
         self._send_raw: Callable[..., Awaitable[dict[str, Any]]] | None = None
         self._stamp: Callable[[dict[str, Any], Any], None] | None = None
         self._fast: FastChannel | None = None
+        self.subscriptions: set[str] = set()
+        """Upstream resource URIs some client subscribed to (kept across restarts)."""
+        self._relisten = anyio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- status -------------------------------------------------------------------------
     @property
@@ -157,6 +162,8 @@ class Upstream:
                             tg.cancel_scope.cancel()
 
                         tg.start_soon(_watch_stop)
+                        if self._modern and self._session is not None:
+                            tg.start_soon(self._listen_loop, self._session)
                         await self._closed.wait()
                         tg.cancel_scope.cancel()
                     if not self._stop.is_set():
@@ -220,6 +227,10 @@ class Upstream:
             self._fast = getattr(write_stream, "fast", None)
             self.started_at = time.time()
             await self._refresh({"tools", "resources", "prompts"})
+            if not self._modern:
+                for uri in sorted(self.subscriptions):  # a restarted server forgot them
+                    with contextlib.suppress(Exception):
+                        await self.request("resources/subscribe", {"uri": uri})
 
     def _stderr_hint(self) -> str:
         tail = self.stderr.text().strip()
@@ -335,6 +346,73 @@ class Upstream:
         except MCPError as exc:
             raise self._translate(exc, method, self.timeout_s) from None
 
+    # ---- subscriptions ------------------------------------------------------------------
+    async def subscribe(self, uri: str) -> None:
+        """Subscribe to updates of an upstream resource (`resources/subscribe`, or listen)."""
+        self.subscriptions.add(uri)
+        if self._modern:
+            self._relisten.set()  # 2026-07-28: the listen stream is re-opened with the new URI set
+        else:
+            await self.request("resources/subscribe", {"uri": uri})
+
+    async def unsubscribe(self, uri: str) -> None:
+        self.subscriptions.discard(uri)
+        if self._modern:
+            self._relisten.set()
+        else:
+            await self.request("resources/unsubscribe", {"uri": uri})
+
+    async def _listen_loop(self, session: ClientSession) -> None:
+        """2026-07-28 servers announce changes only on `subscriptions/listen` (SEP-2575).
+
+        One stream per upstream carries list_changed for tools, prompts and resources, plus
+        the subscribed resource URIs; it is re-opened when that set changes.
+        """
+        from mcp.client.subscriptions import ResourceUpdated, listen
+        from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ToolsListChanged
+
+        caps = session.server_capabilities or types.ServerCapabilities()
+        wants_lists = bool(
+            (caps.tools and caps.tools.list_changed)
+            or (caps.prompts and caps.prompts.list_changed)
+            or (caps.resources and (caps.resources.list_changed or caps.resources.subscribe))
+        )
+        if not wants_lists:
+            return
+        while True:
+            self._relisten = anyio.Event()
+            relisten = self._relisten
+            try:
+                async with listen(
+                    session,
+                    tools_list_changed=bool(caps.tools and caps.tools.list_changed),
+                    prompts_list_changed=bool(caps.prompts and caps.prompts.list_changed),
+                    resources_list_changed=bool(caps.resources and caps.resources.list_changed),
+                    resource_subscriptions=sorted(self.subscriptions),
+                ) as subscription:
+                    async with anyio.create_task_group() as tg:
+
+                        async def _restart(event: anyio.Event) -> None:
+                            await event.wait()
+                            tg.cancel_scope.cancel()
+
+                        tg.start_soon(_restart, relisten)
+                        async for event in subscription:
+                            if isinstance(event, ToolsListChanged):
+                                await self._spawn_refresh({"tools"})
+                            elif isinstance(event, PromptsListChanged):
+                                await self._spawn_refresh({"prompts"})
+                            elif isinstance(event, ResourcesListChanged):
+                                await self._spawn_refresh({"resources"})
+                            elif isinstance(event, ResourceUpdated):
+                                await self.listener.resource_updated(self.name, event.uri)
+                        tg.cancel_scope.cancel()
+                if not relisten.is_set():
+                    return  # the server closed the stream gracefully
+            except Exception as exc:  # noqa: BLE001 - a failed listen must not take the session down
+                logger.info("upstream %r: subscriptions/listen ended: %s", self.name, _describe(exc))
+                return
+
     # ---- callbacks from the server ------------------------------------------------------
     async def _on_sampling(
         self, ctx: ClientRequestContext, params: types.CreateMessageRequestParams
@@ -372,9 +450,9 @@ class Upstream:
     async def _spawn_refresh(self, kinds: set[CatalogKind]) -> None:
         # Re-listing is a request to the same server: it must not run inside the dispatcher's
         # notification callback, or it would wait on the loop that delivers its own answer.
-        import asyncio
-
-        asyncio.get_running_loop().create_task(self.refresh(kinds))
+        task = asyncio.get_running_loop().create_task(self.refresh(kinds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 class _ClosingReadStream:
