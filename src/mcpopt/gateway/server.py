@@ -32,6 +32,14 @@ from mcp.server import Server
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ResourceUpdated,
+    ToolsListChanged,
+)
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import (
     CLIENT_CAPABILITIES_META_KEY,
@@ -97,6 +105,10 @@ class Gateway:
         """The last client connection seen (on the stdio front, the only one)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
+        # 2026-07-28 clients hear of changes on subscriptions/listen streams (SEP-2575).
+        self.bus = InMemorySubscriptionBus()
+        self._listen_handler = ListenHandler(self.bus)
+        self._listen_refs: dict[tuple[str, str], int] = {}
         self.server = self._build_server()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -154,11 +166,13 @@ class Gateway:
             changed.append("notifications/resources/list_changed")
         for method in changed:
             await self._broadcast(method, None)
+            await self.bus.publish(_EVENTS[method])
 
     async def resource_updated(self, server: str, uri: str) -> None:
         guri = self.namer.uri(server, uri)
         for conn in list(self._subscriptions.get(guri, ())):
             await _notify(conn, "notifications/resources/updated", {"uri": guri})
+        await self.bus.publish(ResourceUpdated(uri=guri))
 
     async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None:
         data = params.model_dump(by_alias=True, mode="json", exclude_none=True)
@@ -211,6 +225,7 @@ class Gateway:
                 on_get_prompt=self._get_prompt,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
                 on_completion=self._complete,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
                 on_set_logging_level=self._set_level,
+                on_subscriptions_listen=self._listen,
             )
         # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper)
         # fast path; telemetry comes back as a pipeline filter.
@@ -455,6 +470,32 @@ class Gateway:
         self._subscriptions.setdefault(uri, weakref.WeakSet()).add(conn)
         return types.EmptyResult()
 
+    async def _listen(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
+        """Serve a 2026-07-28 `subscriptions/listen` stream; its resource URIs are subscribed upstream
+        for as long as the stream lives (reference-counted across streams)."""
+        wanted = params.notifications.resource_subscriptions or []
+        held: list[tuple[str, str]] = []
+        try:
+            for uri in wanted:
+                try:
+                    route = self._resolve_uri(uri)
+                except GatewayError:
+                    continue
+                key = (route.server, route.name)
+                self._listen_refs[key] = self._listen_refs.get(key, 0) + 1
+                held.append(key)
+                if self._listen_refs[key] == 1:
+                    with contextlib.suppress(Exception):
+                        await self.upstreams[route.server].subscribe(route.name)
+            return await self._listen_handler(ctx, params)
+        finally:
+            for key in held:
+                self._listen_refs[key] -= 1
+                if not self._listen_refs[key]:
+                    del self._listen_refs[key]
+                    with contextlib.suppress(Exception):
+                        await self.upstreams[key[0]].unsubscribe(key[1])
+
     async def _unsubscribe(self, ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
         uri = str(params.uri)
         route = self._resolve_uri(uri)
@@ -640,6 +681,12 @@ def _unknown(kind: str, name: str, upstreams: dict[str, Upstream]) -> MCPError:
             break
     return MCPError(code=INVALID_PARAMS, message=f"Unknown {kind}: {name}{hint}")
 
+
+_EVENTS: dict[str, Any] = {
+    "notifications/tools/list_changed": ToolsListChanged(),
+    "notifications/prompts/list_changed": PromptsListChanged(),
+    "notifications/resources/list_changed": ResourcesListChanged(),
+}
 
 _LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
