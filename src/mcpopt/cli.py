@@ -25,7 +25,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (p50/p95/p99 agai
 app.add_typer(tools_app, name="tools")
 app.add_typer(bench_app, name="bench")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
+"""stderr; soft_wrap keeps each error on one line whatever the terminal width (or none)."""
 out = Console()
 
 ConfigOpt = typer.Option("mcpopt.yaml", "--config", "-c", help="Config file (YAML or JSON).")
