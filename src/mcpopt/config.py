@@ -49,6 +49,77 @@ class RestartPolicy(_Strict):
     enabled: bool = True
 
 
+class ToolCacheConfig(_Strict):
+    """Per-tool cache policy: a TTL, and optionally a read-only declaration the server omits."""
+
+    ttl_ms: int | None = Field(None, ge=0)
+    read_only: bool | None = None
+    """Treat the tool as read-only (`readOnlyHint`) even if its annotations don't say so."""
+
+
+class ServerCacheConfig(_Strict):
+    """Result cache policy of one server.
+
+    A tools/call result is cached only if the tool is read-only (`readOnlyHint: true` or
+    declared here) AND a TTL applies (`tools.<name>.ttl_ms`, else `ttl_ms`). Default TTL 0: off.
+    `invalidates` maps a tool name (or glob) to the tool-name globs whose cached results a call
+    to it drops; without a rule, any non-read-only call drops all of the server's cached reads.
+    """
+
+    ttl_ms: int = Field(0, ge=0)
+    tools: dict[str, ToolCacheConfig] = Field(default_factory=dict)
+    invalidates: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class RoutingConfig(_Strict):
+    """How calls are spread over a server's replicas."""
+
+    strategy: Literal["round_robin", "least_inflight", "ewma_latency", "weighted", "predictive"] = "least_inflight"
+    weights: list[float] = Field(default_factory=list)
+    """For `weighted`: one positive weight per replica (default all 1)."""
+    sticky_tools: list[str] = Field(default_factory=list)
+    """Tool-name globs whose calls from one client session always go to the same replica."""
+
+
+class BreakerConfig(_Strict):
+    """Circuit breaker per replica: opens after `failure_threshold` consecutive failures,
+    stays open `open_ms`, then lets `half_open_max` trial calls through (Nygard, Release It!)."""
+
+    enabled: bool = True
+    failure_threshold: int = Field(5, ge=1)
+    open_ms: int = Field(5_000, ge=1)
+    half_open_max: int = Field(1, ge=1)
+
+
+class RetryConfig(_Strict):
+    """Retries with exponential backoff and full jitter, only when repeating is safe
+    (read-only or idempotent tools, or a request that never reached the server)."""
+
+    attempts: int = Field(3, ge=1, le=10)
+    """Total attempts including the first."""
+    initial_backoff_ms: int = Field(25, ge=0)
+    max_backoff_ms: int = Field(1_000, ge=0)
+
+
+class AdaptiveTimeoutConfig(_Strict):
+    """Per-tool timeout = clamp(p99 of observed latency x `factor`, floor, ceiling) once
+    `min_samples` calls were seen; before that, the server's timeout."""
+
+    enabled: bool = False
+    factor: float = Field(3.0, gt=1)
+    floor_ms: int = Field(1_000, gt=0)
+    ceiling_ms: int = Field(60_000, gt=0)
+    min_samples: int = Field(20, ge=1)
+
+
+class HealthCheckConfig(_Strict):
+    """Active health checks: a ping (handshake era) or server/discover (2026-07-28) per replica."""
+
+    interval_ms: int = Field(0, ge=0)
+    """0 disables active checks (passive error tracking still applies)."""
+    timeout_ms: int = Field(2_000, gt=0)
+
+
 class ServerConfig(_Strict):
     """One upstream MCP server (an entry of `mcpServers`).
 
@@ -74,6 +145,33 @@ class ServerConfig(_Strict):
     protocol: Literal["auto", "legacy"] = "auto"
     disabled: bool = False
     description: str | None = None
+    # ---- speed and resilience (see README, "Faster and sturdier") ----
+    replicas: int = Field(1, ge=1, le=64)
+    """Copies of a stdio command to start (calls are routed among them)."""
+    urls: list[str] = Field(default_factory=list)
+    """HTTP replicas of one server (instead of `url`)."""
+    routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
+    cache: ServerCacheConfig = Field(default_factory=lambda: ServerCacheConfig())
+    read_only_tools: list[str] = Field(default_factory=list)
+    """Tool-name globs treated as read-only even without `readOnlyHint` (cacheable, retryable)."""
+    idempotent_tools: list[str] = Field(default_factory=list)
+    """Tool-name globs safe to repeat (retryable) though not read-only."""
+    breaker: BreakerConfig = Field(default_factory=lambda: BreakerConfig())
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
+    adaptive_timeout: AdaptiveTimeoutConfig = Field(default_factory=lambda: AdaptiveTimeoutConfig())
+    max_concurrency: int = Field(0, ge=0)
+    """Calls in flight to this server at once (0 = unlimited); more wait in a bounded queue."""
+    max_queue: int = Field(100, ge=0)
+    """Calls that may wait for a slot; beyond that a call is rejected with a clear error."""
+    health_check: HealthCheckConfig = Field(default_factory=lambda: HealthCheckConfig())
+    depends_on: list[str] = Field(default_factory=list)
+    """Servers that must be ready before this one starts."""
+    priority: int = 0
+    """Start order among servers of the same stage: lower first (stages run in parallel)."""
+    lazy: bool = False
+    """Start on the first call instead of at gateway start (its tools are listed once started)."""
+    idle_timeout_ms: int = Field(0, ge=0)
+    """Stop the server after this long without calls (0 = never); it restarts on the next call."""
 
     @field_validator("type", "transport")
     @classmethod
@@ -87,6 +185,10 @@ class ServerConfig(_Strict):
 
     @model_validator(mode="after")
     def _command_or_url(self) -> ServerConfig:
+        if self.urls and self.url:
+            raise ValueError("give either 'url' or 'urls' (HTTP replicas), not both")
+        if self.urls and not self.url:
+            self.url = self.urls[0]
         kind = self.kind
         if kind == "stdio" and not self.command:
             raise ValueError("a stdio server needs 'command' (or give 'url' for an HTTP/SSE server)")
@@ -94,7 +196,22 @@ class ServerConfig(_Strict):
             raise ValueError(f"a {kind} server needs 'url'")
         if self.command and self.url:
             raise ValueError("give either 'command' (stdio) or 'url' (HTTP/SSE), not both")
+        if self.urls and self.replicas != 1:
+            raise ValueError("'replicas' copies a stdio command; HTTP replicas are listed in 'urls'")
+        weights = self.routing.weights
+        if weights and (len(weights) != self.replica_count or any(w <= 0 for w in weights)):
+            raise ValueError(f"routing.weights: expected {self.replica_count} positive numbers, one per replica")
         return self
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.urls) if self.urls else self.replicas
+
+    def replica_configs(self) -> list[ServerConfig]:
+        """One config per replica (`urls` expanded; `replicas` copies of a stdio command)."""
+        if self.urls:
+            return [self.model_copy(update={"url": u, "urls": []}) for u in self.urls]
+        return [self] * self.replicas
 
     @property
     def kind(self) -> TransportName:
@@ -105,6 +222,28 @@ class ServerConfig(_Strict):
         if self.url and not self.command:
             return "sse" if self.url.rstrip("/").endswith("/sse") else "http"
         return "stdio"
+
+
+class CacheSettings(_Strict):
+    """The result cache (L1 in process; optional L2 in Redis shared by gateway processes)."""
+
+    enabled: bool = True
+    max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """L1 size bound (bytes of cached results); least recently used entries go first."""
+    max_entry_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    """Results larger than this are not cached."""
+    redis_url: str | None = None
+    """L2: `redis://host:port/db`. Invalidations are broadcast to every gateway process."""
+    warm: list[dict[str, Any]] = Field(default_factory=list)
+    """Calls made at startup to fill the cache: `{tool: <gateway name>, arguments: {...}}`."""
+
+
+class BatchSettings(_Strict):
+    """The `mcpopt__batch` gateway tool."""
+
+    enabled: bool = True
+    max_calls: int = Field(50, ge=1)
+    concurrency: int = Field(8, ge=1)
 
 
 class GatewaySettings(_Strict):
@@ -120,6 +259,8 @@ class GatewaySettings(_Strict):
     page_size: int = Field(0, ge=0)
     """Page size for the gateway's own list results; 0 sends each list whole."""
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
+    batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
 
     @field_validator("separator")
     @classmethod
@@ -154,6 +295,30 @@ class Config(BaseSettings):
             if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
                 raise ValueError(f"server name {name!r}: expected 1-64 characters from A-Z a-z 0-9 _ - .")
         return servers
+
+    @model_validator(mode="after")
+    def _dependencies(self) -> Config:
+        names = set(self.mcpServers)
+        for name, server in self.mcpServers.items():
+            for dep in server.depends_on:
+                if dep not in names:
+                    raise ValueError(f"mcpServers.{name}.depends_on: unknown server {dep!r}")
+        # A cycle would deadlock startup: fail at load time instead.
+        state: dict[str, int] = {}
+
+        def visit(node: str, path: list[str]) -> None:
+            if state.get(node) == 1:
+                raise ValueError("depends_on cycle: " + " -> ".join([*path, node]))
+            if state.get(node) == 2:
+                return
+            state[node] = 1
+            for dep in self.mcpServers[node].depends_on:
+                visit(dep, [*path, node])
+            state[node] = 2
+
+        for name in self.mcpServers:
+            visit(name, [])
+        return self
 
     @classmethod
     def settings_customise_sources(

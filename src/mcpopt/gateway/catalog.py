@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import mcp_types as types
 
 from mcpopt.config import Config
+from mcpopt.policy import ToolInfo, tool_info
 from mcpopt.upstream.server import Upstream
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class GatewayCatalog:
     prompt_routes: dict[str, Route] = field(default_factory=dict)
     tool_defs: dict[str, types.Tool] = field(default_factory=dict)
     """Gateway tool name -> the upstream's own definition (annotations, schemas)."""
+    tool_infos: dict[str, ToolInfo] = field(default_factory=dict)
+    """Gateway tool name -> read-only / idempotent / TTL facts for the pipeline."""
     collisions: list[str] = field(default_factory=list)
 
 
@@ -102,6 +105,7 @@ def build_catalog(namer: Namer, upstreams: dict[str, Upstream]) -> GatewayCatalo
                 continue
             cat.tool_routes[gname] = Route(server, tool.name)
             cat.tool_defs[gname] = tool
+            cat.tool_infos[gname] = tool_info(up.cfg, tool)
             cat.tools.append(tool if gname == tool.name else tool.model_copy(update={"name": gname}))
         for prompt in up.catalog.prompts:
             gname = namer.name(server, prompt.name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 import warnings
@@ -49,12 +50,16 @@ from mcp_types import (
     PROTOCOL_VERSION_META_KEY,
     SERVER_INFO_META_KEY,
 )
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 
+from mcpopt.cache import ResultCache
 from mcpopt.config import Config
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
+from mcpopt.gateway.tools import GatewayTools
 from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
+from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
+from mcpopt.policy import UNKNOWN
 from mcpopt.upstream.server import CatalogKind, ProgressFn, Upstream
 
 logger = logging.getLogger(__name__)
@@ -96,7 +101,10 @@ class Gateway:
             )
             for name, cfg in config.active_servers().items()
         }
-        self.pipeline = Pipeline(self._forward_tool_call, filters or [])
+        self.cache = ResultCache(g.cache)
+        self.coalescer = CoalesceFilter()
+        default_filters: list[Filter] = [CacheFilter(self.cache, self._server_tool_names), self.coalescer]
+        self.pipeline = Pipeline(self._forward_tool_call, default_filters if filters is None else filters)
         self._connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
         self._callers: dict[str, list[Caller]] = {name: [] for name in self.upstreams}
@@ -105,6 +113,7 @@ class Gateway:
         """The last client connection seen (on the stdio front, the only one)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
+        self.own = GatewayTools(self)
         # 2026-07-28 clients hear of changes on subscriptions/listen streams (SEP-2575).
         self.bus = InMemorySubscriptionBus()
         self._listen_handler = ListenHandler(self.bus)
@@ -115,6 +124,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def running(self, wait_s: float | None = None) -> Any:
         """Start all upstreams in parallel; wait up to each one's startup timeout for it."""
+        await self.cache.start()
         async with anyio.create_task_group() as tg:
             for up in self.upstreams.values():
                 tg.start_soon(up.run)
@@ -123,11 +133,23 @@ class Gateway:
                 for up in self.upstreams.values()
             ]
             await asyncio.gather(*waits)
+            await self._warm()
             try:
                 yield self
             finally:
                 for up in self.upstreams.values():
                     await up.stop()
+                await self.cache.close()
+
+    async def _warm(self) -> None:
+        """Fill the cache from `gateway.cache.warm` (each call through the whole pipeline)."""
+        link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: _no_progress)
+        for item in self.config.gateway.cache.warm:
+            name = item.get("tool") or item.get("name")
+            try:
+                await self.call_tool({"name": name, "arguments": item.get("arguments") or {}}, link)
+            except Exception as exc:  # noqa: BLE001 - a failed warm-up is reported, not fatal
+                logger.warning("cache warm-up call %r failed: %s", name, exc)
 
     def status(self) -> list[dict[str, Any]]:
         """One row per upstream: name, state, protocol version, counts, restarts, last error."""
@@ -150,9 +172,16 @@ class Gateway:
         return rows
 
     # ---- UpstreamListener ---------------------------------------------------------------
+    def _server_tool_names(self, server: str) -> list[str]:
+        up = self.upstreams.get(server)
+        return [t.name for t in up.catalog.tools] if up is not None else []
+
     async def catalog_changed(self, server: str, kinds: set[CatalogKind]) -> None:
         old = self.catalog
         self.catalog = build_catalog(self.namer, self.upstreams)
+        if "tools" in kinds or "resources" in kinds:
+            # Tools changed (or the server restarted): what was cached may no longer hold.
+            await self.cache.invalidate(server)
         changed: list[str] = []
         if "tools" in kinds and _names(old.tools) != _names(self.catalog.tools):
             changed.append("notifications/tools/list_changed")
@@ -169,6 +198,8 @@ class Gateway:
             await self.bus.publish(_EVENTS[method])
 
     async def resource_updated(self, server: str, uri: str) -> None:
+        # A resource changed: tool results may derive from it, so the server's reads go too.
+        await self.cache.invalidate(server)
         guri = self.namer.uri(server, uri)
         for conn in list(self._subscriptions.get(guri, ())):
             await _notify(conn, "notifications/resources/updated", {"uri": guri})
@@ -258,11 +289,12 @@ class Gateway:
             requests=outbound if session.can_send_request else None,
             notify=outbound.notify,
             relay=lambda token: _progress_relay(ctx, token),
+            partition=_partition(ctx),
         )
 
     # ---- tools --------------------------------------------------------------------------
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        items, cursor = self._page(self.catalog.tools, params)
+        items, cursor = self._page(self.catalog.tools + self.own.tools, params)
         return types.ListToolsResult(tools=items, next_cursor=cursor)
 
     async def call_tool(self, params: Mapping[str, Any] | None, link: ClientLink) -> dict[str, Any]:
@@ -280,10 +312,22 @@ class Gateway:
             raise MCPError(code=INVALID_PARAMS, message="tools/call needs params.name (a string)")
         route = self.catalog.tool_routes.get(name)
         if route is None:
-            raise _unknown("tool", name, self.upstreams)
+            own = self.own.handlers.get(name)
+            if own is None:
+                raise _unknown("tool", name, self.upstreams)
+            args = params.get("arguments")
+            return self._envelope(link.version, await own(args if isinstance(args, dict) else {}, link))
         up = self.upstreams[route.server]
         out, token, caller = self._prepare(params, link, up, name=route.name)
-        call = ToolCall(route.server, route.name, name, out, link.relay(token) if token is not None else None)
+        call = ToolCall(
+            route.server,
+            route.name,
+            name,
+            out,
+            link.relay(token) if token is not None else None,
+            info=self.catalog.tool_infos.get(name, UNKNOWN),
+            partition=link.partition,
+        )
         callers = self._callers[route.server]
         callers.append(caller)
         try:
@@ -330,8 +374,7 @@ class Gateway:
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
         """The pipeline's terminal: send the call to its upstream."""
-        up = self.upstreams[call.server]
-        return await up.request("tools/call", call.params, on_progress=call.on_progress)
+        return await self.upstreams[call.server].call(call)
 
     async def _call_tool_typed(self, ctx: Any, params: types.CallToolRequestParams) -> Any:
         # Never reached (the middleware answers tools/call); registered so `tools` is declared.
@@ -633,6 +676,8 @@ class ClientLink:
     requests: Any
     notify: Callable[..., Awaitable[None]] | None
     relay: Callable[[Any], ProgressFn]
+    partition: str = ""
+    """The caller's auth partition: results are never shared across partitions."""
 
 
 @dataclass(slots=True)
@@ -644,6 +689,18 @@ class Caller:
     notify: Callable[..., Awaitable[None]] | None
     log_level: str | None
     """The lowest level of log messages this client wants (None: none)."""
+
+
+async def _no_progress(progress: float, total: float | None, message: str | None) -> None:
+    return None
+
+
+def _partition(ctx: Any) -> str:
+    """An HTTP caller's auth partition: a digest of its Authorization header ("" without one)."""
+    request = getattr(ctx, "request", None)
+    headers = getattr(request, "headers", None)
+    auth = headers.get("authorization") if headers is not None else None
+    return hashlib.blake2b(auth.encode(), digest_size=8).hexdigest() if auth else ""
 
 
 def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:

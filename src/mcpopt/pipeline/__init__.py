@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
+from mcpopt.policy import UNKNOWN, ToolInfo
 from mcpopt.upstream.server import ProgressFn
 
 ToolResult = dict[str, Any]
@@ -35,8 +36,11 @@ class ToolCall:
         params: the raw `CallToolRequestParams` to send upstream (name already rewritten);
             `params["arguments"]` holds the arguments.
         on_progress: relays upstream progress to the client, if it asked for progress.
-        session_id: an opaque id of the client connection (for partitioning and telemetry).
-        attrs: scratch space for filters (e.g. timings), never sent anywhere.
+        info: what is known of the tool (read-only, idempotent, TTL, invalidation rules).
+        partition: the caller's auth partition ("" for a single-user front such as stdio);
+            cached and coalesced results are never shared across partitions.
+        session_id: an opaque id of the client connection (sticky routing, telemetry).
+        attrs: scratch space for filters (e.g. timings, cache hit), never sent anywhere.
     """
 
     server: str
@@ -44,6 +48,8 @@ class ToolCall:
     name: str
     params: dict[str, Any]
     on_progress: ProgressFn | None = None
+    info: ToolInfo = UNKNOWN
+    partition: str = ""
     session_id: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
 

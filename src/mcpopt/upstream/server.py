@@ -321,6 +321,10 @@ class Upstream:
         except MCPError as exc:
             raise self._translate(exc, method, timeout) from None
 
+    async def call(self, call: Any) -> dict[str, Any]:
+        """Send a pipeline `ToolCall` (the single-replica terminal; `ServerPool` routes replicas)."""
+        return await self.request("tools/call", call.params, on_progress=call.on_progress)
+
     def _translate(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
         if exc.code == REQUEST_TIMEOUT:
             return UpstreamTimeout(

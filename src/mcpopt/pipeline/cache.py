@@ -1,0 +1,98 @@
+"""Pipeline filters: the result cache, invalidation on writes, and coalescing.
+
+`CacheFilter` answers a read-only call with a TTL from the cache, and stores fresh results;
+for any call to a tool that is not read-only it invalidates the server's cached reads before
+the call is sent and again when it returns (a read that overlapped the write is never stored,
+see `mcpopt.cache.store`). `CoalesceFilter` makes identical concurrent read-only calls share one
+upstream call (the followers get the leader's result or its error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from mcpopt.cache import ResultCache, cache_key
+from mcpopt.pipeline import Next, ToolCall, ToolResult
+
+
+class CacheFilter:
+    """Serve and fill the result cache; invalidate on writes.
+
+    Args:
+        cache: the gateway's `ResultCache`.
+        server_tools: server name -> its current tool names (for `invalidates` globs).
+    """
+
+    def __init__(self, cache: ResultCache, server_tools: Any) -> None:
+        self.cache = cache
+        self.server_tools = server_tools
+
+    async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
+        info = call.info
+        if not info.read_only:
+            await self._invalidate(call)
+            try:
+                return await next(call)
+            finally:
+                await self._invalidate(call)
+        if info.ttl_ms <= 0 or not self.cache.enabled:
+            return await next(call)
+        key = cache_key(call.server, call.tool, call.arguments, call.partition)
+        hit = await self.cache.get(key)
+        if hit is not None:
+            call.attrs["cache"] = "hit"
+            return hit
+        call.attrs["cache"] = "miss"
+        gen = self.cache.capture(key)
+        result = await next(call)
+        await self.cache.put(key, gen, result, info.ttl_ms)
+        return result
+
+    async def _invalidate(self, call: ToolCall) -> None:
+        targets = call.info.invalidates
+        if targets is None:
+            await self.cache.invalidate(call.server)
+        else:
+            known = self.server_tools(call.server)
+            await self.cache.invalidate(call.server, self.cache.matching_tools(call.server, targets, known))
+
+
+class CoalesceFilter:
+    """Identical concurrent read-only calls (same server, tool, arguments, partition) share one call."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[ToolResult]] = {}
+        self.coalesced = 0
+        """Calls answered by another call's upstream request."""
+
+    async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
+        if not call.info.read_only:
+            return await next(call)
+        key = cache_key(call.server, call.tool, call.arguments, call.partition)
+        leader = self._inflight.get(key)
+        if leader is not None:
+            await asyncio.wait({leader})  # our own cancellation still propagates from here
+            if not leader.cancelled():
+                self.coalesced += 1
+                call.attrs["coalesced"] = True
+                return leader.result()
+            return await next(call)  # the leader's client cancelled it: this call goes on its own
+        fut: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            result = await next(call)
+        except BaseException as exc:
+            if not fut.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    fut.cancel()
+                else:
+                    fut.set_exception(exc)
+                fut.exception() if not fut.cancelled() else None  # mark retrieved: no "never retrieved" log
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
