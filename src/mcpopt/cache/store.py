@@ -65,6 +65,7 @@ class Generations:
                 self.tool[(server, tool)] = self.tool.get((server, tool), 0) + 1
 
     def set(self, server: str, tool: str | None, value: int) -> None:
+        """Adopt a generation from Redis (never going back: a lower value is ignored)."""
         if tool is None:
             self.server[server] = max(self.server.get(server, 0), value)
         else:
@@ -153,6 +154,9 @@ class RedisStore:
             try:
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(CHANNEL)
+                if not self.healthy:  # Redis is back: reads re-check generations (MGET), so this is safe
+                    logger.warning("cache L2 (Redis at %s) reachable again", self.url)
+                    self.healthy, self._warned = True, False
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
@@ -170,12 +174,25 @@ class RedisStore:
         return f"mcpopt:r:{server}:{gen.server}:{tool}:{gen.tool}:{digest}"
 
     async def get(self, key: tuple[str, str, str], gen: Generation) -> dict[str, Any] | None:
+        """The entry for `key` under `gen`, checked against Redis's own generations in the same
+        round trip (MGET), so an invalidation by another process is honoured before its pub/sub
+        message arrives."""
         if not self.healthy:
             return None
+        server, tool, _ = key
         try:
-            raw = await self._redis.get(self._key(key, gen))
+            g_server, g_tool, raw = await self._redis.mget(
+                f"mcpopt:gen:{server}", f"mcpopt:gen:{server}:{tool}", self._key(key, gen)
+            )
         except Exception as exc:  # noqa: BLE001
             self._warn(exc)
+            return None
+        remote = Generation(int(g_server or 0), int(g_tool or 0))
+        if remote != gen:
+            if remote.server > gen.server:
+                self._on_remote_bump(server, None, remote.server)
+            if remote.tool > gen.tool:
+                self._on_remote_bump(server, tool, remote.tool)
             return None
         return orjson.loads(raw) if raw else None
 
@@ -188,13 +205,14 @@ class RedisStore:
             self._warn(exc)
 
     async def bump(self, server: str, tools: Iterable[str] | None) -> None:
-        """INCR the generation(s) in Redis and tell every gateway process."""
+        """INCR the generation(s) in Redis (authoritative while Redis is up) and tell every process."""
         if not self.healthy:
             return
         try:
             for tool in [None] if tools is None else list(tools):
                 name = f"mcpopt:gen:{server}" + (f":{tool}" if tool else "")
                 gen = await self._redis.incr(name)
+                self._on_remote_bump(server, tool, int(gen))
                 await self._redis.publish(CHANNEL, orjson.dumps({"server": server, "tool": tool, "gen": gen}))
         except Exception as exc:  # noqa: BLE001
             self._warn(exc)
