@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 import warnings
 import weakref
@@ -114,6 +115,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
         self.own = GatewayTools(self)
+        self.startup_ms: dict[str, float] = {}
+        """Milliseconds from gateway start until each upstream was ready (or gave up)."""
         # 2026-07-28 clients hear of changes on subscriptions/listen streams (SEP-2575).
         self.bus = InMemorySubscriptionBus()
         self._listen_handler = ListenHandler(self.bus)
@@ -123,16 +126,33 @@ class Gateway:
     # ---- lifecycle ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def running(self, wait_s: float | None = None) -> Any:
-        """Start all upstreams in parallel; wait up to each one's startup timeout for it."""
+        """Start the upstreams in stages and wait for each to be ready (or to fail).
+
+        Stages come from `depends_on` (a server starts after everything it depends on) and then
+        `priority` (lower first); the servers of one stage start in parallel, and each is given
+        its `startup_timeout_ms` (or `wait_s`). A server that fails to start is reported and
+        retried in the background; its dependents start anyway, with a warning. `lazy` servers
+        are not waited for. Times per server are kept in `self.startup_ms`.
+        """
         await self.cache.start()
+        t0 = time.perf_counter()
         async with anyio.create_task_group() as tg:
-            for up in self.upstreams.values():
-                tg.start_soon(up.run)
-            waits = [
-                up.wait_ready(wait_s if wait_s is not None else up.cfg.startup_timeout_ms / 1000)
-                for up in self.upstreams.values()
-            ]
-            await asyncio.gather(*waits)
+            for stage in startup_stages(self.config, list(self.upstreams)):
+                for name in stage:
+                    tg.start_soon(self.upstreams[name].run)
+
+                async def wait(name: str) -> None:
+                    up = self.upstreams[name]
+                    if getattr(up, "lazy", False):
+                        return
+                    ok = await up.wait_ready(wait_s if wait_s is not None else up.cfg.startup_timeout_ms / 1000)
+                    self.startup_ms[name] = (time.perf_counter() - t0) * 1000
+                    if not ok:
+                        dependents = [n for n, c in self.config.mcpServers.items() if name in c.depends_on]
+                        if dependents:
+                            logger.warning("MCP server %r is not ready; starting %s anyway", name, dependents)
+
+                await asyncio.gather(*(wait(name) for name in stage))
             await self._warm()
             try:
                 yield self
@@ -689,6 +709,25 @@ class Caller:
     notify: Callable[..., Awaitable[None]] | None
     log_level: str | None
     """The lowest level of log messages this client wants (None: none)."""
+
+
+def startup_stages(config: Config, names: list[str]) -> list[list[str]]:
+    """Group servers into start stages: by dependency depth, then by `priority` (ascending).
+
+    Returns: stages in start order, each a list of server names started together. Names not in
+    `names` (disabled servers) are left out; their dependents do not wait for them.
+    """
+    servers = config.mcpServers
+    depth: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in depth:
+            deps = [d for d in servers[name].depends_on if d in names]
+            depth[name] = 1 + max((level(d) for d in deps), default=-1)
+        return depth[name]
+
+    keys = sorted({(level(n), servers[n].priority) for n in names})
+    return [[n for n in names if (level(n), servers[n].priority) == key] for key in keys]
 
 
 async def _no_progress(progress: float, total: float | None, message: str | None) -> None:
