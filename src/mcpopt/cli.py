@@ -228,6 +228,44 @@ def bench_overhead(
     _run(run_overhead(calls=calls, warmup=warmup, transports=transports.split(","), peers=peers, as_json=as_json))
 
 
+@bench_app.command("cache")
+def bench_cache_cmd(
+    calls: int = typer.Option(500, "--calls", "-n"),
+    seconds: float = typer.Option(3.0, "--seconds"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cache-hit latency vs the direct call, and cache hits per second."""
+    from mcpopt.bench.speed import bench_cache, print_report
+
+    _install_reaper()
+    print_report("cache", _run(bench_cache(calls=calls, seconds=seconds)), as_json)
+
+
+@bench_app.command("throughput")
+def bench_throughput_cmd(
+    seconds: float = typer.Option(3.0, "--seconds"),
+    levels: str = typer.Option("1,16,64", "--concurrency"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Calls/s at several concurrency levels, direct vs through mcpopt (fast tool and 50 ms tool)."""
+    from mcpopt.bench.speed import bench_throughput, print_report
+
+    _install_reaper()
+    lv = tuple(int(x) for x in levels.split(","))
+    print_report("throughput", _run(bench_throughput(seconds=seconds, levels=lv)), as_json)
+
+
+@bench_app.command("startup")
+def bench_startup_cmd(
+    servers: int = typer.Option(20, "--servers"), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Start N stdio servers in parallel vs one after another."""
+    from mcpopt.bench.speed import bench_startup, print_report
+
+    _install_reaper()
+    print_report("startup", _run(bench_startup(servers)), as_json)
+
+
 def main() -> None:
     app()
 

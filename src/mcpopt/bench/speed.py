@@ -1,0 +1,235 @@
+"""Speed benchmarks of issue #3: cache hits, throughput, startup. All against real servers.
+
+- `cache`: latency of a cache hit through mcpopt vs the direct call (server-everything `get-sum`
+  over stdio), and cache hits per second: end to end from one SDK client, and the gateway's own
+  capacity (in-process `Gateway.call_tool` loop, no client in the way).
+- `throughput`: calls/s at concurrency 1, 16, 64 over one client session, direct vs through
+  mcpopt, for a fast tool (`get-sum`) and a 50 ms tool (`trigger-long-running-operation`,
+  duration 0.05 s).
+- `startup`: N stdio servers (server-memory) started in parallel by the gateway vs one after
+  another, against the slowest single start.
+
+Percentiles are nearest-rank over the timed calls (after warm-up). The machine has 2 cores:
+the client, the gateway and the server compete for them, which bounds every CPU-heavy figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mcp import Client, StdioServerParameters
+
+from mcpopt.bench.overhead import ROOT, percentile
+
+EVERYTHING = ROOT / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
+MEMORY = ROOT / "node_modules" / "@modelcontextprotocol" / "server-memory" / "dist" / "index.js"
+NODE = shutil.which("node") or "node"
+
+
+def _mcpopt(config: Path) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=["-m", "mcpopt.cli", "serve", "-c", str(config)])
+
+
+def _everything() -> StdioServerParameters:
+    return StdioServerParameters(command=NODE, args=[str(EVERYTHING), "stdio"])
+
+
+def _config(tmp: Path, servers: dict[str, Any], name: str = "bench.json") -> Path:
+    path = tmp / name
+    path.write_text(json.dumps({"mcpServers": servers}), encoding="utf-8")
+    return path
+
+
+def _stats(samples_ms: list[float]) -> dict[str, float]:
+    s = sorted(samples_ms)
+    return {"p50_ms": percentile(s, 50), "p95_ms": percentile(s, 95), "p99_ms": percentile(s, 99)}
+
+
+async def _latency(client: Client, tool: str, args: dict[str, Any], calls: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        await client.call_tool(tool, args)
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        await client.call_tool(tool, args)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+async def _rate(client: Client, tool: str, args: dict[str, Any], concurrency: int, seconds: float) -> float:
+    """Calls completed per second by `concurrency` workers sharing one session."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            result = await client.call_tool(tool, args)
+            if not result.is_error:
+                done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.perf_counter() - t0)
+
+
+async def bench_cache(calls: int = 500, warmup: int = 50, seconds: float = 3.0) -> dict[str, Any]:
+    args = {"a": 2, "b": 3}
+    with tempfile.TemporaryDirectory() as d:
+        cfg = _config(
+            Path(d),
+            {"everything": {"command": NODE, "args": [str(EVERYTHING), "stdio"], "cache": {"ttl_ms": 600_000}}},
+        )
+        async with Client(_everything(), mode="legacy") as direct:
+            direct_ms = await _latency(direct, "get-sum", args, calls, warmup)
+        async with Client(_mcpopt(cfg), mode="legacy") as gw:
+            hit_ms = await _latency(gw, "everything__get-sum", args, calls, warmup)
+            e2e_rate = await _rate(gw, "everything__get-sum", args, 16, seconds)
+        capacity = await _gateway_capacity(cfg, seconds)
+    d50, h50 = percentile(sorted(direct_ms), 50), percentile(sorted(hit_ms), 50)
+    return {
+        "direct": _stats(direct_ms),
+        "cache_hit": _stats(hit_ms),
+        "hit_vs_direct_p50": h50 / d50,
+        "hits_per_s_one_client_c16": e2e_rate,
+        "hits_per_s_gateway_in_process": capacity,
+    }
+
+
+async def _gateway_capacity(cfg: Path, seconds: float) -> float:
+    """Cache hits per second the gateway process itself serves (no client, no pipes)."""
+    from mcpopt.config import load_config
+    from mcpopt.gateway.server import ClientLink, Gateway
+
+    gateway = Gateway(load_config(cfg))
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    link = ClientLink("2025-11-25", None, None, None, lambda _t: nothing)
+    params = {"name": "everything__get-sum", "arguments": {"a": 2, "b": 3}}
+    async with gateway.running():
+        await gateway.call_tool(params, link)
+        n = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(100):
+                await gateway.call_tool(params, link)
+            n += 100
+        return n / (time.perf_counter() - t0)
+
+
+async def bench_throughput(seconds: float = 3.0, levels: tuple[int, ...] = (1, 16, 64)) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    tools: list[tuple[str, str, dict[str, Any]]] = [
+        ("fast (get-sum)", "get-sum", {"a": 1, "b": 2}),
+        ("50 ms (long-running-operation)", "trigger-long-running-operation", {"duration": 0.05, "steps": 1}),
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        cfg = _config(Path(d), {"everything": {"command": NODE, "args": [str(EVERYTHING), "stdio"]}})
+        for label, tool, args in tools:
+            for c in levels:
+                async with Client(_everything(), mode="legacy") as direct:
+                    await _rate(direct, tool, args, c, 0.3)
+                    direct_rate = await _rate(direct, tool, args, c, seconds)
+                async with Client(_mcpopt(cfg), mode="legacy") as gw:
+                    await _rate(gw, f"everything__{tool}", args, c, 0.3)
+                    gw_rate = await _rate(gw, f"everything__{tool}", args, c, seconds)
+                rows.append(
+                    {
+                        "tool": label,
+                        "concurrency": c,
+                        "direct_per_s": direct_rate,
+                        "mcpopt_per_s": gw_rate,
+                        "ratio": gw_rate / direct_rate if direct_rate else float("nan"),
+                    }
+                )
+    return rows
+
+
+async def bench_startup(n: int = 20) -> dict[str, Any]:
+    from mcpopt.config import load_config
+    from mcpopt.gateway.server import Gateway
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+
+        def entry(i: int) -> dict[str, Any]:
+            return {"command": NODE, "args": [str(MEMORY)], "env": {"MEMORY_FILE_PATH": str(tmp / f"m{i}.jsonl")}}
+
+        singles = []
+        for i in range(3):
+            g = Gateway(load_config(_config(tmp, {f"s{i}": entry(i)}, f"one{i}.json")))
+            t0 = time.perf_counter()
+            async with g.running():
+                singles.append((time.perf_counter() - t0) * 1000)
+        parallel_cfg = _config(tmp, {f"s{i}": entry(i) for i in range(n)}, "par.json")
+        g = Gateway(load_config(parallel_cfg))
+        t0 = time.perf_counter()
+        async with g.running():
+            parallel_ms = (time.perf_counter() - t0) * 1000
+            ready = sum(1 for r in g.status() if r["state"] == "ready")
+        # Sequential: a chain of depends_on forces one stage per server.
+        chain = {f"s{i}": {**entry(i), **({"depends_on": [f"s{i - 1}"]} if i else {})} for i in range(n)}
+        g = Gateway(load_config(_config(tmp, chain, "seq.json")))
+        t0 = time.perf_counter()
+        async with g.running():
+            sequential_ms = (time.perf_counter() - t0) * 1000
+    slowest_single = max(singles)
+    return {
+        "servers": n,
+        "ready": ready,
+        "single_ms": singles,
+        "parallel_ms": parallel_ms,
+        "sequential_ms": sequential_ms,
+        "parallel_vs_slowest_single": parallel_ms / slowest_single,
+        "sequential_vs_parallel": sequential_ms / parallel_ms,
+    }
+
+
+def print_report(kind: str, data: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if kind == "cache":
+        t = Table(title="cache hit vs direct call (server-everything get-sum, stdio, ms)")
+        for col in ("path", "p50", "p95", "p99"):
+            t.add_column(col, justify="right" if col != "path" else "left")
+        for path in ("direct", "cache_hit"):
+            s = data[path]
+            t.add_row(path, f"{s['p50_ms']:.3f}", f"{s['p95_ms']:.3f}", f"{s['p99_ms']:.3f}")
+        console.print(t)
+        console.print(f"cache hit p50 / direct p50 = {data['hit_vs_direct_p50']:.2f}x")
+        console.print(f"cache hits/s, one SDK client, 16 concurrent: {data['hits_per_s_one_client_c16']:.0f}")
+        console.print(f"cache hits/s, gateway in-process (no client): {data['hits_per_s_gateway_in_process']:.0f}")
+    elif kind == "throughput":
+        t = Table(title="throughput, calls/s over one session (server-everything, stdio)")
+        for col in ("tool", "concurrency", "direct/s", "mcpopt/s", "ratio"):
+            t.add_column(col, justify="right" if col not in ("tool",) else "left")
+        for r in data:
+            t.add_row(
+                r["tool"],
+                str(r["concurrency"]),
+                f"{r['direct_per_s']:.0f}",
+                f"{r['mcpopt_per_s']:.0f}",
+                f"{r['ratio']:.2f}",
+            )
+        console.print(t)
+    elif kind == "startup":
+        console.print(
+            f"{data['servers']} stdio servers (server-memory): parallel {data['parallel_ms']:.0f} ms "
+            f"({data['ready']} ready), sequential {data['sequential_ms']:.0f} ms, slowest single start "
+            f"{max(data['single_ms']):.0f} ms -> parallel / slowest single = "
+            f"{data['parallel_vs_slowest_single']:.2f}x, sequential / parallel = {data['sequential_vs_parallel']:.1f}x"
+        )
