@@ -27,7 +27,7 @@ app.add_typer(bench_app, name="bench")
 
 err = Console(stderr=True, soft_wrap=True)
 """stderr; soft_wrap keeps each error on one line whatever the terminal width (or none)."""
-out = Console()
+out = Console(soft_wrap=True)
 
 ConfigOpt = typer.Option("mcpopt.yaml", "--config", "-c", help="Config file (YAML or JSON).")
 

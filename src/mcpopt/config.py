@@ -357,12 +357,14 @@ def _read_file(path: Path) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text) or {}
     except json.JSONDecodeError as exc:
-        raise ConfigError(shown, f"line {exc.lineno} column {exc.colno}", f"valid JSON ({exc.msg})") from None
+        raise ConfigError(
+            shown, "", f"expected valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(shown, where, f"valid YAML ({problem})") from None
+        raise ConfigError(shown, "", f"expected valid YAML: {problem}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(shown, "(top level)", f"a mapping with 'mcpServers' (got {type(data).__name__})")
     return data

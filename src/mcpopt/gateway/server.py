@@ -524,8 +524,8 @@ class Gateway:
 
     async def _subscribe(self, ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
         uri = str(params.uri)
-        route = self._resolve_uri(uri)
         try:
+            route = self._resolve_uri(uri)
             await self.upstreams[route.server].subscribe(route.name)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
@@ -561,7 +561,10 @@ class Gateway:
 
     async def _unsubscribe(self, ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
         uri = str(params.uri)
-        route = self._resolve_uri(uri)
+        try:
+            route = self._resolve_uri(uri)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
         subs = self._subscriptions.get(uri)
         if subs is not None:
             subs.discard(ctx.session._connection)  # noqa: SLF001

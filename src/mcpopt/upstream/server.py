@@ -112,10 +112,21 @@ class Upstream:
         self._fast: FastChannel | None = None
         self.subscriptions: set[str] = set()
         """Upstream resource URIs some client subscribed to (kept across restarts)."""
+        self.replica = 0
+        """1-based replica number when this session is one of a `ServerPool`'s replicas (0: none)."""
+        self.replicas = 1
+        """How many replicas the pool has (errors name "replica 2 of 3" when more than one)."""
         self._relisten = anyio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- status -------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """How errors name this server: "MCP server 'time'", or "... (replica 2 of 3)"."""
+        if self.replicas > 1:
+            return f"MCP server '{self.name}' (replica {self.replica} of {self.replicas})"
+        return f"MCP server '{self.name}'"
+
     @property
     def session(self) -> ClientSession | None:
         return self._session
@@ -170,7 +181,10 @@ class Upstream:
                         self.last_error = "connection closed (the server exited or closed its output)"
             except Exception as exc:  # noqa: BLE001 - any failure of one upstream stays contained here
                 self.last_error = _describe(exc) + self._stderr_hint()
-                logger.warning("upstream %r: %s", self.name, self.last_error)
+                if self._stop.is_set():
+                    logger.debug("upstream %r while stopping: %s", self.name, self.last_error)
+                else:
+                    logger.warning("upstream %r: %s", self.name, self.last_error)
             finally:
                 was_ready = self.state == "ready"
                 self._session = None
@@ -278,7 +292,7 @@ class Upstream:
         session = self._session
         if session is None or self.state != "ready":
             why = f": {self.last_error}" if self.last_error else ""
-            raise UpstreamUnavailable(f"MCP server '{self.name}' is unavailable ({self.state}){why}", server=self.name)
+            raise UpstreamUnavailable(f"{self.label} is unavailable ({self.state}){why}", server=self.name)
         return session
 
     async def request(
@@ -327,12 +341,10 @@ class Upstream:
 
     def _translate(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
         if exc.code == REQUEST_TIMEOUT:
-            return UpstreamTimeout(
-                f"MCP server '{self.name}' did not answer {method} within {timeout_s:g} s", server=self.name
-            )
+            return UpstreamTimeout(f"{self.label} did not answer {method} within {timeout_s:g} s", server=self.name)
         if exc.code == CONNECTION_CLOSED:
             return UpstreamClosed(
-                f"MCP server '{self.name}' closed the connection during {method} (it crashed or was stopped)",
+                f"{self.label} closed the connection during {method} (it crashed or was stopped)",
                 server=self.name,
             )
         return exc
@@ -345,7 +357,7 @@ class Upstream:
                 return await call(session)
         except TimeoutError:
             raise UpstreamTimeout(
-                f"MCP server '{self.name}' did not answer {method} within {self.timeout_s:g} s", server=self.name
+                f"{self.label} did not answer {method} within {self.timeout_s:g} s", server=self.name
             ) from None
         except MCPError as exc:
             raise self._translate(exc, method, self.timeout_s) from None

@@ -1,0 +1,748 @@
+"""N replicas of one upstream MCP server behind one name: routing, breakers, retries, limits.
+
+`ServerPool` stands where the gateway used to hold one `Upstream`: it has the same attributes
+and methods (`state`, `catalog`, `capabilities`, `modern`, `protocol_version`, `last_error`,
+`restarts`, `subscriptions`, `run`, `stop`, `wait_ready`, `request`, `call`, `subscribe`,
+`unsubscribe`, `refresh`), with one supervised `Upstream` per replica inside:
+
+* `replicas: 3` starts three copies of a stdio command; `urls: [...]` connects to each HTTP
+  replica. A pool of one replica behaves like a plain `Upstream` (plus the limits below).
+* Every call goes: concurrency limit (`max_concurrency`, bounded queue `max_queue`) -> route
+  (`routing.strategy`, sticky tools) -> circuit breaker (per replica) -> adaptive timeout ->
+  retry with failover, but only when repeating is safe (see `routing.may_retry`).
+* The gateway's catalog follows the *primary* replica (the first ready one): a non-primary
+  replica restarting does not make the gateway's lists flap.
+* `lazy: true` starts the replicas on the first call (or `ensure_started()`); with
+  `idle_timeout_ms` they stop after that long without calls (state "idle", the last catalog
+  kept) and start again on the next call.
+* Active health checks (`health_check.interval_ms`): `ping` on handshake-era sessions,
+  `server/discover` on 2026-07-28 ones, each bounded by `health_check.timeout_ms`; failures
+  feed the replica's breaker like failed calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
+
+from mcpopt.config import ServerConfig
+from mcpopt.errors import GATEWAY_REJECTED, GatewayError, UpstreamClosed, UpstreamTimeout, UpstreamUnavailable
+from mcpopt.upstream.routing import (
+    SAFE_METHODS,
+    AdaptiveTimeouts,
+    CircuitBreaker,
+    NoReplicaAvailable,
+    Replica,
+    Router,
+    backoff_s,
+    may_retry,
+)
+from mcpopt.upstream.server import Catalog, CatalogKind, ProgressFn, State, Upstream, UpstreamListener
+
+logger = logging.getLogger(__name__)
+
+_ALL_KINDS: frozenset[CatalogKind] = frozenset({"tools", "resources", "prompts"})
+_BROADCAST = frozenset({"logging/setLevel"})
+"""Methods sent to every ready replica (session settings every replica must share)."""
+
+
+class ServerPool:
+    """The replicas of one server, used by the gateway as if they were one `Upstream`.
+
+    Args:
+        name: the server's name in `mcpServers`.
+        cfg: its config entry (`replicas` / `urls`, `routing`, `breaker`, `retry`,
+            `adaptive_timeout`, `max_concurrency`, `max_queue`, `health_check`, `lazy`,
+            `idle_timeout_ms`).
+        listener: the gateway (catalog changes, notifications, server-to-client requests).
+        call_timeout_s, restart_initial_s, restart_max_s, restart_enabled: passed to each
+            replica's `Upstream` (seconds).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cfg: ServerConfig,
+        listener: UpstreamListener,
+        *,
+        call_timeout_s: float = 60.0,
+        restart_initial_s: float = 0.5,
+        restart_max_s: float = 30.0,
+        restart_enabled: bool = True,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.listener = listener
+        self.timeout_s = (cfg.timeout_ms / 1000) if cfg.timeout_ms else call_timeout_s
+        self._upstream_kwargs: dict[str, Any] = {
+            "call_timeout_s": call_timeout_s,
+            "restart_initial_s": restart_initial_s,
+            "restart_max_s": restart_max_s,
+            "restart_enabled": restart_enabled,
+        }
+        self._cfgs = cfg.replica_configs()
+        self.replicas: list[Replica] = [
+            Replica(i, None, CircuitBreaker(cfg.breaker)) for i in range(len(self._cfgs))
+        ]
+        self.router = Router(
+            cfg.routing.strategy, weights=cfg.routing.weights or None, sticky_tools=cfg.routing.sticky_tools
+        )
+        self.timeouts = AdaptiveTimeouts(cfg.adaptive_timeout) if cfg.adaptive_timeout.enabled else None
+        self.subscriptions: set[str] = set()
+        """Upstream resource URIs some client subscribed to; held on one replica (`_sub_up`)."""
+        self._sub_up: Upstream | None = None
+        self._live = not cfg.lazy
+        """Replicas are (to be) running: False while lazy-unstarted or idle."""
+        self._gen_started = False
+        self._new_generation()
+        self._start = anyio.Event()
+        if self._live:
+            self._start.set()
+        self._stopping = anyio.Event()
+        self._stopped = False
+        self._any_ready = False
+        self._snapshot: tuple[list[Any], ...] | None = None
+        self._kept = Catalog()
+        self._meta: tuple[types.ServerCapabilities | None, bool, str | None] = (None, False, None)
+        self._active = 0
+        self._last_activity = time.monotonic()
+        self._sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+        self._waiting = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- replicas -----------------------------------------------------------------------
+    def _new_generation(self) -> None:
+        """Fresh `Upstream` objects for every replica (an `Upstream` cannot run again once stopped)."""
+        n = len(self._cfgs)
+        for i, rcfg in enumerate(self._cfgs):
+            relay = _ReplicaListener(self, i)
+            up = Upstream(self.name, rcfg, relay, **self._upstream_kwargs)
+            up.replica, up.replicas = i + 1, n
+            old = self.replicas[i].target
+            if old is not None:
+                up.restarts = old.restarts
+            relay.up = up
+            self.replicas[i].target = up
+        self._gen_started = False
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """The current `Upstream` of each replica, in replica order."""
+        return [r.target for r in self.replicas]
+
+    def _primary(self) -> Upstream | None:
+        for r in self.replicas:
+            if r.target.state == "ready":
+                return r.target
+        return None
+
+    # ---- what the gateway reads ---------------------------------------------------------
+    @property
+    def lazy(self) -> bool:
+        """True when the replicas start on first use (`lazy: true`) rather than at gateway start."""
+        return self.cfg.lazy
+
+    @property
+    def state(self) -> State:
+        """ready (any replica ready), starting, down, idle (lazy-unstarted or stopped when idle), stopped."""
+        if self._stopped:
+            return "stopped"
+        if not self._live:
+            return "idle"
+        states = [r.target.state for r in self.replicas]
+        if "ready" in states:
+            return "ready"
+        if "starting" in states or "idle" in states:
+            return "starting"
+        return "down"
+
+    @property
+    def catalog(self) -> Catalog:
+        """The primary replica's lists; when idle, the last ones seen; else empty."""
+        primary = self._primary()
+        if primary is not None:
+            return primary.catalog
+        return self._kept if not self._live and not self._stopped else Catalog()
+
+    @property
+    def capabilities(self) -> types.ServerCapabilities | None:
+        primary = self._primary()
+        return primary.capabilities if primary is not None else self._meta[0]
+
+    @property
+    def modern(self) -> bool:
+        """True when the (primary) session speaks the stateless 2026-07-28 era."""
+        primary = self._primary()
+        return primary.modern if primary is not None else self._meta[1]
+
+    @property
+    def protocol_version(self) -> str | None:
+        primary = self._primary()
+        return primary.protocol_version if primary is not None else self._meta[2]
+
+    @property
+    def last_error(self) -> str | None:
+        """The last failure: the replica's own with one replica, else "replica k of n: ..." of those not ready."""
+        if len(self.replicas) == 1:
+            return self.replicas[0].target.last_error
+        n = len(self.replicas)
+        parts = [
+            f"replica {r.index + 1} of {n}: {r.target.last_error}"
+            for r in self.replicas
+            if r.target.state != "ready" and r.target.last_error
+        ]
+        return "; ".join(parts) or None
+
+    @property
+    def restarts(self) -> int:
+        return sum(r.target.restarts for r in self.replicas)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One row per replica for status pages.
+
+        Returns:
+            `[{replica (1-based), state, inflight, calls, failures, ewma_ms (float | None),
+            breaker ("closed" | "open" | "half_open"), last_error (str | None)}, ...]`.
+        """
+        return [
+            {
+                "replica": r.index + 1,
+                "state": r.target.state,
+                "inflight": r.inflight,
+                "calls": r.calls,
+                "failures": r.failures,
+                "ewma_ms": round(r.ewma_ms, 3) if r.ewma_ms is not None else None,
+                "breaker": r.breaker.state,
+                "last_error": r.last_error or r.target.last_error,
+            }
+            for r in self.replicas
+        ]
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Supervise every replica in parallel (each restarts on its own), until `stop()`.
+
+        A lazy pool waits here for `ensure_started()`; with `idle_timeout_ms` the replicas stop
+        after that long without calls and a new set starts on the next call.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.cfg.health_check.interval_ms > 0:
+                    tg.start_soon(self._health_loop)
+                while not self._stopping.is_set():
+                    await self._start.wait()
+                    if self._stopping.is_set():
+                        break
+                    self._start = anyio.Event()
+                    ups = self.upstreams
+                    self._gen_started = True
+                    async with anyio.create_task_group() as gen:
+                        for up in ups:
+                            gen.start_soon(up.run)
+                        if self.cfg.idle_timeout_ms > 0:
+                            gen.start_soon(self._idle_watch, ups)
+                tg.cancel_scope.cancel()
+        finally:
+            self._stopped = True
+
+    async def stop(self) -> None:
+        """Stop every replica; `run()` returns once they have shut down."""
+        self._stopped = True
+        self._stopping.set()
+        self._start.set()
+        for r in self.replicas:
+            await r.target.stop()
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until some replica is ready or every replica's first attempt settled (up to
+        `timeout_s` seconds); True if one is ready. A lazy, unstarted pool returns False at once."""
+        if not self._live:
+            return False
+        return await self._await_any_ready(timeout_s)
+
+    async def ensure_started(self, wait: bool = True) -> bool:
+        """Start the replicas of a lazy or idle pool (no-op when running).
+
+        Args:
+            wait: also wait (up to `startup_timeout_ms`) until a replica is ready.
+
+        Returns:
+            True if a replica is ready.
+        """
+        if self._stopping.is_set():
+            return False
+        if not self._live:
+            self._live = True
+            self._last_activity = time.monotonic()
+            if self._gen_started:
+                self._new_generation()
+            self._start.set()
+            logger.info("MCP server %r: starting %d replica(s) on demand", self.name, len(self.replicas))
+        if wait:
+            return await self._await_any_ready(self.cfg.startup_timeout_ms / 1000)
+        return self.state == "ready"
+
+    async def _await_any_ready(self, timeout_s: float) -> bool:
+        ups = self.upstreams
+        if any(up.state == "ready" for up in ups):
+            return True
+        found = False
+        with anyio.move_on_after(timeout_s):
+            async with anyio.create_task_group() as tg:
+
+                async def one(up: Upstream) -> None:
+                    nonlocal found
+                    if await up.wait_ready(timeout_s):
+                        found = True
+                        tg.cancel_scope.cancel()
+
+                for up in ups:
+                    tg.start_soon(one, up)
+        return found or any(up.state == "ready" for up in self.upstreams)
+
+    async def _idle_watch(self, ups: list[Upstream]) -> None:
+        """Stop this generation of replicas after `idle_timeout_ms` without calls."""
+        idle_s = self.cfg.idle_timeout_ms / 1000
+        while True:
+            wait = idle_s
+            if self._active == 0:
+                wait = self._last_activity + idle_s - time.monotonic()
+                if wait <= 0:
+                    break
+            with anyio.move_on_after(wait):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+        primary = self._primary()
+        if primary is not None:
+            self._kept = primary.catalog
+        self._live = False
+        logger.info("MCP server %r: idle for %g s, stopping its replicas", self.name, idle_s)
+        for up in ups:
+            await up.stop()
+
+    async def _health_loop(self) -> None:
+        interval = self.cfg.health_check.interval_ms / 1000
+        while True:
+            await anyio.sleep(interval)
+            async with anyio.create_task_group() as tg:
+                for r in self.replicas:
+                    if r.target.state == "ready":
+                        tg.start_soon(self.check_health, r)
+
+    async def check_health(self, r: Replica) -> bool:
+        """One active health check of replica `r`, fed to its breaker.
+
+        A handshake-era session gets `ping`; a 2026-07-28 one (which has no ping) gets
+        `server/discover`, as the SDK's `ClientSession.send_ping` / `send_discover` send them,
+        within `health_check.timeout_ms`. Any answer, even a JSON-RPC error, is healthy.
+
+        Returns:
+            True if the replica answered in time.
+        """
+        up = r.target
+        session = up.session
+        if session is None:
+            return False
+        timeout_s = self.cfg.health_check.timeout_ms / 1000
+        try:
+            with anyio.fail_after(timeout_s):
+                if up.modern and up.protocol_version:
+                    await session.send_discover(up.protocol_version)
+                else:
+                    await session.send_ping()
+        except TimeoutError:
+            error = f"{up.label} did not answer its health check within {timeout_s:g} s"
+        except MCPError as exc:
+            if exc.code != CONNECTION_CLOSED:
+                r.breaker.record_success()
+                return True
+            error = f"{up.label} closed the connection during its health check"
+        except Exception as exc:  # noqa: BLE001 - a failed check is a verdict, not a crash
+            error = f"{up.label} failed its health check: {type(exc).__name__}: {exc}"
+        else:
+            r.breaker.record_success()
+            return True
+        if r.target is up:
+            r.breaker.record_failure()
+            r.last_error = error
+            logger.info("%s", error)
+        return False
+
+    # ---- catalog events from the replicas -----------------------------------------------
+    async def _on_catalog(self, index: int, up: Upstream, kinds: set[CatalogKind]) -> None:
+        """A replica (re)connected, went down, or re-listed: tell the gateway only what it sees."""
+        if self.replicas[index].target is not up:
+            return  # an old generation's replica
+        if up.state == "ready" and kinds == _ALL_KINDS:
+            self.replicas[index].breaker.reset()  # a fresh session: judge it afresh
+        primary = self._primary()
+        any_ready = primary is not None
+        forward: set[CatalogKind] = set()
+        if any_ready != self._any_ready:
+            forward = set(_ALL_KINDS)
+        elif primary is not None:
+            forward = _changed_kinds(self._snapshot, primary.catalog)
+            if primary is up:
+                forward |= kinds
+        self._any_ready = any_ready
+        if primary is not None:
+            self._snapshot = _snap(primary.catalog)
+            self._kept = primary.catalog
+            self._meta = (primary.capabilities, primary.modern, primary.protocol_version)
+            if self.subscriptions and (self._sub_up is None or self._sub_up is not self._live_sub()):
+                self._spawn(self._move_subscriptions(primary))
+        if forward:
+            await self.listener.catalog_changed(self.name, forward)
+
+    def _live_sub(self) -> Upstream | None:
+        sub = self._sub_up
+        if sub is None or sub.state != "ready" or all(r.target is not sub for r in self.replicas):
+            return None
+        return sub
+
+    async def _move_subscriptions(self, to: Upstream) -> None:
+        old, self._sub_up = self._sub_up, to
+        if old is not None and old is not to:
+            old.subscriptions.clear()
+        for uri in sorted(self.subscriptions):
+            with contextlib.suppress(Exception):
+                await to.subscribe(uri)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def refresh(self, kinds: set[CatalogKind]) -> None:
+        """Re-list `kinds` from the primary replica."""
+        primary = self._primary()
+        if primary is not None:
+            await primary.refresh(kinds)
+
+    # ---- subscriptions ------------------------------------------------------------------
+    async def subscribe(self, uri: str) -> None:
+        """Subscribe to an upstream resource on one replica (moved if that replica goes away).
+
+        Raises:
+            UpstreamUnavailable: no replica is ready.
+        """
+        self.subscriptions.add(uri)
+        if not self._live:
+            await self.ensure_started()
+        up = self._live_sub() or self._primary()
+        if up is None:
+            raise self._no_replica("resources/subscribe")
+        if up is not self._sub_up:
+            await self._move_subscriptions(up)  # includes `uri`
+        else:
+            await up.subscribe(uri)
+
+    async def unsubscribe(self, uri: str) -> None:
+        self.subscriptions.discard(uri)
+        up = self._live_sub()
+        if up is not None:
+            await up.unsubscribe(uri)
+
+    # ---- calls --------------------------------------------------------------------------
+    async def call(self, call: Any) -> dict[str, Any]:
+        """Forward a pipeline `ToolCall` to a replica (the pipeline's terminal).
+
+        Retried (on another replica when there is one) only when safe: `call.info.read_only`
+        or `call.info.idempotent`, or a failure that proves the call never reached a server.
+        Sticky tools route by `call.session_id`, else `call.partition`.
+
+        Raises:
+            GatewayError: code GATEWAY_REJECTED when `max_concurrency` calls are in flight and
+                `max_queue` more are waiting.
+            UpstreamUnavailable: no replica could take the call (naming each replica's state).
+            UpstreamClosed / UpstreamTimeout: the replica failed the call (naming it) and the
+                call was not safe to repeat, or every attempt failed.
+            MCPError: the server's own JSON-RPC error, passed on as it is.
+        """
+        info = call.info
+        return await self._invoke(
+            "tools/call",
+            call.params,
+            call.on_progress,
+            tool=call.tool,
+            safe=bool(info.read_only or info.idempotent),
+            session=call.session_id or call.partition,
+            timeout_s=None,
+        )
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        timeout_s: float | None = None,
+        on_progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Send one request (raw params in, raw result dict out) to a replica.
+
+        Methods in `routing.SAFE_METHODS` are retried like read-only tools; `logging/setLevel`
+        goes to every ready replica. `timeout_s` (seconds) overrides the adaptive timeout.
+
+        Raises:
+            The same as `call`.
+        """
+        if method in _BROADCAST:
+            return await self._broadcast(method, params)
+        tool = params.get("name") if method == "tools/call" and params else None
+        return await self._invoke(
+            method,
+            params,
+            on_progress,
+            tool=tool if isinstance(tool, str) else None,
+            safe=method in SAFE_METHODS,
+            session="",
+            timeout_s=timeout_s,
+        )
+
+    async def _broadcast(self, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        result: dict[str, Any] | None = None
+        error: Exception | None = None
+        for r in self.replicas:
+            if r.target.state != "ready":
+                continue
+            try:
+                got = await r.target.request(method, params)
+            except (GatewayError, MCPError) as exc:
+                error = error or exc
+                continue
+            if result is None:
+                result = got
+        if result is not None:
+            return result
+        raise error or self._no_replica(method)
+
+    async def _invoke(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        on_progress: ProgressFn | None,
+        *,
+        tool: str | None,
+        safe: bool,
+        session: str,
+        timeout_s: float | None,
+    ) -> dict[str, Any]:
+        self._active += 1
+        self._last_activity = time.monotonic()
+        try:
+            sem = self._sem
+            if sem is None:
+                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s)
+            if sem.locked():
+                if self._waiting >= self.cfg.max_queue:
+                    raise self._rejected(method, tool)
+                self._waiting += 1
+                try:
+                    await sem.acquire()
+                finally:
+                    self._waiting -= 1
+            else:
+                await sem.acquire()
+            try:
+                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s)
+            finally:
+                sem.release()
+        finally:
+            self._active -= 1
+            self._last_activity = time.monotonic()
+
+    async def _attempts(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        on_progress: ProgressFn | None,
+        tool: str | None,
+        safe: bool,
+        session: str,
+        timeout_s: float | None,
+    ) -> dict[str, Any]:
+        """Route, send, and retry per `routing.may_retry` with full-jitter backoff.
+
+        A retry fails over to a replica this call has not tried yet, at once; when only tried
+        replicas (or none) are available it first sleeps `backoff_s`. A timed-out call is
+        retried only by failing over (the same replica would likely time out again).
+        """
+        if not self._live:
+            await self.ensure_started()
+        elif not self._any_ready and self._primary() is None:
+            await self._await_any_ready(self.cfg.startup_timeout_ms / 1000)
+        retry = self.cfg.retry
+        key = tool if tool is not None else method
+        tried: list[int] = []
+        sent_error: GatewayError | None = None
+        last: GatewayError | None = None
+        for attempt in range(retry.attempts):
+            r = self.router.pick(self.replicas, key, session, tried)
+            if attempt and (r is None or r.index in tried):
+                if isinstance(last, UpstreamTimeout):
+                    break
+                await anyio.sleep(backoff_s(attempt, retry.initial_backoff_ms, retry.max_backoff_ms))
+                r = self.router.pick(self.replicas, key, session, tried)
+            if r is None:
+                last = self._no_replica(method)
+                continue
+            timeout = timeout_s
+            if timeout is None and self.timeouts is not None:
+                timeout = self.timeouts.timeout_s(key)
+            try:
+                return await self._send(r, method, params, timeout, on_progress, key)
+            except GatewayError as exc:
+                last = sent_error = exc
+                if not may_retry(exc, safe):
+                    raise
+                tried.append(r.index)
+                if attempt + 1 < retry.attempts:
+                    logger.info("%s; retrying (attempt %d of %d)", exc, attempt + 2, retry.attempts)
+        assert last is not None
+        if isinstance(last, NoReplicaAvailable) and sent_error is not None:
+            raise sent_error  # what actually happened beats "no replica left to retry on"
+        raise last
+
+    async def _send(
+        self,
+        r: Replica,
+        method: str,
+        params: Mapping[str, Any] | None,
+        timeout_s: float | None,
+        on_progress: ProgressFn | None,
+        key: str,
+    ) -> dict[str, Any]:
+        """One attempt on replica `r`, recording its latency, failures and breaker verdict."""
+        up = r.target
+        breaker = r.breaker
+        breaker.acquire()
+        r.inflight += 1
+        verdict: bool | None = None
+        started = time.perf_counter()
+        try:
+            result = await up.request(method, params, timeout_s=timeout_s, on_progress=on_progress)
+            verdict = True
+            return result
+        except MCPError:
+            verdict = True  # the server answered (with a JSON-RPC error)
+            raise
+        except (UpstreamClosed, UpstreamTimeout, UpstreamUnavailable) as exc:
+            verdict = False
+            r.last_error = str(exc)
+            if isinstance(exc, UpstreamTimeout):
+                self._observe(r, key, (time.perf_counter() - started) * 1000)
+            raise
+        except GatewayError:
+            raise
+        except Exception as exc:  # transport failures (HTTP errors, broken pipes): it may have been sent
+            verdict = False
+            r.last_error = f"{up.label} failed during {method}: {type(exc).__name__}: {exc}"
+            raise UpstreamClosed(r.last_error, server=self.name) from exc
+        finally:
+            r.inflight -= 1
+            r.calls += 1
+            if verdict is True:
+                breaker.record_success()
+                self._observe(r, key, (time.perf_counter() - started) * 1000)
+            elif verdict is False:
+                r.failures += 1
+                breaker.record_failure()
+            else:
+                breaker.release()
+
+    def _observe(self, r: Replica, key: str, ms: float) -> None:
+        r.observe(key, ms)
+        if self.timeouts is not None:
+            self.timeouts.observe(key, ms)
+
+    # ---- errors -------------------------------------------------------------------------
+    def _no_replica(self, method: str) -> NoReplicaAvailable:
+        n = len(self.replicas)
+        if n == 1:
+            r = self.replicas[0]
+            up = r.target
+            if up.state == "ready" and r.breaker.state != "closed":
+                why = f"its circuit breaker is open for {r.breaker.retry_in_s():.1f} s more"
+                if r.last_error:
+                    why += f" after: {r.last_error}"
+                return NoReplicaAvailable(f"{up.label} is unavailable ({why})", server=self.name)
+            detail = f": {up.last_error}" if up.last_error else ""
+            return NoReplicaAvailable(f"{up.label} is unavailable ({self.state}){detail}", server=self.name)
+        parts = []
+        for r in self.replicas:
+            up = r.target
+            if up.state == "ready":
+                what = f"circuit breaker {r.breaker.state.replace('_', '-')}"
+                if r.breaker.state == "open":
+                    what += f" for {r.breaker.retry_in_s():.1f} s more"
+            else:
+                what = up.state + (f" ({up.last_error})" if up.last_error else "")
+            parts.append(f"replica {r.index + 1}: {what}")
+        return NoReplicaAvailable(
+            f"MCP server '{self.name}' has no replica available for {method} ({'; '.join(parts)})", server=self.name
+        )
+
+    def _rejected(self, method: str, tool: str | None) -> GatewayError:
+        limit, queue = self.cfg.max_concurrency, self.cfg.max_queue
+        what = f"tools/call {tool}" if method == "tools/call" and tool else method
+        return GatewayError(
+            f"MCP server '{self.name}' is busy: {limit} call(s) in flight (max_concurrency {limit}) and "
+            f"{self._waiting} waiting (max_queue {queue}); {what} was rejected. Retry later, or raise "
+            f"max_concurrency / max_queue for '{self.name}'",
+            server=self.name,
+            code=GATEWAY_REJECTED,
+        )
+
+
+class _ReplicaListener:
+    """What one replica's `Upstream` reports, filtered before it reaches the gateway."""
+
+    def __init__(self, pool: ServerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.up: Upstream | None = None
+
+    def _current(self) -> bool:
+        return self.up is not None and self.pool.replicas[self.index].target is self.up
+
+    async def catalog_changed(self, server: str, kinds: set[CatalogKind]) -> None:
+        assert self.up is not None
+        await self.pool._on_catalog(self.index, self.up, kinds)  # noqa: SLF001
+
+    async def resource_updated(self, server: str, uri: str) -> None:
+        sub = self.pool._sub_up  # noqa: SLF001
+        if self._current() and (sub is None or sub is self.up):
+            await self.pool.listener.resource_updated(server, uri)
+
+    async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None:
+        await self.pool.listener.log_message(server, params)
+
+    async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
+        return await self.pool.listener.client_request(server, request)
+
+
+def _snap(catalog: Catalog) -> tuple[list[Any], ...]:
+    return (list(catalog.tools), list(catalog.resources), list(catalog.templates), list(catalog.prompts))
+
+
+def _changed_kinds(old: tuple[list[Any], ...] | None, catalog: Catalog) -> set[CatalogKind]:
+    if old is None:
+        return set(_ALL_KINDS)
+    out: set[CatalogKind] = set()
+    if old[0] != catalog.tools:
+        out.add("tools")
+    if old[1] != catalog.resources or old[2] != catalog.templates:
+        out.add("resources")
+    if old[3] != catalog.prompts:
+        out.add("prompts")
+    return out
