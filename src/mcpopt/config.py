@@ -246,6 +246,17 @@ class BatchSettings(_Strict):
     concurrency: int = Field(8, ge=1)
 
 
+class ShapingSettings(_Strict):
+    """Response shaping of tool results (off by default: results pass unchanged)."""
+
+    max_result_bytes: int = Field(0, ge=0)
+    """Cut results whose text is larger (0 = never); the whole result stays readable as a resource."""
+    compact_json: bool = False
+    """Re-serialize JSON text content without whitespace."""
+    keep_results: int = Field(100, ge=1)
+    """How many cut results stay readable (`mcpopt://results/<id>`), most recent first."""
+
+
 class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
@@ -260,6 +271,7 @@ class GatewaySettings(_Strict):
     """Page size for the gateway's own list results; 0 sends each list whole."""
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
+    shaping: ShapingSettings = Field(default_factory=lambda: ShapingSettings())
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
 
     @field_validator("separator")

@@ -60,6 +60,7 @@ from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
 from mcpopt.gateway.tools import GatewayTools
 from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
 from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
+from mcpopt.pipeline.shaping import RESULT_URI_PREFIX, ResultStore, ShapingFilter
 from mcpopt.policy import UNKNOWN
 from mcpopt.upstream.server import CatalogKind, ProgressFn, Upstream
 
@@ -104,7 +105,11 @@ class Gateway:
         }
         self.cache = ResultCache(g.cache)
         self.coalescer = CoalesceFilter()
+        self.results = ResultStore(g.shaping.keep_results)
         default_filters: list[Filter] = [CacheFilter(self.cache, self._server_tool_names), self.coalescer]
+        if g.shaping.max_result_bytes or g.shaping.compact_json:
+            shaping = ShapingFilter(self.results, g.shaping.max_result_bytes, g.shaping.compact_json)
+            default_filters.insert(0, shaping)
         self.pipeline = Pipeline(self._forward_tool_call, default_filters if filters is None else filters)
         self._connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
@@ -507,6 +512,17 @@ class Gateway:
         raise UnknownTarget(f"Unknown resource: {uri} (no MCP server behind this gateway serves it)")
 
     async def _read_resource(self, ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        if str(params.uri).startswith(RESULT_URI_PREFIX):
+            kept = self.results.read(str(params.uri))
+            if kept is None:
+                raise MCPError(
+                    code=-32002,
+                    message=f"Resource not found: {params.uri} (shaped results are kept "
+                    f"for the last {self.config.gateway.shaping.keep_results} cuts)",
+                )
+            if ctx.protocol_version in _MODERN:
+                kept = {**kept, "resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
+            return kept
         try:
             route = self._resolve_uri(str(params.uri))
         except GatewayError as exc:
