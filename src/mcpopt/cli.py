@@ -111,7 +111,7 @@ async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
     try:
         async with gateway.running():
             for row in gateway.status():
-                if row["state"] != "ready":
+                if row["state"] not in ("ready", "idle"):  # idle: lazy, starts on first use
                     logging.getLogger("mcpopt").warning(
                         "MCP server %r is %s: %s (retrying in the background)",
                         row["server"],
@@ -264,6 +264,20 @@ def bench_startup_cmd(
 
     _install_reaper()
     print_report("startup", _run(bench_startup(servers)), as_json)
+
+
+@bench_app.command("routing")
+def bench_routing_cmd(
+    picks: int = typer.Option(20_000, "--picks", "-n", help="Timed picks per strategy and pool size."),
+    replicas: str = typer.Option("3,16", "--replicas", help="Pool sizes, comma-separated."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cost of choosing a replica (Router.pick) per strategy: p50/p99 in us, budget p99 < 50 us."""
+    from mcpopt.bench.routing import run_routing
+
+    sizes = tuple(int(x) for x in replicas.split(",") if x.strip())
+    results = run_routing(picks=picks, sizes=sizes, as_json=as_json)
+    raise typer.Exit(0 if all(r.within_budget for r in results) else 1)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import mcp_types as types
 
 from mcpopt.config import Config
 from mcpopt.policy import ToolInfo, tool_info
-from mcpopt.upstream.server import Upstream
+from mcpopt.upstream.pool import ServerPool
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,12 @@ class Namer:
         return [s for s, p in self._uri_prefixes.items() if not p]
 
 
-def build_catalog(namer: Namer, upstreams: dict[str, Upstream]) -> GatewayCatalog:
+def build_catalog(namer: Namer, upstreams: dict[str, ServerPool]) -> GatewayCatalog:
     """Aggregate the ready upstreams' lists (config order) into one catalog."""
     cat = GatewayCatalog()
     seen_uris: set[str] = set()
     for server, up in upstreams.items():
-        if up.state != "ready":
+        if up.state not in ("ready", "idle"):  # an idle pool keeps serving its last lists
             continue
         for tool in up.catalog.tools:
             gname = namer.name(server, tool.name)

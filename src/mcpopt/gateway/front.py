@@ -24,7 +24,7 @@ from mcp.shared.message import SessionMessage
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from mcpopt.gateway.server import ClientLink, Gateway
+from mcpopt.gateway.server import ClientLink, Gateway, _session_id
 from mcpopt.upstream.pipes import PipeWriter
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ class FastFront:
             requests=conn.outbound if legacy and conn is not None else None,
             notify=self._notify,
             relay=self._relay,
+            session_id=_session_id(conn),
         )
         try:
             result = await self.gateway.call_tool(params, link)
@@ -184,22 +185,28 @@ class FastFront:
 
 
 def http_app(gateway: Gateway, host: str) -> Any:
-    """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras) and `/healthz`."""
+    """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras) and `/healthz`.
+
+    `HttpFront` answers handshake-era `tools/call` POSTs itself and passes the rest on.
+    """
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
+
+    from mcpopt.gateway.http_front import HttpFront
 
     async def healthz(request: Request) -> JSONResponse:
         rows = gateway.status()
         ok = all(r["state"] == "ready" for r in rows)
         return JSONResponse({"ok": ok, "servers": rows}, status_code=200 if ok else 503)
 
-    return gateway.server.streamable_http_app(
+    app = gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,
         custom_starlette_routes=[Route("/healthz", healthz)],
         session_idle_timeout=3600,
     )
+    return HttpFront(gateway, app, "/mcp")
 
 
 async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event | None = None) -> None:

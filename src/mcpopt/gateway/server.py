@@ -62,7 +62,8 @@ from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
 from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX, ResultStore, ShapingFilter
 from mcpopt.policy import UNKNOWN
-from mcpopt.upstream.server import CatalogKind, ProgressFn, Upstream
+from mcpopt.upstream.pool import ServerPool
+from mcpopt.upstream.server import CatalogKind, ProgressFn
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ class Gateway:
         self.namer = Namer(config)
         self.catalog = GatewayCatalog()
         g = config.gateway
-        self.upstreams: dict[str, Upstream] = {
-            name: Upstream(
+        self.upstreams: dict[str, ServerPool] = {
+            name: ServerPool(
                 name,
                 cfg,
                 self,
@@ -315,10 +316,27 @@ class Gateway:
             notify=outbound.notify,
             relay=lambda token: _progress_relay(ctx, token),
             partition=_partition(ctx),
+            session_id=_session_id(session._connection),  # noqa: SLF001
         )
 
     # ---- tools --------------------------------------------------------------------------
+    async def _start_lazy(self, name: str | None = None) -> bool:
+        """Start lazy servers that were never started: all of them (a listing), or the one whose
+        prefix `name` carries (a call). Returns True if any was started."""
+        todo = []
+        for server, up in self.upstreams.items():
+            if not (up.lazy and up.state == "idle" and not up.catalog.tools and not up.catalog.prompts):
+                continue
+            if name is None or name.startswith(self.namer.name(server, "")):
+                todo.append(up)
+        if not todo:
+            return False
+        await asyncio.gather(*(up.ensure_started() for up in todo))
+        self.catalog = build_catalog(self.namer, self.upstreams)
+        return True
+
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        await self._start_lazy()
         items, cursor = self._page(self.catalog.tools + self.own.tools, params)
         return types.ListToolsResult(tools=items, next_cursor=cursor)
 
@@ -336,6 +354,8 @@ class Gateway:
         if not isinstance(params, Mapping) or not isinstance(name := params.get("name"), str):
             raise MCPError(code=INVALID_PARAMS, message="tools/call needs params.name (a string)")
         route = self.catalog.tool_routes.get(name)
+        if route is None and await self._start_lazy(name):
+            route = self.catalog.tool_routes.get(name)
         if route is None:
             own = self.own.handlers.get(name)
             if own is None:
@@ -352,6 +372,7 @@ class Gateway:
             link.relay(token) if token is not None else None,
             info=self.catalog.tool_infos.get(name, UNKNOWN),
             partition=link.partition,
+            session_id=link.session_id,
         )
         callers = self._callers[route.server]
         callers.append(caller)
@@ -366,7 +387,7 @@ class Gateway:
         return self._envelope(link.version, result)
 
     def _prepare(
-        self, params: Mapping[str, Any], link: ClientLink, up: Upstream, **updates: Any
+        self, params: Mapping[str, Any], link: ClientLink, up: ServerPool, **updates: Any
     ) -> tuple[dict[str, Any], Any, Caller]:
         """Params to send upstream, the client's progress token, and the in-flight `Caller`.
 
@@ -431,7 +452,7 @@ class Gateway:
         return result
 
     async def _drive_input_required(
-        self, caller: Caller, up: Upstream, method: str, params: dict[str, Any], first: dict[str, Any]
+        self, caller: Caller, up: ServerPool, method: str, params: dict[str, Any], first: dict[str, Any]
     ) -> dict[str, Any]:
         """Resolve a 2026-07-28 `InputRequiredResult` for a handshake-era client.
 
@@ -471,6 +492,7 @@ class Gateway:
 
     # ---- prompts ------------------------------------------------------------------------
     async def _list_prompts(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+        await self._start_lazy()
         items, cursor = self._page(self.catalog.prompts, params)
         return types.ListPromptsResult(prompts=items, next_cursor=cursor)
 
@@ -717,6 +739,8 @@ class ClientLink:
     relay: Callable[[Any], ProgressFn]
     partition: str = ""
     """The caller's auth partition: results are never shared across partitions."""
+    session_id: str = ""
+    """An id of the client's connection (sticky routing, telemetry)."""
 
 
 @dataclass(slots=True)
@@ -753,6 +777,13 @@ async def _no_progress(progress: float, total: float | None, message: str | None
     return None
 
 
+def _session_id(conn: Connection | None) -> str:
+    """The client connection's id: the Streamable HTTP session id, else one per connection object."""
+    if conn is None:
+        return ""
+    return conn.session_id or f"conn-{id(conn):x}"
+
+
 def _partition(ctx: Any) -> str:
     """An HTTP caller's auth partition: a digest of its Authorization header ("" without one)."""
     request = getattr(ctx, "request", None)
@@ -785,7 +816,7 @@ def _forward_params(params: Mapping[str, Any] | None, **updates: Any) -> dict[st
     return out
 
 
-def _unknown(kind: str, name: str, upstreams: dict[str, Upstream]) -> MCPError:
+def _unknown(kind: str, name: str, upstreams: dict[str, ServerPool]) -> MCPError:
     down = [n for n, up in upstreams.items() if up.state != "ready"]
     hint = ""
     for server in down:

@@ -90,9 +90,7 @@ class ServerPool:
             "restart_enabled": restart_enabled,
         }
         self._cfgs = cfg.replica_configs()
-        self.replicas: list[Replica] = [
-            Replica(i, None, CircuitBreaker(cfg.breaker)) for i in range(len(self._cfgs))
-        ]
+        self.replicas: list[Replica] = [Replica(i, None, CircuitBreaker(cfg.breaker)) for i in range(len(self._cfgs))]
         self.router = Router(
             cfg.routing.strategy, weights=cfg.routing.weights or None, sticky_tools=cfg.routing.sticky_tools
         )
@@ -110,6 +108,7 @@ class ServerPool:
         self._stopping = anyio.Event()
         self._stopped = False
         self._any_ready = False
+        self._primary_was: Upstream | None = None
         self._snapshot: tuple[list[Any], ...] | None = None
         self._kept = Catalog()
         self._meta: tuple[types.ServerCapabilities | None, bool, str | None] = (None, False, None)
@@ -175,6 +174,7 @@ class ServerPool:
 
     @property
     def capabilities(self) -> types.ServerCapabilities | None:
+        """The primary replica's capabilities (the last ones seen when none is ready)."""
         primary = self._primary()
         return primary.capabilities if primary is not None else self._meta[0]
 
@@ -186,6 +186,7 @@ class ServerPool:
 
     @property
     def protocol_version(self) -> str | None:
+        """The primary replica's negotiated protocol version (the last one seen when none is ready)."""
         primary = self._primary()
         return primary.protocol_version if primary is not None else self._meta[2]
 
@@ -204,6 +205,7 @@ class ServerPool:
 
     @property
     def restarts(self) -> int:
+        """Restarts of all replicas together."""
         return sum(r.target.restarts for r in self.replicas)
 
     def stats(self) -> list[dict[str, Any]]:
@@ -263,11 +265,15 @@ class ServerPool:
             await r.target.stop()
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until some replica is ready or every replica's first attempt settled (up to
-        `timeout_s` seconds); True if one is ready. A lazy, unstarted pool returns False at once."""
+        """Wait until every replica's first connection attempt settled (up to `timeout_s`
+        seconds, in parallel); True if some replica is ready. A lazy, unstarted pool returns
+        False at once."""
         if not self._live:
             return False
-        return await self._await_any_ready(timeout_s)
+        async with anyio.create_task_group() as tg:
+            for up in self.upstreams:
+                tg.start_soon(up.wait_ready, timeout_s)
+        return self.state == "ready"
 
     async def ensure_started(self, wait: bool = True) -> bool:
         """Start the replicas of a lazy or idle pool (no-op when running).
@@ -392,15 +398,17 @@ class ServerPool:
             forward = set(_ALL_KINDS)
         elif primary is not None:
             forward = _changed_kinds(self._snapshot, primary.catalog)
-            if primary is up:
-                forward |= kinds
+            if primary is up and self._primary_was is up:
+                forward |= kinds  # the primary itself re-listed (list_changed): pass it on
         self._any_ready = any_ready
+        self._primary_was = primary
         if primary is not None:
             self._snapshot = _snap(primary.catalog)
             self._kept = primary.catalog
             self._meta = (primary.capabilities, primary.modern, primary.protocol_version)
-            if self.subscriptions and (self._sub_up is None or self._sub_up is not self._live_sub()):
-                self._spawn(self._move_subscriptions(primary))
+            if self.subscriptions and self._live_sub() is None:
+                self._retarget_subscriptions(primary)
+                self._spawn(self._subscribe_all(primary))
         if forward:
             await self.listener.catalog_changed(self.name, forward)
 
@@ -410,11 +418,14 @@ class ServerPool:
             return None
         return sub
 
-    async def _move_subscriptions(self, to: Upstream) -> None:
+    def _retarget_subscriptions(self, to: Upstream) -> None:
+        """Hold the subscriptions on `to` from now on (the old holder must not re-subscribe)."""
         old, self._sub_up = self._sub_up, to
         if old is not None and old is not to:
             old.subscriptions.clear()
-        for uri in sorted(self.subscriptions):
+
+    async def _subscribe_all(self, to: Upstream, skip: str | None = None) -> None:
+        for uri in sorted(self.subscriptions - {skip}):
             with contextlib.suppress(Exception):
                 await to.subscribe(uri)
 
@@ -443,11 +454,12 @@ class ServerPool:
         if up is None:
             raise self._no_replica("resources/subscribe")
         if up is not self._sub_up:
-            await self._move_subscriptions(up)  # includes `uri`
-        else:
-            await up.subscribe(uri)
+            self._retarget_subscriptions(up)
+            await self._subscribe_all(up, skip=uri)
+        await up.subscribe(uri)
 
     async def unsubscribe(self, uri: str) -> None:
+        """Drop a subscription (on the replica holding the subscriptions, if it is up)."""
         self.subscriptions.discard(uri)
         up = self._live_sub()
         if up is not None:
@@ -573,13 +585,17 @@ class ServerPool:
     ) -> dict[str, Any]:
         """Route, send, and retry per `routing.may_retry` with full-jitter backoff.
 
+        A plain loop rather than tenacity/stamina (neither is a dependency): each attempt must
+        re-route (failover to an untried replica), and whether to retry depends on the error
+        *and* the tool, which this states more plainly than a retry decorator's predicates.
+
         A retry fails over to a replica this call has not tried yet, at once; when only tried
         replicas (or none) are available it first sleeps `backoff_s`. A timed-out call is
         retried only by failing over (the same replica would likely time out again).
         """
         if not self._live:
             await self.ensure_started()
-        elif not self._any_ready and self._primary() is None:
+        elif self._primary() is None:  # starting (returns at once when every replica's first attempt settled)
             await self._await_any_ready(self.cfg.startup_timeout_ms / 1000)
         retry = self.cfg.retry
         key = tool if tool is not None else method

@@ -72,7 +72,17 @@ class CircuitBreaker:
         clock: seconds, monotonic (`time.monotonic`; tests pass a fake).
     """
 
-    __slots__ = ("enabled", "threshold", "open_s", "half_open_max", "clock", "_state", "failures", "opened_at", "trials")
+    __slots__ = (
+        "enabled",
+        "threshold",
+        "open_s",
+        "half_open_max",
+        "clock",
+        "_state",
+        "failures",
+        "opened_at",
+        "trials",
+    )
 
     def __init__(self, cfg: BreakerConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         cfg = cfg or BreakerConfig()

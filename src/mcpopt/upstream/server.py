@@ -238,7 +238,10 @@ class Upstream:
             # skipping the typed request/result models (see `request`).
             self._send_raw = session._dispatcher.send_raw_request  # noqa: SLF001
             self._stamp = session._stamp  # noqa: SLF001
-            self._fast = getattr(write_stream, "fast", None)
+            fast = getattr(write_stream, "fast", None)
+            if fast is not None and hasattr(fast, "bind"):
+                fast = fast.bind(session)  # an HTTP side channel learns the negotiated session (or declines)
+            self._fast = fast
             self.started_at = time.time()
             await self._refresh({"tools", "resources", "prompts"})
             if not self._modern:
