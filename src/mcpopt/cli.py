@@ -280,6 +280,19 @@ def bench_routing_cmd(
     raise typer.Exit(0 if all(r.within_budget for r in results) else 1)
 
 
+@bench_app.command("failover")
+def bench_failover_cmd(
+    duration: float = typer.Option(60.0, "--duration", help="Seconds of load."),
+    kill_every: float = typer.Option(5.0, "--kill-every", help="Seconds between replica kills."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """3 replicas, one killed every few seconds under load: read success rate, duplicated/lost writes."""
+    from mcpopt.bench.failover import bench_failover, print_failover
+
+    _install_reaper()
+    print_failover(_run(bench_failover(duration_s=duration, kill_every_s=kill_every)), as_json)
+
+
 def main() -> None:
     app()
 

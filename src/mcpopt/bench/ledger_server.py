@@ -1,0 +1,53 @@
+"""A minimal MCP server (SDK low-level `Server`, stdio) that records writes, for `bench failover`.
+
+`record(id)` is destructive and not idempotent: it appends `<id>\\n` to `$LEDGER_FILE` (one
+`write` of an O_APPEND file, so replicas sharing the file never interleave a line) and answers.
+The ledger is the server-side truth: an id that appears twice was executed twice (duplicated);
+an id the client saw succeed that is absent was lost.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import anyio
+import mcp_types as types
+from mcp.server.lowlevel.server import Server
+
+RECORD = types.Tool(
+    name="record",
+    description="Append an id to the ledger (not idempotent)",
+    input_schema={"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
+    annotations=types.ToolAnnotations(read_only_hint=False, idempotent_hint=False, destructive_hint=True),
+)
+
+
+async def _list_tools(ctx: object, params: object) -> types.ListToolsResult:
+    return types.ListToolsResult(tools=[RECORD])
+
+
+async def _call_tool(ctx: object, params: types.CallToolRequestParams) -> types.CallToolResult:
+    rid = str((params.arguments or {}).get("id", ""))
+    fd = os.open(os.environ["LEDGER_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{rid}\n".encode())
+    finally:
+        os.close(fd)
+    return types.CallToolResult(content=[types.TextContent(type="text", text=f"recorded {rid}")])
+
+
+def main() -> None:
+    from mcp.server.stdio import stdio_server
+
+    server: Server[object] = Server("ledger", on_list_tools=_list_tools, on_call_tool=_call_tool)
+
+    async def run() -> None:
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+    anyio.run(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
