@@ -24,6 +24,8 @@ tools_app = typer.Typer(no_args_is_help=True, help="Try the gateway's tools with
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (p50/p95/p99 against the direct path and peers).")
 app.add_typer(tools_app, name="tools")
 app.add_typer(bench_app, name="bench")
+cache_app = typer.Typer(no_args_is_help=True, help="The result cache of a running gateway.")
+app.add_typer(cache_app, name="cache")
 
 err = Console(stderr=True, soft_wrap=True)
 """stderr; soft_wrap keeps each error on one line whatever the terminal width (or none)."""
@@ -53,14 +55,33 @@ def _install_reaper() -> None:
     atexit.register(children.kill_all)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _run(coro: Any) -> Any:
+    """Run a coroutine; any failure becomes one line on stderr and exit code 1, never a traceback
+    (set MCPOPT_DEBUG=1 to see it)."""
+    import os
+
     try:
         return asyncio.run(coro)
-    except McpoptError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except Exception as group:  # noqa: BLE001 - the user gets a message, not a traceback
+        exc = _leaf(group)
+        if os.environ.get("MCPOPT_DEBUG"):
+            raise
+        if isinstance(exc, McpoptError):
+            message = str(exc)
+        elif isinstance(exc, OSError) or type(exc).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
+            message = f"cannot connect: {exc or type(exc).__name__}"
+        else:
+            message = f"{type(exc).__name__}: {exc} (set MCPOPT_DEBUG=1 for the traceback)"
+        err.print(f"[red]{message}[/red]", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -291,6 +312,60 @@ def bench_failover_cmd(
 
     _install_reaper()
     print_failover(_run(bench_failover(duration_s=duration, kill_every_s=kill_every)), as_json)
+
+
+async def _gateway_tool(url: str, name: str, arguments: dict[str, Any]) -> Any:
+    from mcp import Client
+    from mcp.shared.exceptions import MCPError
+
+    try:
+        async with Client(url, mode="legacy") as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            target = next((t for t in tools if t.endswith(name)), None)
+            if target is None:
+                raise McpoptError(f"{url} serves no tool named *{name}: is it an mcpopt gateway?")
+            return await client.call_tool(target, arguments)
+    except MCPError as exc:
+        raise McpoptError(f"{url}: error {exc.code}: {exc}") from None
+    except OSError as exc:
+        raise McpoptError(f"{url}: cannot connect ({exc})") from None
+
+
+@cache_app.command("purge")
+def cache_purge(
+    url: str = typer.Option("http://127.0.0.1:8080/mcp", "--url", help="The gateway's Streamable HTTP endpoint."),
+    server: str = typer.Option("", "--server", help="Only this server's cached results."),
+) -> None:
+    """Drop cached results in a running gateway (through its cache_purge tool)."""
+    result = _run(_gateway_tool(url, "__cache_purge", {"server": server} if server else {}))
+    out.print(result.content[0].text, markup=False, highlight=False)
+
+
+@cache_app.command("stats")
+def cache_stats(
+    url: str = typer.Option("http://127.0.0.1:8080/mcp", "--url", help="The gateway's Streamable HTTP endpoint."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-tool cache hits, misses and hit rate of a running gateway."""
+    result = _run(_gateway_tool(url, "__cache_stats", {}))
+    data = result.structured_content or json.loads(result.content[0].text)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"cache: {data['entries']} entries, {data['bytes']:,} bytes, {data['coalesced']} coalesced")
+    for col in ("server", "tool", "hits", "misses", "hit rate", "stores", "invalidations"):
+        table.add_column(col, justify="left" if col in ("server", "tool") else "right")
+    for r in data["tools"]:
+        table.add_row(
+            r["server"],
+            r["tool"],
+            str(r["hits"]),
+            str(r["misses"]),
+            f"{r['hit_rate']:.0%}",
+            str(r["stores"]),
+            str(r["invalidations"]),
+        )
+    out.print(table)
 
 
 def main() -> None:
