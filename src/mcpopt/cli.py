@@ -368,8 +368,192 @@ def cache_stats(
     out.print(table)
 
 
+# ---- telemetry: stats, export, overhead benchmark (issue 5) ----------------------------------
+telemetry_app = typer.Typer(no_args_is_help=True, help="Telemetry records: export them.")
+app.add_typer(telemetry_app, name="telemetry")
+
+
+def _telemetry_store(config: str, db: str | None) -> Path:
+    """The SQLite store: --db, else the config's `gateway.telemetry` (defaults without a config file)."""
+    from mcpopt.config import TelemetrySettings
+    from mcpopt.telemetry.hub import store_path
+
+    if db:
+        return Path(db).expanduser()
+    settings = _load(config).gateway.telemetry if Path(config).exists() else TelemetrySettings()
+    path = store_path(settings)
+    if path is None:
+        err.print('[red]the SQLite store is off (gateway.telemetry.sqlite_path: ""); pass --db FILE[/red]')
+        raise typer.Exit(2)
+    return path
+
+
+def _times(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    from mcpopt.monitor.report import parse_time
+
+    try:
+        return parse_time(since), parse_time(until)
+    except ValueError as exc:
+        err.print(f"[red]--since/--until: {exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def stats(
+    config: str = ConfigOpt,
+    db: str | None = typer.Option(None, "--db", help="The telemetry SQLite file (default: from the config)."),
+    since: str = typer.Option("24h", "--since", help="90s, 15m, 24h, 7d, an ISO date/time, or '' for all."),
+    until: str | None = typer.Option(None, "--until"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Performance from the telemetry store: grades, percentiles, errors, cache hits, sessions, alerts."""
+    from mcpopt.monitor.report import print_stats, stats_report
+
+    path = _telemetry_store(config, db)
+    start, end = _times(since, until)
+    try:
+        report = stats_report(path, start, end)
+    except FileNotFoundError:
+        err.print(f"[red]no telemetry database at {path} (serve the gateway with telemetry enabled first)[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print_stats(report, out)
+
+
+@telemetry_app.command("export")
+def telemetry_export(
+    out_file: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write."),
+    since: str | None = typer.Option(None, "--since", help="90s, 15m, 24h, 7d, an ISO date/time, Unix seconds."),
+    until: str | None = typer.Option(None, "--until"),
+    config: str = ConfigOpt,
+    db: str | None = typer.Option(None, "--db", help="The telemetry SQLite file (default: from the config)."),
+) -> None:
+    """Write the call records of a time range as JSON lines."""
+    from mcpopt.monitor.report import export_jsonl
+
+    path = _telemetry_store(config, db)
+    start, end = _times(since, until)
+    try:
+        n = export_jsonl(path, out_file, start, end)
+    except FileNotFoundError:
+        err.print(f"[red]no telemetry database at {path}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"wrote {n} records to {out_file}")
+
+
+@bench_app.command("telemetry")
+def bench_telemetry_cmd(
+    calls: int = typer.Option(20_000, "--calls", "-n"),
+    levels: str = typer.Option("standard", "--levels", help="minimal, standard, detailed (comma-separated)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Request-path cost of the telemetry filter: p50 per call with and without it (goal <= 50 us)."""
+    from mcpopt.monitor.bench import run_telemetry_bench
+
+    rows = [_run(run_telemetry_bench(calls, level.strip())) for level in levels.split(",") if level.strip()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(title=f"telemetry overhead per call ({calls} calls each)")
+        for col in ("level", "p50 without", "p50 with", "overhead p50", "overhead p95", "background/record", "goal"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(
+                r["level"],
+                f"{r['p50_base_us']:.2f} us",
+                f"{r['p50_with_us']:.2f} us",
+                f"[bold]{r['overhead_p50_us']:.2f} us[/]",
+                f"{r['overhead_p95_us']:.2f} us",
+                f"{r['background_us_per_record']} us",
+                ("[green]ok[/]" if r["ok"] else "[red]over[/]") + f" (<= {r['goal_us']:g} us)",
+            )
+        out.print(table)
+    raise typer.Exit(0 if all(r["ok"] for r in rows) else 1)
+
+
 def main() -> None:
     app()
+
+
+# ---- eval: tool search quality and token costs (discovery/) -----------------------------------
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate tool search and the token cost of exposure modes.")
+app.add_typer(eval_app, name="eval")
+
+_LIVEMCPBENCH = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "livemcpbench"
+
+
+@eval_app.command("search")
+def eval_search_cmd(
+    catalog: Path = typer.Option(_LIVEMCPBENCH / "tools.json", "--catalog", help="Tool catalog (LiveMCPBench layout)."),
+    tasks: Path = typer.Option(_LIVEMCPBENCH / "dev_tasks.json", "--tasks", help="Tasks: question + tool names."),
+    k: int = typer.Option(10, "--k", min=1, help="Results per query."),
+    holdout: float = typer.Option(0.3, "--holdout", min=0.0, max=1.0, help="Share of tasks held out from tuning."),
+    scale: int = typer.Option(3000, "--scale", min=0, help="Also time queries over the catalog replicated to N tools."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Recall@k, MRR and p50/p99 query latency of lexical, dense and hybrid tool search."""
+    from mcpopt.discovery.eval import run_search_eval
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    try:
+        report = run_search_eval(catalog, tasks, k=k, holdout=holdout, scale_to=scale)
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    table = Table(title=f"tool search: {report['catalog']['tools']} tools, k={k}")
+    for col in ("mode", "tasks", f"recall@{k}", "MRR", "p50 ms", "p99 ms"):
+        table.add_column(col)
+    for mode, parts in report["modes"].items():
+        for part, m in parts.items():
+            table.add_row(
+                f"{mode} ({part})",
+                str(m["tasks"]),
+                f"{m['recall']:.3f}",
+                f"{m['mrr']:.3f}",
+                f"{m['p50_ms']:.2f}",
+                f"{m['p99_ms']:.2f}",
+            )
+    out.print(table)
+    if "scaled" in report:
+        s = report["scaled"]
+        lat = ", ".join(f"{m} p50 {v['p50_ms']:.2f} / p99 {v['p99_ms']:.2f} ms" for m, v in s["modes"].items())
+        out.print(f"{s['tools']} tools (built in {s['build_ms']:.0f} ms): {lat}")
+
+
+@eval_app.command("tokens")
+def eval_tokens_cmd(
+    config: str = ConfigOpt,
+    catalog: Path | None = typer.Option(None, "--catalog", help="Also count a catalog file (LiveMCPBench layout)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Tokens of tools/list in each exposure mode (full, search, code), counted offline (cl100k_base)."""
+    from mcpopt.discovery.tokens import gateway_report
+
+    _load(config)  # a bad config is reported here, before anything starts
+    _setup_logging("error")
+    _install_reaper()
+    try:
+        report = _run(gateway_report(config, catalog))
+    except RuntimeError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    table = Table(title=f"tools/list tokens ({report['encoding']})")
+    for col in ("source", "mode", "tools", "tokens", "saving vs full"):
+        table.add_column(col)
+    for source, modes in report["sources"].items():
+        for mode, c in modes.items():
+            table.add_row(source, mode, str(c["tools"]), str(c["tokens"]), f"{c['saving']:.1%}")
+    out.print(table)
+    for name, ways in report["scenarios"].items():
+        out.print(f"scenario {name}: " + ", ".join(f"{w} {c['total']} tokens" for w, c in ways.items()))
 
 
 if __name__ == "__main__":

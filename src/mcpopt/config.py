@@ -257,6 +257,78 @@ class ShapingSettings(_Strict):
     """How many cut results stay readable (`mcpopt://results/<id>`), most recent first."""
 
 
+class TelemetrySettings(_Strict):
+    """Telemetry, metrics and the monitor (`gateway.telemetry`; see `mcpopt.telemetry`).
+
+    `level` is also read from `MCPOPT_TELEMETRY_LEVEL` (and `enabled` from
+    `MCPOPT_TELEMETRY_ENABLED`), which win over the file and `MCPOPT_GATEWAY__TELEMETRY__*`.
+    Thresholds default to the issue's figures: grades A-D as (average ms, error rate) pairs,
+    F beyond D; SLO alerts at p95 150/200 ms and error rate 5%/10% (warning/critical).
+    """
+
+    enabled: bool = True
+    """false: nothing is recorded, no sink runs, `/metrics` shows only gateway state."""
+    level: Literal["minimal", "standard", "detailed"] = "standard"
+    """minimal: metrics only; standard: + tool sequences per session and salted argument hashes;
+    detailed: + arguments with secrets redacted."""
+    data_dir: str | None = None
+    """Where the salt and the SQLite file live (default: `$XDG_DATA_HOME/mcpopt`, else `~/.local/share/mcpopt`)."""
+    sqlite_path: str | None = None
+    """The SQLite store (default `<data_dir>/telemetry.db`; "" disables it)."""
+    retention_days: float = Field(30.0, gt=0)
+    jsonl_path: str | None = None
+    """Also append every record to this JSONL file (off by default)."""
+    queue_size: int = Field(4096, ge=16)
+    """Bound of each sink's queue (records); beyond it records are dropped and counted."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP base URL, e.g. http://127.0.0.1:4318 (traces to /v1/traces, metrics to /v1/metrics)."""
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    otlp_interval_ms: int = Field(5_000, ge=100)
+    """How often spans and metrics are exported."""
+    service_name: str = "mcpopt"
+    propagate_trace: bool = True
+    """Put the call's W3C `traceparent` in the upstream request's `_meta` (when OTLP is on)."""
+    prometheus: bool = True
+    """Serve `/metrics` on the HTTP front."""
+    dashboard: bool = True
+    """Serve `/dashboard` on the HTTP front."""
+    window_s: float = Field(300.0, gt=0)
+    """Rolling window of the monitor's percentiles, error rates and grades."""
+    grades: list[list[float]] = Field(
+        default_factory=lambda: [[50.0, 0.01], [100.0, 0.02], [200.0, 0.05], [500.0, 0.10]]
+    )
+    """[average ms, error rate] upper bounds of grades A, B, C, D (F: worse than D)."""
+    slo_p95_warning_ms: float = Field(150.0, gt=0)
+    slo_p95_critical_ms: float = Field(200.0, gt=0)
+    slo_error_warning: float = Field(0.05, ge=0, le=1)
+    slo_error_critical: float = Field(0.10, ge=0, le=1)
+    alert_window_s: float = Field(60.0, gt=0)
+    """Calls younger than this are judged against the SLO thresholds."""
+    alert_min_calls: int = Field(5, ge=1)
+    """Fewer calls than this in the alert window raise no threshold alert."""
+    alert_interval_ms: int = Field(1_000, ge=50)
+    webhook_url: str | None = None
+    """POST every alert and recovery as JSON to this URL (optional)."""
+    anomaly_z: float = Field(4.0, gt=0)
+    """z-score of the short-term EWMA against the long-term baseline that flags an anomaly."""
+    anomaly_min_calls: int = Field(30, ge=2)
+    """Calls a tool needs before its baseline is trusted."""
+
+    @model_validator(mode="after")
+    def _short_env(self) -> TelemetrySettings:
+        level = os.environ.get("MCPOPT_TELEMETRY_LEVEL")
+        if level:
+            if level.strip().lower() not in ("minimal", "standard", "detailed"):
+                raise ValueError(f"MCPOPT_TELEMETRY_LEVEL: expected minimal, standard or detailed (got {level!r})")
+            self.level = level.strip().lower()  # type: ignore[assignment]
+        enabled = os.environ.get("MCPOPT_TELEMETRY_ENABLED")
+        if enabled:
+            self.enabled = enabled.strip().lower() not in ("0", "false", "no", "off")
+        if len(self.grades) != 4 or any(len(g) != 2 for g in self.grades):
+            raise ValueError("grades: expected four [average_ms, error_rate] pairs, for A, B, C and D")
+        return self
+
+
 class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
@@ -272,7 +344,18 @@ class GatewaySettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
     shaping: ShapingSettings = Field(default_factory=lambda: ShapingSettings())
+    exposure: Literal["full", "search", "code"] = "full"
+    """What tools/list shows: every tool (`full`); `search_tools`, `get_tool_schema`, `call_tool` and the
+    pins (`search`); or `search_tools`, `get_tool_schema`, `execute_code` and the pins (`code`). Hidden
+    tools stay callable by exact name."""
+    exposure_clients: dict[str, Literal["full", "search", "code"]] = Field(default_factory=dict)
+    """Per-connection override: client name glob (the client's `clientInfo.name`) -> exposure."""
+    always_visible: list[str] = Field(default_factory=list)
+    """Tool names or globs listed in every exposure mode."""
+    search_k: int = Field(10, ge=1, le=100)
+    """Results `search_tools` returns by default."""
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
+    telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
 
     @field_validator("separator")
     @classmethod

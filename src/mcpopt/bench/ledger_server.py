@@ -9,7 +9,6 @@ an id the client saw succeed that is absent was lost.
 from __future__ import annotations
 
 import os
-import sys
 
 import anyio
 import mcp_types as types
@@ -50,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

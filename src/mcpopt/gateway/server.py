@@ -25,6 +25,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import anyio
@@ -55,6 +56,7 @@ from mcp_types.version import LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.cache import ResultCache
 from mcpopt.config import Config
+from mcpopt.discovery.modes import SearchTools
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
 from mcpopt.gateway.tools import GatewayTools
@@ -121,6 +123,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
         self.own = GatewayTools(self)
+        self.discovery = SearchTools(self, pins=g.always_visible, default_k=g.search_k)
+        self.own.handlers.update(self.discovery.handlers)
         self.startup_ms: dict[str, float] = {}
         """Milliseconds from gateway start until each upstream was ready (or gave up)."""
         # 2026-07-28 clients hear of changes on subscriptions/listen streams (SEP-2575).
@@ -160,6 +164,7 @@ class Gateway:
 
                 await asyncio.gather(*(wait(name) for name in stage))
             await self._warm()
+            await self.discovery.on_catalog(self.catalog)
             try:
                 yield self
             finally:
@@ -208,6 +213,8 @@ class Gateway:
         if "tools" in kinds or "resources" in kinds:
             # Tools changed (or the server restarted): what was cached may no longer hold.
             await self.cache.invalidate(server)
+        if "tools" in kinds:
+            await self.discovery.on_catalog(self.catalog)
         changed: list[str] = []
         if "tools" in kinds and _names(old.tools) != _names(self.catalog.tools):
             changed.append("notifications/tools/list_changed")
@@ -337,8 +344,23 @@ class Gateway:
 
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         await self._start_lazy()
-        items, cursor = self._page(self.catalog.tools + self.own.tools, params)
+        exposure = self.exposure_for(ctx.session._connection)  # noqa: SLF001
+        items, cursor = self._page(self.discovery.listed(exposure, self.exposure_extra(exposure)), params)
         return types.ListToolsResult(tools=items, next_cursor=cursor)
+
+    def exposure_for(self, conn: Connection | None) -> Any:
+        """The exposure mode of a client connection: `exposure_clients` by client name, else the default."""
+        g = self.config.gateway
+        if g.exposure_clients and conn is not None and conn.client_params is not None:
+            name = conn.client_params.client_info.name
+            for pattern, mode in g.exposure_clients.items():
+                if fnmatchcase(name, pattern):
+                    return mode
+        return g.exposure
+
+    def exposure_extra(self, exposure: str) -> list[types.Tool]:
+        """Tools a mode adds beside discovery (code mode: `execute_code`, when code mode is available)."""
+        return []
 
     async def call_tool(self, params: Mapping[str, Any] | None, link: ClientLink) -> dict[str, Any]:
         """Forward one `tools/call` (raw params in, raw result out) through the pipeline.
