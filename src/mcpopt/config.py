@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from mcpopt.codemode.sandbox import CodeModeSettings
 from mcpopt.errors import ConfigError
 
 TransportName = Literal["stdio", "http", "sse"]
@@ -354,6 +355,8 @@ class GatewaySettings(_Strict):
     """Tool names or globs listed in every exposure mode."""
     search_k: int = Field(10, ge=1, le=100)
     """Results `search_tools` returns by default."""
+    code_mode: CodeModeSettings = Field(default_factory=lambda: CodeModeSettings())
+    """`execute_code`: sandbox backend (monty / wasm) and its limits."""
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
     telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
 

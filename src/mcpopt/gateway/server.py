@@ -55,6 +55,7 @@ from mcp_types import (
 from mcp_types.version import LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.cache import ResultCache
+from mcpopt.codemode.tool import CodeModeTool
 from mcpopt.config import Config
 from mcpopt.discovery.modes import SearchTools
 from mcpopt.errors import GatewayError, UnknownTarget
@@ -123,7 +124,11 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
         self.own = GatewayTools(self)
-        self.discovery = SearchTools(self, pins=g.always_visible, default_k=g.search_k)
+        self.code_mode = CodeModeTool(self)
+        self.own.handlers[self.code_mode.tool.name] = self.code_mode.handler  # callable in every mode
+        self.discovery = SearchTools(
+            self, pins=g.always_visible, default_k=g.search_k, schema_extra=self.code_mode.stub_for
+        )
         self.own.handlers.update(self.discovery.handlers)
         self.startup_ms: dict[str, float] = {}
         """Milliseconds from gateway start until each upstream was ready (or gave up)."""
@@ -171,6 +176,7 @@ class Gateway:
                 for up in self.upstreams.values():
                     await up.stop()
                 await self.cache.close()
+                await self.code_mode.aclose()  # pydantic-monty's pool must close before the process exits
 
     async def _warm(self) -> None:
         """Fill the cache from `gateway.cache.warm` (each call through the whole pipeline)."""
@@ -359,8 +365,8 @@ class Gateway:
         return g.exposure
 
     def exposure_extra(self, exposure: str) -> list[types.Tool]:
-        """Tools a mode adds beside discovery (code mode: `execute_code`, when code mode is available)."""
-        return []
+        """Tools a mode adds beside discovery (code mode: `execute_code`)."""
+        return [self.code_mode.tool] if exposure == "code" else []
 
     async def call_tool(self, params: Mapping[str, Any] | None, link: ClientLink) -> dict[str, Any]:
         """Forward one `tools/call` (raw params in, raw result out) through the pipeline.
