@@ -114,14 +114,20 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
 
 @asynccontextmanager
 async def http_transport(cfg: ServerConfig) -> AsyncIterator[TransportStreams]:
-    """Streamable HTTP via the SDK, one persistent `httpx` client for the session's lifetime."""
+    """Streamable HTTP via the SDK, one persistent `httpx` client for the session's lifetime.
+
+    Forwarded requests take the `http_fast` side channel (`write_stream.fast`) once bound.
+    """
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
+
+    from mcpopt.upstream.http_fast import side_channel
 
     assert cfg.url is not None
     async with create_mcp_http_client(headers=cfg.headers or None) as http:
         async with streamable_http_client(cfg.url, http_client=http) as streams:
-            yield streams[0], streams[1]
+            async with side_channel(cfg.url, http, streams[0], streams[1]) as (read, write):
+                yield read, write
 
 
 @asynccontextmanager

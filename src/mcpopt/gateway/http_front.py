@@ -1,0 +1,470 @@
+"""`tools/call` on the Streamable HTTP front without the SDK's per-POST machinery.
+
+The SDK's app (`Server.streamable_http_app`) owns the HTTP front: sessions (`initialize`, the
+`mcp-session-id`, DELETE, idle reaping), the GET stream, every method but one, and every error
+answer. `HttpFront` is an ASGI layer in front of it that answers only this: a `POST /mcp`
+carrying one `tools/call` request on an initialized handshake-era session the SDK's session
+manager knows. Such a request is read once, parsed with orjson, run through the same
+`Gateway.call_tool` (pipeline and all), and answered with one `application/json` body (the
+spec lets a server answer a POST with JSON when the client accepts it) -- no per-POST task
+group, memory streams, pydantic models or sse_starlette response.
+
+Messages that belong to the call's own stream are kept: the first notification (log message,
+progress for the client's token) or server-to-client request (sampling, elicitation, roots,
+relayed from an upstream) switches the answer to `text/event-stream` before the response head
+is sent, and the response then ends that stream, as on the SDK's path. Requests go out through
+the session's own SDK dispatcher (routed onto this POST's stream the way the SDK's transport
+routes a request's messages), so the client's answer POST is correlated by the SDK. A call
+running longer than 15 s without output is switched to SSE as well and pinged, as sse_starlette
+does. A client's `notifications/cancelled` for a call served here cancels it (answered with the
+SDK's 2025-era `-32800 Request cancelled`); session idle tracking is kept as the SDK's
+transport keeps it (a call in flight holds the session).
+
+Checks are the SDK's, in its order, and anything that does not pass goes to the SDK app
+unchanged (with the body replayed), which then answers exactly as it would have: a missing or
+unknown session id, a terminated or reaped session, Host/Origin/Content-Type rejected by the
+session's `TransportSecurityMiddleware` settings, an `Accept` without both JSON and SSE, a body
+over the size limit, a 2026-07-28 request (`MCP-Protocol-Version` header or `_meta` envelope),
+an uninitialized connection, auth-owned sessions, duplicate ids, any other method, batches,
+notifications, responses, GET and DELETE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import orjson
+from mcp.server.connection import Connection
+from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp_types import INVALID_PARAMS, PROTOCOL_VERSION_META_KEY
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from pydantic import ValidationError
+
+from mcpopt.gateway.server import ClientLink, Gateway
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+REQUEST_CANCELLED = -32800
+"""The SDK's 2025-era answer to a request cancelled by the client (`mcp.server.streamable_http`)."""
+PING_S = 15.0
+"""sse_starlette's default ping interval: a long call's stream is kept alive as on the SDK's path."""
+_STREAM_BUFFER = 16
+_HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
+_MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
+_SSE_HEADERS = [
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"connection", b"keep-alive"),
+    (b"content-type", b"text/event-stream"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class HttpFront:
+    """ASGI app: the `tools/call` fast path, then the SDK's Starlette app for everything else."""
+
+    def __init__(self, gateway: Gateway, app: Any, path: str = "/mcp") -> None:
+        self.gateway = gateway
+        self.app = app
+        self.path = path
+        self._by_sid: dict[str, weakref.ref[Connection]] = {}
+        self._inflight: dict[tuple[str, Any], _Exchange] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+            await self._post(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    # ---- the fast path -------------------------------------------------------------------
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sid = ctype = accept = host = origin = version = length = auth = None
+        for key, value in scope["headers"]:
+            if key == b"mcp-session-id":
+                sid = sid or value
+            elif key == b"content-type":
+                ctype = ctype or value
+            elif key == b"accept":
+                accept = accept or value
+            elif key == b"host":
+                host = host or value
+            elif key == b"origin":
+                origin = origin or value
+            elif key == b"mcp-protocol-version":
+                version = version or value
+            elif key == b"content-length":
+                length = length or value
+            elif key == b"authorization":
+                auth = auth or value
+        manager = getattr(self.gateway.server, "_session_manager", None)
+        if sid is None or manager is None or manager.stateless or manager.json_response:
+            return await self.app(scope, receive, send)
+        if manager._session_owners or scope.get("user") is not None:  # noqa: SLF001
+            return await self.app(scope, receive, send)  # sessions bound to credentials: the SDK checks them
+        session_id = sid.decode("latin-1")
+        transport = manager._server_instances.get(session_id)  # noqa: SLF001
+        if transport is None or transport.is_terminated:
+            return await self.app(scope, receive, send)
+        idle = transport.idle_scope
+        if idle is not None and idle.cancel_called:
+            return await self.app(scope, receive, send)
+        if version is not None and version.decode("latin-1") not in _HANDSHAKE:
+            return await self.app(scope, receive, send)  # the 2026-07-28 entry
+        if not _secure(transport._security.settings, ctype, host, origin):  # noqa: SLF001
+            return await self.app(scope, receive, send)
+        if not _accepts_json_and_sse(accept):
+            return await self.app(scope, receive, send)
+        limit = manager.max_request_body_size
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self.app(scope, receive, send)
+        conn = self._connection(session_id)
+        if conn is None or not conn.initialize_accepted or conn.protocol_version in _MODERN:
+            return await self.app(scope, receive, send)
+
+        # The body: read once, replayed to the SDK app if this is not ours.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay(chunks, True, message, receive), send)
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > limit:
+                return await self.app(scope, _replay(chunks, more, None, receive), send)
+            if not more:
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            msg = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            msg = None
+        call = _fast_call(msg)
+        if call is None:
+            if isinstance(msg, dict) and msg.get("method") == "notifications/cancelled" and "id" not in msg:
+                params = msg.get("params")
+                target = params.get("requestId") if isinstance(params, dict) else None
+                exchange = self._inflight.get((session_id, target)) if isinstance(target, (int, str)) else None
+                if exchange is not None:
+                    exchange.cancel()
+                    await _accepted(send, sid)
+                    return
+            return await self.app(scope, _replay([body], False, None, receive), send)
+        rid, params = call
+        key = (session_id, rid)
+        if key in self._inflight or str(rid) in transport._request_streams:  # noqa: SLF001
+            return await self.app(scope, _replay([body], False, None, receive), send)
+
+        partition = hashlib.blake2b(auth.decode("latin-1").encode(), digest_size=8).hexdigest() if auth else ""
+        exchange = _Exchange(send, sid, rid, conn, transport)
+        self._inflight[key] = exchange
+        tracked = idle is not None and transport._idle_timeout is not None  # noqa: SLF001
+        if tracked:
+            # As the SDK's transport does per request: a request in flight holds the session.
+            assert idle is not None
+            transport._requests_in_flight += 1  # noqa: SLF001
+            idle.deadline = math.inf
+        try:
+            await exchange.run(self.gateway, params, partition)
+        finally:
+            del self._inflight[key]
+            if tracked:
+                assert idle is not None
+                transport._requests_in_flight -= 1  # noqa: SLF001
+                if not transport._requests_in_flight:  # noqa: SLF001
+                    idle.deadline = anyio.current_time() + transport._idle_timeout  # noqa: SLF001
+
+    def _connection(self, session_id: str) -> Connection | None:
+        """The SDK `Connection` of a session, as the gateway's middleware has seen it."""
+        ref = self._by_sid.get(session_id)
+        conn = ref() if ref is not None else None
+        if conn is not None:
+            return conn
+        known = list(self.gateway._connections)  # noqa: SLF001
+        if len(self._by_sid) > 2 * len(known) + 64:
+            self._by_sid = {k: r for k, r in self._by_sid.items() if r() is not None}
+        for candidate in known:
+            if candidate.session_id == session_id:
+                self._by_sid[session_id] = weakref.ref(candidate)
+                return candidate
+        return None
+
+
+class _Exchange:
+    """One `tools/call` POST: JSON answer unless the call's stream carries something first."""
+
+    def __init__(self, send: Send, sid: bytes, rid: Any, conn: Connection, transport: Any) -> None:
+        self.send = send
+        self.sid = sid
+        self.rid = rid
+        self.conn = conn
+        self.transport = transport
+        self.sse = False
+        self.done = False
+        self.lock = asyncio.Lock()
+        self.scope: anyio.CancelScope | None = None
+        self.route: Any = None
+        self.pump: asyncio.Task[None] | None = None
+        self.pinger: asyncio.Task[None] | None = None
+
+    async def run(self, gateway: Gateway, params: Mapping[str, Any], partition: str) -> None:
+        conn = self.conn
+        link = ClientLink(
+            version=conn.protocol_version,
+            connection=conn,
+            requests=self,
+            notify=self.notify,
+            relay=self.relay,
+            partition=partition,
+        )
+        timer = asyncio.get_running_loop().call_later(PING_S, self._start_pinger)
+        message: dict[str, Any]
+        try:
+            with anyio.CancelScope() as scope:
+                self.scope = scope
+                result = await gateway.call_tool(params, link)
+                message = {"jsonrpc": "2.0", "id": self.rid, "result": result}
+            if scope.cancelled_caught:
+                message = {
+                    "jsonrpc": "2.0",
+                    "id": self.rid,
+                    "error": {"code": REQUEST_CANCELLED, "message": "Request cancelled"},
+                }
+        except MCPError as exc:
+            message = {"jsonrpc": "2.0", "id": self.rid, "error": exc.error.model_dump(mode="json", exclude_none=True)}
+        except ValidationError:
+            error = {"code": INVALID_PARAMS, "message": "Invalid request parameters", "data": ""}
+            message = {"jsonrpc": "2.0", "id": self.rid, "error": error}
+        except Exception as exc:  # noqa: BLE001 - as the SDK's dispatcher: code 0 and the text
+            logger.exception("handler for 'tools/call' raised")
+            message = {"jsonrpc": "2.0", "id": self.rid, "error": {"code": 0, "message": str(exc)}}
+        finally:
+            timer.cancel()
+            if self.pinger is not None:
+                self.pinger.cancel()
+        await self._unroute()
+        await self._finish(message)
+
+    def cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+    # ---- the client link -----------------------------------------------------------------
+    async def notify(self, method: str, params: Any = None, *_: Any) -> None:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        await self._event(orjson.dumps(message))
+
+    def relay(self, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            params: dict[str, Any] = {"progressToken": token, "progress": progress}
+            if total is not None:
+                params["total"] = total
+            if message is not None:
+                params["message"] = message
+            with contextlib.suppress(Exception):
+                await self.notify("notifications/progress", params)
+
+        return relay
+
+    async def send_raw_request(self, method: str, params: Mapping[str, Any] | None, opts: Any = None) -> Any:
+        """A server-to-client request on this call's stream, correlated by the session's SDK dispatcher."""
+        outbound = self.conn.outbound
+        if not isinstance(outbound, JSONRPCDispatcher) or self.done:
+            return await outbound.send_raw_request(method, params, opts)
+        async with self.lock:
+            await self._start_sse()
+        self._route()
+        return await outbound.send_raw_request(method, params, opts, _related_request_id=self.rid)
+
+    # ---- the wire ------------------------------------------------------------------------
+    async def _start_sse(self) -> None:
+        if not self.sse:
+            self.sse = True
+            await self.send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, self._sid()]})
+
+    def _sid(self) -> tuple[bytes, bytes]:
+        return (b"mcp-session-id", self.sid)
+
+    async def _event(self, data: bytes, more: bool = True) -> None:
+        async with self.lock:
+            if self.done:
+                return
+            await self._start_sse()
+            if not more:
+                self.done = True
+            await self.send(
+                {
+                    "type": "http.response.body",
+                    "body": b"event: message\r\ndata: " + data + b"\r\n\r\n",
+                    "more_body": more,
+                }
+            )
+
+    async def _finish(self, message: dict[str, Any]) -> None:
+        data = orjson.dumps(message)
+        try:
+            if self.sse:
+                await self._event(data, more=False)
+                return
+            async with self.lock:
+                if self.sse:  # a ping or a late notification started the stream meanwhile
+                    pass
+                else:
+                    self.done = True
+                    headers = [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(data)).encode()),
+                        self._sid(),
+                    ]
+                    await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await self.send({"type": "http.response.body", "body": data, "more_body": False})
+                    return
+            await self._event(data, more=False)
+        except Exception as exc:  # noqa: BLE001 - the client went away
+            logger.debug("tools/call response not delivered: %s", exc)
+
+    def _start_pinger(self) -> None:
+        if not self.done:
+            self.pinger = asyncio.ensure_future(self._ping())
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(Exception):
+            while not self.done:
+                async with self.lock:
+                    if self.done:
+                        return
+                    await self._start_sse()
+                    stamp = datetime.now(UTC).isoformat(sep=" ")
+                    await self.send(
+                        {"type": "http.response.body", "body": f": ping - {stamp}\r\n\r\n".encode(), "more_body": True}
+                    )
+                await asyncio.sleep(PING_S)
+
+    # ---- requests routed by the SDK ------------------------------------------------------
+    def _route(self) -> None:
+        """Have the SDK transport's message router put this request's messages on our stream."""
+        if self.route is not None:
+            return
+        streams = self.transport._request_streams  # noqa: SLF001
+        key = str(self.rid)
+        if key in streams:
+            return
+        pair = anyio.create_memory_object_stream[Any](_STREAM_BUFFER)
+        streams[key] = pair
+        self.route = pair
+        self.pump = asyncio.ensure_future(self._pump(pair[1]))
+
+    async def _pump(self, receive: Any) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.EndOfStream):
+            async with receive:
+                async for event in receive:
+                    await self._event(event.message.model_dump_json(by_alias=True, exclude_unset=True).encode())
+
+    async def _unroute(self) -> None:
+        if self.route is None:
+            return
+        streams = self.transport._request_streams  # noqa: SLF001
+        key = str(self.rid)
+        if streams.get(key) is self.route:
+            del streams[key]
+        self.route[0].close()
+        if self.pump is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.pump  # what the router already delivered precedes the response
+
+
+def _fast_call(msg: Any) -> tuple[Any, dict[str, Any]] | None:
+    """`(id, params)` of a handshake-era `tools/call` this front serves, else None."""
+    if not isinstance(msg, dict) or msg.get("method") != "tools/call" or msg.get("jsonrpc") != "2.0":
+        return None
+    rid = msg.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        return None
+    params = msg.get("params")
+    if not isinstance(params, dict):
+        return None
+    meta = params.get("_meta")
+    if meta is not None:
+        if not isinstance(meta, dict) or PROTOCOL_VERSION_META_KEY in meta:
+            return None  # a 2026-07-28 envelope (or a malformed `_meta`): the SDK's path
+        token = meta.get("progressToken")
+        if token is not None and (isinstance(token, bool) or not isinstance(token, (int, str))):
+            return None
+    return rid, params
+
+
+def _secure(settings: Any, ctype: bytes | None, host: bytes | None, origin: bytes | None) -> bool:
+    """The SDK's checks for a POST (`TransportSecurityMiddleware`, `_check_content_type`), without logging."""
+    if ctype is None:
+        return False
+    content_type = ctype.decode("latin-1")
+    if not content_type.lower().startswith("application/json"):
+        return False
+    if not any(p.strip() == "application/json" for p in content_type.split(";")[0].split(",")):
+        return False
+    if not settings.enable_dns_rebinding_protection:
+        return True
+    if not host:
+        return False
+    h = host.decode("latin-1")
+    if h not in settings.allowed_hosts and not any(
+        a.endswith(":*") and h.startswith(a[:-2] + ":") for a in settings.allowed_hosts
+    ):
+        return False
+    if origin:
+        o = origin.decode("latin-1")
+        if o not in settings.allowed_origins and not any(
+            a.endswith(":*") and o.startswith(a[:-2] + ":") for a in settings.allowed_origins
+        ):
+            return False
+    return True
+
+
+def _accepts_json_and_sse(accept: bytes | None) -> bool:
+    """`mcp.server.streamable_http.check_accept_headers`: both JSON and SSE must be acceptable."""
+    types = [t.strip().split(";")[0].strip().lower() for t in (accept or b"").decode("latin-1").split(",")]
+    wildcard = "*/*" in types
+    json_ok = wildcard or "application/json" in types or "application/*" in types
+    sse_ok = wildcard or "text/event-stream" in types or "text/*" in types
+    return json_ok and sse_ok
+
+
+def _replay(chunks: list[bytes], more: bool, trailing: dict[str, Any] | None, receive: Receive) -> Receive:
+    """A `receive` that gives back what was already read, then continues with the real one."""
+    queue: list[dict[str, Any]] = []
+    if chunks:
+        queue.append({"type": "http.request", "body": b"".join(chunks), "more_body": more})
+    if trailing is not None:
+        queue.append(trailing)
+
+    async def replay() -> dict[str, Any]:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _accepted(send: Send, sid: bytes) -> None:
+    """202 Accepted for a notification, as the SDK's transport answers one."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"0"), (b"mcp-session-id", sid)]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
