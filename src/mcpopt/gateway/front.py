@@ -185,7 +185,8 @@ class FastFront:
 
 
 def http_app(gateway: Gateway, host: str) -> Any:
-    """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras) and `/healthz`.
+    """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras), `/healthz`, and telemetry's
+    `/metrics` (Prometheus) and `/dashboard`.
 
     `HttpFront` answers handshake-era `tools/call` POSTs itself and passes the rest on.
     """
@@ -203,7 +204,7 @@ def http_app(gateway: Gateway, host: str) -> Any:
     app = gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,
-        custom_starlette_routes=[Route("/healthz", healthz)],
+        custom_starlette_routes=[Route("/healthz", healthz), *gateway.telemetry.routes()],
         session_idle_timeout=3600,
     )
     return HttpFront(gateway, app, "/mcp")

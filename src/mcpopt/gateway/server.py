@@ -65,6 +65,7 @@ from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
 from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX, ResultStore, ShapingFilter
 from mcpopt.policy import UNKNOWN
+from mcpopt.telemetry import Telemetry
 from mcpopt.upstream.pool import ServerPool
 from mcpopt.upstream.server import CatalogKind, ProgressFn
 
@@ -108,12 +109,17 @@ class Gateway:
             for name, cfg in config.active_servers().items()
         }
         self.cache = ResultCache(g.cache)
+        self.telemetry = Telemetry(g.telemetry, self)
         self.coalescer = CoalesceFilter()
         self.results = ResultStore(g.shaping.keep_results)
+        # The request path (ARCHITECTURE.md): telemetry -> shaping -> cache -> coalesce -> [timer]
+        # -> the replica pool (route, breaker, retry, timeout).
         default_filters: list[Filter] = [CacheFilter(self.cache, self._server_tool_names), self.coalescer]
         if g.shaping.max_result_bytes or g.shaping.compact_json:
             shaping = ShapingFilter(self.results, g.shaping.max_result_bytes, g.shaping.compact_json)
             default_filters.insert(0, shaping)
+        if self.telemetry.enabled:
+            default_filters = [self.telemetry.filter, *default_filters, self.telemetry.timer]
         self.pipeline = Pipeline(self._forward_tool_call, default_filters if filters is None else filters)
         self._connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
@@ -124,6 +130,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_info_stamp = {"name": g.name, "version": _VERSION}
         self.own = GatewayTools(self)
+        self.telemetry.register_tools(self.own)
         self.code_mode = CodeModeTool(self)
         self.own.handlers[self.code_mode.tool.name] = self.code_mode.handler  # callable in every mode
         self.discovery = SearchTools(
@@ -150,6 +157,7 @@ class Gateway:
         are not waited for. Times per server are kept in `self.startup_ms`.
         """
         await self.cache.start()
+        await self.telemetry.start()
         t0 = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for stage in startup_stages(self.config, list(self.upstreams)):
@@ -176,6 +184,7 @@ class Gateway:
                 for up in self.upstreams.values():
                     await up.stop()
                 await self.cache.close()
+                await self.telemetry.stop()
                 await self.code_mode.aclose()  # pydantic-monty's pool must close before the process exits
 
     async def _warm(self) -> None:

@@ -1,0 +1,185 @@
+"""Rolling statistics per tool, per server and overall; grades; a per-second timeline.
+
+Percentiles and error rates cover the calls that ended within the last `window_s` seconds,
+at most the last `MAX_SAMPLES` of them per scope (so a busy tool costs bounded memory and a
+bounded sort). Percentiles use the nearest-rank method. An error is any outcome in
+`ERROR_OUTCOMES` (a cancelled call is not one).
+
+Grades (issue 5, configurable as `telemetry.grades`): A when the average is < 50 ms and the
+error rate < 1%; B < 100 ms and < 2%; C < 200 ms and < 5%; D < 500 ms and < 10%; F otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from mcpopt.monitor.anomaly import EwmaDetector
+from mcpopt.telemetry.record import CallRecord
+
+MAX_SAMPLES = 2048
+DEFAULT_GRADES = ((50.0, 0.01), (100.0, 0.02), (200.0, 0.05), (500.0, 0.10))
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (`q` in 0..1); 0.0 when empty."""
+    n = len(ordered)
+    if not n:
+        return 0.0
+    return float(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))])
+
+
+def grade(avg_ms: float, error_rate: float, table: Sequence[Sequence[float]] = DEFAULT_GRADES) -> str:
+    """The letter for an average latency (ms) and an error rate (0..1); `table` gives A-D's bounds."""
+    for letter, (max_ms, max_err) in zip("ABCD", table, strict=False):
+        if avg_ms < max_ms and error_rate < max_err:
+            return letter
+    return "F"
+
+
+class Series:
+    """The samples and running totals of one scope (a tool, a server, or everything)."""
+
+    __slots__ = (
+        "samples",
+        "calls",
+        "errors",
+        "hits",
+        "misses",
+        "tokens_in",
+        "tokens_out",
+        "tokens_saved",
+        "bytes_in",
+        "bytes_out",
+        "outcomes",
+        "latency",
+        "errors_ewma",
+        "detect",
+    )
+
+    def __init__(self, z: float = 4.0, min_samples: int = 30, *, detect: bool = True) -> None:
+        self.samples: deque[tuple[float, float, bool]] = deque(maxlen=MAX_SAMPLES)
+        """(end time in Unix seconds, total ms, is error)"""
+        self.calls = self.errors = self.hits = self.misses = 0
+        self.tokens_in = self.tokens_out = self.tokens_saved = 0
+        self.bytes_in = self.bytes_out = 0
+        self.outcomes: dict[str, int] = {}
+        self.latency = EwmaDetector("latency", z=z, min_samples=min_samples)
+        self.errors_ewma = EwmaDetector("errors", z=z, min_samples=min_samples)
+        self.detect = detect
+        """Feed the anomaly detectors (per tool only: servers and overall would add cost, not signal)."""
+
+    def add(self, rec: CallRecord, end: float) -> None:
+        err = rec.is_error
+        self.samples.append((end, rec.total_ms, err))
+        self.calls += 1
+        self.errors += err
+        if rec.cache == "hit":
+            self.hits += 1
+        elif rec.cache == "miss":
+            self.misses += 1
+        self.tokens_in += rec.tokens_in
+        self.tokens_out += rec.tokens_out
+        self.tokens_saved += rec.tokens_saved
+        self.bytes_in += rec.request_bytes
+        self.bytes_out += rec.response_bytes
+        self.outcomes[rec.outcome] = self.outcomes.get(rec.outcome, 0) + 1
+        if self.detect and rec.outcome != "cancelled":
+            if not err:
+                self.latency.add(rec.total_ms)
+            self.errors_ewma.add(1.0 if err else 0.0)
+
+    def window(self, since: float) -> tuple[list[float], int]:
+        """Latencies (ascending) and the error count of samples that ended at or after `since`."""
+        lat: list[float] = []
+        errors = 0
+        for end, ms, err in reversed(self.samples):
+            if end < since:
+                break
+            lat.append(ms)
+            errors += err
+        lat.sort()
+        return lat, errors
+
+    def summary(self, since: float, table: Sequence[Sequence[float]]) -> dict[str, Any]:
+        """Window figures (ms, rates 0..1) and running totals; `grade` is None without calls."""
+        lat, errors = self.window(since)
+        n = len(lat)
+        avg = sum(lat) / n if n else 0.0
+        rate = errors / n if n else 0.0
+        cacheable = self.hits + self.misses
+        return {
+            "calls": n,
+            "errors": errors,
+            "error_rate": round(rate, 4),
+            "avg_ms": round(avg, 3),
+            "p50_ms": round(percentile(lat, 0.50), 3),
+            "p95_ms": round(percentile(lat, 0.95), 3),
+            "p99_ms": round(percentile(lat, 0.99), 3),
+            "max_ms": round(lat[-1], 3) if n else 0.0,
+            "grade": grade(avg, rate, table) if n else None,
+            "total_calls": self.calls,
+            "total_errors": self.errors,
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "hit_rate": round(self.hits / cacheable, 4) if cacheable else None,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "tokens_saved": self.tokens_saved,
+            "outcomes": dict(self.outcomes),
+            "anomaly": self.latency.flagged or self.errors_ewma.flagged,
+        }
+
+
+class Timeline:
+    """Per-bucket overall figures for charts: one point per `bucket_s` with calls, keeping `keep` points."""
+
+    def __init__(self, bucket_s: float = 1.0, keep: int = 600) -> None:
+        self.bucket_s = bucket_s
+        self.points: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._start: float | None = None
+        self._lat: list[float] = []
+        self._errors = self._hits = self._misses = self._saved = 0
+
+    def add(self, end: float, rec: CallRecord) -> None:
+        start = end - end % self.bucket_s
+        if self._start is None:
+            self._start = start
+        elif start > self._start:
+            self._close()
+            self._start = start
+        if len(self._lat) < 4096:
+            self._lat.append(rec.total_ms)
+        self._errors += rec.is_error
+        self._hits += rec.cache == "hit"
+        self._misses += rec.cache == "miss"
+        self._saved += rec.tokens_saved
+
+    def _point(self) -> dict[str, Any]:
+        lat = sorted(self._lat)
+        return {
+            "t": self._start,
+            "calls": len(lat),
+            "errors": self._errors,
+            "p50_ms": round(percentile(lat, 0.5), 3),
+            "p95_ms": round(percentile(lat, 0.95), 3),
+            "p99_ms": round(percentile(lat, 0.99), 3),
+            "cache_hits": self._hits,
+            "cache_misses": self._misses,
+            "tokens_saved": self._saved,
+        }
+
+    def _close(self) -> None:
+        if self._lat:
+            self.points.append(self._point())
+        self._lat = []
+        self._errors = self._hits = self._misses = self._saved = 0
+
+    def snapshot(self, limit: int = 300) -> list[dict[str, Any]]:
+        """The last `limit` points, oldest first, the current (partial) bucket included."""
+        out = list(self.points)[-limit:]
+        if self._lat:
+            out.append(self._point())
+        return out

@@ -1,0 +1,217 @@
+"""The gateway's performance tools: `{name}{sep}get_performance_status` and
+`{name}{sep}run_performance_benchmark` (`mcpopt__...` by default), added to a `GatewayTools`.
+
+- `get_performance_status`: grades, percentiles, error and cache hit rates per tool and
+  server, active alerts and anomalies, upstream health (states, breakers), telemetry drops.
+- `run_performance_benchmark`: calls the given tools with the given arguments through the
+  whole pipeline, `iterations` times each (after `warmup` unmeasured calls), `concurrency` at a
+  time, and returns min/avg/p50/p95/p99/max in ms, errors and a grade per tool. Only read-only
+  tools unless `allow_writes: true`; at most `MAX_CALLS` tools x `MAX_ITERATIONS` calls, and
+  `DEADLINE_S` seconds in all (partial figures are returned past it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import mcp_types as types
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
+
+from mcpopt.monitor.stats import grade, percentile
+
+if TYPE_CHECKING:
+    from mcpopt.telemetry.hub import Telemetry
+
+MAX_CALLS = 10
+MAX_ITERATIONS = 200
+MAX_CONCURRENCY = 16
+DEADLINE_S = 60.0
+
+
+def _result(payload: dict[str, Any], *, is_error: bool = False) -> dict[str, Any]:
+    import json
+
+    out: dict[str, Any] = {
+        "content": [{"type": "text", "text": json.dumps(payload, ensure_ascii=False, separators=(",", ":"))}],
+        "structuredContent": payload,
+    }
+    if is_error:
+        out["isError"] = True
+    return out
+
+
+def register_tools(own: Any, hub: Telemetry) -> None:
+    """Append both tools to `own.tools` and their handlers to `own.handlers` (a `GatewayTools`)."""
+    cfg = own.gateway.config.gateway
+    prefix = f"{cfg.name}{cfg.separator}"
+    status_name = f"{prefix}get_performance_status"
+    bench_name = f"{prefix}run_performance_benchmark"
+    gateway = own.gateway
+
+    async def get_status(arguments: dict[str, Any], link: Any) -> dict[str, Any]:
+        hub.process_pending()
+        status = hub.status()
+        if not arguments.get("include_timeline"):
+            status.pop("timeline", None)
+        wanted = arguments.get("tool")
+        if isinstance(wanted, str) and wanted:
+            status["tools"] = [t for t in status["tools"] if wanted in f"{t['server']}{cfg.separator}{t['tool']}"]
+        return _result(status)
+
+    async def run_benchmark(arguments: dict[str, Any], link: Any) -> dict[str, Any]:
+        calls = arguments.get("calls")
+        if not isinstance(calls, list) or not calls or len(calls) > MAX_CALLS:
+            raise MCPError(code=INVALID_PARAMS, message=f"{bench_name}: 'calls' must list 1 to {MAX_CALLS} tool calls")
+        iterations = _int(arguments.get("iterations", 10), 1, MAX_ITERATIONS, "iterations", bench_name)
+        concurrency = _int(arguments.get("concurrency", 1), 1, MAX_CONCURRENCY, "concurrency", bench_name)
+        warmup = _int(arguments.get("warmup", 1), 0, 20, "warmup", bench_name)
+        allow_writes = bool(arguments.get("allow_writes", False))
+        deadline = time.monotonic() + DEADLINE_S
+        results = []
+        for item in calls:
+            name = item.get("name") if isinstance(item, dict) else None
+            args = item.get("arguments") if isinstance(item, dict) else None
+            if not isinstance(name, str):
+                results.append({"name": name, "error": "each call needs 'name'"})
+                continue
+            if name not in gateway.catalog.tool_routes:
+                results.append({"name": name, "error": "unknown tool (only upstream tools can be benchmarked)"})
+                continue
+            info = gateway.catalog.tool_infos.get(name)
+            if not (info is not None and info.read_only) and not allow_writes:
+                results.append(
+                    {"name": name, "error": "not a read-only tool; pass allow_writes: true to benchmark it anyway"}
+                )
+                continue
+            params = {"name": name, "arguments": args if isinstance(args, dict) else {}}
+            results.append(
+                await _bench_one(gateway, link, params, iterations, concurrency, warmup, deadline, hub.settings.grades)
+            )
+        return _result({"iterations": iterations, "concurrency": concurrency, "results": results})
+
+    own.tools.append(
+        types.Tool(
+            name=status_name,
+            description=(
+                "Performance of the tools behind this gateway: grade (A-F) per tool and overall, latency "
+                "percentiles (ms), error and cache hit rates, active alerts and anomalies, upstream health."
+            ),
+            input_schema={
+                "type": "object",
+                "properties": {
+                    "tool": {"type": "string", "description": "only tools whose gateway name contains this"},
+                    "include_timeline": {"type": "boolean", "description": "add per-second points", "default": False},
+                },
+            },
+            annotations=types.ToolAnnotations(read_only_hint=True),
+        )
+    )
+    own.handlers[status_name] = get_status
+    own.tools.append(
+        types.Tool(
+            name=bench_name,
+            description=(
+                "Benchmark tools: call each given tool with the given arguments several times through the gateway "
+                "and return latency percentiles (ms), errors and a grade. Read-only tools only unless allow_writes."
+            ),
+            input_schema={
+                "type": "object",
+                "properties": {
+                    "calls": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_CALLS,
+                        "items": {
+                            "type": "object",
+                            "properties": {"name": {"type": "string"}, "arguments": {"type": "object"}},
+                            "required": ["name"],
+                        },
+                    },
+                    "iterations": {"type": "integer", "minimum": 1, "maximum": MAX_ITERATIONS, "default": 10},
+                    "concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY, "default": 1},
+                    "warmup": {"type": "integer", "minimum": 0, "maximum": 20, "default": 1},
+                    "allow_writes": {"type": "boolean", "default": False},
+                },
+                "required": ["calls"],
+            },
+            annotations=types.ToolAnnotations(read_only_hint=False, open_world_hint=True),
+        )
+    )
+    own.handlers[bench_name] = run_benchmark
+
+
+def _int(value: Any, lo: int, hi: int, key: str, tool: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise MCPError(code=INVALID_PARAMS, message=f"{tool}: '{key}' must be an integer from {lo} to {hi}")
+    return value
+
+
+async def _bench_one(
+    gateway: Any,
+    link: Any,
+    params: dict[str, Any],
+    iterations: int,
+    concurrency: int,
+    warmup: int,
+    deadline: float,
+    grades: Any,
+) -> dict[str, Any]:
+    errors: list[str] = []
+    tool_errors = 0
+    lat: list[float] = []
+
+    async def once(measure: bool) -> None:
+        nonlocal tool_errors
+        if time.monotonic() > deadline:
+            return
+        t0 = time.perf_counter()
+        try:
+            result = await gateway.call_tool(dict(params), link)
+        except MCPError as exc:
+            errors.append(exc.error.message)
+            return
+        ms = (time.perf_counter() - t0) * 1000
+        if measure:
+            lat.append(ms)
+            tool_errors += bool(result.get("isError"))
+
+    for _ in range(warmup):
+        await once(False)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def guarded() -> None:
+        async with limit:
+            await once(True)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(guarded() for _ in range(iterations)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    n = len(lat)
+    failed = len(errors) + tool_errors
+    total = n + len(errors)
+    avg = sum(lat) / n if n else 0.0
+    rate = failed / total if total else 0.0
+    out: dict[str, Any] = {
+        "name": params["name"],
+        "calls": total,
+        "ok": n - tool_errors,
+        "tool_errors": tool_errors,
+        "errors": len(errors),
+        "min_ms": round(lat[0], 3) if n else None,
+        "avg_ms": round(avg, 3) if n else None,
+        "p50_ms": round(percentile(lat, 0.5), 3) if n else None,
+        "p95_ms": round(percentile(lat, 0.95), 3) if n else None,
+        "p99_ms": round(percentile(lat, 0.99), 3) if n else None,
+        "max_ms": round(lat[-1], 3) if n else None,
+        "calls_per_s": round(total / wall, 1) if wall > 0 else None,
+        "grade": grade(avg, rate, grades) if n else "F",
+    }
+    if errors:
+        out["first_error"] = errors[0]
+    if total < iterations:
+        out["note"] = f"stopped after {DEADLINE_S:g} s"
+    return out

@@ -1,0 +1,221 @@
+"""The request-path half of telemetry: two pipeline filters and the record builder.
+
+`TelemetryFilter` goes first in the pipeline. Per call it does only this on the request path:
+two `perf_counter()` reads, an in-flight count, (when OTLP is on) new span ids and the
+`traceparent` put in the upstream request's `_meta`, and one `deque.append` of
+`(call, t0, t1, result, exception)`. Everything else -- classifying the outcome, sizes,
+hashes, redaction, statistics, Prometheus, spans, the store -- happens later in
+`build_record` and the hub's background loop. The call is recorded whatever happens inside
+(a result, an `isError` result, any exception, a cancellation), and the exception goes on
+unchanged. When the hand-off queue is full (the loop is starved) the record is dropped and
+counted in `dropped`.
+
+`UpstreamTimer` goes last (just before the upstream): it adds the time spent below it to
+`call.attrs["terminal_ms"]`, from which the record's `upstream_ms` is derived unless the
+terminal set `call.attrs["upstream_ms"]` itself (and `call.attrs["queue_ms"]`, time waiting
+for a concurrency slot, which is then taken out of the upstream time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from random import getrandbits
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from mcp.shared.exceptions import MCPError
+
+from mcpopt.errors import GATEWAY_REJECTED, UPSTREAM_CLOSED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, GatewayError
+from mcpopt.pipeline import Next, ToolCall, ToolResult
+from mcpopt.telemetry.otel import parse_traceparent
+from mcpopt.telemetry.privacy import hash_arguments, hash_id, redact_text, redacted_json
+from mcpopt.telemetry.record import CallRecord, estimate_tokens
+
+if TYPE_CHECKING:
+    from mcpopt.telemetry.hub import Telemetry
+
+REQUEST_TIMEOUT = -32001
+"""The SDK's own request-timeout code (mcp.shared.exceptions)."""
+TASK_KEYS = ("user_intent", "task_type", "performance_target")
+"""`_meta` keys (also under `_meta["mcpopt/task"]`) with which a client describes its task."""
+
+Pending = tuple[ToolCall, float, float, "ToolResult | None", "BaseException | None"]
+
+
+class TelemetryFilter:
+    """The outermost pipeline filter: hands each finished call to the hub (see the module doc)."""
+
+    __slots__ = ("enabled", "propagate", "inflight", "dropped", "_pending", "_cap")
+
+    def __init__(self, pending: deque[Pending], cap: int, *, enabled: bool = True, propagate: bool = False) -> None:
+        self.enabled = enabled
+        self.propagate = propagate
+        self.inflight = 0
+        """Calls inside the filter now (`mcpopt_inflight_calls`)."""
+        self.dropped = 0
+        self._pending = pending
+        self._cap = cap
+
+    async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
+        if not self.enabled:
+            return await next(call)
+        if self.propagate:
+            _inject_traceparent(call)
+        self.inflight += 1
+        t0 = perf_counter()
+        try:
+            result = await next(call)
+        except BaseException as exc:
+            self._done(call, t0, None, exc)
+            raise
+        self._done(call, t0, result, None)
+        return result
+
+    def _done(self, call: ToolCall, t0: float, result: ToolResult | None, exc: BaseException | None) -> None:
+        t1 = perf_counter()
+        self.inflight -= 1
+        pending = self._pending
+        if len(pending) < self._cap:
+            pending.append((call, t0, t1, result, exc))
+        else:
+            self.dropped += 1
+
+
+class UpstreamTimer:
+    """The innermost filter: accumulates time spent in the terminal in `call.attrs["terminal_ms"]`."""
+
+    __slots__ = ("enabled",)
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
+        if not self.enabled:
+            return await next(call)
+        t0 = perf_counter()
+        try:
+            return await next(call)
+        finally:
+            attrs = call.attrs
+            attrs["terminal_ms"] = attrs.get("terminal_ms", 0.0) + (perf_counter() - t0) * 1000
+
+
+def _inject_traceparent(call: ToolCall) -> None:
+    """New span ids for the call; its `traceparent` replaces (and parents to) the client's."""
+    params = call.params
+    meta = params.get("_meta")
+    parent = parse_traceparent(meta.get("traceparent")) if isinstance(meta, dict) and meta else None
+    trace_id = parent[0] if parent is not None else getrandbits(128) or 1
+    span_id = getrandbits(64) or 1
+    call.attrs["_trace"] = (trace_id, span_id, parent[1] if parent is not None else 0)
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["traceparent"] = f"00-{trace_id:032x}-{span_id:016x}-01"
+    params["_meta"] = meta
+
+
+def classify(result: ToolResult | None, exc: BaseException | None) -> tuple[str, int | None]:
+    """(outcome, JSON-RPC error code) of a finished call; see `mcpopt.telemetry.record`."""
+    if exc is None:
+        return ("tool_error" if isinstance(result, dict) and result.get("isError") else "ok"), None
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled", None
+    if isinstance(exc, MCPError):
+        code = exc.error.code
+    elif isinstance(exc, GatewayError):
+        code = exc.code
+    elif isinstance(exc, TimeoutError):
+        return "timeout", None
+    else:
+        return "internal_error", None
+    if code in (UPSTREAM_TIMEOUT, REQUEST_TIMEOUT):
+        return "timeout", code
+    if code == GATEWAY_REJECTED:
+        return "rejected", code
+    if code in (UPSTREAM_UNAVAILABLE, UPSTREAM_CLOSED):
+        return "unavailable", code
+    return "protocol_error", code
+
+
+def _size(obj: Any) -> int:
+    if not obj:
+        return 0
+    try:
+        return len(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS))
+    except TypeError:
+        return len(repr(obj))
+
+
+def task_info(call: ToolCall) -> dict[str, Any]:
+    """The client's task description: `call.attrs["task"]`, else `_meta` (or `_meta["mcpopt/task"]`)."""
+    task = call.attrs.get("task")
+    if isinstance(task, dict):
+        return task
+    meta = call.params.get("_meta")
+    if not isinstance(meta, dict):
+        return {}
+    nested = meta.get("mcpopt/task")
+    if isinstance(nested, dict):
+        return nested
+    return {k: meta[k] for k in TASK_KEYS if k in meta}
+
+
+def build_record(hub: Telemetry, item: Pending) -> CallRecord:
+    """Turn a pending call into a `CallRecord`, applying the privacy level (off the request path)."""
+    call, t0, t1, result, exc = item
+    outcome, code = classify(result, exc)
+    attrs = call.attrs
+    total = (t1 - t0) * 1000
+    queue_ms = float(attrs.get("queue_ms") or 0.0)
+    upstream = attrs.get("upstream_ms")
+    if upstream is None:
+        terminal = attrs.get("terminal_ms")
+        upstream = max(0.0, terminal - queue_ms) if terminal is not None else 0.0
+    upstream = float(upstream)
+    req = _size(call.params)
+    resp = _size(result)
+    cache = attrs.get("cache", "")
+    rec = CallRecord(
+        ts=hub.wall(t0),
+        server=call.server,
+        tool=call.tool,
+        name=call.name,
+        outcome=outcome,
+        total_ms=round(total, 3),
+        queue_ms=round(queue_ms, 3),
+        upstream_ms=round(upstream, 3),
+        gateway_ms=round(max(0.0, total - queue_ms - upstream), 3),
+        request_bytes=req,
+        response_bytes=resp,
+        tokens_in=estimate_tokens(req),
+        tokens_out=estimate_tokens(resp),
+        tokens_saved=int(attrs.get("tokens_saved") or 0),
+        cache=cache if isinstance(cache, str) else "",
+        coalesced=bool(attrs.get("coalesced")),
+        retries=int(attrs.get("retries") or 0),
+        replica=attrs.get("replica"),
+        error_code=code,
+        level=hub.level,
+    )
+    trace = attrs.get("_trace")
+    if trace is not None and hub.level != "minimal":
+        rec.trace_id, rec.span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
+        rec.parent_span_id = f"{trace[2]:016x}" if trace[2] else ""
+    if hub.level == "minimal":
+        return rec
+    salt = hub.salt
+    session = call.session_id or call.partition
+    if session:
+        rec.session = hash_id(session, salt)
+        rec.seq = hub.next_seq(rec.session)
+    arguments = call.arguments
+    rec.args_hash = hash_arguments(arguments, salt)
+    task = task_info(call)
+    if task:
+        rec.task_type = str(task.get("task_type") or "")[:200]
+        rec.performance_target = str(task.get("performance_target") or "")[:200]
+        rec.user_intent = redact_text(str(task.get("user_intent") or ""))[:1000]
+    if hub.level == "detailed":
+        rec.arguments = redacted_json(arguments)
+    return rec

@@ -1,0 +1,94 @@
+"""One telemetry record per tool call, and the outcome vocabulary.
+
+Outcomes (the `outcome` field, the Prometheus `outcome` label, the OTel `error.type`):
+
+- `ok`: the upstream answered with a result.
+- `tool_error`: the upstream answered with a result marked `isError: true`.
+- `protocol_error`: a JSON-RPC error (the server's own, or the gateway's for a bad call).
+- `timeout`: no answer in time (error code `UPSTREAM_TIMEOUT`, or the SDK's request timeout).
+- `rejected`: the gateway refused the call (code `GATEWAY_REJECTED`: limits, queue full).
+- `unavailable`: no upstream could take the call (`UPSTREAM_UNAVAILABLE`, `UPSTREAM_CLOSED`).
+- `cancelled`: the client cancelled the call (not counted as an error).
+- `internal_error`: an unexpected exception inside the gateway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+OUTCOMES = ("ok", "tool_error", "protocol_error", "timeout", "rejected", "unavailable", "cancelled", "internal_error")
+ERROR_OUTCOMES = frozenset(OUTCOMES) - {"ok", "cancelled"}
+"""Outcomes counted in error rates, grades and alerts."""
+
+LEVELS = ("minimal", "standard", "detailed")
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What telemetry keeps of one tool call (one row of the SQLite `calls` table).
+
+    Times are milliseconds, sizes bytes, `ts` Unix seconds at the call's start. Fields that the
+    privacy level does not allow stay empty ("" or 0): `session`, `seq` and `args_hash` need
+    `standard`; `arguments` (redacted JSON) needs `detailed`; task info needs `standard`.
+
+    Attributes:
+        server, tool: upstream server and its tool name; `name` is the gateway name.
+        outcome: one of `OUTCOMES`; `error_code` the JSON-RPC code of a failed call.
+        total_ms: the whole call as the outermost filter saw it; split into `queue_ms` (waiting
+            for a slot), `upstream_ms` (on the wire to the upstream, retries included) and
+            `gateway_ms` (the rest: filters, cache).
+        tokens_in / tokens_out: estimated as bytes / 4 of the request params / the result.
+        tokens_saved: tokens a filter says it saved (`call.attrs["tokens_saved"]`).
+        cache: "hit", "miss", or "" when the call was not cacheable.
+        seq: the call's 1-based position in its session (tool sequences).
+        trace_id / span_id: the call's OTel span (hex), when OTLP export is on;
+            `parent_span_id` the client's span when its `_meta.traceparent` named one.
+    """
+
+    ts: float
+    server: str
+    tool: str
+    name: str
+    outcome: str
+    total_ms: float
+    queue_ms: float = 0.0
+    upstream_ms: float = 0.0
+    gateway_ms: float = 0.0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_saved: int = 0
+    cache: str = ""
+    coalesced: bool = False
+    retries: int = 0
+    replica: int | None = None
+    error_code: int | None = None
+    session: str = ""
+    seq: int = 0
+    args_hash: str = ""
+    arguments: str = ""
+    task_type: str = ""
+    user_intent: str = ""
+    performance_target: str = ""
+    trace_id: str = ""
+    span_id: str = ""
+    parent_span_id: str = ""
+    level: str = "standard"
+
+    @property
+    def is_error(self) -> bool:
+        return self.outcome in ERROR_OUTCOMES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELDS = tuple(CallRecord.__dataclass_fields__)
+"""Column order of the `calls` table and of JSONL exports."""
+
+
+def estimate_tokens(n_bytes: int) -> int:
+    """A rough token count: 4 bytes of JSON per token (the usual rule of thumb for English/JSON)."""
+    return (n_bytes + 3) // 4
