@@ -26,7 +26,12 @@ unknown session id, a terminated or reaped session, Host/Origin/Content-Type rej
 session's `TransportSecurityMiddleware` settings, an `Accept` without both JSON and SSE, a body
 over the size limit, a 2026-07-28 request (`MCP-Protocol-Version` header or `_meta` envelope),
 an uninitialized connection, auth-owned sessions, duplicate ids, any other method, batches,
-notifications, responses, GET and DELETE.
+notifications, responses, GET and DELETE. The session's `Connection` is the one the gateway's
+middleware has seen (`Gateway._connections`, by `Connection.session_id`).
+
+Limits: a call in flight is not cancelled when its session is deleted or reaped (the SDK's
+dispatcher would cancel it), and a client that disconnects is noticed only when the answer is
+written (a 2025-era client's `notifications/cancelled` is honoured, as above).
 """
 
 from __future__ import annotations
@@ -253,6 +258,10 @@ class _Exchange:
         except Exception as exc:  # noqa: BLE001 - as the SDK's dispatcher: code 0 and the text
             logger.exception("handler for 'tools/call' raised")
             message = {"jsonrpc": "2.0", "id": self.rid, "error": {"code": 0, "message": str(exc)}}
+        except BaseException:
+            self.done = True  # this request is being torn down (server shutdown): no answer
+            self._drop_route()
+            raise
         finally:
             timer.cancel()
             if self.pinger is not None:
@@ -378,6 +387,18 @@ class _Exchange:
                     await self._event(event.message.model_dump_json(by_alias=True, exclude_unset=True).encode())
 
     async def _unroute(self) -> None:
+        """Stop routing; what the router already delivered is written before the response."""
+        if self.route is None:
+            return
+        pump = self.pump
+        self._drop_route(cancel=False)
+        if pump is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await pump
+            pump.cancel()
+
+    def _drop_route(self, cancel: bool = True) -> None:
         if self.route is None:
             return
         streams = self.transport._request_streams  # noqa: SLF001
@@ -385,10 +406,9 @@ class _Exchange:
         if streams.get(key) is self.route:
             del streams[key]
         self.route[0].close()
-        if self.pump is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self.pump  # what the router already delivered precedes the response
+        self.route = None
+        if cancel and self.pump is not None:
+            self.pump.cancel()
 
 
 def _fast_call(msg: Any) -> tuple[Any, dict[str, Any]] | None:

@@ -2,36 +2,38 @@
 
 The SDK's `ClientSession` over `streamable_http_client` owns the connection: the handshake
 (which mints the `mcp-session-id`), lists, the GET stream, the server's own requests, and
-session termination. Forwarded calls (`Upstream.request`), which only need "send these params,
-give me the result dict", take this side channel instead: one POST per request, written with
-orjson on a small pool of keep-alive HTTP/1.1 connections, the response (`application/json`
-or `text/event-stream`) parsed here, the result handed back as a plain dict.
+session termination. Forwarded requests (`Upstream.request`), which only need "send these
+params, give me the result dict", take this side channel instead: one POST per request,
+written with orjson on a small pool of keep-alive HTTP/1.1 connections (a raw asyncio
+protocol), the `application/json` or `text/event-stream` answer parsed here, the result
+handed back as a plain dict.
 
-Why not httpx2 (the SDK's client)? Measured on this project's machines, one httpx2 POST costs
-~2.4 ms of CPU against ~0.3 ms for the raw asyncio protocol below; the SDK adds pydantic
-models, memory-stream hops and a task per POST on top. The side channel speaks the same wire:
-the SDK session's `mcp-session-id` (from its `initialize` answer and its own requests, by
-httpx2 event hooks),
-the headers the session's own era stamp computes for the request (`MCP-Protocol-Version`; on
-2026-07-28 also `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`), the client's configured headers
-(`cfg.headers`, auth) and user agent, `Accept: application/json, text/event-stream`.
+Why not httpx2, as the SDK? Measured here, one httpx2 POST costs ~2.4 ms of CPU against
+~0.3 ms for the protocol below, and the SDK adds pydantic models, memory-stream hops and a task
+per POST. The wire is the SDK's: its session's `mcp-session-id` (from the `initialize` answer
+and its own requests, seen by httpx2 event hooks on its client), the headers the session's era
+stamp computes for the request (`MCP-Protocol-Version`; on 2026-07-28 also `Mcp-Method`,
+`Mcp-Name`, `Mcp-Param-*`), the client's headers (`cfg.headers`, user agent), and
+`Accept: application/json, text/event-stream`.
 
-Server-to-client traffic on a request's SSE stream: the response ends it; `notifications/progress`
-for our token goes to the caller's `on_progress`; everything else (sampling / elicitation /
-roots requests, log messages, other notifications) is handed to the SDK session's read stream,
-exactly as the SDK transport would, so its callbacks answer them (the answers are POSTed by the
-SDK transport). A stream that ends without the response is resumed with a GET carrying
-`Last-Event-ID` when the server gave event ids, as the SDK does.
+On a request's SSE stream: the response ends it; `notifications/progress` for our token goes
+to `on_progress`; everything else (sampling / elicitation / roots requests, log messages, other
+notifications) is handed to the SDK session's read stream, as the SDK transport does, so the
+session's callbacks answer them (their answers are POSTed by the SDK transport). A stream that
+ends without the response is resumed with a GET carrying `Last-Event-ID` when the server gave
+event ids, as the SDK does. Timeouts and cancellation close the connection; on the 2025 wire a
+`notifications/cancelled` is POSTed too (on 2026-07-28 closing the stream is the cancel).
 
-Limits (each falls back to the SDK session, never fails):
-- no side channel when httpx2 would not use its own connection pool for the URL (a proxy from
-  the environment or `mounts`, a custom transport), when the client has an `httpx2.Auth` flow,
-  or once the server sets cookies (they go to the SDK client's jar, and requests to its path);
-- a redirect is followed only as the SDK does (307/308 within the origin), else it fails;
-- response bodies with a `Content-Encoding` are not decoded (none is asked for).
-Errors match `FastChannel`: `MCPError` for JSON-RPC errors, `TimeoutError`, `ChannelClosed`.
-A refused connection or a 404 for our session also ends the SDK session (the upstream is
-restarted), as the SDK transport's failure would.
+Falls back to the SDK session: when httpx2 would not use its own pool for the URL (a proxy
+from the environment or `mounts`, a custom transport), when the client has an `httpx2.Auth`
+flow, once the server sets cookies (they go to the SDK client's jar, and requests to its
+path), and for header values that are not latin-1. Not done: redirects other than 307/308
+within the origin (an error, as in the SDK), `Content-Encoding` (none is asked for).
+
+Errors are `FastChannel`'s: `MCPError` for JSON-RPC errors (and HTTP errors, mapped as the SDK
+maps them), `TimeoutError`, `ChannelClosed`. A refused connection ends the SDK session (so the
+upstream restarts), as the SDK transport's own failure would; so does a 404 for our session,
+the spec's "start a new session" (the SDK alone keeps failing every request then).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ _MAX_IDLE = 16
 _MAX_CONNECTIONS = 100
 """Connections open at once per upstream (httpx2's default limit); more requests wait for one."""
 _DEFAULT_KEEPALIVE_S = 4.0
-"""Idle connections older than this are not reused unless the server's `Keep-Alive: timeout=N` says longer."""
+"""Idle connections older than this are not reused (or than the server's `Keep-Alive: timeout=N`, less 0.5 s)."""
 _MAX_HEAD = 1 << 16
 _RECONNECT_ATTEMPTS = 2
 _DEFAULT_RETRY_MS = 1000
@@ -667,20 +669,14 @@ class HttpFastChannel:
                     raise _Eof()
             head = bytes(buf[:end])
             del buf[: end + 4]
-            lines = head.split(b"\r\n")
-            first = lines[0].split(b" ", 2)
+            first = head[: head.find(b"\r\n")].split(b" ", 2) if b"\r\n" in head else head.split(b" ", 2)
             try:
                 status = int(first[1])
             except (IndexError, ValueError):
                 raise _Eof() from None
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                key = name.strip().lower().decode("latin-1")
-                text = value.strip().decode("latin-1")
-                headers[key] = f"{headers[key]}, {text}" if key in headers else text
             if 100 <= status < 200 and status != 101:
                 continue  # an interim response (100 Continue, 103 Early Hints)
+            headers = _headers(head)
             if "set-cookie" in headers:
                 self._keep_cookies(head)
             return _Response(conn, status, first[0], headers)
@@ -786,7 +782,7 @@ class HttpFastChannel:
             except _Eof:
                 self._abandon(resp)
             # The stream ended without the response: resume it if the server gave event ids.
-            if sse.last_id is None:
+            if not sse.last_id:
                 raise ChannelClosed()
             while True:
                 if attempts >= _RECONNECT_ATTEMPTS:
@@ -882,6 +878,36 @@ class HttpFastChannel:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+_WANTED = tuple(
+    (name, b"\r\n" + name.encode() + b":")
+    for name in (
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "location",
+        "set-cookie",
+    )
+)
+"""The response headers the side channel reads (found with `bytes.find`: no per-line parsing)."""
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    """The wanted headers of a response head (names are case-insensitive; repeats are joined)."""
+    low = head.lower()  # ASCII-only lowering: offsets stay those of `head`
+    headers: dict[str, str] = {}
+    for name, key in _WANTED:
+        at = low.find(key)
+        while at >= 0:
+            start = at + len(key)
+            stop = head.find(b"\r\n", start)
+            value = head[start : stop if stop >= 0 else len(head)].strip().decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            at = low.find(key, start)
+    return headers
 
 
 def _with_path(data: bytes, path: str) -> bytes:
