@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 from mcp import Client, StdioServerParameters
 
-from mcpopt.bench.overhead import ROOT, percentile
+from mcpopt.bench.overhead import ROOT, SERVERS_PY, percentile
 
 EVERYTHING = ROOT / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
 MEMORY = ROOT / "node_modules" / "@modelcontextprotocol" / "server-memory" / "dist" / "index.js"
@@ -96,11 +96,22 @@ async def bench_cache(calls: int = 500, warmup: int = 50, seconds: float = 3.0) 
             hit_ms = await _latency(gw, "everything__get-sum", args, calls, warmup)
             e2e_rate = await _rate(gw, "everything__get-sum", args, 16, seconds)
         capacity = await _gateway_capacity(cfg, seconds)
+        # The same against a typical Python server (mcp-server-time, the overhead benchmark's).
+        time_cmd = str(SERVERS_PY / "mcp-server-time")
+        tcfg = _config(Path(d), {"time": {"command": time_cmd, "cache": {"ttl_ms": 600_000}}}, "time.json")
+        targs = {"timezone": "UTC"}
+        async with Client(StdioServerParameters(command=time_cmd), mode="legacy") as direct:
+            tdirect_ms = await _latency(direct, "get_current_time", targs, calls, warmup)
+        async with Client(_mcpopt(tcfg), mode="legacy") as gw:
+            thit_ms = await _latency(gw, "time__get_current_time", targs, calls, warmup)
     d50, h50 = percentile(sorted(direct_ms), 50), percentile(sorted(hit_ms), 50)
     return {
         "direct": _stats(direct_ms),
         "cache_hit": _stats(hit_ms),
         "hit_vs_direct_p50": h50 / d50,
+        "time_direct": _stats(tdirect_ms),
+        "time_cache_hit": _stats(thit_ms),
+        "time_hit_vs_direct_p50": percentile(sorted(thit_ms), 50) / percentile(sorted(tdirect_ms), 50),
         "hits_per_s_one_client_c16": e2e_rate,
         "hits_per_s_gateway_in_process": capacity,
     }
@@ -217,14 +228,18 @@ def print_report(kind: str, data: Any, as_json: bool) -> None:
 
     console = Console()
     if kind == "cache":
-        t = Table(title="cache hit vs direct call (server-everything get-sum, stdio, ms)")
-        for col in ("path", "p50", "p95", "p99"):
-            t.add_column(col, justify="right" if col != "path" else "left")
-        for path in ("direct", "cache_hit"):
-            s = data[path]
-            t.add_row(path, f"{s['p50_ms']:.3f}", f"{s['p95_ms']:.3f}", f"{s['p99_ms']:.3f}")
+        t = Table(title="cache hit vs direct call (stdio, ms)")
+        for col in ("tool", "path", "p50", "p95", "p99"):
+            t.add_column(col, justify="right" if col not in ("path", "tool") else "left")
+        for tool, prefix in (("everything get-sum (node)", ""), ("time get_current_time (python)", "time_")):
+            for path in ("direct", "cache_hit"):
+                s = data[prefix + path]
+                t.add_row(tool, path, f"{s['p50_ms']:.3f}", f"{s['p95_ms']:.3f}", f"{s['p99_ms']:.3f}")
         console.print(t)
-        console.print(f"cache hit p50 / direct p50 = {data['hit_vs_direct_p50']:.2f}x")
+        console.print(
+            f"cache hit p50 / direct p50: get-sum {data['hit_vs_direct_p50']:.2f}x, "
+            f"get_current_time {data['time_hit_vs_direct_p50']:.2f}x"
+        )
         console.print(f"cache hits/s, one SDK client, 16 concurrent: {data['hits_per_s_one_client_c16']:.0f}")
         console.print(f"cache hits/s, gateway in-process (no client): {data['hits_per_s_gateway_in_process']:.0f}")
     elif kind == "throughput":
