@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from mcpopt.codemode.sandbox import CodeModeSettings
 from mcpopt.errors import ConfigError
+from mcpopt.optimize.settings import OptimizationSettings
 
 TransportName = Literal["stdio", "http", "sse"]
 
@@ -356,6 +357,8 @@ class GatewaySettings(_Strict):
     search_k: int = Field(10, ge=1, le=100)
     """Results `search_tools` returns by default."""
     code_mode: CodeModeSettings = Field(default_factory=lambda: CodeModeSettings())
+    optimization: OptimizationSettings = Field(default_factory=lambda: OptimizationSettings())
+    """The optimizer: rules file, autonomous improvement (`auto_improvement`, `level`, `rollback_threshold`)."""
     """`execute_code`: sandbox backend (monty / wasm) and its limits."""
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
     telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())

@@ -61,6 +61,8 @@ from mcpopt.discovery.modes import SearchTools
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
 from mcpopt.gateway.tools import GatewayTools
+from mcpopt.optimize.rules import RulesFilter, RuleStore
+from mcpopt.optimize.settings import default_rules_path
 from mcpopt.pipeline import Filter, Pipeline, ToolCall, ToolResult
 from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX, ResultStore, ShapingFilter
@@ -112,9 +114,11 @@ class Gateway:
         self.telemetry = Telemetry(g.telemetry, self)
         self.coalescer = CoalesceFilter()
         self.results = ResultStore(g.shaping.keep_results)
-        # The request path (ARCHITECTURE.md): telemetry -> shaping -> cache -> coalesce -> [timer]
+        # The request path (ARCHITECTURE.md): telemetry -> shaping -> rules (rewrite; before the cache,
+        # which reads a rule's TTL) -> cache -> coalesce -> [timer]
         # -> the replica pool (route, breaker, retry, timeout).
-        default_filters: list[Filter] = [CacheFilter(self.cache, self._server_tool_names), self.coalescer]
+        self.rules = RulesFilter(RuleStore(default_rules_path(config)))
+        default_filters: list[Filter] = [self.rules, CacheFilter(self.cache, self._server_tool_names), self.coalescer]
         if g.shaping.max_result_bytes or g.shaping.compact_json:
             shaping = ShapingFilter(self.results, g.shaping.max_result_bytes, g.shaping.compact_json)
             default_filters.insert(0, shaping)

@@ -25,7 +25,7 @@ import mcp_types as types
 from mcp.client._probe import negotiate_auto
 from mcp.client.session import ClientRequestContext, ClientSession
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+from mcp_types import CONNECTION_CLOSED, METHOD_NOT_FOUND, REQUEST_TIMEOUT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.config import ServerConfig
@@ -520,10 +520,17 @@ def _page(cursor: str | None) -> types.PaginatedRequestParams | None:
 
 
 async def _all_pages(fetch: Callable[[str | None], Awaitable[Any]], attr: str) -> list[Any]:
+    """Every item of a paginated list. A server that declares the capability but answers the
+    method with METHOD_NOT_FOUND (e.g. mcp-server-sqlite on resources/templates/list) has none."""
     items: list[Any] = []
     cursor: str | None = None
     for _ in range(_LIST_PAGE_CAP):
-        result = await fetch(cursor)
+        try:
+            result = await fetch(cursor)
+        except MCPError as exc:
+            if exc.error.code == METHOD_NOT_FOUND and cursor is None:
+                return []
+            raise
         items.extend(getattr(result, attr))
         cursor = result.next_cursor
         if not cursor:
