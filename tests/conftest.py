@@ -34,6 +34,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Gateways started by the tests keep telemetry and rules in a temporary XDG data dir (subprocesses
+    inherit it), never in the user's own `~/.local/share/mcpopt`."""
+    old = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = old
+
+
 # ---- upstream entries (absolute paths, so the gateway can run from any cwd) ----------------
 def time_entry(**extra: Any) -> dict[str, Any]:
     return {"command": str(PY_SERVERS / "mcp-server-time"), "args": ["--local-timezone", "UTC"], **extra}
@@ -75,7 +88,11 @@ def write_config(path: Path, servers: dict[str, Any], gateway: dict[str, Any] | 
 
 
 def gateway_params(config: Path, *extra_args: str, env: dict[str, str] | None = None) -> StdioServerParameters:
-    return StdioServerParameters(command=MCPOPT, args=["serve", "-c", str(config), *extra_args], cwd=str(ROOT), env=env)
+    # The SDK passes a stdio server only a few variables of ours: carry the private data dir along.
+    private = {"XDG_DATA_HOME": os.environ["XDG_DATA_HOME"]} if "XDG_DATA_HOME" in os.environ else {}
+    return StdioServerParameters(
+        command=MCPOPT, args=["serve", "-c", str(config), *extra_args], cwd=str(ROOT), env={**private, **(env or {})}
+    )
 
 
 def gateway_client(config: Path, mode: str = "auto", **kwargs: Any) -> Client:
