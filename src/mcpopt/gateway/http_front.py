@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import weakref
@@ -55,7 +54,7 @@ from mcp_types import INVALID_PARAMS, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from mcpopt.gateway.server import ClientLink, Gateway
+from mcpopt.gateway.server import ClientLink, Gateway, partition_of
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ class HttpFront:
         if key in self._inflight or str(rid) in transport._request_streams:  # noqa: SLF001
             return await self.app(scope, _replay([body], False, None, receive), send)
 
-        partition = hashlib.blake2b(auth.decode("latin-1").encode(), digest_size=8).hexdigest() if auth else ""
+        partition = partition_of(auth.decode("latin-1") if auth else None)
         exchange = _Exchange(send, sid, rid, conn, transport)
         self._inflight[key] = exchange
         tracked = idle is not None and transport._idle_timeout is not None  # noqa: SLF001

@@ -825,12 +825,19 @@ def _session_id(conn: Connection | None) -> str:
     return conn.session_id or f"conn-{id(conn):x}"
 
 
+def partition_of(authorization: str | None) -> str:
+    """A caller's auth partition: BLAKE2b-64 of its Authorization header ("" without one).
+
+    Cached and coalesced results are never shared across partitions.
+    """
+    return hashlib.blake2b(authorization.encode(), digest_size=8).hexdigest() if authorization else ""
+
+
 def _partition(ctx: Any) -> str:
-    """An HTTP caller's auth partition: a digest of its Authorization header ("" without one)."""
+    """The auth partition of a request the SDK dispatched (HTTP: from its headers)."""
     request = getattr(ctx, "request", None)
     headers = getattr(request, "headers", None)
-    auth = headers.get("authorization") if headers is not None else None
-    return hashlib.blake2b(auth.encode(), digest_size=8).hexdigest() if auth else ""
+    return partition_of(headers.get("authorization") if headers is not None else None)
 
 
 def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:
