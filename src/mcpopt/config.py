@@ -583,6 +583,10 @@ mcpServers:
     # startup_timeout_ms: 30000           # how long the server may take to answer its handshake
     # protocol: auto                      # auto = discover (2026-07-28), else handshake; legacy = handshake
     # disabled: false
+    # cache: {tools: {get_current_time: {ttl_ms: 1000}}}   # only read-only tools are ever cached
+    # replicas: 3                         # copies of this command; routing.strategy: least_inflight (default)
+    # retry: {attempts: 3}                # only read-only / idempotent calls, or calls that never got through
+    # lazy: true                          # start on first use; idle_timeout_ms: 600000 stops it when idle
 
   # everything:                           # a Streamable HTTP server
   #   url: http://127.0.0.1:3001/mcp
@@ -600,4 +604,8 @@ gateway:
     enabled: true
     initial_backoff_ms: 500
     max_backoff_ms: 30000
+  # exposure: full                        # full | search (search_tools + call_tool) | code (execute_code)
+  # cache: {redis_url: redis://127.0.0.1:6379/0}    # L2 shared by gateway processes
+  # telemetry: {level: standard}          # minimal | standard | detailed; enabled: false records nothing
+  # shaping: {max_result_bytes: 65536}    # cut huge results; the whole stays readable as a resource
 """
