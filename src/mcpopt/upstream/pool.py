@@ -490,6 +490,7 @@ class ServerPool:
             safe=bool(info.read_only or info.idempotent),
             session=call.session_id or call.partition,
             timeout_s=None,
+            attrs=call.attrs,
         )
 
     async def request(
@@ -548,25 +549,31 @@ class ServerPool:
         safe: bool,
         session: str,
         timeout_s: float | None,
+        attrs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """`attrs` (a ToolCall's) receives `queue_ms` (waiting for a slot), `upstream_ms` (time in
+        sends, all attempts), `retries` and `replica` (1-based), for telemetry."""
         self._active += 1
         self._last_activity = time.monotonic()
         try:
             sem = self._sem
             if sem is None:
-                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s)
+                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs)
             if sem.locked():
                 if self._waiting >= self.cfg.max_queue:
                     raise self._rejected(method, tool)
                 self._waiting += 1
+                queued = time.perf_counter()
                 try:
                     await sem.acquire()
                 finally:
                     self._waiting -= 1
+                    if attrs is not None:
+                        attrs["queue_ms"] = (time.perf_counter() - queued) * 1000
             else:
                 await sem.acquire()
             try:
-                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s)
+                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs)
             finally:
                 sem.release()
         finally:
@@ -582,6 +589,7 @@ class ServerPool:
         safe: bool,
         session: str,
         timeout_s: float | None,
+        attrs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Route, send, and retry per `routing.may_retry` with full-jitter backoff.
 
@@ -615,8 +623,11 @@ class ServerPool:
             timeout = timeout_s
             if timeout is None and self.timeouts is not None:
                 timeout = self.timeouts.timeout_s(key)
+            if attrs is not None:
+                attrs["retries"] = attempt
+                attrs["replica"] = r.index + 1
             try:
-                return await self._send(r, method, params, timeout, on_progress, key)
+                return await self._send(r, method, params, timeout, on_progress, key, attrs)
             except GatewayError as exc:
                 last = sent_error = exc
                 if not may_retry(exc, safe):
@@ -637,6 +648,7 @@ class ServerPool:
         timeout_s: float | None,
         on_progress: ProgressFn | None,
         key: str,
+        attrs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One attempt on replica `r`, recording its latency, failures and breaker verdict."""
         up = r.target
@@ -665,6 +677,8 @@ class ServerPool:
             r.last_error = f"{up.label} failed during {method}: {type(exc).__name__}: {exc}"
             raise UpstreamClosed(r.last_error, server=self.name) from exc
         finally:
+            if attrs is not None:
+                attrs["upstream_ms"] = attrs.get("upstream_ms", 0.0) + (time.perf_counter() - started) * 1000
             r.inflight -= 1
             r.calls += 1
             if verdict is True:
