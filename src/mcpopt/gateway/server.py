@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import logging
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -235,9 +234,7 @@ class Gateway:
         if "tools" in kinds:
             await self.discovery.on_catalog(self.catalog)
         changed: list[str] = []
-        if "tools" in kinds and _names(old.tools) != _names(self.catalog.tools):
-            changed.append("notifications/tools/list_changed")
-        elif "tools" in kinds and old.tools != self.catalog.tools:
+        if "tools" in kinds and old.tools != self.catalog.tools:
             changed.append("notifications/tools/list_changed")
         if "prompts" in kinds and old.prompts != self.catalog.prompts:
             changed.append("notifications/prompts/list_changed")
@@ -895,14 +892,6 @@ def _level_at_least(level: str, minimum: str | None) -> bool:
         return True
 
 
-def _names(items: list[Any]) -> list[str]:
-    return [i.name for i in items]
-
-
 def _template_matches(template: str, uri: str) -> bool:
     literal = template.split("{", 1)[0]
     return bool(literal) and uri.startswith(literal)
-
-
-def new_session_id() -> str:
-    return uuid.uuid4().hex

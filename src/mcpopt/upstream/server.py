@@ -352,19 +352,6 @@ class Upstream:
             )
         return exc
 
-    async def typed(self, call: Callable[[ClientSession], Awaitable[Any]], method: str) -> Any:
-        """Run a typed `ClientSession` call with the gateway's error translation."""
-        session = self._require()
-        try:
-            with anyio.fail_after(self.timeout_s):
-                return await call(session)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"{self.label} did not answer {method} within {self.timeout_s:g} s", server=self.name
-            ) from None
-        except MCPError as exc:
-            raise self._translate(exc, method, self.timeout_s) from None
-
     # ---- subscriptions ------------------------------------------------------------------
     async def subscribe(self, uri: str) -> None:
         """Subscribe to updates of an upstream resource (`resources/subscribe`, or listen)."""
