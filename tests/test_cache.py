@@ -227,6 +227,32 @@ async def test_coalesced_error_reaches_every_caller() -> None:
     assert all(isinstance(o, RuntimeError) for o in outcomes)
 
 
+async def test_coalescing_cancellation_touches_only_the_cancelled_call() -> None:
+    calls = 0
+    gate = asyncio.Event()
+
+    async def upstream(call: ToolCall) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return _result(f"answer {calls}")
+
+    pipe = Pipeline(upstream, [CoalesceFilter()])
+    leader = asyncio.create_task(pipe(_call("read", ToolInfo(read_only=True))))
+    await asyncio.sleep(0.01)
+    followers = [asyncio.create_task(pipe(_call("read", ToolInfo(read_only=True)))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    followers[0].cancel()  # a follower's client gives up: nobody else is affected
+    leader.cancel()  # the leader's client gives up: the waiting followers call upstream themselves
+    await asyncio.sleep(0.01)
+    gate.set()
+    outcomes = await asyncio.gather(leader, *followers, return_exceptions=True)
+    assert isinstance(outcomes[0], asyncio.CancelledError) and isinstance(outcomes[1], asyncio.CancelledError)
+    texts = [o["content"][0]["text"] for o in outcomes[2:]]  # type: ignore[index]
+    # the two remaining followers: one became the new leader, the other coalesced onto it
+    assert calls == 2 and texts == ["answer 2", "answer 2"]
+
+
 # ---- integration: the two FastMCP failures, on the real servers -----------------------------
 def _text(result: Any) -> str:
     return result.content[0].text

@@ -66,15 +66,24 @@ async def _latency(client: Client, tool: str, args: dict[str, Any], calls: int, 
     return out
 
 
-async def _rate(client: Client, tool: str, args: dict[str, Any], concurrency: int, seconds: float) -> float:
-    """Calls completed per second by `concurrency` workers sharing one session."""
+async def _rate(
+    client: Client, tool: str, args: dict[str, Any], concurrency: int, seconds: float, vary: str | None = None
+) -> float:
+    """Calls completed per second by `concurrency` workers sharing one session.
+
+    `vary` names an integer argument given a different value on every call, so concurrent
+    calls are never identical (identical read-only calls would be coalesced by mcpopt, which
+    would flatter it).
+    """
     done = 0
+    n = 0
     stop = time.perf_counter() + seconds
 
     async def worker() -> None:
-        nonlocal done
+        nonlocal done, n
         while time.perf_counter() < stop:
-            result = await client.call_tool(tool, args)
+            n += 1
+            result = await client.call_tool(tool, {**args, vary: n} if vary else args)
             if not result.is_error:
                 done += 1
 
@@ -140,29 +149,43 @@ async def _gateway_capacity(cfg: Path, seconds: float) -> float:
         return n / (time.perf_counter() - t0)
 
 
+def _relay() -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "mcpopt.bench.relay", NODE, str(EVERYTHING), "stdio"]
+    )
+
+
 async def bench_throughput(seconds: float = 3.0, levels: tuple[int, ...] = (1, 16, 64)) -> list[dict[str, Any]]:
+    """Calls/s direct, through mcpopt, and through a bare byte relay (`mcpopt.bench.relay`: the
+    cost of any extra process hop), one SDK client session each, same run."""
     rows: list[dict[str, Any]] = []
-    tools: list[tuple[str, str, dict[str, Any]]] = [
-        ("fast (get-sum)", "get-sum", {"a": 1, "b": 2}),
-        ("50 ms (long-running-operation)", "trigger-long-running-operation", {"duration": 0.05, "steps": 1}),
+    tools: list[tuple[str, str, dict[str, Any], str | None]] = [
+        ("fast (get-sum)", "get-sum", {"a": 1, "b": 2}, "a"),
+        ("50 ms (long-running-operation)", "trigger-long-running-operation", {"duration": 0.05, "steps": 1}, None),
     ]
     with tempfile.TemporaryDirectory() as d:
         cfg = _config(Path(d), {"everything": {"command": NODE, "args": [str(EVERYTHING), "stdio"]}})
-        for label, tool, args in tools:
+        for label, tool, args, vary in tools:
             for c in levels:
-                async with Client(_everything(), mode="legacy") as direct:
-                    await _rate(direct, tool, args, c, 0.3)
-                    direct_rate = await _rate(direct, tool, args, c, seconds)
-                async with Client(_mcpopt(cfg), mode="legacy") as gw:
-                    await _rate(gw, f"everything__{tool}", args, c, 0.3)
-                    gw_rate = await _rate(gw, f"everything__{tool}", args, c, seconds)
+                rates = {}
+                for path, params, name in (
+                    ("direct", _everything(), tool),
+                    ("relay", _relay(), tool),
+                    ("mcpopt", _mcpopt(cfg), f"everything__{tool}"),
+                ):
+                    async with Client(params, mode="legacy") as client:
+                        await _rate(client, name, args, c, 0.3, vary)
+                        rates[path] = await _rate(client, name, args, c, seconds, vary)
+                direct_rate = rates["direct"]
                 rows.append(
                     {
                         "tool": label,
                         "concurrency": c,
                         "direct_per_s": direct_rate,
-                        "mcpopt_per_s": gw_rate,
-                        "ratio": gw_rate / direct_rate if direct_rate else float("nan"),
+                        "relay_per_s": rates["relay"],
+                        "mcpopt_per_s": rates["mcpopt"],
+                        "ratio": rates["mcpopt"] / direct_rate if direct_rate else float("nan"),
+                        "relay_ratio": rates["relay"] / direct_rate if direct_rate else float("nan"),
                     }
                 )
     return rows
@@ -244,14 +267,16 @@ def print_report(kind: str, data: Any, as_json: bool) -> None:
         console.print(f"cache hits/s, gateway in-process (no client): {data['hits_per_s_gateway_in_process']:.0f}")
     elif kind == "throughput":
         t = Table(title="throughput, calls/s over one session (server-everything, stdio)")
-        for col in ("tool", "concurrency", "direct/s", "mcpopt/s", "ratio"):
+        for col in ("tool", "concurrency", "direct/s", "bare relay/s", "mcpopt/s", "relay ratio", "mcpopt ratio"):
             t.add_column(col, justify="right" if col not in ("tool",) else "left")
         for r in data:
             t.add_row(
                 r["tool"],
                 str(r["concurrency"]),
                 f"{r['direct_per_s']:.0f}",
+                f"{r['relay_per_s']:.0f}",
                 f"{r['mcpopt_per_s']:.0f}",
+                f"{r['relay_ratio']:.2f}",
                 f"{r['ratio']:.2f}",
             )
         console.print(t)

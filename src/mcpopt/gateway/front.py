@@ -25,7 +25,7 @@ from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.gateway.server import ClientLink, Gateway, _session_id
-from mcpopt.upstream.pipes import PipeWriter
+from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ async def serve_stdio(gateway: Gateway) -> None:
     )
     writer = asyncio.StreamWriter(w_transport, w_protocol, None, loop)
     read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
-    write_send = PipeWriter(writer)
+    corked = CorkedWriter(writer)
+    write_send = PipeWriter(corked)
     validate = types.jsonrpc_message_adapter.validate_python
-    fast = FastFront(gateway, writer)
+    fast = FastFront(gateway, corked)
 
     async def pump_in() -> None:
         async with read_send:
@@ -97,7 +98,7 @@ class FastFront:
     for one of these ids) are handled here too; everything else goes to the SDK.
     """
 
-    def __init__(self, gateway: Gateway, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, gateway: Gateway, writer: CorkedWriter) -> None:
         self.gateway = gateway
         self.writer = writer
         self.inflight: dict[Any, asyncio.Task[None]] = {}

@@ -59,10 +59,16 @@ class CacheFilter:
 
 
 class CoalesceFilter:
-    """Identical concurrent read-only calls (same server, tool, arguments, partition) share one call."""
+    """Identical concurrent read-only calls (same server, tool, arguments, partition) share one call.
+
+    The first call (the leader) goes upstream; each identical call that arrives while it is in
+    flight (a follower) waits on a future of its own, which the leader settles with its result or
+    error. A follower's cancellation cancels only its own future; when the leader's client
+    cancels, the waiting followers start over (the first becomes the new leader).
+    """
 
     def __init__(self) -> None:
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[ToolResult]] = {}
+        self._inflight: dict[tuple[str, str, str], list[asyncio.Future[ToolResult]]] = {}
         self.coalesced = 0
         """Calls answered by another call's upstream request."""
 
@@ -70,29 +76,44 @@ class CoalesceFilter:
         if not call.info.read_only:
             return await next(call)
         key = cache_key(call.server, call.tool, call.arguments, call.partition)
-        leader = self._inflight.get(key)
-        if leader is not None:
-            await asyncio.wait({leader})  # our own cancellation still propagates from here
-            if not leader.cancelled():
-                self.coalesced += 1
-                call.attrs["coalesced"] = True
-                return leader.result()
-            return await next(call)  # the leader's client cancelled it: this call goes on its own
-        fut: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        followers = self._inflight.get(key)
+        if followers is not None:
+            fut: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+            followers.append(fut)
+            try:
+                result = await fut
+            except _LeaderCancelled:
+                return await self(call, next)  # the leader's client cancelled it: the first follower leads
+            self.coalesced += 1
+            call.attrs["coalesced"] = True
+            return result
+        mine: list[asyncio.Future[ToolResult]] = []
+        self._inflight[key] = mine
         try:
             result = await next(call)
         except BaseException as exc:
-            if not fut.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    fut.cancel()
-                else:
-                    fut.set_exception(exc)
-                fut.exception() if not fut.cancelled() else None  # mark retrieved: no "never retrieved" log
+            self._settle(key, mine, None, _LeaderCancelled() if isinstance(exc, asyncio.CancelledError) else exc)
             raise
-        else:
-            fut.set_result(result)
-            return result
-        finally:
-            if self._inflight.get(key) is fut:
-                del self._inflight[key]
+        self._settle(key, mine, result, None)
+        return result
+
+    def _settle(
+        self,
+        key: tuple[str, str, str],
+        followers: list[asyncio.Future[ToolResult]],
+        result: ToolResult | None,
+        exc: BaseException | None,
+    ) -> None:
+        if self._inflight.get(key) is followers:
+            del self._inflight[key]
+        for fut in followers:
+            if fut.done():
+                continue  # that follower was cancelled
+            if exc is None:
+                fut.set_result(result)  # type: ignore[arg-type]
+            else:
+                fut.set_exception(exc)
+
+
+class _LeaderCancelled(Exception):
+    """Told to followers when the leader was cancelled: each then calls upstream itself."""

@@ -30,7 +30,7 @@ from mcp.shared.exceptions import MCPError
 from mcpopt.errors import GATEWAY_REJECTED, UPSTREAM_CLOSED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, GatewayError
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.telemetry.otel import parse_traceparent
-from mcpopt.telemetry.privacy import hash_arguments, hash_id, redact_text, redacted_json
+from mcpopt.telemetry.privacy import hash_arguments, redact_text, redacted_json
 from mcpopt.telemetry.record import CallRecord, estimate_tokens
 
 if TYPE_CHECKING:
@@ -176,46 +176,57 @@ def build_record(hub: Telemetry, item: Pending) -> CallRecord:
     req = _size(call.params)
     resp = _size(result)
     cache = attrs.get("cache", "")
-    rec = CallRecord(
-        ts=hub.wall(t0),
-        server=call.server,
-        tool=call.tool,
-        name=call.name,
-        outcome=outcome,
-        total_ms=round(total, 3),
-        queue_ms=round(queue_ms, 3),
-        upstream_ms=round(upstream, 3),
-        gateway_ms=round(max(0.0, total - queue_ms - upstream), 3),
-        request_bytes=req,
-        response_bytes=resp,
-        tokens_in=estimate_tokens(req),
-        tokens_out=estimate_tokens(resp),
-        tokens_saved=int(attrs.get("tokens_saved") or 0),
-        cache=cache if isinstance(cache, str) else "",
-        coalesced=bool(attrs.get("coalesced")),
-        retries=int(attrs.get("retries") or 0),
-        replica=attrs.get("replica"),
-        error_code=code,
-        level=hub.level,
-    )
+    level = hub.level
+    trace_id = span_id = parent_span_id = session = args_hash = arguments = ""
+    task_type = user_intent = performance_target = ""
+    seq = 0
     trace = attrs.get("_trace")
-    if trace is not None and hub.level != "minimal":
-        rec.trace_id, rec.span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
-        rec.parent_span_id = f"{trace[2]:016x}" if trace[2] else ""
-    if hub.level == "minimal":
-        return rec
-    salt = hub.salt
-    session = call.session_id or call.partition
-    if session:
-        rec.session = hash_id(session, salt)
-        rec.seq = hub.next_seq(rec.session)
-    arguments = call.arguments
-    rec.args_hash = hash_arguments(arguments, salt)
-    task = task_info(call)
-    if task:
-        rec.task_type = str(task.get("task_type") or "")[:200]
-        rec.performance_target = str(task.get("performance_target") or "")[:200]
-        rec.user_intent = redact_text(str(task.get("user_intent") or ""))[:1000]
-    if hub.level == "detailed":
-        rec.arguments = redacted_json(arguments)
-    return rec
+    if level != "minimal":
+        if trace is not None:
+            trace_id, span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
+            parent_span_id = f"{trace[2]:016x}" if trace[2] else ""
+        sid = call.session_id or call.partition
+        if sid:
+            session = hub.session_hash(sid)
+            seq = hub.next_seq(session)
+        arguments_in = call.arguments
+        args_hash = hash_arguments(arguments_in, hub.salt)
+        task = task_info(call)
+        if task:
+            task_type = str(task.get("task_type") or "")[:200]
+            performance_target = str(task.get("performance_target") or "")[:200]
+            user_intent = redact_text(str(task.get("user_intent") or ""))[:1000]
+        if level == "detailed":
+            arguments = redacted_json(arguments_in)
+    return CallRecord(
+        hub.wall(t0),
+        call.server,
+        call.tool,
+        call.name,
+        outcome,
+        round(total, 3),
+        round(queue_ms, 3),
+        round(upstream, 3),
+        round(max(0.0, total - queue_ms - upstream), 3),
+        req,
+        resp,
+        estimate_tokens(req),
+        estimate_tokens(resp),
+        int(attrs.get("tokens_saved") or 0),
+        cache if isinstance(cache, str) else "",
+        bool(attrs.get("coalesced")),
+        int(attrs.get("retries") or 0),
+        attrs.get("replica"),
+        code,
+        session,
+        seq,
+        args_hash,
+        arguments,
+        task_type,
+        user_intent,
+        performance_target,
+        trace_id,
+        span_id,
+        parent_span_id,
+        level,
+    )

@@ -28,7 +28,7 @@ from mcpopt.config import TelemetrySettings
 from mcpopt.monitor.alerts import AlertEvent, WebhookSink
 from mcpopt.monitor.monitor import Monitor
 from mcpopt.telemetry.collector import Pending, TelemetryFilter, UpstreamTimer, build_record
-from mcpopt.telemetry.privacy import default_data_dir, load_salt
+from mcpopt.telemetry.privacy import default_data_dir, hash_id, load_salt
 from mcpopt.telemetry.record import CallRecord
 from mcpopt.telemetry.sinks import JsonlSink, SqliteSink, ThreadedSink
 
@@ -96,6 +96,7 @@ class Telemetry:
         self.webhook: WebhookSink | None = None
         self._salt: bytes | None = None
         self._seqs: OrderedDict[str, int] = OrderedDict()
+        self._session_hashes: dict[str, str] = {}
         self._wall0 = time.time()
         self._perf0 = time.perf_counter()
         self._task: asyncio.Task[None] | None = None
@@ -202,6 +203,17 @@ class Telemetry:
     def wall(self, t_perf: float) -> float:
         """Unix seconds of a `perf_counter()` reading."""
         return self._wall0 + (t_perf - self._perf0)
+
+    def session_hash(self, session: str) -> str:
+        """`hash_id(session, salt)`, remembered for the last `_SESSIONS` sessions (a session's calls
+        all hash the same id, so this is one dict lookup per call)."""
+        hashes = self._session_hashes
+        digest = hashes.get(session)
+        if digest is None:
+            digest = hashes[session] = hash_id(session, self.salt)
+            if len(hashes) > _SESSIONS:
+                del hashes[next(iter(hashes))]
+        return digest
 
     def next_seq(self, session: str) -> int:
         seqs = self._seqs

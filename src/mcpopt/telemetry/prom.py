@@ -25,12 +25,14 @@ never collide.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from mcpopt.telemetry.record import CallRecord
 
@@ -45,73 +47,140 @@ GRADE_VALUE = {"A": 4, "B": 3, "C": 2, "D": 1, "F": 0}
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _Histogram:
+    """One label set's histogram: per-bucket counts (not cumulative), sum and count."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for le, n in zip((*map(floatToGoString, BUCKETS), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((le, running))
+        return out
+
+
+class _ToolSeries:
+    """Everything `observe` updates for one (server, tool)."""
+
+    __slots__ = (
+        "durations",
+        "upstream",
+        "hits",
+        "misses",
+        "bytes_in",
+        "bytes_out",
+        "tokens_in",
+        "tokens_out",
+        "retries",
+    )
+
+    def __init__(self) -> None:
+        self.durations: dict[str, _Histogram] = {}
+        self.upstream = _Histogram()
+        self.hits = self.misses = self.bytes_in = self.bytes_out = 0
+        self.tokens_in = self.tokens_out = self.retries = 0
+
+
 class PrometheusMetrics:
-    """The per-call metrics, and the collector of live gateway state, in one registry."""
+    """The per-call metrics, and the collector of live gateway state, in one registry.
+
+    Per-call figures are plain counters kept on the event loop (where records are processed
+    and where `/metrics` is rendered), and turned into metric families at scrape time: a
+    record costs a few additions and one bisect, not a lock per metric as prometheus-client's
+    `Histogram`/`Counter` objects would (measured: ~5 us -> ~1 us per record).
+    """
 
     def __init__(self, hub: Telemetry) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.duration = Histogram(
-            "mcpopt_tool_call_duration_seconds",
-            "Tool call latency through the gateway, by outcome",
-            ("server", "tool", "outcome"),
-            buckets=BUCKETS,
-            registry=r,
-        )
-        self.upstream = Histogram(
-            "mcpopt_upstream_duration_seconds",
-            "Time spent on the upstream (retries included)",
-            ("server", "tool"),
-            buckets=BUCKETS,
-            registry=r,
-        )
-        self.hits = Counter("mcpopt_cache_hits", "Calls answered from the result cache", ("server", "tool"), registry=r)
-        self.misses = Counter("mcpopt_cache_misses", "Cacheable calls not in the cache", ("server", "tool"), registry=r)
-        self.bytes = Counter(
-            "mcpopt_tool_call_bytes", "Request/response bytes", ("server", "tool", "direction"), registry=r
-        )
-        self.tokens = Counter(
-            "mcpopt_tool_call_tokens", "Estimated tokens (bytes / 4)", ("server", "tool", "direction"), registry=r
-        )
-        self.retries = Counter("mcpopt_tool_call_retries", "Retries of tool calls", ("server", "tool"), registry=r)
-        r.register(_LiveCollector(hub))
-        self._children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self.series: dict[tuple[str, str], _ToolSeries] = {}
+        self.registry.register(_CallCollector(self))
+        self.registry.register(_LiveCollector(hub))
 
     def observe(self, rec: CallRecord) -> None:
-        key = (rec.server, rec.tool, rec.outcome)
-        kids = self._children.get(key)
-        if kids is None:
-            s, t = rec.server, rec.tool
-            kids = (
-                self.duration.labels(s, t, rec.outcome),
-                self.upstream.labels(s, t),
-                self.hits.labels(s, t),
-                self.misses.labels(s, t),
-                self.bytes.labels(s, t, "request"),
-                self.bytes.labels(s, t, "response"),
-                self.tokens.labels(s, t, "input"),
-                self.tokens.labels(s, t, "output"),
-                self.retries.labels(s, t),
-            )
-            self._children[key] = kids
-        duration, upstream, hits, misses, b_in, b_out, t_in, t_out, retries = kids
-        duration.observe(rec.total_ms / 1000)
+        key = (rec.server, rec.tool)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _ToolSeries()
+        hist = series.durations.get(rec.outcome)
+        if hist is None:
+            hist = series.durations[rec.outcome] = _Histogram()
+        hist.observe(rec.total_ms / 1000)
         if rec.upstream_ms:
-            upstream.observe(rec.upstream_ms / 1000)
-        if rec.cache == "hit":
-            hits.inc()
-        elif rec.cache == "miss":
-            misses.inc()
-        b_in.inc(rec.request_bytes)
-        b_out.inc(rec.response_bytes)
-        t_in.inc(rec.tokens_in)
-        t_out.inc(rec.tokens_out)
-        if rec.retries:
-            retries.inc(rec.retries)
+            series.upstream.observe(rec.upstream_ms / 1000)
+        cache = rec.cache
+        if cache == "hit":
+            series.hits += 1
+        elif cache == "miss":
+            series.misses += 1
+        series.bytes_in += rec.request_bytes
+        series.bytes_out += rec.response_bytes
+        series.tokens_in += rec.tokens_in
+        series.tokens_out += rec.tokens_out
+        series.retries += rec.retries
 
     def render(self) -> bytes:
         """The exposition text (version 0.0.4)."""
         return generate_latest(self.registry)
+
+
+class _CallCollector(Collector):
+    """The per-call families, built from `PrometheusMetrics.series` at scrape time."""
+
+    def __init__(self, metrics: PrometheusMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        duration = HistogramMetricFamily(
+            "mcpopt_tool_call_duration_seconds",
+            "Tool call latency through the gateway, by outcome",
+            labels=("server", "tool", "outcome"),
+        )
+        upstream = HistogramMetricFamily(
+            "mcpopt_upstream_duration_seconds",
+            "Time spent on the upstream (retries included)",
+            labels=("server", "tool"),
+        )
+        hits = CounterMetricFamily(
+            "mcpopt_cache_hits", "Calls answered from the result cache", labels=("server", "tool")
+        )
+        misses = CounterMetricFamily(
+            "mcpopt_cache_misses", "Cacheable calls not in the cache", labels=("server", "tool")
+        )
+        nbytes = CounterMetricFamily(
+            "mcpopt_tool_call_bytes", "Request/response bytes", labels=("server", "tool", "direction")
+        )
+        tokens = CounterMetricFamily(
+            "mcpopt_tool_call_tokens", "Estimated tokens (bytes / 4)", labels=("server", "tool", "direction")
+        )
+        retries = CounterMetricFamily("mcpopt_tool_call_retries", "Retries of tool calls", labels=("server", "tool"))
+        for (server, tool), s in list(self.metrics.series.items()):
+            for outcome, hist in list(s.durations.items()):
+                duration.add_metric((server, tool, outcome), hist.buckets(), hist.sum)
+            if s.upstream.count:
+                upstream.add_metric((server, tool), s.upstream.buckets(), s.upstream.sum)
+            hits.add_metric((server, tool), s.hits)
+            misses.add_metric((server, tool), s.misses)
+            nbytes.add_metric((server, tool, "request"), s.bytes_in)
+            nbytes.add_metric((server, tool, "response"), s.bytes_out)
+            tokens.add_metric((server, tool, "input"), s.tokens_in)
+            tokens.add_metric((server, tool, "output"), s.tokens_out)
+            retries.add_metric((server, tool), s.retries)
+        yield from (duration, upstream, hits, misses, nbytes, tokens, retries)
 
 
 class _LiveCollector(Collector):

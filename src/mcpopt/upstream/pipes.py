@@ -1,9 +1,16 @@
-"""A `WriteStream` that writes JSON-RPC lines straight into an asyncio pipe.
+"""Writing JSON-RPC lines into an asyncio pipe: `CorkedWriter` and the SDK-facing `PipeWriter`.
 
 The SDK's stdio transports put a memory stream and a writer task between the dispatcher and
 the pipe: one extra event-loop hop per message. On the gateway's hot path a call crosses two
-pipes out and two back, so both stdio ends write directly instead. `write()` appends to the
-transport's buffer atomically, so concurrent senders cannot interleave lines.
+pipes out and two back, so both stdio ends write directly instead.
+
+Every writer of one pipe (the SDK's `PipeWriter`, the `FastChannel`/`FastFront` fast paths)
+shares one `CorkedWriter`: lines written during one event-loop iteration leave together in one
+`write(2)` at the end of it. A pipe write that wakes the reader is the single most expensive
+step of a forwarded call here (~15 us of a VM's vCPU wake-up, measured with py-spy), and under
+concurrency many calls finish in the same iteration; at concurrency 1 the cost is one extra
+`call_soon` (~1-2 us). Lines stay in the order they were written, and whole: one buffer, one
+flush.
 """
 
 from __future__ import annotations
@@ -19,10 +26,55 @@ _HIGH_WATER = 1 << 16
 """Bytes buffered before a sender waits for the pipe to drain (backpressure)."""
 
 
-class PipeWriter:
-    """Serializes each `SessionMessage` as one line onto an asyncio `StreamWriter`."""
+class CorkedWriter:
+    """Buffers lines written in one event-loop iteration; flushes them in one pipe write.
+
+    Must be created inside the running loop that will use it.
+    """
+
+    __slots__ = ("_writer", "_transport", "_loop", "_buf", "_scheduled")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._transport = writer.transport
+        self._loop = asyncio.get_running_loop()
+        self._buf: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        """Queue `data` (one or more whole lines) for the flush at the end of this iteration."""
+        self._buf.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        buf, self._buf = self._buf, []
+        if not buf or self._transport.is_closing():
+            return  # the pipe is closing: its reader fails whoever waits for an answer
+        self._transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def over(self, limit: int) -> bool:
+        """More than `limit` bytes wait to be written (queued here or in the transport)."""
+        return self._transport.get_write_buffer_size() > limit or (
+            len(self._buf) > 16 and sum(map(len, self._buf)) > limit
+        )
+
+    async def drain(self) -> None:
+        """Flush now and wait until the transport's buffer is below its high-water mark."""
+        if self._buf:
+            self._flush()
+        await self._writer.drain()
+
+
+class PipeWriter:
+    """Serializes each `SessionMessage` as one line onto a `CorkedWriter`."""
+
+    def __init__(self, writer: CorkedWriter) -> None:
         self._writer = writer
         self._closed = False
         self.fast: Any = None
@@ -34,7 +86,7 @@ class PipeWriter:
         data = item.message.model_dump_json(by_alias=True, exclude_unset=True).encode()
         try:
             self._writer.write(data + b"\n")
-            if self._writer.transport.get_write_buffer_size() > _HIGH_WATER:
+            if self._writer.over(_HIGH_WATER):
                 await self._writer.drain()
         except (BrokenPipeError, ConnectionResetError, RuntimeError):
             raise anyio.BrokenResourceError from None

@@ -23,7 +23,7 @@ from mcp.shared.message import SessionMessage
 from mcpopt.config import ServerConfig
 from mcpopt.upstream import process
 from mcpopt.upstream.fastpath import FastChannel
-from mcpopt.upstream.pipes import PipeWriter
+from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
     assert proc.stdin and proc.stdout and proc.stderr
     stdin, stdout, err = proc.stdin, proc.stdout, proc.stderr
     read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
-    write_send = PipeWriter(stdin)
-    channel = FastChannel(stdin)
+    corked = CorkedWriter(stdin)
+    write_send = PipeWriter(corked)
+    channel = FastChannel(corked)
     write_send.fast = channel  # the gateway's forwarding side channel (see fastpath)
     validate = types.jsonrpc_message_adapter.validate_python
 
