@@ -98,8 +98,7 @@ class _Conn(asyncio.Protocol):
         """A response whose rest (usually just the last chunk) had not arrived when it was pooled."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
