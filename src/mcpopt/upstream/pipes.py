@@ -32,18 +32,20 @@ class CorkedWriter:
     Must be created inside the running loop that will use it.
     """
 
-    __slots__ = ("_writer", "_transport", "_loop", "_buf", "_scheduled")
+    __slots__ = ("_writer", "_transport", "_loop", "_buf", "_queued", "_scheduled")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._transport = writer.transport
         self._loop = asyncio.get_running_loop()
         self._buf: list[bytes] = []
+        self._queued = 0
         self._scheduled = False
 
     def write(self, data: bytes) -> None:
         """Queue `data` (one or more whole lines) for the flush at the end of this iteration."""
         self._buf.append(data)
+        self._queued += len(data)
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
@@ -51,6 +53,7 @@ class CorkedWriter:
     def _flush(self) -> None:
         self._scheduled = False
         buf, self._buf = self._buf, []
+        self._queued = 0
         if not buf or self._transport.is_closing():
             return  # the pipe is closing: its reader fails whoever waits for an answer
         self._transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
@@ -60,9 +63,7 @@ class CorkedWriter:
 
     def over(self, limit: int) -> bool:
         """More than `limit` bytes wait to be written (queued here or in the transport)."""
-        return self._transport.get_write_buffer_size() > limit or (
-            len(self._buf) > 16 and sum(map(len, self._buf)) > limit
-        )
+        return self._queued + self._transport.get_write_buffer_size() > limit
 
     async def drain(self) -> None:
         """Flush now and wait until the transport's buffer is below its high-water mark."""
