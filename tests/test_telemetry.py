@@ -551,3 +551,22 @@ async def test_real_prometheus_scrapes_metrics(tmp_path: Path) -> None:
                 proc.kill()
             if proc.stderr:
                 proc.stderr.close()
+
+
+def test_store_inserts_batches_across_statement_boundaries(tmp_path: Path) -> None:
+    """Multi-row INSERTs of `ROWS_PER_INSERT` rows: a batch that spans several statements keeps
+    every record, in order, field for field."""
+    from mcpopt.telemetry.store import ROWS_PER_INSERT, Store
+
+    n = ROWS_PER_INSERT * 2 + 37
+    records = [
+        CallRecord(1000.0 + i, "s", f"t{i % 3}", f"s__t{i % 3}", "ok", float(i), session=f"h{i}", seq=i)
+        for i in range(n)
+    ]
+    store = Store(tmp_path / "t.db")
+    store.insert(records)
+    rows = list(store.calls())
+    assert len(rows) == n
+    assert [(r["tool"], r["total_ms"], r["seq"], r["session"]) for r in rows] == [
+        (rec.tool, rec.total_ms, rec.seq, rec.session) for rec in records
+    ]

@@ -153,6 +153,11 @@ class LineClient:
         return msg["result"]  # type: ignore[no-any-return]
 
     async def latency(self, tool: str, args: dict[str, Any], calls: int, warmup: int) -> list[float]:
+        """Milliseconds of each of `calls` sequential `tools/call`s, after `warmup` untimed ones.
+
+        Raises:
+            RuntimeError: a call was answered with a JSON-RPC error.
+        """
         params = {"name": tool, "arguments": args}
         for _ in range(warmup):
             await self.request("tools/call", params)
@@ -236,7 +241,12 @@ def _relay() -> StdioServerParameters:
 
 async def bench_throughput(seconds: float = 3.0, levels: tuple[int, ...] = (1, 16, 64)) -> list[dict[str, Any]]:
     """Calls/s direct, through mcpopt, and through a bare byte relay (`mcpopt.bench.relay`: the
-    cost of any extra process hop), one SDK client session each, same run."""
+    cost of any extra process hop), one SDK client session each, same run.
+
+    Returns:
+        One row per (tool, concurrency): `{tool, concurrency, direct_per_s, relay_per_s,
+        mcpopt_per_s, ratio, relay_ratio}` (ratios are to direct).
+    """
     rows: list[dict[str, Any]] = []
     tools: list[tuple[str, str, dict[str, Any], str | None]] = [
         ("fast (get-sum)", "get-sum", {"a": 1, "b": 2}, "a"),
