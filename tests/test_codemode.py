@@ -22,12 +22,13 @@ from mcpopt.codemode.scenario import count_tokens, data_heavy
 from mcpopt.codemode.stubs import ToolNamespaces, annotation, identifier, shape
 from mcpopt.codemode.tool import META_KEY, CodeModeTool, sandbox_value
 from mcpopt.config import load_config
-from mcpopt.gateway.server import ClientLink, Gateway, _no_progress
+from mcpopt.gateway.link import ClientLink, no_progress
+from mcpopt.gateway.server import Gateway
 from mcpopt.pipeline import ToolCall
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
-LINK = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: _no_progress)
+LINK = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
 HAVE_WASM = (Path(__file__).resolve().parents[1] / "node_modules" / "pyodide" / "pyodide.mjs").is_file()
 
 

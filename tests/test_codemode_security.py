@@ -19,11 +19,12 @@ from mcpopt.codemode.sandbox import CodeModeSettings
 from mcpopt.codemode.tool import META_KEY, CodeModeTool
 from mcpopt.codemode.wasm_backend import WasmBackend
 from mcpopt.config import load_config
-from mcpopt.gateway.server import ClientLink, Gateway, _no_progress
+from mcpopt.gateway.link import ClientLink, no_progress
+from mcpopt.gateway.server import Gateway
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
-LINK = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: _no_progress)
+LINK = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
 HAVE_WASM = (Path(__file__).resolve().parents[1] / "node_modules" / "pyodide" / "pyodide.mjs").is_file()
 BACKENDS = [
     "monty",

@@ -169,9 +169,9 @@ async def data_heavy(
 
     Returns: the `ScenarioReport`; raises AssertionError when a run does not do the task.
     """
-    from mcpopt.gateway.server import ClientLink, _no_progress
+    from mcpopt.gateway.link import ClientLink, no_progress
 
-    link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: _no_progress)
+    link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
     log = folder / "app.log"
     expected = make_log(log, size_bytes, marker=marker)
     ns = code_tool.namespaces

@@ -24,7 +24,8 @@ from mcp.shared.message import SessionMessage
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from mcpopt.gateway.server import ClientLink, Gateway, _session_id
+from mcpopt.gateway.link import ClientLink, session_id_of
+from mcpopt.gateway.server import Gateway
 from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class FastFront:
             requests=conn.outbound if legacy and conn is not None else None,
             notify=self._notify,
             relay=self._relay,
-            session_id=_session_id(conn),
+            session_id=session_id_of(conn),
         )
         try:
             result = await self.gateway.call_tool(params, link)

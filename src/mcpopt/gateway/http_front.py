@@ -54,7 +54,8 @@ from mcp_types import INVALID_PARAMS, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from mcpopt.gateway.server import ClientLink, Gateway, partition_of
+from mcpopt.gateway.link import ClientLink, partition_of
+from mcpopt.gateway.server import Gateway
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -59,6 +57,7 @@ from mcpopt.config import Config
 from mcpopt.discovery.modes import SearchTools
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway.catalog import GatewayCatalog, Namer, Route, build_catalog
+from mcpopt.gateway.link import Caller, ClientLink, no_progress, partition_of, session_id_of
 from mcpopt.gateway.tools import GatewayTools
 from mcpopt.optimize.rules import RulesFilter, RuleStore
 from mcpopt.optimize.settings import default_rules_path
@@ -68,7 +67,7 @@ from mcpopt.pipeline.shaping import RESULT_URI_PREFIX, ResultStore, ShapingFilte
 from mcpopt.policy import UNKNOWN
 from mcpopt.telemetry import Telemetry
 from mcpopt.upstream.pool import ServerPool
-from mcpopt.upstream.server import CatalogKind, ProgressFn
+from mcpopt.upstream.server import CatalogKind
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ class Gateway:
 
     async def _warm(self) -> None:
         """Fill the cache from `gateway.cache.warm` (each call through the whole pipeline)."""
-        link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: _no_progress)
+        link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
         for item in self.config.gateway.cache.warm:
             name = item.get("tool") or item.get("name")
             try:
@@ -339,7 +338,7 @@ class Gateway:
             notify=outbound.notify,
             relay=lambda token: _progress_relay(ctx, token),
             partition=_partition(ctx),
-            session_id=_session_id(session._connection),  # noqa: SLF001
+            session_id=session_id_of(session._connection),  # noqa: SLF001
         )
 
     # ---- tools --------------------------------------------------------------------------
@@ -757,41 +756,6 @@ async def _ask_client(channel: Any, request: types.InputRequest) -> types.InputR
     return result_type.model_validate(raw, by_name=False)
 
 
-@dataclass(slots=True)
-class ClientLink:
-    """How the gateway reaches the client behind one request.
-
-    Attributes:
-        version: the protocol version the client speaks on this request.
-        connection: the SDK `Connection` (None when not known).
-        requests: has `send_raw_request(method, params, opts)` for server-to-client requests,
-            or None when the client cannot take requests (2026-07-28, or no back-channel).
-        notify: `async (method, params)` sending a notification tied to this request.
-        relay: builds the progress relay for the client's progress token.
-    """
-
-    version: str
-    connection: Connection | None
-    requests: Any
-    notify: Callable[..., Awaitable[None]] | None
-    relay: Callable[[Any], ProgressFn]
-    partition: str = ""
-    """The caller's auth partition: results are never shared across partitions."""
-    session_id: str = ""
-    """An id of the client's connection (sticky routing, telemetry)."""
-
-
-@dataclass(slots=True)
-class Caller:
-    """A client call in flight to an upstream: where that upstream's requests and logs go."""
-
-    modern: bool
-    requests: Any
-    notify: Callable[..., Awaitable[None]] | None
-    log_level: str | None
-    """The lowest level of log messages this client wants (None: none)."""
-
-
 def startup_stages(config: Config, names: list[str]) -> list[list[str]]:
     """Group servers into start stages: by dependency depth, then by `priority` (ascending).
 
@@ -809,25 +773,6 @@ def startup_stages(config: Config, names: list[str]) -> list[list[str]]:
 
     keys = sorted({(level(n), servers[n].priority) for n in names})
     return [[n for n in names if (level(n), servers[n].priority) == key] for key in keys]
-
-
-async def _no_progress(progress: float, total: float | None, message: str | None) -> None:
-    return None
-
-
-def _session_id(conn: Connection | None) -> str:
-    """The client connection's id: the Streamable HTTP session id, else one per connection object."""
-    if conn is None:
-        return ""
-    return conn.session_id or f"conn-{id(conn):x}"
-
-
-def partition_of(authorization: str | None) -> str:
-    """A caller's auth partition: BLAKE2b-64 of its Authorization header ("" without one).
-
-    Cached and coalesced results are never shared across partitions.
-    """
-    return hashlib.blake2b(authorization.encode(), digest_size=8).hexdigest() if authorization else ""
 
 
 def _partition(ctx: Any) -> str:

@@ -379,7 +379,7 @@ class Runner:
         return route is not None and rules.batchable(route.server, route.name, step.arguments)
 
     def _link(self, session: str) -> Any:
-        from mcpopt.gateway.server import ClientLink
+        from mcpopt.gateway.link import ClientLink
 
         async def no_progress(progress: float, total: float | None, message: str | None) -> None:
             return None

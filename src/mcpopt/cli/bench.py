@@ -1,0 +1,131 @@
+"""`mcpopt bench ...`: benchmarks against the direct path, a bare relay and peers."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from mcpopt.cli.common import bench_app, install_reaper, out, run
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    calls: int = typer.Option(500, "--calls", "-n", help="Measured calls per path (after warm-up)."),
+    warmup: int = typer.Option(50, "--warmup"),
+    transports: str = typer.Option("stdio,http", "--transports", help="stdio, http or both"),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also measure FastMCP's proxy."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """tools/call latency: direct vs through mcpopt vs through FastMCP's proxy, in one run."""
+    from mcpopt.bench.overhead import run_overhead
+
+    install_reaper()
+    run(run_overhead(calls=calls, warmup=warmup, transports=transports.split(","), peers=peers, as_json=as_json))
+
+
+@bench_app.command("cache")
+def bench_cache_cmd(
+    calls: int = typer.Option(500, "--calls", "-n"),
+    seconds: float = typer.Option(3.0, "--seconds"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cache-hit latency vs the direct call, and cache hits per second."""
+    from mcpopt.bench.speed import bench_cache, print_report
+
+    install_reaper()
+    print_report("cache", run(bench_cache(calls=calls, seconds=seconds)), as_json)
+
+
+@bench_app.command("throughput")
+def bench_throughput_cmd(
+    seconds: float = typer.Option(3.0, "--seconds"),
+    levels: str = typer.Option("1,16,64", "--concurrency"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Calls/s at several concurrency levels, direct vs through mcpopt (fast tool and 50 ms tool)."""
+    from mcpopt.bench.speed import bench_throughput, print_report
+
+    install_reaper()
+    lv = tuple(int(x) for x in levels.split(","))
+    print_report("throughput", run(bench_throughput(seconds=seconds, levels=lv)), as_json)
+
+
+@bench_app.command("startup")
+def bench_startup_cmd(
+    servers: int = typer.Option(20, "--servers"), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Start N stdio servers in parallel vs one after another."""
+    from mcpopt.bench.speed import bench_startup, print_report
+
+    install_reaper()
+    print_report("startup", run(bench_startup(servers)), as_json)
+
+
+@bench_app.command("routing")
+def bench_routing_cmd(
+    picks: int = typer.Option(20_000, "--picks", "-n", help="Timed picks per strategy and pool size."),
+    replicas: str = typer.Option("3,16", "--replicas", help="Pool sizes, comma-separated."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cost of choosing a replica (Router.pick) per strategy: p50/p99 in us, budget p99 < 50 us."""
+    from mcpopt.bench.routing import run_routing
+
+    sizes = tuple(int(x) for x in replicas.split(",") if x.strip())
+    results = run_routing(picks=picks, sizes=sizes, as_json=as_json)
+    raise typer.Exit(0 if all(r.within_budget for r in results) else 1)
+
+
+@bench_app.command("failover")
+def bench_failover_cmd(
+    duration: float = typer.Option(60.0, "--duration", help="Seconds of load."),
+    kill_every: float = typer.Option(5.0, "--kill-every", help="Seconds between replica kills."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """3 replicas, one killed every few seconds under load: read success rate, duplicated/lost writes."""
+    from mcpopt.bench.failover import bench_failover, print_failover
+
+    install_reaper()
+    print_failover(run(bench_failover(duration_s=duration, kill_every_s=kill_every)), as_json)
+
+
+@bench_app.command("telemetry")
+def bench_telemetry_cmd(
+    calls: int = typer.Option(20_000, "--calls", "-n"),
+    levels: str = typer.Option("standard", "--levels", help="minimal, standard, detailed (comma-separated)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Telemetry's cost per call: request-path p50 with and without it (goal <= 50 us), background
+    work per record, and all CPU per call (every thread)."""
+    from mcpopt.monitor.bench import run_telemetry_bench
+
+    rows = [run(run_telemetry_bench(calls, level.strip())) for level in levels.split(",") if level.strip()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(title=f"telemetry overhead per call ({calls} calls each)")
+        for col in (
+            "level",
+            "p50 without",
+            "p50 with",
+            "overhead p50",
+            "overhead p95",
+            "background/record",
+            "all CPU/call",
+            "goal",
+        ):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(
+                r["level"],
+                f"{r['p50_base_us']:.2f} us",
+                f"{r['p50_with_us']:.2f} us",
+                f"[bold]{r['overhead_p50_us']:.2f} us[/]",
+                f"{r['overhead_p95_us']:.2f} us",
+                f"{r['background_us_per_record']} us",
+                f"{r['total_cpu_us_per_call']} us",
+                ("[green]ok[/]" if r["ok"] else "[red]over[/]") + f" (<= {r['goal_us']:g} us)",
+            )
+        out.print(table)
+    raise typer.Exit(0 if all(r["ok"] for r in rows) else 1)

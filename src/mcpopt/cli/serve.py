@@ -1,0 +1,93 @@
+"""`mcpopt init`, `mcpopt serve`, `mcpopt demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import typer
+
+from mcpopt.cli.common import ConfigOpt, app, err, install_reaper, load, run, setup_logging
+from mcpopt.config import STARTER_CONFIG, Config
+from mcpopt.upstream.process import children
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("mcpopt.yaml"), help="Where to write the starter config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented starter config file."""
+    if path.exists() and not force:
+        err.print(f"[red]{path} exists; pass --force to overwrite it[/red]")
+        raise typer.Exit(1)
+    path.write_text(STARTER_CONFIG, encoding="utf-8")
+    err.print(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    config: str = ConfigOpt,
+    transport: str = typer.Option("stdio", "--transport", "-t", help="stdio or http"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+) -> None:
+    """Serve the gateway over stdio or Streamable HTTP (at /mcp)."""
+    cfg = load(config)
+    setup_logging(cfg.gateway.log_level)
+    if transport not in ("stdio", "http"):
+        err.print(f"[red]--transport: expected stdio or http (got {transport!r})[/red]")
+        raise typer.Exit(2)
+    install_reaper()
+    run(_serve(cfg, transport, host, port))
+
+
+async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
+    from mcpopt.gateway.front import serve_http, serve_stdio
+    from mcpopt.gateway.server import Gateway
+
+    gateway = Gateway(cfg)
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def _on_signal() -> None:
+        assert main is not None
+        main.cancel()
+
+    if transport == "stdio":
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, _on_signal)
+    try:
+        async with gateway.running():
+            for row in gateway.status():
+                if row["state"] not in ("ready", "idle"):  # idle: lazy, starts on first use
+                    logging.getLogger("mcpopt").warning(
+                        "MCP server %r is %s: %s (retrying in the background)",
+                        row["server"],
+                        row["state"],
+                        row["error"],
+                    )
+            if transport == "stdio":
+                await serve_stdio(gateway)
+            else:
+                await serve_http(gateway, host, port)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        children.kill_all(signal.SIGTERM)
+
+
+@app.command()
+def demo(
+    config: str = typer.Option("examples/demo.yaml", "--config", "-c"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Start the gateway over the demo's real servers and run a client session through it."""
+    from mcpopt.demo import run_demo
+
+    load(config)
+    install_reaper()
+    ok = run(run_demo(config, as_json=as_json))
+    raise typer.Exit(0 if ok else 1)

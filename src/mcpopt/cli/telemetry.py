@@ -1,0 +1,83 @@
+"""`mcpopt stats`, `mcpopt telemetry export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from mcpopt.cli.common import ConfigOpt, app, err, load, out
+
+telemetry_app = typer.Typer(no_args_is_help=True, help="Telemetry records: export them.")
+app.add_typer(telemetry_app, name="telemetry")
+
+
+def _telemetry_store(config: str, db: str | None) -> Path:
+    """The SQLite store: --db, else the config's `gateway.telemetry` (defaults without a config file)."""
+    from mcpopt.config import TelemetrySettings
+    from mcpopt.telemetry.hub import store_path
+
+    if db:
+        return Path(db).expanduser()
+    settings = load(config).gateway.telemetry if Path(config).exists() else TelemetrySettings()
+    path = store_path(settings)
+    if path is None:
+        err.print('[red]the SQLite store is off (gateway.telemetry.sqlite_path: ""); pass --db FILE[/red]')
+        raise typer.Exit(2)
+    return path
+
+
+def _times(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    from mcpopt.monitor.report import parse_time
+
+    try:
+        return parse_time(since), parse_time(until)
+    except ValueError as exc:
+        err.print(f"[red]--since/--until: {exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def stats(
+    config: str = ConfigOpt,
+    db: str | None = typer.Option(None, "--db", help="The telemetry SQLite file (default: from the config)."),
+    since: str = typer.Option("24h", "--since", help="90s, 15m, 24h, 7d, an ISO date/time, or '' for all."),
+    until: str | None = typer.Option(None, "--until"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Performance from the telemetry store: grades, percentiles, errors, cache hits, sessions, alerts."""
+    from mcpopt.monitor.report import print_stats, stats_report
+
+    path = _telemetry_store(config, db)
+    start, end = _times(since, until)
+    try:
+        report = stats_report(path, start, end)
+    except FileNotFoundError:
+        err.print(f"[red]no telemetry database at {path} (serve the gateway with telemetry enabled first)[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print_stats(report, out)
+
+
+@telemetry_app.command("export")
+def telemetry_export(
+    out_file: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write."),
+    since: str | None = typer.Option(None, "--since", help="90s, 15m, 24h, 7d, an ISO date/time, Unix seconds."),
+    until: str | None = typer.Option(None, "--until"),
+    config: str = ConfigOpt,
+    db: str | None = typer.Option(None, "--db", help="The telemetry SQLite file (default: from the config)."),
+) -> None:
+    """Write the call records of a time range as JSON lines."""
+    from mcpopt.monitor.report import export_jsonl
+
+    path = _telemetry_store(config, db)
+    start, end = _times(since, until)
+    try:
+        n = export_jsonl(path, out_file, start, end)
+    except FileNotFoundError:
+        err.print(f"[red]no telemetry database at {path}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"wrote {n} records to {out_file}")
