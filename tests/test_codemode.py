@@ -17,12 +17,13 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from conftest import everything_entry, filesystem_entry, memory_entry
+from mcpopt.api import ClientLink, no_progress
+from mcpopt.bench.data_heavy import count_tokens, data_heavy
 from mcpopt.codemode.sandbox import CodeModeSettings
-from mcpopt.codemode.scenario import count_tokens, data_heavy
 from mcpopt.codemode.stubs import ToolNamespaces, annotation, identifier, shape
 from mcpopt.codemode.tool import META_KEY, CodeModeTool, sandbox_value
 from mcpopt.config import load_config
-from mcpopt.gateway.link import ClientLink, no_progress
+from mcpopt.gateway.assembly import build_gateway
 from mcpopt.gateway.server import Gateway
 from mcpopt.pipeline import ToolCall
 
@@ -58,7 +59,7 @@ async def gateway(folder: Path) -> Any:
         "filesystem": filesystem_entry(folder / "files"),
         "everything": everything_entry(),
     }
-    gw = Gateway(load_config(data={"mcpServers": servers, "gateway": {"call_timeout_ms": 30000}}))
+    gw = build_gateway(load_config(data={"mcpServers": servers, "gateway": {"call_timeout_ms": 30000}}))
     async with gw.running():
         recorder = Recorder()
         gw.pipeline.set_filters([recorder, *gw.pipeline.filters])
@@ -169,7 +170,7 @@ def test_sandbox_value_of_results() -> None:
 
 
 def test_tool_definition_is_small() -> None:
-    gw = Gateway(load_config(data={"mcpServers": {}}))
+    gw = build_gateway(load_config(data={"mcpServers": {}}))
     tool = CodeModeTool(gw)
     assert tool.name == "mcpopt__execute_code"
     assert tool.tool.input_schema["required"] == ["code"]

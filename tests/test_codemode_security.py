@@ -15,11 +15,12 @@ import pytest
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from conftest import everything_entry, filesystem_entry
+from mcpopt.api import ClientLink, no_progress
 from mcpopt.codemode.sandbox import CodeModeSettings
 from mcpopt.codemode.tool import META_KEY, CodeModeTool
 from mcpopt.codemode.wasm_backend import WasmBackend
 from mcpopt.config import load_config
-from mcpopt.gateway.link import ClientLink, no_progress
+from mcpopt.gateway.assembly import build_gateway
 from mcpopt.gateway.server import Gateway
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -43,7 +44,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 async def gateway(folder: Path) -> Any:
     servers = {"everything": everything_entry(), "filesystem": filesystem_entry(folder / "files")}
-    gw = Gateway(load_config(data={"mcpServers": servers}))
+    gw = build_gateway(load_config(data={"mcpServers": servers}))
     async with gw.running():
         yield gw
 

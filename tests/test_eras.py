@@ -21,7 +21,7 @@ from conftest import (
     write_config,
 )
 from mcpopt.config import load_config
-from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.assembly import build_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,7 @@ def _check_version(mode: str, version: str) -> None:
 
 
 async def test_upstream_eras_are_what_the_matrix_claims(era_config: Path) -> None:
-    gateway = Gateway(load_config(era_config))
+    gateway = build_gateway(load_config(era_config))
     async with gateway.running():
         assert gateway.upstreams["time"].protocol_version == MODERN
         assert gateway.upstreams["time"].modern

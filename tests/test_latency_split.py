@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from conftest import PY_SERVERS
+from mcpopt.api import ClientLink
 from mcpopt.config import load_config
-from mcpopt.gateway.server import ClientLink, Gateway
+from mcpopt.gateway.assembly import build_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -29,7 +30,7 @@ async def test_records_carry_replica_queue_and_upstream_time(tmp_path: Path) -> 
             "gateway": {"telemetry": {"data_dir": str(tmp_path)}},
         }
     )
-    gateway = Gateway(cfg)
+    gateway = build_gateway(cfg)
     link = ClientLink("2025-11-25", None, None, None, lambda _t: _nothing)
     zones = ["UTC", "Europe/Paris", "Asia/Tokyo", "America/Lima", "Africa/Cairo", "Australia/Perth"]
     calls = [{"name": "time__get_current_time", "arguments": {"timezone": z}} for z in zones]  # distinct: no coalescing

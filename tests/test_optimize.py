@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from mcpopt.optimize.advisor import advise, erlang_c, mmc_wait_s, replicas_needed
 from mcpopt.optimize.analyzer import Analyzer, ToolFacts
 from mcpopt.optimize.report import build_report, render_html, write_reports
-from mcpopt.optimize.rules import Action, Condition, Rule, RuleError, RulesFilter, RuleStore, add_sql_limit
 from mcpopt.optimize.scenarios import ScenarioError, StepView, check, load_scenarios, parse_scenario, render
 from mcpopt.optimize.score import efficiency
 from mcpopt.optimize.settings import OptimizationSettings, level_allows, optimization_settings
 from mcpopt.pipeline import ToolCall
+from mcpopt.pipeline.rules import Action, Condition, Rule, RuleError, RulesFilter, RuleStore, add_sql_limit
 from mcpopt.policy import ToolInfo
 
 ROOT = Path(__file__).resolve().parents[1]

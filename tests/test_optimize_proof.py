@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mcpopt.optimize.proof import HARMFUL_RULE, run_proof
-from mcpopt.optimize.rules import RuleStore
+from mcpopt.pipeline.rules import RuleStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SQLITE = ROOT / ".servers" / "sqlite" / "bin" / "mcp-server-sqlite"

@@ -20,7 +20,7 @@ from mcp import Client, MCPError
 from conftest import poll, text_of, time_entry
 from mcpopt.config import load_config
 from mcpopt.errors import GATEWAY_REJECTED, UPSTREAM_CLOSED
-from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.assembly import build_gateway
 from mcpopt.pipeline import ToolCall
 from mcpopt.policy import ToolInfo
 from mcpopt.upstream.pool import ServerPool
@@ -54,7 +54,7 @@ def counted(path: Path, tool: str) -> int:
 
 @contextlib.asynccontextmanager
 async def gateway(servers: dict[str, Any]) -> Any:
-    gw = Gateway(load_config(data={"mcpServers": servers, "gateway": FAST_RESTART}))
+    gw = build_gateway(load_config(data={"mcpServers": servers, "gateway": FAST_RESTART}))
     async with gw.running(), Client(gw.server, mode="legacy") as client:
         yield gw, client
 

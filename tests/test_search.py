@@ -263,9 +263,10 @@ async def test_search_tools_on_gateway() -> None:
     from mcp.shared.exceptions import MCPError
     from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.api import ClientLink
+    from mcpopt.gateway.assembly import build_gateway
 
-    gw = Gateway(load_config(data={"mcpServers": {"fake": fake_entry()}}))
+    gw = build_gateway(load_config(data={"mcpServers": {"fake": fake_entry()}}))
     link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None)  # type: ignore[arg-type,return-value]
 
     def text(result: dict[str, Any]) -> str:

@@ -40,9 +40,10 @@ from mcpopt.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from mcpopt.gateway.assembly import build_gateway
 from mcpopt.gateway.server import Gateway
+from mcpopt.monitor.hub import Telemetry
 from mcpopt.pipeline import Pipeline, ToolCall
-from mcpopt.telemetry import Telemetry
 from mcpopt.telemetry.collector import classify
 from mcpopt.telemetry.privacy import REDACTED, hash_arguments, load_salt, redact
 from mcpopt.telemetry.record import CallRecord
@@ -84,7 +85,7 @@ async def telemetry_gateway(
             "gateway": {"telemetry": {"data_dir": str(tmp), **(telemetry or {})}},
         }
     )
-    gw = Gateway(cfg)
+    gw = build_gateway(cfg)
     async with gw.running():
         yield gw, gw.telemetry
 

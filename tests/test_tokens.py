@@ -8,13 +8,13 @@ import mcp_types as types
 import pytest
 
 from conftest import fake_entry, write_config
+from mcpopt.bench.tokens import gateway_report
 from mcpopt.discovery.tokens import (
     SCENARIOS,
     ContextItem,
     catalog_tools,
     count_context,
     count_tokens,
-    gateway_report,
     ledger,
     mode_lists,
     tools_json,

@@ -15,11 +15,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from mcpopt.bench.data_heavy import ScenarioReport, data_heavy
 from mcpopt.codemode.sandbox import CodeModeSettings
-from mcpopt.codemode.scenario import ScenarioReport, data_heavy
 from mcpopt.codemode.tool import CodeModeTool
 from mcpopt.config import load_config
-from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.assembly import build_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ROOT / "node_modules" / "@modelcontextprotocol"
@@ -36,7 +36,7 @@ async def run(folder: Path, size: int, backend: str) -> ScenarioReport:
         },
         "everything": {"command": "node", "args": [str(SERVERS / "server-everything/dist/index.js"), "stdio"]},
     }
-    gateway = Gateway(load_config(data={"mcpServers": servers}))
+    gateway = build_gateway(load_config(data={"mcpServers": servers}))
     async with gateway.running():
         tool = CodeModeTool(gateway, CodeModeSettings(backend=backend, timeout_ms=30_000))
         try:

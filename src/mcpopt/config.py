@@ -23,9 +23,92 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mcpopt.codemode.sandbox import CodeModeSettings
 from mcpopt.errors import ConfigError
-from mcpopt.optimize.settings import OptimizationSettings
+
+
+# ---- settings of the plugins (code mode, the optimizer) ------------------------------------
+class CodeModeSettings(BaseModel):
+    """`gateway.code_mode`: the `execute_code` tool's sandbox and its limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["monty", "wasm"] = "monty"
+    """`monty`: pydantic-monty (a fast subset of Python, starts in ms). `wasm`: CPython on
+    Pyodide in Deno (the whole standard library; the first run waits ~2 s for it to load)."""
+    timeout_ms: int = Field(10_000, gt=0)
+    """Wall time of one execution, tool calls included (ms)."""
+    memory_mb: int = Field(256, gt=0)
+    """Memory one execution may use (MB): the heap for monty, growth of the Deno process for wasm."""
+    max_tool_calls: int = Field(50, ge=0)
+    """Tool calls one execution may make; the next one fails and so does the execution."""
+    max_output_bytes: int = Field(20_000, gt=0)
+    """UTF-8 bytes of printed output plus the returned value that go back; the rest is cut, with a marker."""
+    allow_backend_choice: bool = True
+    """Let the caller pick `backend` per call (`execute_code`'s optional `backend` argument)."""
+    pyodide_dir: str | None = None
+    """Folder of the npm package `pyodide` (default: `node_modules/pyodide` of the project or the cwd)."""
+    deno: str | None = None
+    """The Deno binary (default: the one of the PyPI package `deno`, else `deno` on PATH)."""
+
+
+Level = Literal["conservative", "moderate", "aggressive"]
+LEVELS: tuple[Level, ...] = ("conservative", "moderate", "aggressive")
+
+
+class OptimizationSettings(BaseModel):
+    """The autonomous loop and the rules (`gateway.optimization`).
+
+    Defaults follow the issue: rollback when a KPI degrades by more than 10%; nothing changes by
+    itself unless `auto_improvement: true`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    auto_improvement: bool = False
+    """Apply validated proposals by itself (else: proposals are only reported)."""
+    level: Level = "conservative"
+    """The most invasive rule level applied: conservative (cache TTLs on read-only tools, hints,
+    timeouts), moderate (+ argument rewrites: SQL LIMIT, page size, depth cap), aggressive (+ TTLs
+    on tools only named like reads, routing changes)."""
+    rollback_threshold: float = Field(0.1, gt=0, le=1)
+    """A KPI degrading by more than this (success rate: absolute; calls, time: relative) rolls the
+    rule back."""
+    min_improvement: float = Field(0.05, ge=0, le=1)
+    """A proposal is applied only if calls or time improve by at least this fraction."""
+    interval: str = "1h"
+    """`mcpopt optimize --continuous`: time between runs (90s, 15m, 1h, 1d)."""
+    window: str = "24h"
+    """Telemetry analyzed per run (a duration back from now)."""
+    scenarios: list[str] = Field(default_factory=list)
+    """Scenario files or folders replayed to validate proposals (relative to the config's folder)."""
+    rules_path: str | None = None
+    """The rules file (default `<telemetry data_dir>/rules.json`)."""
+    sandbox: bool = True
+    """Replay scenarios against scratch copies of the servers' local state (see `optimize.sandbox`)."""
+    max_changes_per_run: int = Field(10, ge=1)
+    honor_batch_hints: bool = True
+    """Replays send hinted independent calls together through the gateway's batch tool."""
+
+    @field_validator("interval", "window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "15m", "1h", "1d" (or a bare number of seconds).
+
+    Raises:
+        ValueError: any other form.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*", str(text))
+    if not m:
+        raise ValueError(f"expected a duration such as 90s, 15m, 1h, 1d (got {text!r})")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2) or "s"]
+
 
 TransportName = Literal["stdio", "http", "sse"]
 
@@ -525,6 +608,12 @@ def _first_error(exc: ValidationError, file: str) -> ConfigError:
     if more:
         msg += f" [+{more} more problem{'s' if more > 1 else ''}]"
     return ConfigError(file, key, msg)
+
+
+def default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/mcpopt`, else `~/.local/share/mcpopt` (the XDG base-directory default)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "mcpopt"
 
 
 def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any] | None = None) -> Config:

@@ -34,8 +34,9 @@ from mcpopt.bench.overhead import SERVERS_PY
 async def bench_failover(
     duration_s: float = 60.0, kill_every_s: float = 5.0, readers: int = 8, writers: int = 2
 ) -> dict[str, Any]:
+    from mcpopt.api import ClientLink
     from mcpopt.config import load_config
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.gateway.assembly import build_gateway
 
     with tempfile.TemporaryDirectory() as d:
         ledger = Path(d) / "ledger.txt"
@@ -58,7 +59,7 @@ async def bench_failover(
                 "gateway": {"restart": {"initial_backoff_ms": 100, "max_backoff_ms": 1000}},
             }
         )
-        gateway = Gateway(cfg)
+        gateway = build_gateway(cfg)
 
         async def nothing(*_: Any) -> None:
             return None

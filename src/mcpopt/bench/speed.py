@@ -212,10 +212,11 @@ async def bench_cache(calls: int = 500, warmup: int = 50, seconds: float = 3.0) 
 
 async def _gateway_capacity(cfg: Path, seconds: float) -> float:
     """Cache hits per second the gateway process itself serves (no client, no pipes)."""
+    from mcpopt.api import ClientLink
     from mcpopt.config import load_config
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.gateway.assembly import build_gateway
 
-    gateway = Gateway(load_config(cfg))
+    gateway = build_gateway(load_config(cfg))
 
     async def nothing(*_: Any) -> None:
         return None
@@ -282,7 +283,7 @@ async def bench_throughput(seconds: float = 3.0, levels: tuple[int, ...] = (1, 1
 
 async def bench_startup(n: int = 20) -> dict[str, Any]:
     from mcpopt.config import load_config
-    from mcpopt.gateway.server import Gateway
+    from mcpopt.gateway.assembly import build_gateway
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -292,12 +293,12 @@ async def bench_startup(n: int = 20) -> dict[str, Any]:
 
         singles = []
         for i in range(3):
-            g = Gateway(load_config(_config(tmp, {f"s{i}": entry(i)}, f"one{i}.json")))
+            g = build_gateway(load_config(_config(tmp, {f"s{i}": entry(i)}, f"one{i}.json")))
             t0 = time.perf_counter()
             async with g.running():
                 singles.append((time.perf_counter() - t0) * 1000)
         parallel_cfg = _config(tmp, {f"s{i}": entry(i) for i in range(n)}, "par.json")
-        g = Gateway(load_config(parallel_cfg))
+        g = build_gateway(load_config(parallel_cfg))
         t0 = time.perf_counter()
         async with g.running():
             parallel_ms = (time.perf_counter() - t0) * 1000
@@ -312,7 +313,7 @@ async def bench_startup(n: int = 20) -> dict[str, Any]:
             cores = os.cpu_count() or 1
         # Sequential: a chain of depends_on forces one stage per server.
         chain = {f"s{i}": {**entry(i), **({"depends_on": [f"s{i - 1}"]} if i else {})} for i in range(n)}
-        g = Gateway(load_config(_config(tmp, chain, "seq.json")))
+        g = build_gateway(load_config(_config(tmp, chain, "seq.json")))
         t0 = time.perf_counter()
         async with g.running():
             sequential_ms = (time.perf_counter() - t0) * 1000

@@ -65,7 +65,7 @@ def eval_tokens_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Tokens of tools/list in each exposure mode (full, search, code), counted offline (cl100k_base)."""
-    from mcpopt.discovery.tokens import gateway_report
+    from mcpopt.bench.tokens import gateway_report
 
     load(config)  # a bad config is reported here, before anything starts
     setup_logging("error")

@@ -21,9 +21,9 @@ SandboxOpt = typer.Option(True, "--sandbox/--no-sandbox", help="Replay against s
 
 
 def _opt_run(coro: Any) -> Any:
-    from mcpopt.optimize.rules import RuleError
     from mcpopt.optimize.sandbox import SandboxError
     from mcpopt.optimize.scenarios import ScenarioError
+    from mcpopt.pipeline.rules import RuleError
 
     try:
         return run(coro)
@@ -155,8 +155,8 @@ def optimize(
 
 
 def _rule_store(config: str, rules: str | None) -> Any:
-    from mcpopt.optimize.rules import RuleError, RuleStore
     from mcpopt.optimize.settings import default_rules_path
+    from mcpopt.pipeline.rules import RuleError, RuleStore
 
     path = rules or str(default_rules_path(load(config) if Path(config).exists() else None))
     try:
@@ -177,7 +177,7 @@ def rules_list(
 
 
 def _change(action: Any) -> None:
-    from mcpopt.optimize.rules import RuleError
+    from mcpopt.pipeline.rules import RuleError
 
     try:
         message = action()

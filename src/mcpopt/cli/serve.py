@@ -45,10 +45,10 @@ def serve(
 
 
 async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
+    from mcpopt.gateway.assembly import build_gateway
     from mcpopt.gateway.front import serve_http, serve_stdio
-    from mcpopt.gateway.server import Gateway
 
-    gateway = Gateway(cfg)
+    gateway = build_gateway(cfg)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
 

@@ -16,7 +16,7 @@ app.add_typer(telemetry_app, name="telemetry")
 def _telemetry_store(config: str, db: str | None) -> Path:
     """The SQLite store: --db, else the config's `gateway.telemetry` (defaults without a config file)."""
     from mcpopt.config import TelemetrySettings
-    from mcpopt.telemetry.hub import store_path
+    from mcpopt.telemetry.store import store_path
 
     if db:
         return Path(db).expanduser()

@@ -67,9 +67,9 @@ async def _with_client(cfg: Config, action: Any) -> Any:
     from mcp import Client
     from mcp.shared.exceptions import MCPError
 
-    from mcpopt.gateway.server import Gateway
+    from mcpopt.gateway.assembly import build_gateway
 
-    gateway = Gateway(cfg)
+    gateway = build_gateway(cfg)
     failure: str | None = None
     async with gateway.running():
         for row in gateway.status():

@@ -13,7 +13,7 @@ Backends never raise for what the code does (errors, limits, crashes): they retu
 `Execution` with `ok=False`, an `error_type` and a message. They raise only when they cannot
 run at all (`SandboxUnavailable`: the runtime is missing or does not start).
 
-This module imports nothing from the gateway, so `mcpopt.config` can import `CodeModeSettings`.
+The settings model (`CodeModeSettings`) lives in `mcpopt.config` with the rest of the configuration.
 """
 
 from __future__ import annotations
@@ -21,36 +21,24 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from mcpopt.config import CodeModeSettings
+
+__all__ = [
+    "CappedText",
+    "CodeModeSettings",
+    "Execution",
+    "SandboxBackend",
+    "SandboxUnavailable",
+    "ToolBridge",
+    "ToolCallError",
+    "jsonable",
+    "timeout_message",
+]
 
 ToolBridge = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """`async (gateway tool name, arguments) -> the value the sandbox sees`."""
-
-
-class CodeModeSettings(BaseModel):
-    """`gateway.code_mode`: the `execute_code` tool's sandbox and its limits."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["monty", "wasm"] = "monty"
-    """`monty`: pydantic-monty (a fast subset of Python, starts in ms). `wasm`: CPython on
-    Pyodide in Deno (the whole standard library; the first run waits ~2 s for it to load)."""
-    timeout_ms: int = Field(10_000, gt=0)
-    """Wall time of one execution, tool calls included (ms)."""
-    memory_mb: int = Field(256, gt=0)
-    """Memory one execution may use (MB): the heap for monty, growth of the Deno process for wasm."""
-    max_tool_calls: int = Field(50, ge=0)
-    """Tool calls one execution may make; the next one fails and so does the execution."""
-    max_output_bytes: int = Field(20_000, gt=0)
-    """UTF-8 bytes of printed output plus the returned value that go back; the rest is cut, with a marker."""
-    allow_backend_choice: bool = True
-    """Let the caller pick `backend` per call (`execute_code`'s optional `backend` argument)."""
-    pyodide_dir: str | None = None
-    """Folder of the npm package `pyodide` (default: `node_modules/pyodide` of the project or the cwd)."""
-    deno: str | None = None
-    """The Deno binary (default: the one of the PyPI package `deno`, else `deno` on PATH)."""
 
 
 class ToolCallError(RuntimeError):

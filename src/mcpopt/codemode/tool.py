@@ -13,9 +13,10 @@ back to the model, at most `max_output_bytes` together; the rest is cut with a m
 how much was left out. A limit (wall time, memory, tool calls) or an uncaught exception gives an
 error result (`isError`) with the exception type, message and traceback, after any output.
 
-Wiring (in the gateway): `code = CodeModeTool(gateway)`, then list `code.tool` and route its
-name to `code.handler(arguments, link)`; `code.stub_for(name)` gives a tool's Python signature
-for `get_tool_schema`; `await code.aclose()` when the gateway stops.
+Wiring (in `mcpopt.gateway.assembly`): `code = CodeModeTool(gateway)`, then
+`gateway.add_tool(code.tool, code.handler, listed=False)` (exposure modes list it);
+`code.stub_for(name)` gives a tool's Python signature for `get_tool_schema`; `await code.aclose()`
+when the gateway stops.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from mcpopt.codemode.sandbox import (
 from mcpopt.codemode.stubs import ToolNamespaces
 
 if TYPE_CHECKING:
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.api import ClientLink, GatewayAPI
 
 _SHAPED = re.compile(r"resources/read (mcpopt://results/([0-9a-f]+))\]\s*$")
 _MAX_CODE_BYTES = 200_000
@@ -154,7 +155,7 @@ class CodeModeTool:
         name: its name.
     """
 
-    def __init__(self, gateway: Gateway, settings: CodeModeSettings | None = None, name: str | None = None) -> None:
+    def __init__(self, gateway: GatewayAPI, settings: CodeModeSettings | None = None, name: str | None = None) -> None:
         self.gateway = gateway
         cfg = gateway.config.gateway
         if settings is None:

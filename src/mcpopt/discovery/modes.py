@@ -29,8 +29,8 @@ from mcpopt.discovery.embed import default_embedder
 from mcpopt.discovery.index import SearchHit, ToolDoc, ToolIndex, compact_line
 
 if TYPE_CHECKING:
-    from mcpopt.gateway.catalog import GatewayCatalog
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.api import ClientLink, GatewayAPI
+    from mcpopt.catalog import GatewayCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class SearchTools:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: GatewayAPI,
         *,
         pins: Sequence[str] = (),
         default_k: int = 10,
@@ -182,7 +182,7 @@ class SearchTools:
             ValueError: an unknown exposure.
         """
         catalog = self.gateway.catalog.tools
-        own = self.gateway.own.tools
+        own = self.gateway.own_tools()
         if exposure == "full":
             return catalog + own
         pins = pinned([*catalog, *own], self.pins)
@@ -209,7 +209,7 @@ class SearchTools:
         async with self._sync:
             if self.index is None:
                 self.index = ToolIndex(await anyio.to_thread.run_sync(default_embedder))
-                own = self.gateway.own.tools
+                own = self.gateway.own_tools()
                 await anyio.to_thread.run_sync(self.index.add_tools, self._own_server, own)
             index = self.index
             changed: list[str] = []
@@ -267,7 +267,7 @@ class SearchTools:
         for tool in self.gateway.catalog.tools:
             if tool.name == name:
                 return tool
-        for tool in self.gateway.own.tools:
+        for tool in self.gateway.own_tools():
             if tool.name == name:
                 return tool
         return None

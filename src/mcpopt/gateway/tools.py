@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
@@ -19,9 +18,13 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
 if TYPE_CHECKING:
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.api import ClientLink, GatewayAPI, ToolHandler
+    from mcpopt.pipeline.cache import CoalesceFilter
 
-Handler = Callable[[dict[str, Any], "ClientLink"], Awaitable[dict[str, Any]]]
+
+def batch_tool_name(config: Any) -> str:
+    """`{gateway.name}{separator}batch`: the batch tool's name under a config."""
+    return f"{config.gateway.name}{config.gateway.separator}batch"
 
 
 def _text_result(payload: Any, *, is_error: bool = False) -> dict[str, Any]:
@@ -35,19 +38,19 @@ def _text_result(payload: Any, *, is_error: bool = False) -> dict[str, Any]:
 
 
 class GatewayTools:
-    """Definitions and handlers of the gateway's own tools.
+    """The batch and cache tools, registered on a gateway (`GatewayAPI.add_tool`) when built.
 
     Args:
         gateway: the gateway whose pipeline and cache the tools use.
+        coalescer: the pipeline's coalescing filter (its count goes into `cache_stats`).
     """
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: GatewayAPI, coalescer: CoalesceFilter | None = None) -> None:
         self.gateway = gateway
+        self.coalescer = coalescer
         cfg = gateway.config.gateway
         prefix = f"{cfg.name}{cfg.separator}"
-        self.batch_name = f"{prefix}batch"
-        self.tools: list[types.Tool] = []
-        self.handlers: dict[str, Handler] = {}
+        self.batch_name = batch_tool_name(gateway.config)
         if cfg.batch.enabled:
             self._add(
                 types.Tool(
@@ -102,9 +105,8 @@ class GatewayTools:
             self._cache_stats,
         )
 
-    def _add(self, tool: types.Tool, handler: Handler) -> None:
-        self.tools.append(tool)
-        self.handlers[tool.name] = handler
+    def _add(self, tool: types.Tool, handler: ToolHandler) -> None:
+        self.gateway.add_tool(tool, handler)
 
     async def _batch(self, arguments: dict[str, Any], link: ClientLink) -> dict[str, Any]:
         cfg = self.gateway.config.gateway.batch
@@ -163,7 +165,7 @@ class GatewayTools:
                 "bytes": cache.l1.bytes,
                 "max_bytes": cache.settings.max_bytes,
                 "redis": None if cache.l2 is None else {"url": cache.l2.url, "healthy": cache.l2.healthy},
-                "coalesced": self.gateway.coalescer.coalesced,
+                "coalesced": self.coalescer.coalesced if self.coalescer is not None else 0,
                 "tools": cache.report(),
             }
         )

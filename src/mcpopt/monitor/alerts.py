@@ -24,6 +24,7 @@ import logging
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from mcpopt.monitor.stats import percentile
 from mcpopt.telemetry.sinks import ThreadedSink
 
 if TYPE_CHECKING:
-    from mcpopt.monitor.monitor import Monitor
+    from mcpopt.monitor.stats import Series
 
 logger = logging.getLogger("mcpopt.alerts")
 
@@ -72,7 +73,7 @@ class _State:
 
 
 class AlertManager:
-    """Evaluates the rules against a `Monitor` and keeps the active alerts and recent events.
+    """Evaluates the rules against a `Monitor`'s per-tool series and keeps the active alerts and recent events.
 
     Args:
         settings: a `TelemetrySettings` (thresholds, window, minimum calls).
@@ -104,14 +105,18 @@ class AlertManager:
         return [e.to_dict() for e in list(self.history)[-limit:]][::-1]
 
     def evaluate(
-        self, monitor: Monitor, now: float | None = None, health: list[dict[str, Any]] | None = None
+        self,
+        tools: Mapping[tuple[str, str], Series],
+        now: float | None = None,
+        health: list[dict[str, Any]] | None = None,
     ) -> list[AlertEvent]:
-        """Check every rule once; returns the events (state changes) and logs them."""
+        """Check every rule once over the per-tool series (`Monitor.tools`: (server, tool) -> `Series`)
+        and the upstream health rows; returns the events (state changes) and logs them."""
         now = time.time() if now is None else now
         s = self.settings
         seen: dict[tuple[str, str], tuple[str, float, float, str]] = {}
         since = now - s.alert_window_s
-        for (server, tool), series in monitor.tools.items():
+        for (server, tool), series in tools.items():
             scope = f"{server}/{tool}"
             lat, errors = series.window(since)
             n = len(lat)

@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 from mcpopt.config import TelemetrySettings
+from mcpopt.monitor.hub import Telemetry
 from mcpopt.monitor.stats import percentile
 from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
-from mcpopt.telemetry.hub import Telemetry
 
 GOAL_US = 50.0
 

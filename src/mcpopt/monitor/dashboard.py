@@ -1,6 +1,6 @@
 """HTTP routes of telemetry: `/metrics` (Prometheus) and the live dashboard.
 
-- `GET /metrics`: the Prometheus exposition (see `mcpopt.telemetry.prom`); absent when
+- `GET /metrics`: the Prometheus exposition (see `mcpopt.monitor.prom`); absent when
   `telemetry.prometheus` is false.
 - `GET /dashboard`: a static page (`static/dashboard.html`) that polls the data endpoint every
   2 s and draws with Chart.js (MIT; the UMD build is vendored in `static/`, refreshed from
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from mcpopt.telemetry.hub import Telemetry
+    from mcpopt.monitor.hub import Telemetry
 
 STATIC = Path(__file__).resolve().parent / "static"
 CHART_JS = "chart.umd.min.js"
@@ -46,7 +46,7 @@ def routes(hub: Telemetry) -> list[Any]:
 
     out: list[Any] = []
     if hub.prometheus is not None:
-        from mcpopt.telemetry.prom import CONTENT_TYPE
+        from mcpopt.monitor.prom import CONTENT_TYPE
 
         async def metrics(request: Request) -> Response:
             hub.process_pending()

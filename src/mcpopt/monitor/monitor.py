@@ -79,4 +79,4 @@ class Monitor:
 
     def evaluate(self, health: list[dict[str, Any]] | None = None, now: float | None = None) -> list[Any]:
         """Run the alert rules once (see `AlertManager.evaluate`)."""
-        return self.alerts.evaluate(self, self.clock() if now is None else now, health)
+        return self.alerts.evaluate(self.tools, self.clock() if now is None else now, health)

@@ -1,5 +1,5 @@
 """The gateway's performance tools: `{name}{sep}get_performance_status` and
-`{name}{sep}run_performance_benchmark` (`mcpopt__...` by default), added to a `GatewayTools`.
+`{name}{sep}run_performance_benchmark` (`mcpopt__...` by default), registered on the gateway (`GatewayAPI.add_tool`).
 
 - `get_performance_status`: grades, percentiles, error and cache hit rates per tool and
   server, active alerts and anomalies, upstream health (states, breakers), telemetry drops.
@@ -23,7 +23,8 @@ from mcp_types import INVALID_PARAMS
 from mcpopt.monitor.stats import grade, percentile
 
 if TYPE_CHECKING:
-    from mcpopt.telemetry.hub import Telemetry
+    from mcpopt.api import GatewayAPI
+    from mcpopt.monitor.hub import Telemetry
 
 MAX_CALLS = 10
 MAX_ITERATIONS = 200
@@ -43,13 +44,12 @@ def _result(payload: dict[str, Any], *, is_error: bool = False) -> dict[str, Any
     return out
 
 
-def register_tools(own: Any, hub: Telemetry) -> None:
-    """Append both tools to `own.tools` and their handlers to `own.handlers` (a `GatewayTools`)."""
-    cfg = own.gateway.config.gateway
+def register_tools(gateway: GatewayAPI, hub: Telemetry) -> None:
+    """Add both tools to the gateway (`GatewayAPI.add_tool`), reading `hub`'s status."""
+    cfg = gateway.config.gateway
     prefix = f"{cfg.name}{cfg.separator}"
     status_name = f"{prefix}get_performance_status"
     bench_name = f"{prefix}run_performance_benchmark"
-    gateway = own.gateway
 
     async def get_status(arguments: dict[str, Any], link: Any) -> dict[str, Any]:
         hub.process_pending()
@@ -92,7 +92,7 @@ def register_tools(own: Any, hub: Telemetry) -> None:
             )
         return _result({"iterations": iterations, "concurrency": concurrency, "results": results})
 
-    own.tools.append(
+    gateway.add_tool(
         types.Tool(
             name=status_name,
             description=(
@@ -107,10 +107,10 @@ def register_tools(own: Any, hub: Telemetry) -> None:
                 },
             },
             annotations=types.ToolAnnotations(read_only_hint=True),
-        )
+        ),
+        get_status,
     )
-    own.handlers[status_name] = get_status
-    own.tools.append(
+    gateway.add_tool(
         types.Tool(
             name=bench_name,
             description=(
@@ -138,9 +138,9 @@ def register_tools(own: Any, hub: Telemetry) -> None:
                 "required": ["calls"],
             },
             annotations=types.ToolAnnotations(read_only_hint=False, open_world_hint=True),
-        )
+        ),
+        run_benchmark,
     )
-    own.handlers[bench_name] = run_benchmark
 
 
 def _int(value: Any, lo: int, hi: int, key: str, tool: str) -> int:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcpopt.monitor.stats import grade, percentile
-from mcpopt.optimize.rules import Action, Condition, Rule, add_sql_limit, sql_argument
+from mcpopt.pipeline.rules import Action, Condition, Rule, add_sql_limit, sql_argument
 from mcpopt.telemetry.record import ERROR_OUTCOMES
 
 _READ_NAME = re.compile(

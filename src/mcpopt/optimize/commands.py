@@ -25,12 +25,12 @@ from mcpopt.optimize.analyzer import Analyzer, facts_from_gateway
 from mcpopt.optimize.coverage import coverage_matrix, gateway_tools
 from mcpopt.optimize.loop import LoopReport
 from mcpopt.optimize.report import build_report, write_reports
-from mcpopt.optimize.rules import RuleStore, rules_summary
 from mcpopt.optimize.runner import SuiteRun
 from mcpopt.optimize.scenarios import Scenario, Step, load_scenarios
 from mcpopt.optimize.score import suite_scores
 from mcpopt.optimize.session import OptimizeSession
 from mcpopt.optimize.settings import OptimizationSettings, optimization_settings, parse_duration
+from mcpopt.pipeline.rules import RuleStore, rules_summary
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

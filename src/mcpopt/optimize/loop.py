@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcpopt.optimize.analyzer import Analysis, Analyzer
-from mcpopt.optimize.rules import Rule, RulesFilter, RuleStore
 from mcpopt.optimize.runner import Progress, Runner, SuiteRun, newly_failing
 from mcpopt.optimize.scenarios import Scenario
 from mcpopt.optimize.settings import OptimizationSettings, level_allows
+from mcpopt.pipeline.rules import Rule, RulesFilter, RuleStore
 
 logger = logging.getLogger(__name__)
 

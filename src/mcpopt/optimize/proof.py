@@ -24,10 +24,10 @@ from typing import Any
 
 from mcpopt.config import load_config
 from mcpopt.optimize.loop import LoopReport
-from mcpopt.optimize.rules import Action, Condition, Rule
 from mcpopt.optimize.scenarios import load_scenarios
 from mcpopt.optimize.session import OptimizeSession
 from mcpopt.optimize.settings import OptimizationSettings
+from mcpopt.pipeline.rules import Action, Condition, Rule
 
 ROOT = Path(__file__).resolve().parents[3]
 HARMFUL_RULE = Rule(

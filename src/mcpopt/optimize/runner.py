@@ -37,9 +37,9 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from mcpopt.errors import GatewayError
-from mcpopt.optimize.rules import RuleSet
 from mcpopt.optimize.scenarios import Scenario, ScenarioError, Step, StepView, check, render
 from mcpopt.pipeline import Next, ToolCall, ToolResult
+from mcpopt.pipeline.rules import RuleSet
 from mcpopt.policy import UNKNOWN
 
 Progress = Callable[[int, int, str], None]
@@ -379,7 +379,7 @@ class Runner:
         return route is not None and rules.batchable(route.server, route.name, step.arguments)
 
     def _link(self, session: str) -> Any:
-        from mcpopt.gateway.link import ClientLink
+        from mcpopt.api import ClientLink
 
         async def no_progress(progress: float, total: float | None, message: str | None) -> None:
             return None

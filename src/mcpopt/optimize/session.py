@@ -20,11 +20,11 @@ from typing import Any
 from mcpopt.config import Config
 from mcpopt.optimize.analyzer import Analyzer, facts_from_gateway
 from mcpopt.optimize.loop import OptimizationLoop
-from mcpopt.optimize.rules import RulesFilter, RuleStore
 from mcpopt.optimize.runner import Progress, Runner
 from mcpopt.optimize.sandbox import Sandbox, sandbox_config, server_vars
 from mcpopt.optimize.scenarios import Scenario
 from mcpopt.optimize.settings import OptimizationSettings, default_rules_path, optimization_settings
+from mcpopt.pipeline.rules import RulesFilter, RuleStore
 
 
 def install_rules(gateway: Any, rules_filter: RulesFilter) -> None:
@@ -72,7 +72,7 @@ class OptimizeSession:
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[OptimizeSession]:
-        from mcpopt.gateway.server import Gateway
+        from mcpopt.gateway.assembly import build_gateway
 
         cfg = self.config
         if self.use_sandbox:
@@ -81,7 +81,7 @@ class OptimizeSession:
         cfg = cfg.model_copy(deep=True)
         self._own_telemetry(cfg)
         try:
-            self.gateway = Gateway(cfg)
+            self.gateway = build_gateway(cfg)
             self.telemetry = self.gateway.telemetry if self.telemetry_path is not None else None
             install_rules(self.gateway, self.rules_filter)
             async with self.gateway.running():
@@ -119,7 +119,7 @@ class OptimizeSession:
             return None
         if tel.sqlite_path:
             return Path(tel.sqlite_path).expanduser()
-        from mcpopt.telemetry.privacy import default_data_dir
+        from mcpopt.config import default_data_dir
 
         return (Path(tel.data_dir).expanduser() if tel.data_dir else default_data_dir()) / "telemetry.db"
 

@@ -1,29 +1,24 @@
-"""Telemetry: one record per tool call, privacy levels, sinks (SQLite, JSONL, OTLP), Prometheus.
+"""Telemetry: one record per tool call, privacy levels, sinks (SQLite, JSONL, OTLP).
 
-Wiring (in the gateway)::
+This package records; it never imports what reads its records. The hub that feeds records to
+the monitor and Prometheus, `mcpopt.monitor.hub.Telemetry`, sits above it, and the assembly
+(`mcpopt.gateway.assembly`) wires it: `telemetry.filter` first and `telemetry.timer` last in the
+pipeline, `start()`/`stop()` with the gateway, the monitor's tools and HTTP routes beside.
 
-    telemetry = Telemetry(config.gateway.telemetry, gateway)
-    pipeline filters: [telemetry.filter, ...other filters..., telemetry.timer]
-    telemetry.register_tools(gateway.own)          # mcpopt__get_performance_status, ..._benchmark
-    await telemetry.start() / await telemetry.stop()
-    HTTP front: custom_starlette_routes=[..., *telemetry.routes()]   # /metrics, /dashboard
-
-Modules: `collector` (the filters, the record builder), `hub` (`Telemetry`), `record`
-(`CallRecord`, outcomes), `privacy` (salt, hashes, redaction), `sinks` and `store` (SQLite),
-`otel` (OTLP spans and metrics, trace context), `prom` (Prometheus).
+Modules: `collector` (the filters, the record builder), `record` (`CallRecord`, outcomes),
+`privacy` (salt, hashes, redaction), `sinks` and `store` (SQLite), `otel` (OTLP spans and
+metrics, trace context).
 """
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mcpopt.telemetry.collector import TelemetryFilter, UpstreamTimer
-    from mcpopt.telemetry.hub import Telemetry
     from mcpopt.telemetry.record import ERROR_OUTCOMES, OUTCOMES, CallRecord
 
-__all__ = ["ERROR_OUTCOMES", "OUTCOMES", "CallRecord", "Telemetry", "TelemetryFilter", "UpstreamTimer"]
+__all__ = ["ERROR_OUTCOMES", "OUTCOMES", "CallRecord", "TelemetryFilter", "UpstreamTimer"]
 
 _WHERE = {
-    "Telemetry": "hub",
     "TelemetryFilter": "collector",
     "UpstreamTimer": "collector",
     "CallRecord": "record",
@@ -33,7 +28,7 @@ _WHERE = {
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `mcpopt.monitor` can use `mcpopt.telemetry.record` without a cycle.
+    # Lazy: importing `mcpopt.telemetry.record` should not pull in the pipeline (collector).
     if name in _WHERE:
         import importlib
 

@@ -22,7 +22,7 @@ import asyncio
 from collections import deque
 from random import getrandbits
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from mcp.shared.exceptions import MCPError
@@ -33,13 +33,27 @@ from mcpopt.telemetry.otel import parse_traceparent
 from mcpopt.telemetry.privacy import hash_arguments, redact_text, redacted_json
 from mcpopt.telemetry.record import CallRecord, estimate_tokens
 
-if TYPE_CHECKING:
-    from mcpopt.telemetry.hub import Telemetry
-
 REQUEST_TIMEOUT = -32001
 """The SDK's own request-timeout code (mcp.shared.exceptions)."""
 TASK_KEYS = ("user_intent", "task_type", "performance_target")
 """`_meta` keys (also under `_meta["mcpopt/task"]`) with which a client describes its task."""
+
+
+class RecordContext(Protocol):
+    """What `build_record` needs of the hub: the privacy level, the salt, per-session ids and the clock."""
+
+    @property
+    def level(self) -> str: ...
+
+    @property
+    def salt(self) -> bytes: ...
+
+    def session_hash(self, session: str) -> str: ...
+
+    def next_seq(self, session: str) -> int: ...
+
+    def wall(self, t_perf: float) -> float: ...
+
 
 Pending = tuple[ToolCall, float, float, "ToolResult | None", "BaseException | None"]
 
@@ -161,7 +175,7 @@ def task_info(call: ToolCall) -> dict[str, Any]:
     return {k: meta[k] for k in TASK_KEYS if k in meta}
 
 
-def build_record(hub: Telemetry, item: Pending) -> CallRecord:
+def build_record(hub: RecordContext, item: Pending) -> CallRecord:
     """Turn a pending call into a `CallRecord`, applying the privacy level (off the request path)."""
     call, t0, t1, result, exc = item
     outcome, code = classify(result, exc)

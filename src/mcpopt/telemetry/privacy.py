@@ -46,12 +46,6 @@ MAX_STRING = 2_000
 """Longer strings are cut (after redaction) so one record stays small."""
 
 
-def default_data_dir() -> Path:
-    """`$XDG_DATA_HOME/mcpopt`, else `~/.local/share/mcpopt` (the XDG base-directory default)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "mcpopt"
-
-
 def load_salt(path: Path) -> bytes:
     """The install's salt (32 random bytes), created on first use with mode 0600.
 

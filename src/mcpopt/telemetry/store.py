@@ -20,6 +20,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from mcpopt.config import TelemetrySettings, default_data_dir
 from mcpopt.telemetry.record import FIELDS, CallRecord
 
 SCHEMA_VERSION = 1
@@ -151,3 +152,14 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def store_path(settings: TelemetrySettings) -> Path | None:
+    """The SQLite store of these settings: `sqlite_path`, else `<data_dir>/telemetry.db`; None when ""."""
+    path = settings.sqlite_path
+    if path == "":
+        return None
+    if path:
+        return Path(path).expanduser()
+    base = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
+    return base / "telemetry.db"

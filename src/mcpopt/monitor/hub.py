@@ -1,4 +1,7 @@
-"""`Telemetry`: the collector's hub -- filters, background loop, monitor, metrics, sinks.
+"""`Telemetry`: the hub between recording and monitoring -- filters, background loop, monitor, metrics, sinks.
+
+It lives in `monitor/` because it feeds the monitor: `mcpopt.telemetry` records and never
+imports what reads its records (ARCHITECTURE.md).
 
 Lifecycle: build it with the gateway (`Telemetry(config.gateway.telemetry, gateway)`), put
 `telemetry.filter` first and `telemetry.timer` last in the pipeline, `await telemetry.start()`
@@ -24,13 +27,14 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
-from mcpopt.config import TelemetrySettings
+from mcpopt.config import TelemetrySettings, default_data_dir
 from mcpopt.monitor.alerts import AlertEvent, WebhookSink
 from mcpopt.monitor.monitor import Monitor
 from mcpopt.telemetry.collector import Pending, TelemetryFilter, UpstreamTimer, build_record
-from mcpopt.telemetry.privacy import default_data_dir, hash_id, load_salt
+from mcpopt.telemetry.privacy import hash_id, load_salt
 from mcpopt.telemetry.record import CallRecord
 from mcpopt.telemetry.sinks import JsonlSink, SqliteSink, ThreadedSink
+from mcpopt.telemetry.store import store_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +44,6 @@ SLICE = 128
 """Records processed between two yields to the event loop."""
 _SESSIONS = 10_000
 """Sessions whose call counter is kept (least recently used go first)."""
-
-
-def store_path(settings: TelemetrySettings) -> Path | None:
-    """The SQLite store of these settings: `sqlite_path`, else `<data_dir>/telemetry.db`; None when ""."""
-    path = settings.sqlite_path
-    if path == "":
-        return None
-    if path:
-        return Path(path).expanduser()
-    base = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
-    return base / "telemetry.db"
 
 
 class Telemetry:
@@ -88,7 +81,7 @@ class Telemetry:
         self.monitor = Monitor(settings)
         self.prometheus: Any = None
         if settings.prometheus:
-            from mcpopt.telemetry.prom import PrometheusMetrics
+            from mcpopt.monitor.prom import PrometheusMetrics
 
             self.prometheus = PrometheusMetrics(self)
         self.sinks: list[ThreadedSink] = []
@@ -352,16 +345,3 @@ class Telemetry:
                 "pid": os.getpid(),
             },
         }
-
-    # ---- integration --------------------------------------------------------------------
-    def routes(self) -> list[Any]:
-        """Starlette routes for the HTTP front: `/metrics`, `/dashboard`, `/dashboard/data`, the chart script."""
-        from mcpopt.monitor.dashboard import routes
-
-        return routes(self)
-
-    def register_tools(self, own: Any) -> None:
-        """Add `{name}{sep}get_performance_status` and `{name}{sep}run_performance_benchmark` to a `GatewayTools`."""
-        from mcpopt.monitor.tools import register_tools
-
-        register_tools(own, self)

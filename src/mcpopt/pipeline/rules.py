@@ -40,8 +40,8 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
+from mcpopt.config import Level, OptimizationSettings, default_data_dir
 from mcpopt.errors import McpoptError, UpstreamTimeout
-from mcpopt.optimize.settings import Level
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 
 logger = logging.getLogger(__name__)
@@ -452,3 +452,28 @@ def rules_summary(rules: Iterable[Rule]) -> list[dict[str, Any]]:
         }
         for r in rules
     ]
+
+
+def optimization_settings(config: Any) -> OptimizationSettings:
+    """The config's optimization settings (`gateway.optimization`, else defaults)."""
+    for holder in (getattr(config, "gateway", None), config):
+        found = getattr(holder, "optimization", None)
+        if isinstance(found, OptimizationSettings):
+            return found
+        if isinstance(found, dict):
+            return OptimizationSettings.model_validate(found)
+        if isinstance(found, BaseModel):
+            return OptimizationSettings.model_validate(found.model_dump())
+    return OptimizationSettings()
+
+
+def default_rules_path(config: Any) -> Path:
+    """`optimization.rules_path`, else `<telemetry data_dir>/rules.json` (`~/.local/share/mcpopt`)."""
+    settings = optimization_settings(config)
+    if settings.rules_path:
+        return Path(settings.rules_path).expanduser()
+    tel = getattr(getattr(config, "gateway", None), "telemetry", None)
+    data_dir = getattr(tel, "data_dir", None)
+    if data_dir:
+        return Path(data_dir).expanduser() / "rules.json"
+    return default_data_dir() / "rules.json"

@@ -169,7 +169,7 @@ async def data_heavy(
 
     Returns: the `ScenarioReport`; raises AssertionError when a run does not do the task.
     """
-    from mcpopt.gateway.link import ClientLink, no_progress
+    from mcpopt.api import ClientLink, no_progress
 
     link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
     log = folder / "app.log"

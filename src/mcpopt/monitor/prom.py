@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -37,7 +37,23 @@ from prometheus_client.utils import floatToGoString
 from mcpopt.telemetry.record import CallRecord
 
 if TYPE_CHECKING:
-    from mcpopt.telemetry.hub import Telemetry
+    from mcpopt.monitor.monitor import Monitor
+    from mcpopt.telemetry.collector import TelemetryFilter
+
+
+class LiveSource(Protocol):
+    """What the metrics read live at scrape time (the telemetry hub, `mcpopt.monitor.hub.Telemetry`)."""
+
+    @property
+    def filter(self) -> TelemetryFilter: ...
+
+    @property
+    def monitor(self) -> Monitor: ...
+
+    def upstream_health(self) -> list[dict[str, Any]]: ...
+
+    def dropped(self) -> dict[str, int]: ...
+
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds; 0.15 and 0.2 are the default SLO thresholds (issue 5), so they are exact in queries."""
@@ -102,7 +118,7 @@ class PrometheusMetrics:
     `Histogram`/`Counter` objects would (measured: ~5 us -> ~1 us per record).
     """
 
-    def __init__(self, hub: Telemetry) -> None:
+    def __init__(self, hub: LiveSource) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.series: dict[tuple[str, str], _ToolSeries] = {}
         self.registry.register(_CallCollector(self))
@@ -184,7 +200,7 @@ class _CallCollector(Collector):
 
 
 class _LiveCollector(Collector):
-    def __init__(self, hub: Telemetry) -> None:
+    def __init__(self, hub: LiveSource) -> None:
         self.hub = hub
 
     def describe(self) -> list[Any]:

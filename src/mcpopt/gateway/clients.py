@@ -1,0 +1,142 @@
+"""The clients connected to the gateway: their connections, log levels, subscriptions, calls in flight.
+
+Upstream events fan out from here: a `list_changed` goes to every handshake-era connection (a
+2026-07-28 client hears of it on its `subscriptions/listen` stream instead), `resources/updated`
+to the connections subscribed to that URI, a log message to the client whose call is in flight
+(or, between calls, to every handshake-era connection at or above its level), and an upstream's
+server-to-client request (sampling, elicitation, roots) to the client whose call is in flight.
+Connections are held weakly: a client that goes away is forgotten with its `Connection`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+from mcp.server.connection import Connection
+
+from mcpopt.api import Caller
+from mcpopt.gateway.eras import MODERN
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+"""MCP's logging levels in RFC 5424 severity order (spec: server/utilities/logging)."""
+NOTIFY_TIMEOUT_S = 2.0
+"""A notification to a client that does not read within this long is given up (that client only)."""
+
+
+def level_at_least(level: str, minimum: str | None) -> bool:
+    """True when `level` is at or above `minimum` (None: the client wants no messages)."""
+    if minimum is None:
+        return False
+    try:
+        return LEVELS.index(level) >= LEVELS.index(minimum)
+    except ValueError:
+        return True
+
+
+async def notify(conn: Connection, method: str, params: dict[str, Any] | None) -> None:
+    """Send a notification on a connection's standalone channel; a gone or stuck client is skipped."""
+    if not conn.has_standalone_channel:
+        return
+    try:
+        with anyio.move_on_after(NOTIFY_TIMEOUT_S):
+            await conn.outbound.notify(method, params)
+    except Exception as exc:  # noqa: BLE001 - a gone client must not break the gateway
+        logger.debug("notification %s to a client failed: %s", method, exc)
+
+
+class Clients:
+    """Registry of client connections and of the calls in flight to each upstream.
+
+    Args:
+        servers: the upstream names (one list of callers each).
+    """
+
+    def __init__(self, servers: list[str]) -> None:
+        self.connections: weakref.WeakKeyDictionary[Connection, None] = weakref.WeakKeyDictionary()
+        self.latest: Connection | None = None
+        """The last client connection seen (on the stdio front, the only one)."""
+        self._levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
+        self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
+        self._callers: dict[str, list[Caller]] = {name: [] for name in servers}
+
+    # ---- connections ----------------------------------------------------------------------
+    def seen(self, conn: Connection) -> None:
+        """Note a connection on each request (cheap: a dict lookup once known)."""
+        if conn not in self.connections:
+            self.connections[conn] = None
+        self.latest = conn
+
+    def by_session_id(self, session_id: str) -> Connection | None:
+        """The connection of a Streamable HTTP session (None when the gateway has not seen it)."""
+        for conn in list(self.connections):
+            if conn.session_id == session_id:
+                return conn
+        return None
+
+    def log_level(self, conn: Connection | None) -> str:
+        """A handshake-era connection's `logging/setLevel` (default: debug, everything)."""
+        return self._levels.get(conn, "debug") if conn is not None else "debug"
+
+    def set_log_level(self, conn: Connection, level: str) -> None:
+        self._levels[conn] = level
+
+    async def broadcast(self, method: str, params: dict[str, Any] | None) -> None:
+        """A notification to every handshake-era connection (2026-07-28 clients listen instead)."""
+        for conn in list(self.connections):
+            if conn.protocol_version not in MODERN:
+                await notify(conn, method, params)
+
+    # ---- subscriptions --------------------------------------------------------------------
+    def subscribe(self, uri: str, conn: Connection) -> None:
+        self._subscriptions.setdefault(uri, weakref.WeakSet()).add(conn)
+
+    def unsubscribe(self, uri: str, conn: Connection) -> bool:
+        """Drop a subscription; True when nobody is subscribed to `uri` any more."""
+        subs = self._subscriptions.get(uri)
+        if subs is None:
+            return False
+        subs.discard(conn)
+        if subs:
+            return False
+        del self._subscriptions[uri]
+        return True
+
+    async def resource_updated(self, uri: str) -> None:
+        for conn in list(self._subscriptions.get(uri, ())):
+            await notify(conn, "notifications/resources/updated", {"uri": uri})
+
+    # ---- calls in flight ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def calling(self, server: str, caller: Caller) -> Iterator[None]:
+        """Mark `caller` as in flight to `server` for the block (where its requests and logs go)."""
+        callers = self._callers[server]
+        callers.append(caller)
+        try:
+            yield
+        finally:
+            callers.remove(caller)
+
+    def callers(self, server: str) -> list[Caller]:
+        """Calls in flight to `server`, oldest first."""
+        return self._callers.get(server) or []
+
+    async def log(self, server: str, level: str, data: dict[str, Any]) -> None:
+        """Route an upstream's log message: to the call in flight, else to handshake-era connections."""
+        callers = self._callers.get(server)
+        if callers:
+            # A message during a call belongs to that call: it rides the call's own stream.
+            caller = callers[-1]
+            if caller.notify is not None and level_at_least(level, caller.log_level):
+                with contextlib.suppress(Exception):
+                    await caller.notify("notifications/message", data)
+            return
+        for conn in list(self.connections):
+            if conn.protocol_version not in MODERN and level_at_least(level, self.log_level(conn)):
+                await notify(conn, "notifications/message", data)

@@ -1,0 +1,166 @@
+"""Era adaptation: what changes when a client and an upstream speak different protocol eras.
+
+The handshake era (2024-11-05..2025-11-25) and the stateless 2026-07-28 revision differ in the
+request envelope (`_meta` keys describing the client's connection), in result fields
+(`resultType`, SEP-2549's `ttlMs`/`cacheScope`, the `serverInfo` stamp) and in how a server asks
+its client for input (server-to-client requests vs an `InputRequiredResult`, SEP-2322). The
+gateway forwards what it does not need to understand; these functions adapt only the envelope,
+top-level keys only, so they cost a few dict operations per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import mcp_types as types
+from mcp.client._input_required import run_input_required_driver
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    INVALID_PARAMS,
+    LOG_LEVEL_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from mcpopt.api import Caller
+
+ENVELOPE_KEYS = (PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY, CLIENT_CAPABILITIES_META_KEY, LOG_LEVEL_META_KEY)
+"""2026-07-28 request `_meta` keys that describe the client's own connection: never forwarded."""
+MODERN_RESULT_KEYS = ("resultType", "ttlMs", "cacheScope")
+"""Result fields that exist only from 2026-07-28 on; dropped for handshake-era clients."""
+MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
+"""Protocol versions of the stateless era (2026-07-28 on)."""
+
+INPUT_RESULT_TYPES: dict[str, Any] = {
+    "sampling/createMessage": types.CreateMessageResult,
+    "elicitation/create": types.ElicitResult,
+    "roots/list": types.ListRootsResult,
+}
+"""The result model of each server-to-client request an upstream may make."""
+
+
+def forward_params(params: Mapping[str, Any] | None, **updates: Any) -> dict[str, Any]:
+    """A copy of a client's request params for an upstream: `updates` applied, the client's own
+    2026-07-28 envelope keys dropped from `_meta` (the upstream session stamps its own)."""
+    out = dict(params or {})
+    out.update(updates)
+    meta = out.get("_meta")
+    if isinstance(meta, Mapping):
+        meta = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS}
+        if meta:
+            out["_meta"] = meta
+        else:
+            del out["_meta"]
+    return out
+
+
+def envelope(version: str, result: dict[str, Any], stamp: dict[str, Any]) -> dict[str, Any]:
+    """Adapt a forwarded result's envelope to the client's era (cheap: top-level keys only).
+
+    A 2026-07-28 client gets `resultType` (default "complete") and the gateway's `serverInfo`
+    stamp in `_meta`; a handshake-era client gets neither, nor the SEP-2549 cache hints.
+
+    Args:
+        version: the client's protocol version on this request.
+        result: the raw result dict (not modified).
+        stamp: `{"name", "version"}` of the gateway.
+    """
+    if version in MODERN:
+        meta = result.get("_meta")
+        result = dict(result)
+        result.setdefault("resultType", "complete")
+        result["_meta"] = (
+            {**meta, SERVER_INFO_META_KEY: stamp} if isinstance(meta, dict) else {SERVER_INFO_META_KEY: stamp}
+        )
+        return result
+    if any(k in result for k in MODERN_RESULT_KEYS) or (
+        isinstance(result.get("_meta"), dict) and SERVER_INFO_META_KEY in result["_meta"]
+    ):
+        result = {k: v for k, v in result.items() if k not in MODERN_RESULT_KEYS}
+        meta = result.get("_meta")
+        if isinstance(meta, dict) and SERVER_INFO_META_KEY in meta:
+            meta = {k: v for k, v in meta.items() if k != SERVER_INFO_META_KEY}
+            if meta:
+                result["_meta"] = meta
+            else:
+                del result["_meta"]
+    return result
+
+
+def modern_forwarded(method: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A non-tool result forwarded to a 2026-07-28 client: `resultType` (a handshake-era upstream
+    gives none: "complete"), and for `resources/read` the SEP-2549 hints saying "not cacheable"."""
+    result = dict(result)
+    result.setdefault("resultType", "complete")
+    if method == "resources/read":
+        result.setdefault("ttlMs", 0)
+        result.setdefault("cacheScope", "private")
+    return result
+
+
+async def ask_client(channel: Any, request: types.InputRequest) -> types.InputResponse:
+    """Send a server-to-client request on the client's channel (on HTTP, the call's own stream).
+
+    Raises:
+        MCPError: the client answered with an error (or cannot be reached).
+    """
+    data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+    raw = await channel.send_raw_request(data["method"], data.get("params"), None)
+    result_type = INPUT_RESULT_TYPES[data["method"]]
+    if data["method"] == "sampling/createMessage" and isinstance(raw.get("content"), list):
+        result_type = types.CreateMessageResultWithTools
+    return result_type.model_validate(raw, by_name=False)
+
+
+async def drive_input_required(
+    caller: Caller, server: str, request: Any, method: str, params: dict[str, Any], first: dict[str, Any]
+) -> dict[str, Any]:
+    """Resolve a 2026-07-28 `InputRequiredResult` for a handshake-era client (SEP-2322).
+
+    The embedded input requests become server-to-client requests on the client's connection
+    (sampling/createMessage, elicitation/create, roots/list); the original request is retried
+    upstream with `inputResponses` and `requestState` until it completes.
+
+    Args:
+        caller: the client call in flight (its request channel).
+        server: the upstream's name (for errors).
+        request: `async (method, params) -> raw result` sending one request to that upstream.
+        method, params: the original request.
+        first: the upstream's first (input-required) result.
+
+    Raises:
+        MCPError: INVALID_PARAMS when the client connection cannot carry requests.
+    """
+    channel = caller.requests
+    if channel is None:
+        raise MCPError(
+            code=INVALID_PARAMS,
+            message=f"MCP server '{server}' needs input from the client (sampling, elicitation or roots), "
+            "and this client connection cannot carry requests",
+        )
+    parsed = types.InputRequiredResult.model_validate(first, by_name=False)
+
+    async def dispatch(_key: str, input_request: types.InputRequest) -> types.InputResponse | types.ErrorData:
+        try:
+            return await ask_client(channel, input_request)
+        except MCPError as exc:
+            return exc.error
+
+    async def retry(responses: types.InputResponses | None, state: str | None) -> Any:
+        again = dict(params)
+        if responses is not None:
+            again["inputResponses"] = {
+                k: v.model_dump(by_alias=True, mode="json", exclude_none=True) for k, v in responses.items()
+            }
+        if state is not None:
+            again["requestState"] = state
+        raw = await request(method, again)
+        if raw.get("resultType") == "input_required":
+            return types.InputRequiredResult.model_validate(raw, by_name=False)
+        return raw
+
+    return await run_input_required_driver(parsed, dispatch=dispatch, retry=retry)

@@ -1,0 +1,310 @@
+"""The SDK server clients see: every MCP method the gateway answers, on the SDK's low-level `Server`.
+
+The SDK owns the protocol with clients (both eras: the initialize handshake 2024-11-05..2025-11-25
+and the stateless 2026-07-28 envelope), the connection and its state. `ProtocolHandlers` answers:
+- lists (`tools/list` per exposure mode, prompts, resources, templates) from the gateway's catalog;
+- `tools/call` in a server middleware, straight into `Gateway.call_tool` (no SDK models);
+- `prompts/get`, `resources/read`, `completion/complete`: forwarded to the upstream owning the
+  name or URI (`Gateway.forward`), raw dicts that the SDK sieves for the client's era;
+- subscriptions (handshake `resources/subscribe` and 2026-07-28 `subscriptions/listen`) and
+  `logging/setLevel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Awaitable, Callable
+from fnmatch import fnmatchcase
+from typing import Any
+
+import mcp_types as types
+from mcp.server import Server
+from mcp.server.connection import Connection
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import NotificationOptions
+from mcp.server.subscriptions import ListenHandler
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp_types import INVALID_PARAMS
+
+from mcpopt.api import ClientLink, partition_of, session_id_of
+from mcpopt.catalog import Route
+from mcpopt.errors import GatewayError, UnknownTarget
+from mcpopt.gateway.eras import MODERN, forward_params
+from mcpopt.gateway.server import VERSION, Gateway, unknown
+from mcpopt.pipeline.shaping import RESULT_URI_PREFIX
+
+INSTRUCTIONS = "mcpopt gateway: the tools, prompts and resources of several MCP servers, by server."
+
+
+def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
+    """The SDK `Server` for `gateway` and its initialization options (`listChanged: true` for tools,
+    prompts and resources: the gateway sends those notifications)."""
+    handlers = ProtocolHandlers(gateway)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        server: Server[Any] = Server(
+            gateway.config.gateway.name,
+            version=VERSION,
+            instructions=INSTRUCTIONS,
+            on_list_tools=handlers.list_tools,
+            on_call_tool=handlers.call_tool_typed,
+            on_list_resources=handlers.list_resources,
+            on_list_resource_templates=handlers.list_templates,
+            on_read_resource=handlers.read_resource,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
+            on_subscribe_resource=handlers.subscribe,
+            on_unsubscribe_resource=handlers.unsubscribe,
+            on_list_prompts=handlers.list_prompts,
+            on_get_prompt=handlers.get_prompt,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
+            on_completion=handlers.complete,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
+            on_set_logging_level=handlers.set_level,
+            on_subscriptions_listen=handlers.listen,
+        )
+    # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper) fast
+    # path; telemetry comes back as a pipeline filter.
+    server.middleware = [handlers.middleware]
+    options = server.create_initialization_options(
+        NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+    )
+    return server, options
+
+
+def link_of(ctx: ServerRequestContext[Any, Any]) -> ClientLink:
+    """The `ClientLink` of a request the SDK's server dispatched."""
+    session = ctx.session
+    outbound = session._request_outbound  # noqa: SLF001 - on HTTP: the request's own stream
+    request = getattr(ctx, "request", None)
+    headers = getattr(request, "headers", None)
+    return ClientLink(
+        version=ctx.protocol_version,
+        connection=session._connection,  # noqa: SLF001
+        requests=outbound if session.can_send_request else None,
+        notify=outbound.notify,
+        relay=lambda token: _progress_relay(ctx, token),
+        partition=partition_of(headers.get("authorization") if headers is not None else None),
+        session_id=session_id_of(session._connection),  # noqa: SLF001
+    )
+
+
+def exposure_for(gateway: Gateway, conn: Connection | None) -> str:
+    """The exposure mode of a client connection: `exposure_clients` by client name, else the default."""
+    g = gateway.config.gateway
+    if g.exposure_clients and conn is not None and conn.client_params is not None:
+        name = conn.client_params.client_info.name
+        for pattern, mode in g.exposure_clients.items():
+            if fnmatchcase(name, pattern):
+                return mode
+    return g.exposure
+
+
+class ProtocolHandlers:
+    """The SDK server's handlers for one gateway (see the module docstring)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._listen_handler = ListenHandler(gateway.bus)
+        self._listen_refs: dict[tuple[str, str], int] = {}
+
+    async def middleware(self, ctx: ServerRequestContext[Any, Any], call_next: Callable[..., Awaitable[Any]]) -> Any:
+        self.gateway.clients.seen(ctx.session._connection)  # noqa: SLF001 - the SDK's per-connection object
+        if ctx.method == "tools/call":
+            return await self.gateway.call_tool(ctx.params, link_of(ctx))
+        return await call_next(ctx)
+
+    async def call_tool_typed(self, ctx: Any, params: types.CallToolRequestParams) -> Any:
+        # Never reached (the middleware answers tools/call); registered so `tools` is declared.
+        raise MCPError(code=INVALID_PARAMS, message="tools/call is served by the gateway middleware")
+
+    # ---- lists --------------------------------------------------------------------------
+    def _page(self, items: list[Any], params: types.PaginatedRequestParams | None) -> tuple[list[Any], str | None]:
+        size = self.gateway.config.gateway.page_size
+        if not size:
+            return items, None
+        start = 0
+        if params is not None and params.cursor:
+            try:
+                start = int(params.cursor)
+            except ValueError:
+                raise MCPError(code=INVALID_PARAMS, message=f"Invalid cursor: {params.cursor!r}") from None
+        end = start + size
+        return items[start:end], (str(end) if end < len(items) else None)
+
+    async def list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        gw = self.gateway
+        await gw.start_lazy()
+        exposure = exposure_for(gw, ctx.session._connection)  # noqa: SLF001
+        items, cursor = self._page(gw.list_tools(exposure), params)
+        return types.ListToolsResult(tools=items, next_cursor=cursor)
+
+    async def list_prompts(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+        await self.gateway.start_lazy()
+        items, cursor = self._page(self.gateway.catalog.prompts, params)
+        return types.ListPromptsResult(prompts=items, next_cursor=cursor)
+
+    async def list_resources(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
+        items, cursor = self._page(self.gateway.catalog.resources, params)
+        return types.ListResourcesResult(resources=items, next_cursor=cursor)
+
+    async def list_templates(
+        self, ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        items, cursor = self._page(self.gateway.catalog.templates, params)
+        return types.ListResourceTemplatesResult(resource_templates=items, next_cursor=cursor)
+
+    # ---- prompts, resources -------------------------------------------------------------
+    async def get_prompt(self, ctx: Any, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        gw = self.gateway
+        route = gw.catalog.prompt_routes.get(params.name)
+        if route is None:
+            raise unknown("prompt", params.name, gw.upstreams)
+        out = forward_params(ctx.params, name=route.name)
+        return await gw.forward(link_of(ctx), route.server, "prompts/get", out)
+
+    def resolve_uri(self, uri: str) -> Route:
+        """The upstream and upstream URI of a gateway resource URI.
+
+        Raises:
+            UnknownTarget: no upstream serves it.
+        """
+        gw = self.gateway
+        route = gw.namer.resolve_uri(uri)
+        if route is not None and route.server in gw.upstreams:
+            return route
+        # Servers with `prefix: ""` keep their URIs: find the one that lists it (or whose
+        # template could produce it); with a single such server, it is that one.
+        unprefixed = [s for s in gw.namer.unprefixed_servers() if s in gw.upstreams]
+        for server in unprefixed:
+            if any(str(r.uri) == uri for r in gw.upstreams[server].catalog.resources):
+                return Route(server, uri)
+        for server in unprefixed:
+            if any(_template_matches(t.uri_template, uri) for t in gw.upstreams[server].catalog.templates):
+                return Route(server, uri)
+        if len(unprefixed) == 1:
+            return Route(unprefixed[0], uri)
+        raise UnknownTarget(f"Unknown resource: {uri} (no MCP server behind this gateway serves it)")
+
+    async def read_resource(self, ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        gw = self.gateway
+        if str(params.uri).startswith(RESULT_URI_PREFIX):
+            kept = gw.results.read(str(params.uri))
+            if kept is None:
+                raise MCPError(
+                    code=-32002,
+                    message=f"Resource not found: {params.uri} (shaped results are kept "
+                    f"for the last {gw.config.gateway.shaping.keep_results} cuts)",
+                )
+            if ctx.protocol_version in MODERN:
+                kept = {**kept, "resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
+            return kept
+        try:
+            route = self.resolve_uri(str(params.uri))
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        out = forward_params(ctx.params, uri=route.name)
+        result = await gw.forward(link_of(ctx), route.server, "resources/read", out)
+        contents = result.get("contents")
+        if isinstance(contents, list):
+            result = dict(result)
+            result["contents"] = [
+                {**c, "uri": gw.namer.uri(route.server, c["uri"])} if isinstance(c, dict) and "uri" in c else c
+                for c in contents
+            ]
+        return result
+
+    # ---- subscriptions ------------------------------------------------------------------
+    async def subscribe(self, ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        uri = str(params.uri)
+        try:
+            route = self.resolve_uri(uri)
+            await self.gateway.upstreams[route.server].subscribe(route.name)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        self.gateway.clients.subscribe(uri, ctx.session._connection)  # noqa: SLF001
+        return types.EmptyResult()
+
+    async def unsubscribe(self, ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        uri = str(params.uri)
+        try:
+            route = self.resolve_uri(uri)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        if self.gateway.clients.unsubscribe(uri, ctx.session._connection):  # noqa: SLF001
+            with contextlib.suppress(Exception):
+                await self.gateway.upstreams[route.server].unsubscribe(route.name)
+        return types.EmptyResult()
+
+    async def listen(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
+        """Serve a 2026-07-28 `subscriptions/listen` stream; its resource URIs are subscribed upstream
+        for as long as the stream lives (reference-counted across streams)."""
+        wanted = params.notifications.resource_subscriptions or []
+        held: list[tuple[str, str]] = []
+        upstreams = self.gateway.upstreams
+        try:
+            for uri in wanted:
+                try:
+                    route = self.resolve_uri(uri)
+                except GatewayError:
+                    continue
+                key = (route.server, route.name)
+                self._listen_refs[key] = self._listen_refs.get(key, 0) + 1
+                held.append(key)
+                if self._listen_refs[key] == 1:
+                    with contextlib.suppress(Exception):
+                        await upstreams[route.server].subscribe(route.name)
+            return await self._listen_handler(ctx, params)
+        finally:
+            for key in held:
+                self._listen_refs[key] -= 1
+                if not self._listen_refs[key]:
+                    del self._listen_refs[key]
+                    with contextlib.suppress(Exception):
+                        await upstreams[key[0]].unsubscribe(key[1])
+
+    # ---- completion, logging ------------------------------------------------------------
+    async def complete(self, ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
+        gw = self.gateway
+        ref = params.ref
+        raw = dict(ctx.params)
+        if isinstance(ref, types.PromptReference):
+            route = gw.catalog.prompt_routes.get(ref.name)
+            if route is None:
+                raise unknown("prompt", ref.name, gw.upstreams)
+            raw["ref"] = {**raw["ref"], "name": route.name}
+        else:
+            found = gw.namer.resolve_uri(ref.uri)
+            if found is None:
+                unprefixed = gw.namer.unprefixed_servers()
+                if not unprefixed:
+                    raise MCPError(code=INVALID_PARAMS, message=f"Unknown resource template: {ref.uri}")
+                found = Route(unprefixed[0], ref.uri)
+            route = found
+            raw["ref"] = {**raw["ref"], "uri": route.name}
+        up = gw.upstreams.get(route.server)
+        if up is None or not (up.capabilities and up.capabilities.completions):
+            return {"completion": {"values": [], "hasMore": False}}
+        return await gw.forward(link_of(ctx), route.server, "completion/complete", forward_params(raw))
+
+    async def set_level(self, ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
+        gw = self.gateway
+        gw.clients.set_log_level(ctx.session._connection, params.level)  # noqa: SLF001
+        for up in gw.upstreams.values():
+            if up.state == "ready" and up.capabilities and up.capabilities.logging and not up.modern:
+                with contextlib.suppress(Exception):
+                    await up.request("logging/setLevel", {"level": params.level})
+        return types.EmptyResult()
+
+
+def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:
+    session = ctx.session
+    request_id = ctx.request_id
+
+    async def relay(progress: float, total: float | None, message: str | None) -> None:
+        with contextlib.suppress(Exception):
+            await session.send_progress_notification(token, progress, total, message, related_request_id=request_id)
+
+    return relay
+
+
+def _template_matches(template: str, uri: str) -> bool:
+    literal = template.split("{", 1)[0]
+    return bool(literal) and uri.startswith(literal)
