@@ -191,12 +191,14 @@ def http_app(gateway: Gateway, host: str) -> Any:
     """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras), `/healthz`, and telemetry's
     `/metrics` (Prometheus) and `/dashboard`.
 
-    `HttpFront` answers handshake-era `tools/call` POSTs itself and passes the rest on.
+    `HttpFront` answers handshake-era `tools/call` POSTs itself and passes the rest on;
+    `HeaderNormalizer` before it trims whitespace around header values (RFC 9110 section 5.5).
     """
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from mcpopt.gateway.headers import HeaderNormalizer
     from mcpopt.gateway.http_front import HttpFront
 
     async def healthz(request: Request) -> JSONResponse:
@@ -210,7 +212,7 @@ def http_app(gateway: Gateway, host: str) -> Any:
         custom_starlette_routes=[Route("/healthz", healthz), *dashboard_routes(gateway.telemetry)],
         session_idle_timeout=3600,
     )
-    return HttpFront(gateway, app, "/mcp")
+    return HeaderNormalizer(HttpFront(gateway, app, "/mcp"))
 
 
 async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event | None = None) -> None:

@@ -1,0 +1,134 @@
+"""Gateway behaviour behind the conformance suite's 2026-07-28 scenarios, on the real CLI gateway over
+the conformance fixture (tests/fixtures/conformance_server.py, stdio, `protocol: auto`).
+
+Each test is the reduced form of a scenario the gateway once failed while the fixture passed it
+directly (`scripts/conformance`), so a regression shows up in pytest with a readable assertion:
+- header values with surrounding whitespace (`http-header-validation`,
+  `ServerAcceptsWhitespaceHeaderValue`): uvicorn's httptools parser keeps trailing whitespace and
+  the SDK's Mcp-Name check refused the request with 400 / -32020;
+- the client's own capabilities reaching a 2026-07-28 upstream (`server-stateless`
+  undeclared-capability checks, `input-required-result-capability-check`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import free_port, popen_gateway, wait_http, write_config
+from mcpopt.gateway.headers import HeaderNormalizer
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "conformance_server.py"
+MODERN = "2026-07-28"
+CAPS_ALL = {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}}
+
+
+@pytest.fixture(scope="module")
+def gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    base = tmp_path_factory.mktemp("conformance-gw")
+    config = write_config(
+        base / "gw.yaml",
+        {"fixture": {"command": sys.executable, "args": [str(FIXTURE), "--transport", "stdio"], "prefix": ""}},
+        {"prefix_tools": False},
+    )
+    port = free_port()
+    with popen_gateway(config, "-t", "http", "--port", str(port)) as proc:
+        wait_http(port, proc)
+        yield port
+
+
+def modern_post(
+    port: int,
+    method: str,
+    params: dict[str, Any],
+    headers: list[tuple[str, str]],
+    caps: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One 2026-07-28 POST with exactly these extra headers (sent as given: http.client does not
+    trim values); returns the HTTP status and the JSON-RPC message (the last one on an SSE stream)."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientInfo": {"name": "pytest", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": CAPS_ALL if caps is None else caps,
+    }
+    body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": meta}})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("POST", "/mcp", skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Accept", "application/json, text/event-stream")
+        conn.putheader("MCP-Protocol-Version", MODERN)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body.encode())
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+        if resp.getheader("content-type", "").startswith("text/event-stream"):
+            datas = [line[5:].strip() for line in raw.splitlines() if line.startswith("data:") and line[5:].strip()]
+            return resp.status, json.loads(datas[-1])
+        return resp.status, json.loads(raw)
+    finally:
+        conn.close()
+
+
+def call_headers(name: str, *, method_value: str = "tools/call") -> list[tuple[str, str]]:
+    return [("Mcp-Method", method_value), ("Mcp-Name", name)]
+
+
+def test_whitespace_around_header_values_is_not_part_of_the_value(gateway_port: int) -> None:
+    params = {"name": "test_simple_text", "arguments": {}}
+    status, msg = modern_post(
+        gateway_port, "tools/call", params, [("Mcp-Method", " tools/call\t"), ("Mcp-Name", "  test_simple_text  ")]
+    )
+    assert status == 200, msg
+    assert msg["result"]["content"][0]["text"] == "This is a simple text response for testing."
+
+
+def test_header_checks_still_refuse_a_mismatched_name(gateway_port: int) -> None:
+    # The trimming must not weaken validation: a different name (whitespace or not) is still -32020.
+    params = {"name": "test_simple_text", "arguments": {}}
+    status, msg = modern_post(gateway_port, "tools/call", params, call_headers(" test_image_content "))
+    assert status == 400
+    assert msg["error"]["code"] == -32020
+
+
+def test_custom_param_header_is_checked_against_the_argument(gateway_port: int) -> None:
+    # SEP-2243 Mcp-Param-*: the gateway lists the upstream's x-mcp-header schema and checks it.
+    params = {"name": "test_custom_header", "arguments": {"region": "eu-west"}}
+    status, msg = modern_post(
+        gateway_port, "tools/call", params, [*call_headers("test_custom_header"), ("Mcp-Param-Region", "eu-west ")]
+    )
+    assert status == 200, msg
+    assert msg["result"]["content"][0]["text"] == "Region: eu-west"
+    status, msg = modern_post(
+        gateway_port, "tools/call", params, [*call_headers("test_custom_header"), ("Mcp-Param-Region", "us-east")]
+    )
+    assert status == 400
+    assert msg["error"]["code"] == -32020
+
+
+async def _echo_scope(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    send.append(scope)
+
+
+@pytest.mark.anyio
+async def test_header_normalizer_trims_only_when_needed() -> None:
+    seen: list[dict[str, Any]] = []
+    app = HeaderNormalizer(_echo_scope)
+    clean = {"type": "http", "headers": [(b"mcp-name", b"a b")]}
+    await app(clean, None, seen)  # type: ignore[arg-type]
+    assert seen[-1] is clean  # nothing to trim: the very same scope, no copy
+    padded = {"type": "http", "headers": [(b"mcp-name", b" \ta b \t"), (b"host", b"x")]}
+    await app(padded, None, seen)  # type: ignore[arg-type]
+    assert seen[-1]["headers"] == [(b"mcp-name", b"a b"), (b"host", b"x")]
+    assert padded["headers"][0][1] == b" \ta b \t"  # the server's own scope is left as it was
+    lifespan = {"type": "lifespan"}
+    await app(lifespan, None, seen)  # type: ignore[arg-type]
+    assert seen[-1] is lifespan
