@@ -25,7 +25,7 @@ import mcp_types as types
 from mcp.client._probe import negotiate_auto
 from mcp.client.session import ClientRequestContext, ClientSession
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CONNECTION_CLOSED, METHOD_NOT_FOUND, REQUEST_TIMEOUT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.config import ServerConfig
@@ -237,6 +237,9 @@ class Upstream:
             # The hot path sends raw JSON-RPC through the session's own dispatcher and stamp,
             # skipping the typed request/result models (see `request`).
             self._send_raw = session._dispatcher.send_raw_request  # noqa: SLF001
+            if self._modern:
+                # Wrapped on the session itself, so the HTTP side channel's own re-stamp keeps it too.
+                session._stamp = keep_client_capabilities(session._stamp)  # noqa: SLF001
             self._stamp = session._stamp  # noqa: SLF001
             fast = getattr(write_stream, "fast", None)
             if fast is not None and hasattr(fast, "bind"):
@@ -310,6 +313,11 @@ class Upstream:
 
         This is the forwarding hot path: nothing is re-validated that is only passed on.
 
+        A `_meta` `io.modelcontextprotocol/clientCapabilities` in `params` is the calling client's
+        own: a 2026-07-28 server gets it in place of the session's (so it asks only for what that
+        client can answer, and refuses with -32021 what it needs and the client lacks); a
+        handshake-era server, whose capabilities were fixed at `initialize`, does not see it.
+
         Raises:
             UpstreamUnavailable: the server is not connected.
             UpstreamTimeout: no answer within `timeout_s` (default: the server's timeout).
@@ -320,6 +328,11 @@ class Upstream:
         send, stamp = self._send_raw, self._stamp
         assert send is not None and stamp is not None
         data: dict[str, Any] = {"method": method, "params": dict(params) if params else {}}
+        meta = data["params"].get("_meta")
+        if isinstance(meta, dict):
+            meta = data["params"]["_meta"] = dict(meta)  # the stamp writes into it: never the caller's
+            if not self._modern:
+                meta.pop(CLIENT_CAPABILITIES_META_KEY, None)
         timeout = timeout_s or self.timeout_s
         opts: dict[str, Any] = {"timeout": timeout}
         stamp(data, opts)  # the era's envelope: 2026-07-28 `_meta` keys, or nothing
@@ -500,6 +513,26 @@ class _ClosingReadStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+def keep_client_capabilities(stamp: Callable[[dict[str, Any], Any], None]) -> Callable[[dict[str, Any], Any], None]:
+    """Wrap a 2026-07-28 session stamp so that a request already carrying the calling client's
+    `clientCapabilities` keeps them (the stamp writes the gateway's own); otherwise unchanged.
+
+    The gateway forwards a client's request on its own session, but the capabilities that
+    matter upstream are the client's: SEP-2575 makes them per request, and a server MUST NOT
+    rely on capabilities the client has not declared (2026-07-28, basic/lifecycle).
+    """
+
+    def stamped(data: dict[str, Any], opts: Any) -> None:
+        params = data.get("params")
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        caps = meta.get(CLIENT_CAPABILITIES_META_KEY) if isinstance(meta, dict) else None
+        stamp(data, opts)
+        if isinstance(caps, dict):
+            data["params"]["_meta"][CLIENT_CAPABILITIES_META_KEY] = caps
+
+    return stamped
 
 
 def _page(cursor: str | None) -> types.PaginatedRequestParams | None:
