@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mcp_types as types
 import pytest
 
 from conftest import free_port, popen_gateway, wait_http, write_config
@@ -134,14 +135,6 @@ async def test_header_normalizer_trims_only_when_needed() -> None:
     assert seen[-1] is lifespan
 
 
-FORWARD_CAPS = pytest.mark.xfail(
-    strict=True,
-    reason="gateway/server.py `_prepare` strips the client's clientCapabilities; the fix lands after the "
-    "Assembly restructuring of that file (the upstream side, `keep_client_capabilities`, is in place)",
-)
-
-
-@FORWARD_CAPS
 def test_missing_client_capability_is_refused_upstream(gateway_port: int) -> None:
     # server-stateless sep-2575-server-rejects-undeclared-capability / missing-capability-http-400
     params = {"name": "test_missing_capability", "arguments": {}}
@@ -151,7 +144,6 @@ def test_missing_client_capability_is_refused_upstream(gateway_port: int) -> Non
     assert status == 400
 
 
-@FORWARD_CAPS
 def test_upstream_asks_only_for_what_the_client_declared(gateway_port: int) -> None:
     # input-required-result-capability-check: a sampling-only client is never asked to elicit
     params = {"name": "test_input_required_result_capabilities", "arguments": {}}
@@ -170,3 +162,25 @@ def test_all_capabilities_declared_means_all_asked(gateway_port: int) -> None:
     status, msg = modern_post(gateway_port, "tools/call", params, headers)
     assert status == 200, msg
     assert set(msg["result"]["inputRequests"]) == {"elicit_input", "sample_input"}
+
+
+@pytest.mark.anyio
+async def test_handshake_client_is_asked_only_for_what_it_declared(gateway_port: int) -> None:
+    # A 2025-era client (sampling only) through the gateway to the 2026-07-28 fixture: the fixture
+    # plans with that client's capabilities, so the gateway relays one sampling request and no
+    # elicitation the client could not answer.
+    from mcp import Client
+
+    asked: list[str] = []
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        asked.append(params.messages[0].content.text)  # type: ignore[union-attr]
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="ok"), model="m")
+
+    url = f"http://127.0.0.1:{gateway_port}/mcp"
+    async with Client(url, mode="legacy", sampling_callback=sample) as client:
+        assert not client.protocol_version.startswith("2026")
+        result = await client.call_tool("test_input_required_result_capabilities", {})
+    assert not result.is_error, result
+    assert result.content[0].text == "capabilities-ok: received sample_input"  # type: ignore[union-attr]
+    assert asked == ["Sample request"]

@@ -10,6 +10,7 @@ top-level keys only, so they cost a few dict operations per call.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ from mcp_types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from mcpopt.api import Caller
+from mcpopt.api import Caller, ClientLink
 
 ENVELOPE_KEYS = (PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY, CLIENT_CAPABILITIES_META_KEY, LOG_LEVEL_META_KEY)
 """2026-07-28 request `_meta` keys that describe the client's own connection: never forwarded."""
@@ -41,6 +42,41 @@ INPUT_RESULT_TYPES: dict[str, Any] = {
     "roots/list": types.ListRootsResult,
 }
 """The result model of each server-to-client request an upstream may make."""
+
+
+HANDSHAKE_FORWARDED_CAPABILITIES = ("sampling", "elicitation", "roots", "experimental")
+"""What a handshake-era client's `initialize` capabilities tell a 2026-07-28 upstream: what the
+gateway can relay to that client (its 2025 `tasks` and any `extensions` are not 2026 surfaces)."""
+_handshake_caps: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def client_capabilities(link: ClientLink, meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The calling client's capabilities, as a 2026-07-28 upstream should see them in its request's
+    `_meta` (`io.modelcontextprotocol/clientCapabilities`), or None when the gateway has no client
+    to speak for (its own calls: cache warm-up).
+
+    The gateway asks its upstreams on the client's behalf, so an upstream must plan with the
+    client's capabilities, not the gateway's: it asks only for input that client can give, and
+    refuses with -32021 what needs a capability the client lacks (SEP-2575; a server MUST NOT rely
+    on capabilities the client has not declared). A 2026-07-28 client's own per-request value is
+    passed on as it is; a handshake-era client's comes from its `initialize` (computed once per
+    connection), limited to `HANDSHAKE_FORWARDED_CAPABILITIES`.
+
+    Args:
+        link: the calling client.
+        meta: the client's request `_meta` (raw, before the envelope keys are dropped).
+    """
+    if link.version in MODERN:
+        caps = meta.get(CLIENT_CAPABILITIES_META_KEY) if meta else None
+        return caps if isinstance(caps, dict) else None
+    conn = link.connection
+    if conn is None or conn.client_params is None:
+        return None
+    found = _handshake_caps.get(conn)
+    if found is None:
+        dumped = conn.client_params.capabilities.model_dump(by_alias=True, mode="json", exclude_none=True)
+        found = _handshake_caps[conn] = {k: v for k, v in dumped.items() if k in HANDSHAKE_FORWARDED_CAPABILITIES}
+    return found
 
 
 def forward_params(params: Mapping[str, Any] | None, **updates: Any) -> dict[str, Any]:

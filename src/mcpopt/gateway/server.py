@@ -36,14 +36,22 @@ from mcp.server.subscriptions import (
     ToolsListChanged,
 )
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_PARAMS, LOG_LEVEL_META_KEY
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, INVALID_PARAMS, LOG_LEVEL_META_KEY
 
 from mcpopt.api import Caller, ClientLink, ToolHandler
 from mcpopt.catalog import GatewayCatalog, Namer, build_catalog
 from mcpopt.config import Config
 from mcpopt.errors import GatewayError
 from mcpopt.gateway.clients import Clients
-from mcpopt.gateway.eras import ENVELOPE_KEYS, MODERN, ask_client, drive_input_required, envelope, modern_forwarded
+from mcpopt.gateway.eras import (
+    ENVELOPE_KEYS,
+    MODERN,
+    ask_client,
+    client_capabilities,
+    drive_input_required,
+    envelope,
+    modern_forwarded,
+)
 from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
 from mcpopt.policy import UNKNOWN
 from mcpopt.upstream.pool import ServerPool
@@ -335,11 +343,13 @@ class Gateway:
 
         Drops the client's own 2026-07-28 envelope keys and progress token from `_meta` (the
         upstream session stamps its own), and carries the client's log level: to a 2026-07-28
-        upstream as the per-request opt-in, which has no `logging/setLevel`.
+        upstream as the per-request opt-in, which has no `logging/setLevel`. A 2026-07-28
+        upstream also gets the client's capabilities (`eras.client_capabilities`), which the
+        upstream session keeps in place of the gateway's own.
         """
         out = dict(params)
         out.update(updates)
-        meta = out.get("_meta")
+        meta = original = out.get("_meta")
         token = None
         client_level = None
         if meta:
@@ -351,9 +361,14 @@ class Gateway:
             level = client_level if isinstance(client_level, str) else None
         else:
             level = self.clients.log_level(link.connection)
-        if up.modern and level is not None:
-            meta = dict(meta or {})
-            meta[LOG_LEVEL_META_KEY] = level
+        if up.modern:
+            caps = client_capabilities(link, original if isinstance(original, Mapping) else None)
+            if level is not None or caps is not None:
+                meta = dict(meta or {})
+                if level is not None:
+                    meta[LOG_LEVEL_META_KEY] = level
+                if caps is not None:
+                    meta[CLIENT_CAPABILITIES_META_KEY] = caps
         if meta:
             out["_meta"] = meta
         else:
