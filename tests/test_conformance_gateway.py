@@ -30,18 +30,26 @@ MODERN = "2026-07-28"
 CAPS_ALL = {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}}
 
 
-@pytest.fixture(scope="module")
-def gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    base = tmp_path_factory.mktemp("conformance-gw")
+def _serve(base: Path, **gateway: Any) -> Iterator[int]:
     config = write_config(
         base / "gw.yaml",
         {"fixture": {"command": sys.executable, "args": [str(FIXTURE), "--transport", "stdio"], "prefix": ""}},
-        {"prefix_tools": False},
+        {"prefix_tools": False, **gateway},
     )
     port = free_port()
     with popen_gateway(config, "-t", "http", "--port", str(port)) as proc:
         wait_http(port, proc)
         yield port
+
+
+@pytest.fixture(scope="module")
+def gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    yield from _serve(tmp_path_factory.mktemp("conformance-gw"))
+
+
+@pytest.fixture(scope="module")
+def search_gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    yield from _serve(tmp_path_factory.mktemp("conformance-gw-search"), exposure="search")
 
 
 def modern_post(
@@ -113,6 +121,19 @@ def test_custom_param_header_is_checked_against_the_argument(gateway_port: int) 
     )
     assert status == 400
     assert msg["error"]["code"] == -32020
+
+
+def test_param_header_of_a_tool_hidden_by_search_mode_is_checked(search_gateway_port: int) -> None:
+    # In search mode tools/list shows only the discovery tools, but every tool stays callable by
+    # name; its Mcp-Param-* headers are still checked against its own schema.
+    params = {"name": "test_custom_header", "arguments": {"region": "eu-west"}}
+    headers = call_headers("test_custom_header")
+    status, msg = modern_post(search_gateway_port, "tools/call", params, [*headers, ("Mcp-Param-Region", "us-east")])
+    assert status == 400, msg
+    assert msg["error"]["code"] == -32020
+    status, msg = modern_post(search_gateway_port, "tools/call", params, [*headers, ("Mcp-Param-Region", "eu-west")])
+    assert status == 200, msg
+    assert msg["result"]["content"][0]["text"] == "Region: eu-west"
 
 
 async def _echo_scope(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -63,6 +63,7 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
     # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper) fast
     # path; telemetry comes back as a pipeline filter.
     server.middleware = [handlers.middleware]
+    server.get_tool_input_schema = handlers.tool_input_schema
     options = server.create_initialization_options(
         NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
     )
@@ -110,6 +111,18 @@ class ProtocolHandlers:
         if ctx.method == "tools/call":
             return await self.gateway.call_tool(ctx.params, link_of(ctx))
         return await call_next(ctx)
+
+    def tool_input_schema(self, name: str) -> Mapping[str, Any] | None:
+        """The input schema of an upstream tool by gateway name (None for the gateway's own tools,
+        which declare no `x-mcp-header`).
+
+        The SDK's 2026-07-28 HTTP entry checks a `tools/call`'s `Mcp-Param-*` headers against the
+        tool's schema (SEP-2243). Without this lookup it runs the whole `tools/list` handler for
+        every call that has arguments, and finds only the tools the connection's exposure mode
+        lists (in `search` and `code` mode, not the hidden ones it may still call by name).
+        """
+        tool = self.gateway.catalog.tool_defs.get(name)
+        return tool.input_schema if tool is not None else None
 
     async def call_tool_typed(self, ctx: Any, params: types.CallToolRequestParams) -> Any:
         # Never reached (the middleware answers tools/call); registered so `tools` is declared.
