@@ -253,6 +253,33 @@ async def test_coalescing_cancellation_touches_only_the_cancelled_call() -> None
     assert calls == 2 and texts == ["answer 2", "answer 2"]
 
 
+async def test_a_task_or_an_input_request_is_never_shared_by_coalescing() -> None:
+    # A CreateTaskResult (SEP-2663) or an InputRequiredResult belongs to the call it was made for.
+    calls = 0
+    gate = asyncio.Event()
+
+    async def upstream(call: ToolCall) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        n = calls
+        await gate.wait()
+        if call.arguments.get("kind") == "task":
+            return {"resultType": "task", "taskId": f"t{n}", "status": "working"}
+        return {"resultType": "input_required", "inputRequests": {f"q{n}": {"method": "roots/list"}}}
+
+    pipe = Pipeline(upstream, [CoalesceFilter()])
+    for kind in ("task", "input"):
+        calls = 0
+        gate.clear()
+        tasks = [asyncio.create_task(pipe(_call("read", ToolInfo(read_only=True), {"kind": kind}))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        assert calls == 3
+        keys = [r.get("taskId") or next(iter(r["inputRequests"])) for r in results]
+        assert len(set(keys)) == 3, keys
+
+
 # ---- integration: the two FastMCP failures, on the real servers -----------------------------
 def _text(result: Any) -> str:
     return result.content[0].text

@@ -64,7 +64,10 @@ class CoalesceFilter:
     The first call (the leader) goes upstream; each identical call that arrives while it is in
     flight (a follower) waits on a future of its own, which the leader settles with its result or
     error. A follower's cancellation cancels only its own future; when the leader's client
-    cancels, the waiting followers start over (the first becomes the new leader).
+    cancels, the waiting followers start over (the first becomes the new leader). So they do when
+    the leader's result is not a complete one: a task (`resultType: "task"`, SEP-2663) or an
+    `InputRequiredResult` belongs to the caller it was made for (a task shared would be cancelled
+    for everyone by one client; a question may depend on the caller's capabilities).
     """
 
     def __init__(self) -> None:
@@ -106,14 +109,18 @@ class CoalesceFilter:
     ) -> None:
         if self._inflight.get(key) is followers:
             del self._inflight[key]
+        shared = exc is None and result is not None and result.get("resultType", "complete") == "complete"
         for fut in followers:
             if fut.done():
                 continue  # that follower was cancelled
-            if exc is None:
+            if exc is not None:
+                fut.set_exception(exc)
+            elif shared:
                 fut.set_result(result)  # type: ignore[arg-type]
             else:
-                fut.set_exception(exc)
+                fut.set_exception(_LeaderCancelled())  # not shareable: each follower calls for itself
 
 
 class _LeaderCancelled(Exception):
-    """Told to followers when the leader was cancelled: each then calls upstream itself."""
+    """Told to followers when the leader was cancelled (or got a result only it may have): each then
+    calls upstream itself."""
