@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +207,105 @@ async def test_handshake_client_is_asked_only_for_what_it_declared(gateway_port:
     assert not result.is_error, result
     assert result.content[0].text == "capabilities-ok: received sample_input"  # type: ignore[union-attr]
     assert asked == ["Sample request"]
+
+
+# ---- the tasks extension (SEP-2663) through the gateway -------------------------------------
+TASKS = "io.modelcontextprotocol/tasks"
+CAPS_TASKS = {**CAPS_ALL, "extensions": {TASKS: {}}}
+
+
+def task_call(port: int, method: str, task_id: str, caps: dict[str, Any] = CAPS_TASKS, **extra: Any) -> Any:
+    headers = [("Mcp-Method", method), ("Mcp-Name", task_id)]
+    return modern_post(port, method, {"taskId": task_id, **extra}, headers, caps=caps)
+
+
+def wait_status(port: int, task_id: str, wanted: set[str]) -> dict[str, Any]:
+    for _ in range(200):  # the tasks finish in well under a second; this is only a guard
+        status, msg = task_call(port, "tasks/get", task_id)
+        assert status == 200, msg
+        if msg["result"]["status"] in wanted:
+            return msg["result"]
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} never reached {wanted}: {msg}")
+
+
+@pytest.fixture(scope="module")
+def http_upstream_gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    # The fixture over Streamable HTTP as the upstream: it checks the Mcp-Name routing header of
+    # tasks/* strictly, so this shows the gateway sets it on the requests it forwards.
+    base = tmp_path_factory.mktemp("conformance-gw-http")
+    port = free_port()
+    fixture = subprocess.Popen(
+        [sys.executable, str(FIXTURE), "--transport", "http", "--port", str(port)], stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_http(port, fixture)
+        config = write_config(
+            base / "gw.yaml",
+            {"fixture": {"url": f"http://127.0.0.1:{port}/mcp", "prefix": ""}},
+            {"prefix_tools": False},
+        )
+        gw_port = free_port()
+        with popen_gateway(config, "-t", "http", "--port", str(gw_port)) as proc:
+            wait_http(gw_port, proc)
+            yield gw_port
+    finally:
+        fixture.terminate()
+        fixture.wait(10)
+
+
+@pytest.mark.parametrize("upstream", ["stdio", "http"])
+def test_a_task_runs_upstream_and_is_polled_and_cancelled_through_the_gateway(
+    upstream: str, gateway_port: int, http_upstream_gateway_port: int
+) -> None:
+    port = gateway_port if upstream == "stdio" else http_upstream_gateway_port
+    status, msg = modern_post(port, "server/discover", {}, [("Mcp-Method", "server/discover")], caps=CAPS_TASKS)
+    assert TASKS in msg["result"]["capabilities"]["extensions"]
+
+    params = {"name": "slow_compute", "arguments": {"seconds": 60, "label": "pytest"}}
+    status, msg = modern_post(port, "tools/call", params, call_headers("slow_compute"), caps=CAPS_TASKS)
+    assert status == 200, msg
+    created = msg["result"]
+    assert created["resultType"] == "task" and created["status"] == "working"
+    task_id = created["taskId"]
+    assert task_id.startswith("fixture:task-")  # named by the upstream that owns it
+    status, msg = task_call(port, "tasks/get", task_id)
+    assert msg["result"]["taskId"] == task_id and msg["result"]["status"] == "working"
+    assert msg["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "mcpopt"
+    status, msg = task_call(port, "tasks/cancel", task_id)
+    assert status == 200 and msg["result"]["resultType"] == "complete" and "taskId" not in msg["result"]
+    assert wait_status(port, task_id, {"cancelled", "completed", "failed"})["status"] == "cancelled"
+
+
+def test_task_input_is_answered_with_tasks_update_through_the_gateway(gateway_port: int) -> None:
+    params = {"name": "confirm_delete", "arguments": {"filename": "a.txt"}}
+    status, msg = modern_post(gateway_port, "tools/call", params, call_headers("confirm_delete"), caps=CAPS_TASKS)
+    task_id = msg["result"]["taskId"]
+    parked = wait_status(gateway_port, task_id, {"input_required"})
+    (key,) = parked["inputRequests"]
+    assert parked["inputRequests"][key]["method"] == "elicitation/create"
+    answer = {key: {"action": "accept", "content": {"confirm": True}}}
+    status, msg = task_call(gateway_port, "tasks/update", task_id, inputResponses=answer)
+    assert status == 200 and msg["result"]["resultType"] == "complete"
+    done = wait_status(gateway_port, task_id, {"completed", "failed", "cancelled"})
+    assert done["status"] == "completed" and done["result"]["content"][0]["text"] == "Deleted a.txt"
+
+
+def test_task_requests_the_gateway_refuses_itself(gateway_port: int) -> None:
+    params = {"name": "slow_compute", "arguments": {"seconds": 0.2, "label": "refusals"}}
+    status, msg = modern_post(gateway_port, "tools/call", params, call_headers("slow_compute"), caps=CAPS_TASKS)
+    task_id = msg["result"]["taskId"]
+    # no extension declared on this request: -32021 naming it
+    status, msg = task_call(gateway_port, "tasks/get", task_id, caps=CAPS_ALL)
+    assert msg["error"]["code"] == -32021
+    assert msg["error"]["data"]["requiredCapabilities"] == {"extensions": {TASKS: {}}}
+    # an id no upstream minted: -32602
+    status, msg = task_call(gateway_port, "tasks/get", "nobody:task-1")
+    assert msg["error"]["code"] == -32602
+    # Mcp-Name disagreeing with params.taskId: 400 / -32020
+    headers = [("Mcp-Method", "tasks/get"), ("Mcp-Name", "fixture:task-other")]
+    status, msg = modern_post(gateway_port, "tasks/get", {"taskId": task_id}, headers, caps=CAPS_TASKS)
+    assert status == 400 and msg["error"]["code"] == -32020
+    # without the extension a task-supporting tool runs synchronously (as directly)
+    status, msg = modern_post(gateway_port, "tools/call", params, call_headers("slow_compute"))
+    assert msg["result"]["resultType"] == "complete" and "taskId" not in msg["result"]

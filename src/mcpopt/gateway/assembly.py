@@ -29,6 +29,7 @@ from mcpopt.config import Config
 from mcpopt.discovery.modes import SearchTools
 from mcpopt.gateway.handlers import build_server
 from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.tasks import advertise as advertise_tasks
 from mcpopt.gateway.tools import GatewayTools
 from mcpopt.monitor.hub import Telemetry
 from mcpopt.monitor.tools import register_tools as register_monitor_tools
@@ -97,11 +98,15 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
         if "tools" in kinds:
             await gw.discovery.on_catalog(catalog)
 
+    async def extensions(*_: object) -> None:
+        # What `server/discover` advertises follows the ready upstreams (the tasks extension).
+        advertise_tasks(gw.server.extensions, gw.upstreams)
+
     async def on_resource(server: str, uri: str) -> None:
         # A resource changed: tool results may derive from it, so the server's reads go too.
         await gw.cache.invalidate(server)
 
-    gw.catalog_listeners.append(on_catalog)
+    gw.catalog_listeners += [on_catalog, extensions]
     gw.resource_listeners.append(on_resource)
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -119,7 +124,7 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
         await gw.discovery.on_catalog(gw.catalog)
 
     gw.on_start += [gw.cache.start, gw.telemetry.start]
-    gw.on_ready += [warm, index]
+    gw.on_ready += [warm, index, extensions]
     # Stop hooks run in reverse: code mode first (pydantic-monty's pool must close before the
     # process exits), then telemetry (flushes its sinks), then the cache.
     gw.on_stop += [gw.cache.close, gw.telemetry.stop, gw.code_mode.aclose]

@@ -80,13 +80,15 @@ def client_capabilities(link: ClientLink, meta: Mapping[str, Any] | None) -> dic
 
 
 def forward_params(params: Mapping[str, Any] | None, **updates: Any) -> dict[str, Any]:
-    """A copy of a client's request params for an upstream: `updates` applied, the client's own
-    2026-07-28 envelope keys dropped from `_meta` (the upstream session stamps its own)."""
+    """A copy of a client's request params for `Gateway.forward`: `updates` applied, the client's
+    own 2026-07-28 envelope keys dropped from `_meta` (the upstream session stamps its own) except
+    its `clientCapabilities`, which `Gateway.forward` hands on to a 2026-07-28 upstream (see
+    `client_capabilities`) and drops for a handshake-era one."""
     out = dict(params or {})
     out.update(updates)
     meta = out.get("_meta")
     if isinstance(meta, Mapping):
-        meta = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS}
+        meta = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS or k == CLIENT_CAPABILITIES_META_KEY}
         if meta:
             out["_meta"] = meta
         else:

@@ -7,7 +7,9 @@ and the stateless 2026-07-28 envelope), the connection and its state. `ProtocolH
 - `prompts/get`, `resources/read`, `completion/complete`: forwarded to the upstream owning the
   name or URI (`Gateway.forward`), raw dicts that the SDK sieves for the client's era;
 - subscriptions (handshake `resources/subscribe` and 2026-07-28 `subscriptions/listen`) and
-  `logging/setLevel`.
+  `logging/setLevel`;
+- the tasks extension's `tasks/get`, `tasks/update`, `tasks/cancel`, routed to the upstream that
+  owns the task (`mcpopt.gateway.tasks`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from mcp_types import INVALID_PARAMS
 from mcpopt.api import ClientLink, partition_of, session_id_of
 from mcpopt.catalog import Route
 from mcpopt.errors import GatewayError, UnknownTarget
-from mcpopt.gateway.eras import MODERN, forward_params
+from mcpopt.gateway.eras import MODERN, client_capabilities, forward_params
 from mcpopt.gateway.server import VERSION, Gateway, unknown
+from mcpopt.gateway.tasks import TASK_METHODS, TaskIdParams, TaskUpdateParams, check_request
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX
 
 INSTRUCTIONS = "mcpopt gateway: the tools, prompts and resources of several MCP servers, by server."
@@ -64,6 +67,9 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
     # path; telemetry comes back as a pipeline filter.
     server.middleware = [handlers.middleware]
     server.get_tool_input_schema = handlers.tool_input_schema
+    for method in TASK_METHODS:
+        params_type = TaskUpdateParams if method == "tasks/update" else TaskIdParams
+        server.add_request_handler(method, params_type, handlers.task_request)
     options = server.create_initialization_options(
         NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
     )
@@ -272,6 +278,21 @@ class ProtocolHandlers:
                     del self._listen_refs[key]
                     with contextlib.suppress(Exception):
                         await upstreams[key[0]].unsubscribe(key[1])
+
+    # ---- the tasks extension (SEP-2663) -------------------------------------------------
+    async def task_request(self, ctx: Any, params: TaskIdParams) -> dict[str, Any]:
+        """`tasks/get`, `tasks/update` or `tasks/cancel`: checked here, then forwarded to the
+        upstream that owns the task, with its own task id."""
+        gw = self.gateway
+        raw = dict(ctx.params or {})
+        link = link_of(ctx)
+        meta = raw.get("_meta")
+        caps = client_capabilities(link, meta if isinstance(meta, dict) else None)
+        headers = getattr(getattr(ctx, "request", None), "headers", None)
+        check_request(ctx.method, params.task_id, caps, headers)
+        server, upstream_id = gw.task_ids.inward(params.task_id)
+        result = await gw.forward(link, server, ctx.method, forward_params(raw, taskId=upstream_id))
+        return gw.task_ids.detailed(server, result)
 
     # ---- completion, logging ------------------------------------------------------------
     async def complete(self, ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:

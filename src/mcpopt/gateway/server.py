@@ -52,6 +52,7 @@ from mcpopt.gateway.eras import (
     envelope,
     modern_forwarded,
 )
+from mcpopt.gateway.tasks import TaskIds
 from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
 from mcpopt.policy import UNKNOWN
 from mcpopt.upstream.pool import ServerPool
@@ -139,6 +140,8 @@ class Gateway:
         }
         self.pipeline = Pipeline(self._forward_tool_call)
         self.clients = Clients(list(self.upstreams))
+        self.task_ids = TaskIds(list(self.upstreams))
+        """Gateway ids of upstream tasks (SEP-2663): `"<server>:<upstream taskId>"`."""
         self.own = OwnTools()
         self.bus = InMemorySubscriptionBus()
         """2026-07-28 clients hear of changes on subscriptions/listen streams (SEP-2575)."""
@@ -326,8 +329,11 @@ class Gateway:
         with self.clients.calling(route.server, caller):
             try:
                 result = await self.pipeline(call)
-                if result.get("resultType") == "input_required" and not caller.modern:
+                kind = result.get("resultType")
+                if kind == "input_required" and not caller.modern:
                     result = await drive_input_required(caller, up.name, up.request, "tools/call", out, result)
+                elif kind == "task":
+                    result = self.task_ids.created(route.server, result)
             except GatewayError as exc:
                 raise MCPError.from_error_data(exc.to_error_data()) from None
         return envelope(link.version, result, self.stamp)

@@ -23,6 +23,20 @@ from mcpopt.upstream.pipes import CorkedWriter
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 ID_PREFIX = "~"
 _HIGH_WATER = 1 << 16
+PROGRESS_DRAIN_S = 5.0
+"""How long a finished request waits for its progress relays still running (a guard against a stuck
+client; they normally finish within the same few event-loop iterations)."""
+
+
+class _Pending:
+    """A request waiting for its answer, and the relays of its progress notifications."""
+
+    __slots__ = ("future", "on_progress", "relays")
+
+    def __init__(self, future: asyncio.Future[dict[str, Any]], on_progress: ProgressFn | None) -> None:
+        self.future = future
+        self.on_progress = on_progress
+        self.relays: list[asyncio.Task[None]] = []
 
 
 class ChannelClosed(Exception):
@@ -35,7 +49,7 @@ class FastChannel:
     def __init__(self, writer: CorkedWriter) -> None:
         self._writer = writer
         self._next = 0
-        self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], ProgressFn | None]] = {}
+        self._pending: dict[str, _Pending] = {}
         self._closed = False
 
     # ---- called by the transport's reader ------------------------------------------------
@@ -48,37 +62,39 @@ class FastChannel:
             if "method" in msg:
                 return False  # a server request that happens to use such an id: not ours
             entry = self._pending.get(rid)
-            if entry is not None and not entry[0].done():
+            if entry is not None and not entry.future.done():
                 if "error" in msg and isinstance(msg["error"], dict):
                     err = msg["error"]
-                    entry[0].set_exception(
+                    entry.future.set_exception(
                         MCPError(
                             code=int(err.get("code", -32603)), message=str(err.get("message", "")), data=err.get("data")
                         )
                     )
                 else:
                     result = msg.get("result")
-                    entry[0].set_result(result if isinstance(result, dict) else {})
+                    entry.future.set_result(result if isinstance(result, dict) else {})
             return True
         if msg.get("method") == "notifications/progress":
             params = msg.get("params")
             token = params.get("progressToken") if isinstance(params, dict) else None
             if isinstance(token, str) and token.startswith(ID_PREFIX):
                 entry = self._pending.get(token)
-                if entry is not None and entry[1] is not None:
+                if entry is not None and entry.on_progress is not None:
                     assert isinstance(params, dict)
-                    asyncio.get_running_loop().create_task(
-                        _safe(entry[1](params.get("progress", 0), params.get("total"), params.get("message")))
-                    )
+                    # The reader cannot await; the request awaits its relays before it returns,
+                    # so every progress notification reaches the client before the result does.
+                    relay = entry.on_progress(params.get("progress", 0), params.get("total"), params.get("message"))
+                    entry.relays = [t for t in entry.relays if not t.done()]
+                    entry.relays.append(asyncio.get_running_loop().create_task(_safe(relay)))
                 return True
         return False
 
     def close(self) -> None:
         """Fail every waiting request: the connection is gone."""
         self._closed = True
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ChannelClosed())
+        for entry in self._pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(ChannelClosed())
 
     # ---- called by the gateway -----------------------------------------------------------
     async def request(
@@ -100,13 +116,17 @@ class FastChannel:
             meta["progressToken"] = rid
             params = {**params, "_meta": meta}
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (fut, on_progress)
+        entry = self._pending[rid] = _Pending(fut, on_progress)
         try:
             self._write({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
             if self._writer.over(_HIGH_WATER):
                 await self._writer.drain()
             async with asyncio.timeout(timeout_s):
-                return await fut
+                result = await fut
+            relays = [t for t in entry.relays if not t.done()]
+            if relays:
+                await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
+            return result
         except (TimeoutError, asyncio.CancelledError):
             # Tell the server to stop (MCP cancellation, basic/utilities/cancellation).
             with contextlib.suppress(Exception):

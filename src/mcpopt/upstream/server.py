@@ -25,6 +25,7 @@ import mcp_types as types
 from mcp.client._probe import negotiate_auto
 from mcp.client.session import ClientRequestContext, ClientSession
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import MCP_NAME_HEADER, encode_header_value
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CONNECTION_CLOSED, METHOD_NOT_FOUND, REQUEST_TIMEOUT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
@@ -515,9 +516,15 @@ class _ClosingReadStream:
         return getattr(self._inner, name)
 
 
+TASK_ROUTED_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
+"""Tasks-extension methods whose `Mcp-Name` header carries `params.taskId` (SEP-2663)."""
+
+
 def keep_client_capabilities(stamp: Callable[[dict[str, Any], Any], None]) -> Callable[[dict[str, Any], Any], None]:
     """Wrap a 2026-07-28 session stamp so that a request already carrying the calling client's
     `clientCapabilities` keeps them (the stamp writes the gateway's own); otherwise unchanged.
+    It also sets the `Mcp-Name` routing header of the tasks extension's methods (`params.taskId`,
+    SEP-2663), which the SDK's stamp knows only for the core methods (on stdio, headers are unused).
 
     The gateway forwards a client's request on its own session, but the capabilities that
     matter upstream are the client's: SEP-2575 makes them per request, and a server MUST NOT
@@ -531,6 +538,10 @@ def keep_client_capabilities(stamp: Callable[[dict[str, Any], Any], None]) -> Ca
         stamp(data, opts)
         if isinstance(caps, dict):
             data["params"]["_meta"][CLIENT_CAPABILITIES_META_KEY] = caps
+        if data.get("method") in TASK_ROUTED_METHODS and isinstance(params, dict):
+            task_id = params.get("taskId")
+            if isinstance(task_id, str):
+                opts.setdefault("headers", {})[MCP_NAME_HEADER] = encode_header_value(task_id)
 
     return stamped
 
