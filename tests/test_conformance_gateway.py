@@ -32,11 +32,10 @@ MODERN = "2026-07-28"
 CAPS_ALL = {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}}
 
 
-def _serve(base: Path, **gateway: Any) -> Iterator[int]:
+def _serve(base: Path, protocol: str = "auto", **gateway: Any) -> Iterator[int]:
+    entry = {"command": sys.executable, "args": [str(FIXTURE), "--transport", "stdio"], "prefix": ""}
     config = write_config(
-        base / "gw.yaml",
-        {"fixture": {"command": sys.executable, "args": [str(FIXTURE), "--transport", "stdio"], "prefix": ""}},
-        {"prefix_tools": False, **gateway},
+        base / "gw.yaml", {"fixture": {**entry, "protocol": protocol}}, {"prefix_tools": False, **gateway}
     )
     port = free_port()
     with popen_gateway(config, "-t", "http", "--port", str(port)) as proc:
@@ -47,6 +46,12 @@ def _serve(base: Path, **gateway: Any) -> Iterator[int]:
 @pytest.fixture(scope="module")
 def gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     yield from _serve(tmp_path_factory.mktemp("conformance-gw"))
+
+
+@pytest.fixture(scope="module")
+def legacy_gateway_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    # The fixture spoken to over the handshake era only (`protocol: legacy`).
+    yield from _serve(tmp_path_factory.mktemp("conformance-gw-legacy"), protocol="legacy")
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +141,31 @@ def test_param_header_of_a_tool_hidden_by_search_mode_is_checked(search_gateway_
     status, msg = modern_post(search_gateway_port, "tools/call", params, [*headers, ("Mcp-Param-Region", "eu-west")])
     assert status == 200, msg
     assert msg["result"]["content"][0]["text"] == "Region: eu-west"
+
+
+MISSING = "test://nonexistent-resource"
+
+
+def test_resource_not_found_reaches_a_2026_client_in_its_own_code(legacy_gateway_port: int) -> None:
+    # sep-2164-resource-not-found: a handshake-era upstream says -32002; a 2026-07-28 client gets
+    # -32602 with the URI in data.
+    headers = [("Mcp-Method", "resources/read"), ("Mcp-Name", MISSING)]
+    status, msg = modern_post(legacy_gateway_port, "resources/read", {"uri": MISSING}, headers)
+    assert msg["error"]["code"] == -32602, msg
+    assert msg["error"]["data"]["uri"] == MISSING
+
+
+@pytest.mark.anyio
+async def test_resource_not_found_reaches_a_2025_client_in_its_own_code(gateway_port: int) -> None:
+    # ... and a 2026-07-28 upstream's -32602 (SEP-2164 shape) reaches a handshake-era client as -32002.
+    from mcp import Client
+    from mcp.shared.exceptions import MCPError
+
+    async with Client(f"http://127.0.0.1:{gateway_port}/mcp", mode="legacy") as client:
+        with pytest.raises(MCPError) as info:
+            await client.read_resource(MISSING)
+    assert info.value.error.code == -32002
+    assert info.value.error.data == {"uri": MISSING}
 
 
 async def _echo_scope(scope: dict[str, Any], receive: Any, send: Any) -> None:

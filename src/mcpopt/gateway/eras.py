@@ -79,6 +79,34 @@ def client_capabilities(link: ClientLink, meta: Mapping[str, Any] | None) -> dic
     return found
 
 
+RESOURCE_NOT_FOUND_HANDSHAKE = -32002
+"""`resources/read` of an unknown URI through 2025-11-25; 2026-07-28 uses -32602 with the URI in
+`data` (SEP-2164)."""
+
+
+def resource_not_found(version: str, uri: str, message: str) -> MCPError:
+    """The gateway's own "no such resource" error, in the client's era's code, naming `uri` in data."""
+    code = INVALID_PARAMS if version in MODERN else RESOURCE_NOT_FOUND_HANDSHAKE
+    return MCPError(code=code, message=message, data={"uri": uri})
+
+
+def resource_error(version: str, exc: MCPError, uri: str, upstream_uri: str) -> MCPError:
+    """An upstream's `resources/read` error for the client's era (SEP-2164).
+
+    A handshake-era upstream's -32002 reaches a 2026-07-28 client as -32602; a 2026-07-28
+    upstream's -32602 naming the URI it was asked for (`data.uri`, the SEP-2164 shape) reaches a
+    handshake-era client as -32002. Either way `data.uri` is the client's (gateway) URI. Other
+    errors pass unchanged.
+    """
+    err = exc.error
+    data = err.data if isinstance(err.data, dict) else {}
+    if version in MODERN and err.code == RESOURCE_NOT_FOUND_HANDSHAKE:
+        return MCPError(code=INVALID_PARAMS, message=err.message, data={**data, "uri": uri})
+    if version not in MODERN and err.code == INVALID_PARAMS and data.get("uri") == upstream_uri:
+        return MCPError(code=RESOURCE_NOT_FOUND_HANDSHAKE, message=err.message, data={**data, "uri": uri})
+    return exc
+
+
 def forward_params(params: Mapping[str, Any] | None, **updates: Any) -> dict[str, Any]:
     """A copy of a client's request params for `Gateway.forward`: `updates` applied, the client's
     own 2026-07-28 envelope keys dropped from `_meta` (the upstream session stamps its own) except

@@ -32,7 +32,7 @@ from mcp_types import INVALID_PARAMS
 from mcpopt.api import ClientLink, partition_of, session_id_of
 from mcpopt.catalog import Route
 from mcpopt.errors import GatewayError, UnknownTarget
-from mcpopt.gateway.eras import MODERN, client_capabilities, forward_params
+from mcpopt.gateway.eras import MODERN, client_capabilities, forward_params, resource_error, resource_not_found
 from mcpopt.gateway.server import VERSION, Gateway, unknown
 from mcpopt.gateway.tasks import TASK_METHODS, TaskIdParams, TaskUpdateParams, check_request
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX
@@ -204,23 +204,30 @@ class ProtocolHandlers:
 
     async def read_resource(self, ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
         gw = self.gateway
-        if str(params.uri).startswith(RESULT_URI_PREFIX):
-            kept = gw.results.read(str(params.uri))
+        uri = str(params.uri)
+        if uri.startswith(RESULT_URI_PREFIX):
+            kept = gw.results.read(uri)
             if kept is None:
-                raise MCPError(
-                    code=-32002,
-                    message=f"Resource not found: {params.uri} (shaped results are kept "
+                raise resource_not_found(
+                    ctx.protocol_version,
+                    uri,
+                    f"Resource not found: {uri} (shaped results are kept "
                     f"for the last {gw.config.gateway.shaping.keep_results} cuts)",
                 )
             if ctx.protocol_version in MODERN:
                 kept = {**kept, "resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
             return kept
         try:
-            route = self.resolve_uri(str(params.uri))
+            route = self.resolve_uri(uri)
+        except UnknownTarget as exc:
+            raise resource_not_found(ctx.protocol_version, uri, str(exc)) from None
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         out = forward_params(ctx.params, uri=route.name)
-        result = await gw.forward(link_of(ctx), route.server, "resources/read", out)
+        try:
+            result = await gw.forward(link_of(ctx), route.server, "resources/read", out)
+        except MCPError as exc:
+            raise resource_error(ctx.protocol_version, exc, uri, route.name) from None
         contents = result.get("contents")
         if isinstance(contents, list):
             result = dict(result)
