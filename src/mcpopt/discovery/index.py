@@ -1,36 +1,52 @@
-"""Hybrid tool search: BM25 over tool text fused with dense embeddings by reciprocal rank fusion.
+"""Server-aware hybrid tool search: BM25 and static embeddings over tools *and* servers, fused by rank.
 
-- Lexical: Okapi BM25 (Robertson & Zaragoza 2009, "The Probabilistic Relevance Framework: BM25 and
-  Beyond"; Lucene variant, k1=1.2, b=0.75) with the `bm25s` library over the tool name (split on
-  `_ - . /` and camelCase), the server name, the description, and the parameters' names and
-  descriptions. Field weights are applied by repeating a field's tokens (a cheap BM25F stand-in).
-  Text is lower-cased, English stop words dropped and words Snowball-stemmed; CJK runs become
-  character bigrams so Chinese descriptions are searchable too.
-- Dense: cosine similarity between the query's and each tool's static embedding (`embed.py`).
-- Fusion: reciprocal rank fusion, `score(d) = sum_i w_i / (k + rank_i(d))` with k = 60 (Cormack,
-  Clarke & Buettcher 2009, "Reciprocal Rank Fusion outperforms Condorcet and individual rank learning
-  methods", SIGIR), then a small boost for tools whose server ranks high (tasks tend to use several
-  tools of one server).
+What one query does (all of it vectorised numpy over arrays built once per catalog change):
 
-Incremental updates: `add_tools(server, tools)` tokenizes and embeds only that server's tools (the
-costly part) and `remove_server(server)` drops them; the BM25 term matrix, whose IDF is global, is
-re-assembled lazily on the next query from the cached token lists (about 10 ms for 3,000 tools).
+- **Lexical**: Okapi BM25, Lucene variant (Robertson & Zaragoza 2009, "The Probabilistic Relevance
+  Framework: BM25 and Beyond"; idf and tf forms as in Kamphuis et al. 2020, "Which BM25 Do You Mean?",
+  ECIR), k1 = 1.2, b = 0.75, over each tool's document: the tool name (split on `_ - . /` and camelCase),
+  the server name, the description, the parameters' names and descriptions and the server's own
+  description. Field weights repeat a field's terms (a cheap BM25F stand-in). Terms are lower-cased,
+  English stop words dropped, Snowball-stemmed; Chinese text gets English glosses from CC-CEDICT
+  (`lexicon.py`) *at index time* and is also indexed as character bigrams, so an English query finds a
+  tool described in Chinese and a Chinese query finds it too.
+- **Dense**: cosine similarity of the query's static embedding (`embed.py`: a table lookup and a mean,
+  no model run at query time) with each tool's.
+- **Servers in the same ranking** (Tool-to-Agent retrieval, arXiv 2511.01854; MCP-Zero's server-then-tool
+  scoring, arXiv 2506.01056): every server also has a document (its name, its description, its tools'
+  names and descriptions) ranked lexically and densely; a server's rank also counts the rank of its
+  best tool. A tool's final score adds its server's score, so one search brings forward the servers that
+  can do the job and, within them, their best tools.
+- **Fusion**: weighted reciprocal rank fusion, `sum_i w_i / (k + rank_i)` with k = 60 (Cormack, Clarke &
+  Buettcher 2009, SIGIR), over the top `SearchWeights.depth` of each ranking.
+- **Implied steps** (`expansions`): generic rules add the best tool for a step a task implies but rarely
+  names (write a file when a path is to be produced, read one when a path is to be consumed, calculate,
+  get the current date). Their answers are computed once per catalog change, never per query.
+
+Ties (equal final scores, e.g. the same tool served by two servers) go to tools of `prefer` servers
+(the servers a client session already used), then to index order.
+
+Incremental updates: `add_tools(server, tools)` analyses and embeds only that server's tools (the
+costly part); the term postings, whose idf is global, are re-assembled lazily on the next query from
+per-server term counts (a few ms for 3,000 tools). The index keeps its per-tool data in numpy arrays
+and strings, not in lists of Python objects, so a garbage collection has little to walk (issue 17: a
+full collection over the old index's per-document term lists took ~50 ms).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from mcpopt.discovery.embed import Embedder
+from mcpopt.discovery.lexicon import english_glosses
 
 Mode = Literal["lexical", "dense", "hybrid"]
 MODES: tuple[Mode, ...] = ("lexical", "dense", "hybrid")
@@ -109,6 +125,11 @@ class TextAnalyzer:
         """Index terms of an identifier (tool, server or parameter name), stemmed like free text."""
         return [self._stem(w) for w in split_identifier(name) if w not in self.stopwords or len(w) > 2]
 
+    def gloss_terms(self, text: str) -> list[str]:
+        """Terms of the English glosses of the Chinese in `text` (empty without Chinese)."""
+        gloss = english_glosses(text)
+        return self.terms(gloss) if gloss else []
+
 
 # ---- documents ------------------------------------------------------------------------------
 
@@ -124,7 +145,7 @@ class ToolDoc:
         description: the upstream's description ("" if none).
         input_schema: the upstream's JSON Schema for the arguments.
         server_description: what the server says about itself (its `instructions`, or a catalog's
-            server description); searched lexically, never shown in results.
+            server description); searched, never shown in results.
     """
 
     name: str
@@ -235,35 +256,51 @@ def compact_line(doc: ToolDoc) -> str:
     return f"{doc.name}{signature(doc)}" + (f" - {p}" if p else "")
 
 
-# ---- the index ------------------------------------------------------------------------------
+# ---- knobs ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class SearchWeights:
-    """Tunable knobs; the defaults were tuned on the tuning part of the LiveMCPBench dev split only
-    (`mcpopt eval search` reports the held-out part too).
+    """Tunable knobs. The defaults were tuned on the tuning split of the LiveMCPBench dev tasks only
+    (`tuning_split.json` beside this module names them; `mcpopt eval search` reports the rest apart).
 
     Field repeats weight the BM25 fields (a term repeated n times counts n times, BM25F-style).
-    `lexical` / `dense` weight the two rankings in RRF. `expansion` weights the top hit of each
-    intent sub-query (see `expansions`; 0 turns them off). `server_boost` adds that share of the
-    best fused score among a tool's server siblings (0: off).
+    `lexical` / `dense` weight the tool rankings in RRF; `server` weights the server's fused score
+    added to each of its tools; `server_lexical` / `server_dense` / `server_tools` weight the three
+    server rankings (its document lexically, densely, and by its best tool). `expansion` weights the
+    best tool of each implied step (see `expansions`; 0 turns them off). `depth`: how many of each
+    ranking take part in the fusion.
     """
 
     name: int = 2
-    server: int = 1
+    server_name: int = 1
     description: int = 1
     param_names: int = 1
     param_descriptions: int = 1
     server_description: int = 1
-    lexical: float = 0.7
+    lexical: float = 1.5
     dense: float = 1.0
+    server: float = 0.5
+    server_lexical: float = 1.0
+    server_dense: float = 1.0
+    server_tools: float = 1.0
     expansion: float = 0.9
-    server_boost: float = 0.0
+    center: bool = True
+    paths: bool = True
+    unique_terms: bool = True
+    fusion: str = "convex"
+    server_all: bool = True
+    dense_floor: float = 0.25
+    lexical_floor: float = 0.0
+    noise: float = 0.4
+    tools_floor: float = 0.15
+    tie: float = 0.05
+    depth: int = 100
     k1: float = 1.2
     b: float = 0.75
 
 
-# ---- query expansion ------------------------------------------------------------------------
+# ---- implied steps --------------------------------------------------------------------------
 
 _PATH = re.compile(r"(?:~|\.{1,2})?/[\w.\-/]*\.[A-Za-z0-9]{1,5}\b")
 _SAVE = re.compile(r"\b(save[sd]?|saving|write|writing|store|export|output|generate|create|put|record|produce)\b", re.I)
@@ -279,6 +316,40 @@ _TIME = re.compile(
     re.I,
 )
 
+_MIME_NOISE = frozenset({"application", "vnd", "openxmlformats", "officedocument", "x", "ms"})
+
+
+def _path_words(path: str) -> str:
+    """What a file path says about the task: its file name's words, extension and media type.
+
+    The media type comes from the standard library's `mimetypes` table (e.g. `.xlsx` ->
+    `spreadsheet sheet`, `.md` -> `text markdown`); directories are dropped (they repeat words or
+    are noise such as `root`).
+    """
+    import mimetypes
+
+    name = path.rsplit("/", 1)[-1]
+    stem, _, ext = name.rpartition(".")
+    words = split_identifier(stem) + [ext.lower()]
+    mime, _enc = mimetypes.guess_type(name, strict=False)
+    if mime:
+        for part in re.split(r"[/.+\-]", mime):
+            part = part.lower()
+            if part.endswith("ml") and len(part) > 6:  # OOXML part names: spreadsheetml, presentationml
+                part = part[:-2]
+            if part and part not in _MIME_NOISE:
+                words.append(part)
+    return " ".join(dict.fromkeys(words))
+
+
+def query_text(query: str) -> str:
+    """The query as searched: each file path replaced by `_path_words` of it."""
+    return _PATH.sub(lambda m: " " + _path_words(m.group(0)) + " ", query)
+
+
+IMPLIED_STEPS: tuple[str, ...] = ("write file", "read file", "calculate math expression", "get current date and time")
+"""The sub-queries `expansions` can return; their best tools are computed once per catalog change."""
+
 
 def expansions(query: str) -> list[str]:
     """Intent sub-queries for steps a task implies but rarely names (generic rules, no tool names).
@@ -288,8 +359,7 @@ def expansions(query: str) -> list[str]:
     - arithmetic words or an expression (calculate, how much, BMI, 3*4) -> `calculate math expression`;
     - relative time (today, tomorrow, latest, last 24h) -> `get current date and time`.
 
-    Each sub-query's best tool joins the fused ranking with weight `SearchWeights.expansion`,
-    just below the main query's first few results.
+    Each sub-query's best tool joins the fused ranking with weight `SearchWeights.expansion`.
     """
     out: list[str] = []
     if _PATH.search(query):
@@ -304,27 +374,185 @@ def expansions(query: str) -> list[str]:
     return out
 
 
+# ---- results --------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class SearchHit:
-    """One result: the tool, its fused score, and its 1-based rank in each list (0: not ranked)."""
+    """One result: the tool, its final score, and its 1-based rank in each list (0: not ranked).
+
+    `server_rank` is the rank of the tool's server in the fused server ranking.
+    """
 
     doc: ToolDoc
     score: float
     lexical_rank: int = 0
     dense_rank: int = 0
+    server_rank: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHit:
+    """One server in the fused server ranking: its name, score and best tools (best first)."""
+
+    server: str
+    score: float
+    tools: tuple[ToolDoc, ...]
+
+
+# ---- index internals ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Bag:
+    """Term counts of a batch of documents with a local vocabulary: doc `d` has `tf[j]` of `vocab[term[j]]`."""
+
+    vocab: list[str]
+    doc: np.ndarray  # int32, local document index per entry
+    term: np.ndarray  # int32, index into vocab per entry
+    tf: np.ndarray  # float32
+    length: np.ndarray  # float32, terms per document
+
+    @classmethod
+    def of(cls, docs_terms: Sequence[Sequence[str]]) -> _Bag:
+        vocab: dict[str, int] = {}
+        rows: list[int] = []
+        cols: list[int] = []
+        counts: list[int] = []
+        lengths = np.zeros(len(docs_terms), dtype=np.float32)
+        for d, terms in enumerate(docs_terms):
+            local: dict[int, int] = {}
+            for t in terms:
+                j = vocab.setdefault(t, len(vocab))
+                local[j] = local.get(j, 0) + 1
+            lengths[d] = len(terms)
+            rows.extend([d] * len(local))
+            cols.extend(local)
+            counts.extend(local.values())
+        return cls(
+            list(vocab),
+            np.asarray(rows, dtype=np.int32),
+            np.asarray(cols, dtype=np.int32),
+            np.asarray(counts, dtype=np.float32),
+            lengths,
+        )
 
 
 @dataclass(slots=True)
 class _Shard:
     docs: list[ToolDoc]
-    terms: list[list[str]]
-    vectors: np.ndarray | None
+    bag: _Bag  # one row per tool
+    vectors: np.ndarray | None  # (tools, dim)
+    server_bag: _Bag  # one row: the server's document
+    server_vector: np.ndarray | None  # (dim,)
+
+
+class _Postings:
+    """BM25 (Lucene variant) weights by term: docs `doc[ptr[t]:ptr[t+1]]` have weights `w[...]` for term t.
+
+    idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)); weight = idf * tf / (tf + k1 * (1 - b + b * len / avglen)),
+    as in Kamphuis et al. 2020 (the form `bm25s`' "lucene" method computes).
+    """
+
+    __slots__ = ("vocab", "ptr", "doc", "w", "n", "idf", "idf_unseen")
+
+    def __init__(self, bags: Sequence[_Bag], k1: float, b: float) -> None:
+        vocab: dict[str, int] = {}
+        docs, terms, tfs, lengths = [], [], [], []
+        offset = 0
+        for bag in bags:
+            ids = np.fromiter(
+                (vocab.setdefault(t, len(vocab)) for t in bag.vocab), dtype=np.int32, count=len(bag.vocab)
+            )
+            docs.append(bag.doc + offset)
+            terms.append(ids[bag.term] if len(bag.term) else bag.term)
+            tfs.append(bag.tf)
+            lengths.append(bag.length)
+            offset += len(bag.length)
+        self.vocab = vocab
+        self.n = offset
+        doc = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32)
+        term = np.concatenate(terms) if terms else np.zeros(0, dtype=np.int32)
+        tf = np.concatenate(tfs) if tfs else np.zeros(0, dtype=np.float32)
+        length = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.float32)
+        order = np.argsort(term, kind="stable")
+        doc, term, tf = doc[order], term[order], tf[order]
+        df = np.bincount(term, minlength=len(vocab)).astype(np.float64)
+        self.ptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
+        avg = float(length.mean()) if len(length) and length.mean() > 0 else 1.0
+        idf = np.log1p((offset - df + 0.5) / (df + 0.5))
+        norm = k1 * (1.0 - b + b * length[doc] / avg)
+        self.doc = doc.astype(np.intp)
+        self.w = (idf[term] * tf / (tf + norm)).astype(np.float32)
+        self.idf = idf
+        self.idf_unseen = float(np.log1p((offset + 0.5) / 0.5))
+
+    def ceiling(self, terms: Iterable[str]) -> float:
+        """An upper bound of any document's score for `terms`: the sum of their idf (tf/(tf+norm) < 1).
+
+        A term no document has counts with the idf of df = 0, so a query half made of unknown words
+        can reach at most about half.
+        """
+        vocab = self.vocab
+        return float(sum(self.idf[vocab[t]] if t in vocab else self.idf_unseen for t in terms))
+
+    def scores(self, terms: Iterable[str], out: np.ndarray) -> bool:
+        """Add each term's weights into `out` (shape (n,)); repeated terms count again. Returns any match."""
+        hit = False
+        vocab, ptr = self.vocab, self.ptr
+        for t in terms:
+            i = vocab.get(t)
+            if i is None:
+                continue
+            lo, hi = ptr[i], ptr[i + 1]
+            out[self.doc[lo:hi]] += self.w[lo:hi]
+            hit = True
+        return hit
+
+
+def _top(scores: np.ndarray, depth: int, positive: bool) -> np.ndarray:
+    """Indices of the `depth` best scores, best first (ties: lower index); only scores > 0 if `positive`."""
+    if positive:
+        cand = np.flatnonzero(scores > 0)
+        if len(cand) > depth:
+            part = np.argpartition(-scores[cand], depth - 1)[:depth]
+            cand = cand[part]
+    elif len(scores) > depth:
+        cand = np.argpartition(-scores, depth - 1)[:depth]
+    else:
+        cand = np.arange(len(scores))
+    # lexsort: last key first -> by score descending, then index ascending.
+    return cand[np.lexsort((cand, -scores[cand]))]
+
+
+def _rrf_into(out: np.ndarray, order: np.ndarray, weight: float, k: int = RRF_K) -> None:
+    """out[order[r]] += weight / (k + r + 1) for each rank r."""
+    if len(order):
+        out[order] += weight / (k + 1.0 + np.arange(len(order)))
+
+
+@dataclass(slots=True)
+class _Built:
+    """Everything a query reads, assembled from the shards in one go (replaced whole on rebuild)."""
+
+    docs: list[ToolDoc]
+    by_name: dict[str, int]
+    servers: list[str]
+    server_of: np.ndarray  # int32 per tool
+    starts: np.ndarray  # first tool index of each server (servers are contiguous)
+    tools: _Postings | None
+    servers_lex: _Postings | None
+    vectors: np.ndarray | None  # (n, dim) float32
+    server_vectors: np.ndarray | None  # (servers, dim)
+    mean: np.ndarray | None  # the tools' mean vector, removed from every vector (None: not centred)
+    implied: dict[str, int] = field(default_factory=dict)  # implied-step sub-query -> best tool index
 
 
 class ToolIndex:
-    """An in-memory hybrid index of tools, updated one server at a time.
+    """An in-memory server-aware hybrid index of tools, updated one server at a time.
 
-    Thread-safe for one writer and many readers (a lock guards the lazy rebuild).
+    Thread-safe for one writer and many readers: a query reads one immutable snapshot; a lock guards
+    the lazy rebuild.
 
     Args:
         embedder: dense model (None: lexical only; `dense` and `hybrid` then fall back to lexical).
@@ -344,30 +572,40 @@ class ToolIndex:
         self._shards: dict[str, _Shard] = {}
         self._lock = threading.Lock()
         self._dirty = True
-        self._docs: list[ToolDoc] = []
-        self._by_name: dict[str, int] = {}
-        self._server_of: np.ndarray = np.zeros(0, dtype=np.int32)
-        self._vectors: np.ndarray | None = None
-        self._bm25: Any = None
+        self._built = _Built([], {}, [], np.zeros(0, np.int32), np.zeros(0, np.intp), None, None, None, None, None)
         self.rebuild_ms = 0.0
-        """Milliseconds the last lazy BM25 re-assembly took."""
+        """Milliseconds the last lazy re-assembly took."""
 
     # ---- updates ----
-    def add_tools(self, server: str, tools: Iterable[ToolDoc | Any]) -> int:
+    def add_tools(self, server: str, tools: Iterable[ToolDoc | Any], server_description: str | None = None) -> int:
         """Index (or re-index) one server's tools, replacing what the index had for it.
 
         Args:
             server: the upstream's name.
             tools: `ToolDoc`s, `mcp_types.Tool`s or tools/list dicts.
+            server_description: what the server says about itself (default: the first tool's
+                `server_description`).
 
         Returns:
             the number of tools now indexed for `server`.
         """
         docs = [t if isinstance(t, ToolDoc) else ToolDoc.of(server, t) for t in tools]
-        terms = [self._doc_terms(d) for d in docs]
-        vectors = self.embedder.embed([self._dense_text(d) for d in docs]) if self.embedder and docs else None
+        about = server_description if server_description is not None else (docs[0].server_description if docs else "")
+        bag = _Bag.of([self._doc_terms(d) for d in docs])
+        server_bag = _Bag.of([self._server_terms(server, about, docs)])
+        vectors = server_vector = None
+        if self.embedder is not None and docs:
+            vectors = self.embedder.embed([self._dense_text(d) for d in docs])
+            about_vec = self.embedder.embed([self._server_dense_text(server, about)])[0]
+            server_vector = vectors.mean(axis=0) + about_vec
+            norm = float(np.linalg.norm(server_vector))
+            if norm > 0:
+                server_vector = server_vector / norm
         with self._lock:
-            self._shards[server] = _Shard(docs, terms, vectors)
+            if docs:
+                self._shards[server] = _Shard(docs, bag, vectors, server_bag, server_vector)
+            else:
+                self._shards.pop(server, None)
             self._dirty = True
         return len(docs)
 
@@ -379,124 +617,173 @@ class ToolIndex:
         return gone
 
     def servers(self) -> list[str]:
+        """The indexed servers, in the order they were first added."""
         return list(self._shards)
+
+    def server_tools(self, server: str) -> list[ToolDoc]:
+        """The tools indexed for `server` (empty if none)."""
+        shard = self._shards.get(server)
+        return list(shard.docs) if shard is not None else []
 
     def __len__(self) -> int:
         return sum(len(s.docs) for s in self._shards.values())
 
     def refresh(self) -> None:
-        """Re-assemble the BM25 matrix now (else the next query does it); call after a batch of updates."""
+        """Re-assemble the postings now (else the next query does it); call after a batch of updates."""
         self._ensure()
 
     def get(self, name: str) -> ToolDoc | None:
         """The tool clients call `name` (exact match), if indexed."""
-        self._ensure()
-        i = self._by_name.get(name)
-        return self._docs[i] if i is not None else None
+        built = self._ensure()
+        i = built.by_name.get(name)
+        return built.docs[i] if i is not None else None
 
     # ---- text per document ----
+    def _text_terms(self, text: str) -> list[str]:
+        a = self.analyzer
+        return a.terms(text) + a.gloss_terms(text)
+
     def _doc_terms(self, d: ToolDoc) -> list[str]:
         a, w = self.analyzer, self.weights
-        name_terms = a.identifier_terms(d.tool)
-        server_terms = a.identifier_terms(d.server)
-        desc_terms = a.terms(d.description)
         pnames: list[str] = []
         pdescs: list[str] = []
         for pname, pschema, _req in d.params():
             pnames.extend(a.identifier_terms(pname))
             pdesc = pschema.get("description")
             if isinstance(pdesc, str):
-                pdescs.extend(a.terms(pdesc))
+                pdescs.extend(self._text_terms(pdesc))
         return (
-            name_terms * w.name
-            + server_terms * w.server
-            + desc_terms * w.description
+            a.identifier_terms(d.tool) * w.name
+            + a.identifier_terms(d.server) * w.server_name
+            + self._text_terms(d.description) * w.description
             + pnames * w.param_names
             + pdescs * w.param_descriptions
-            + a.terms(d.server_description) * w.server_description
+            + self._text_terms(d.server_description) * w.server_description
         )
+
+    def _server_terms(self, server: str, about: str, docs: Sequence[ToolDoc]) -> list[str]:
+        a = self.analyzer
+        terms = a.identifier_terms(server) + self._text_terms(about)
+        for d in docs:
+            terms += a.identifier_terms(d.tool) + self._text_terms(d.description)
+        return terms
 
     @staticmethod
     def _dense_text(d: ToolDoc) -> str:
         words = " ".join(split_identifier(d.tool))
         params = ", ".join(" ".join(split_identifier(n)) for n, _s, _r in d.params())
-        return f"{words}: {d.description} (arguments: {params}; server {' '.join(split_identifier(d.server))})"
+        desc = d.description
+        gloss = english_glosses(desc)
+        if gloss:
+            desc = f"{desc} ({gloss})"
+        return f"{words}: {desc} (arguments: {params}; server {' '.join(split_identifier(d.server))})"
+
+    @staticmethod
+    def _server_dense_text(server: str, about: str) -> str:
+        gloss = english_glosses(about)
+        return f"{' '.join(split_identifier(server))}: {about}" + (f" ({gloss})" if gloss else "")
 
     # ---- build ----
-    def _ensure(self) -> None:
+    def _ensure(self) -> _Built:
         if not self._dirty:
-            return
+            return self._built
         with self._lock:
-            if not self._dirty:
-                return
-            t0 = time.perf_counter()
-            docs: list[ToolDoc] = []
-            terms: list[list[str]] = []
-            vecs: list[np.ndarray] = []
-            server_ids: list[int] = []
-            for sid, shard in enumerate(self._shards.values()):
-                docs.extend(shard.docs)
-                terms.extend(shard.terms)
-                server_ids.extend([sid] * len(shard.docs))
-                if shard.vectors is not None:
-                    vecs.append(shard.vectors)
-            self._docs = docs
-            self._by_name = {}
-            for i, d in enumerate(docs):
-                self._by_name.setdefault(d.name, i)
-            self._server_of = np.asarray(server_ids, dtype=np.int32)
-            dim = self.embedder.dim if self.embedder else 0
-            self._vectors = (
-                (np.vstack(vecs) if vecs else np.zeros((0, dim), dtype=np.float32)) if self.embedder else None
-            )
-            self._bm25 = self._build_bm25(terms) if docs else None
-            self._dirty = False
-            self.rebuild_ms = (time.perf_counter() - t0) * 1000
+            if self._dirty:
+                t0 = time.perf_counter()
+                self._built = self._build()
+                self._dirty = False
+                self.rebuild_ms = (time.perf_counter() - t0) * 1000
+            return self._built
 
-    def _build_bm25(self, terms: list[list[str]]) -> Any:
-        import bm25s
-
-        logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG on import
-        retriever = bm25s.BM25(k1=self.weights.k1, b=self.weights.b, method="lucene")
-        # An empty document would break bm25s' matrix; a placeholder term keeps row counts aligned.
-        corpus = [t if t else ["\x00"] for t in terms]
-        retriever.index(corpus, show_progress=False)
-        return retriever
+    def _build(self) -> _Built:
+        shards = list(self._shards.items())
+        docs = [d for _s, shard in shards for d in shard.docs]
+        by_name: dict[str, int] = {}
+        for i, d in enumerate(docs):
+            by_name.setdefault(d.name, i)
+        sizes = np.asarray([len(shard.docs) for _s, shard in shards], dtype=np.intp)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp) if len(sizes) else sizes
+        server_of = np.repeat(np.arange(len(shards), dtype=np.int32), sizes)
+        w = self.weights
+        tools = _Postings([shard.bag for _s, shard in shards], w.k1, w.b) if docs else None
+        servers_lex = _Postings([shard.server_bag for _s, shard in shards], w.k1, w.b) if docs else None
+        vectors = server_vectors = mean = None
+        if self.embedder is not None:
+            dim = self.embedder.dim
+            vecs = [shard.vectors for _s, shard in shards if shard.vectors is not None]
+            vectors = np.ascontiguousarray(np.vstack(vecs)) if vecs else np.zeros((0, dim), dtype=np.float32)
+            svecs = [s.server_vector for _n, s in shards if s.server_vector is not None]
+            server_vectors = np.ascontiguousarray(np.vstack(svecs)) if svecs else np.zeros((0, dim), np.float32)
+            if w.center and len(vectors) > 1:
+                mean = vectors.mean(axis=0)
+                vectors = _normalize(vectors - mean)
+                server_vectors = _normalize(server_vectors - mean)
+        built = _Built(
+            docs, by_name, [s for s, _ in shards], server_of, starts, tools, servers_lex, vectors, server_vectors, mean
+        )
+        if docs and w.expansion > 0:
+            for sub in IMPLIED_STEPS:
+                final = self._score(built, sub, "hybrid")[0]
+                best = int(np.argmax(final))
+                if final[best] > 0:
+                    built.implied[sub] = best
+        return built
 
     # ---- query ----
     def lexical_scores(self, query: str) -> np.ndarray:
         """BM25 score per indexed tool (index order), shape (n,), float32; zeros if no term matches."""
-        self._ensure()
-        n = len(self._docs)
-        if self._bm25 is None:
-            return np.zeros(n, dtype=np.float32)
-        ids = self._bm25.get_tokens_ids(self.analyzer.terms(query))
-        if not ids:
-            return np.zeros(n, dtype=np.float32)
-        return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
+        built = self._ensure()
+        out = np.zeros(len(built.docs), dtype=np.float32)
+        if built.tools is not None:
+            built.tools.scores(self._text_terms(query), out)
+        return out
 
     def dense_scores(self, query: str) -> np.ndarray | None:
         """Cosine similarity per indexed tool, shape (n,); None without an embedder."""
-        self._ensure()
-        if self.embedder is None or self._vectors is None:
+        built = self._ensure()
+        if self.embedder is None or built.vectors is None:
             return None
-        q = self.embedder.embed_one(query)
+        return self._dense(built.vectors, self._query_vector(built, query))
+
+    @staticmethod
+    def _dense(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
         # einsum's plain loop, not BLAS: a 3,000 x 256 GEMV gains nothing from threads, and BLAS
         # threads competing for busy cores cost milliseconds.
-        return np.einsum("ij,j->i", self._vectors, q)
+        return np.einsum("ij,j->i", vectors, q)
 
-    def search(self, query: str, k: int = 10, mode: Mode = "hybrid", expand: bool = True) -> list[SearchHit]:
+    def _query_vector(self, built: _Built, query: str) -> np.ndarray:
+        assert self.embedder is not None
+        q = self.embedder.embed_one(self._query_dense_text(query))
+        if built.mean is not None and q.any():
+            q = q - built.mean
+            norm = float(np.linalg.norm(q))
+            q = q / norm if norm > 0 else q
+        return q.astype(np.float32, copy=False)
+
+    @staticmethod
+    def _query_dense_text(query: str) -> str:
+        gloss = english_glosses(query)
+        return f"{query} ({gloss})" if gloss else query
+
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        mode: Mode = "hybrid",
+        expand: bool = True,
+        prefer: Collection[str] = (),
+    ) -> list[SearchHit]:
         """The `k` best tools for a natural-language query.
 
-        Ranking: the main query's lexical and dense rankings fused by RRF (`w / (60 + rank)`), then
-        the fused ranking RRF-merged with the top hit of each intent sub-query (`expansions`); an
-        exact tool-name query ranks that tool first.
+        Ranking: tool and server rankings fused by RRF (module docstring), plus the best tool of each
+        implied step (`expansions`); an exact tool-name query ranks that tool first.
 
         Args:
             query: what the agent wants to do (or a tool name).
             k: results wanted (>= 1).
             mode: `lexical` (BM25 only), `dense` (embeddings only) or `hybrid` (both).
-            expand: add the intent sub-queries.
+            expand: add the implied-step tools.
+            prefer: servers whose tools win ties (e.g. the servers this client session already used).
 
         Returns:
             up to `k` hits, best first; `score` is the final fused score.
@@ -508,74 +795,169 @@ class ToolIndex:
             raise ValueError(f"k must be >= 1 (got {k})")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-        self._ensure()
-        n = len(self._docs)
+        built = self._ensure()
+        n = len(built.docs)
         if n == 0:
             return []
-        fused, lex_rank, dense_rank = self._fused(query, mode)
-        subs = expansions(query) if expand and self.weights.expansion > 0 else []
-        if subs:
-            # RRF of the main fused ranking with each sub-query's first result.
-            main_rank = _ranks(fused, positive_only=True)
-            final = np.where(main_rank > 0, 1.0 / (RRF_K + main_rank), 0.0)
-            for sub in subs:
-                sub_scores = self._fused(sub, mode)[0]
-                best = int(np.argmax(sub_scores))
-                if sub_scores[best] > 0:
-                    final[best] += self.weights.expansion / (RRF_K + 1)
-        else:
-            final = fused
-        exact = self._by_name.get(query.strip())
+        final, lex_order, dense_order, server_order = self._score(built, query, mode)
+        if expand and self.weights.expansion > 0:
+            subs = [built.implied[s] for s in expansions(query) if s in built.implied]
+            if subs:
+                # On the scale of this query's scores: weight 1 ties the best result.
+                lift = self.weights.expansion * float(final.max())
+                for best in subs:
+                    final[best] += lift
+        exact = built.by_name.get(query.strip())
         if exact is not None:
             final[exact] = final.max() + 1.0
-        kk = min(k, n)
-        top = np.argpartition(-final, kk - 1)[:kk]
-        top = top[np.argsort(-final[top], kind="stable")]
+        top = self._top_k(built, final, k, prefer)
+        lex_rank = _rank_lookup(lex_order, top)
+        dense_rank = _rank_lookup(dense_order, top)
+        srank = np.zeros(len(built.servers), dtype=np.int64)
+        srank[server_order] = np.arange(1, len(server_order) + 1)
         return [
-            SearchHit(
-                self._docs[i],
-                float(final[i]),
-                int(lex_rank[i]) if lex_rank is not None else 0,
-                int(dense_rank[i]) if dense_rank is not None else 0,
-            )
-            for i in top
-            if final[i] > 0
+            SearchHit(built.docs[i], float(final[i]), lex_rank[j], dense_rank[j], int(srank[built.server_of[i]]))
+            for j, i in enumerate(top)
         ]
 
-    def _fused(self, query: str, mode: Mode) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(fused RRF score per tool, lexical ranks, dense ranks) for one query."""
+    def search_servers(self, query: str, k: int = 5, per_server: int = 3, mode: Mode = "hybrid") -> list[ServerHit]:
+        """The `k` best servers for a query, each with its `per_server` best tools (best first).
+
+        Raises:
+            ValueError: `k` or `per_server` < 1, or an unknown mode.
+        """
+        if k < 1 or per_server < 1:
+            raise ValueError("k and per_server must be >= 1")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        built = self._ensure()
+        if not built.docs:
+            return []
+        final, _lex, _dense, server_order = self._score(built, query, mode)
+        out: list[ServerHit] = []
+        ends = np.append(built.starts[1:], len(built.docs))
+        for s in server_order[:k]:
+            lo, hi = int(built.starts[s]), int(ends[s])
+            best = lo + np.argsort(-final[lo:hi], kind="stable")[:per_server]
+            out.append(ServerHit(built.servers[s], float(final[best[0]]), tuple(built.docs[i] for i in best)))
+        return out
+
+    def _score(self, built: _Built, query: str, mode: Mode) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(final score per tool, lexical order, dense order, server order) for one query.
+
+        Orders are tool (or server) indices best first, cut to `depth`; empty when a list is off.
+        """
         w = self.weights
-        n = len(self._docs)
-        lex = self.lexical_scores(query) if mode != "dense" else None
-        dense = self.dense_scores(query) if mode != "lexical" else None
-        if mode == "dense" and dense is None:
-            lex = self.lexical_scores(query)
-        lex_rank = _ranks(lex, positive_only=True) if lex is not None else None
-        dense_rank = _ranks(dense, positive_only=True) if dense is not None else None
+        n, ns = len(built.docs), len(built.servers)
+        use_dense = mode != "lexical" and self.embedder is not None and built.vectors is not None
+        use_lex = mode != "dense" or not use_dense
+        empty = np.zeros(0, dtype=np.intp)
+        lex_order = dense_order = empty
         fused = np.zeros(n, dtype=np.float64)
-        if lex_rank is not None:
-            fused += np.where(lex_rank > 0, (w.lexical if dense is not None else 1.0) / (RRF_K + lex_rank), 0.0)
-        if dense_rank is not None:
-            fused += np.where(dense_rank > 0, (w.dense if lex is not None else 1.0) / (RRF_K + dense_rank), 0.0)
-        if w.server_boost and n > 1:
-            best = np.zeros(int(self._server_of.max()) + 1, dtype=np.float64)
-            np.maximum.at(best, self._server_of, fused)
-            fused = fused + w.server_boost * best[self._server_of]
-        return fused, lex_rank, dense_rank
+        server_fused = np.zeros(ns, dtype=np.float64)
+        both = use_lex and use_dense
+        if w.paths:
+            query = query_text(query)
+        if use_lex and built.tools is not None and built.servers_lex is not None:
+            terms = self._text_terms(query)
+            if w.unique_terms:
+                terms = list(dict.fromkeys(terms))
+            lex = np.zeros(n, dtype=np.float32)
+            if built.tools.scores(terms, lex):
+                lex_order = _top(lex, w.depth, positive=True)
+                ceiling = built.tools.ceiling(terms)
+                self._fuse(fused, lex, lex_order, w.lexical if both else 1.0, ceiling, w.lexical_floor * ceiling)
+                s_lex = np.zeros(ns, dtype=np.float32)
+                built.servers_lex.scores(terms, s_lex)
+                s_order = _top(s_lex, w.depth, positive=True)
+                self._fuse(server_fused, s_lex, s_order, w.server_lexical, built.servers_lex.ceiling(terms))
+        if use_dense and self.embedder is not None and built.vectors is not None:
+            q = self._query_vector(built, query)
+            if q.any():
+                dense = self._dense(built.vectors, q)
+                dense_order = _top(dense, w.depth, positive=True)
+                self._fuse(fused, dense, dense_order, w.dense if both else 1.0, 1.0, w.dense_floor)
+                if built.server_vectors is not None and len(built.server_vectors):
+                    s_dense = self._dense(built.server_vectors, q)
+                    s_order = _top(s_dense, w.depth, positive=True)
+                    self._fuse(server_fused, s_dense, s_order, w.server_dense, 1.0, w.dense_floor)
+        # A server's third ranking: by its best tool.
+        best_tool = np.maximum.reduceat(fused, built.starts) if n else np.zeros(0)
+        s_order = _top(best_tool, w.depth, positive=True)
+        most = (w.lexical + w.dense) if both else 1.0  # the best fused score a tool can have
+        self._fuse(server_fused, best_tool, s_order, w.server_tools, most, w.tools_floor * most)
+        server_order = _top(server_fused, ns, positive=True)
+        final = fused
+        if w.server > 0 and len(server_order):
+            if w.server_all:
+                final = fused + w.server * server_fused[built.server_of]
+            else:
+                final = fused.copy()
+                matched = fused > 0
+                final[matched] += w.server * server_fused[built.server_of[matched]]
+        return final, lex_order, dense_order, server_order
+
+    def _fuse(
+        self, out: np.ndarray, scores: np.ndarray, order: np.ndarray, weight: float, ceiling: float, floor: float = 0.0
+    ) -> None:
+        """Add one ranking's share into `out`: by rank (`rrf`), min-max in the list (`convex`) or against
+        the ranking's ceiling (`absolute`: BM25 over the sum of the query terms' idf, cosine as is)."""
+        if not len(order):
+            return
+        fusion = self.weights.fusion
+        if fusion == "rrf":
+            _rrf_into(out, order, weight)
+            return
+        top = scores[order].astype(np.float64)
+        if fusion == "max":  # BM25 over the list's best, cosine as is
+            hi = top[0] if ceiling != 1.0 else 1.0
+            if hi > 0:
+                out[order] += weight * np.clip(top / hi, 0.0, 1.0)
+            return
+        if fusion == "absolute":
+            if ceiling > 0:
+                out[order] += weight * np.clip(top / ceiling, 0.0, 1.0)
+            return
+        # Min-max within the list (Bruch et al. 2023, TOIS, "An Analysis of Fusion Functions for Hybrid
+        # Retrieval"), but never stretching a weak best match to 1: the top is at least `floor`.
+        lo = max(top[-1] if len(order) >= self.weights.depth else 0.0, floor * self.weights.noise)
+        hi = max(top[0], floor)
+        span = hi - lo
+        if span > 0:
+            out[order] += weight * np.clip((top - lo) / span, 0.0, 1.0)
+
+    def _top_k(self, built: _Built, final: np.ndarray, k: int, prefer: Collection[str]) -> np.ndarray:
+        """The `k` best tool indices; a `prefer` server's tool wins over one scoring within `tie` of it."""
+        cand = np.flatnonzero(final > 0)
+        if len(cand) == 0:
+            return cand
+        scores = final[cand]
+        if prefer:
+            pref = np.fromiter((built.servers[s] in prefer for s in built.server_of[cand]), dtype=bool, count=len(cand))
+            if pref.any():
+                scores = scores + pref * (self.weights.tie * float(scores.max()))
+        depth = min(len(cand), k)
+        if len(cand) > depth:
+            part = np.argpartition(-scores, depth - 1)[:depth]
+            cand, scores = cand[part], scores[part]
+        return cand[np.lexsort((cand, -scores))]
 
     def lines(self, hits: Sequence[SearchHit]) -> str:
         """Compact result text: one `compact_line` per hit, newline-separated."""
         return "\n".join(compact_line(h.doc) for h in hits)
 
 
-def _ranks(scores: np.ndarray, positive_only: bool = False) -> np.ndarray:
-    """1-based rank of each entry by descending score (ties: index order); 0 where not ranked."""
-    order = np.argsort(-scores, kind="stable")
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[order] = np.arange(1, len(scores) + 1)
-    if positive_only:
-        ranks[scores <= 0] = 0
-    return ranks
+def _normalize(m: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32, C-contiguous."""
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    out = np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _rank_lookup(order: np.ndarray, items: np.ndarray) -> list[int]:
+    """1-based rank of each of `items` in `order` (0 if absent)."""
+    pos = {int(i): r for r, i in enumerate(order.tolist(), start=1)}
+    return [pos.get(int(i), 0) for i in items]
 
 
 def rrf(rankings: Sequence[Sequence[str]], k: int = RRF_K, weights: Sequence[float] | None = None) -> list[str]:

@@ -22,25 +22,35 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import mcp_types as types
+from cachetools import LRUCache
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
-from mcpopt.discovery.embed import default_embedder
-from mcpopt.discovery.index import SearchHit, ToolDoc, ToolIndex, compact_line
-
 if TYPE_CHECKING:
+    # The index (numpy, the embedding model, the dictionary) loads on the first catalog sync, not
+    # when the gateway imports this module (issue 17: idle RSS).
     from mcpopt.api import ClientLink, GatewayAPI
     from mcpopt.catalog import GatewayCatalog
+    from mcpopt.discovery.index import SearchHit, ToolDoc, ToolIndex
 
 logger = logging.getLogger(__name__)
 
 Exposure = Literal["full", "search", "code"]
 EXPOSURES: tuple[Exposure, ...] = ("full", "search", "code")
 Handler = Callable[[dict[str, Any], "ClientLink"], Awaitable[dict[str, Any]]]
-LineFormat = Callable[[ToolDoc], str]
+LineFormat = Callable[["ToolDoc"], str]
 
 MAX_K = 50
 """Most results one `search_tools` call returns."""
+MAX_SESSIONS = 4096
+"""Client sessions whose used servers are remembered (least recently used forgotten first)."""
+
+
+def compact_line(doc: ToolDoc) -> str:
+    """One line per tool: `name(arg: type, opt?: type) - purpose` (see `index.compact_line`)."""
+    from mcpopt.discovery.index import compact_line as line
+
+    return line(doc)
 
 
 def discovery_tools(prefix: str, *, with_call: bool = True, default_k: int = 10) -> list[types.Tool]:
@@ -120,6 +130,14 @@ def pinned(tools: Iterable[types.Tool], patterns: Sequence[str]) -> list[types.T
     return [t for t in tools if t.name in exact or any(fnmatch.fnmatchcase(t.name, g) for g in globs)]
 
 
+def _new_index() -> ToolIndex:
+    """An index with the packaged embedding model (a worker thread runs this: it loads the model)."""
+    from mcpopt.discovery.embed import default_embedder
+    from mcpopt.discovery.index import ToolIndex
+
+    return ToolIndex(default_embedder())
+
+
 class SearchTools:
     """The discovery tools of one gateway, with a search index kept in sync with its catalog.
 
@@ -156,6 +174,7 @@ class SearchTools:
         self.index = index
         self._fingerprints: dict[str, str] = {}
         self._sync = asyncio.Lock()
+        self._used: LRUCache[str, dict[str, None]] = LRUCache(maxsize=MAX_SESSIONS)
         self.tools = discovery_tools(self.prefix, default_k=default_k)
         """search_tools, get_tool_schema, call_tool (search mode lists all three)."""
         self.search_name, self.schema_name, self.call_name = (t.name for t in self.tools)
@@ -208,7 +227,7 @@ class SearchTools:
                 by_server.setdefault(route.server, []).append(tool)
         async with self._sync:
             if self.index is None:
-                self.index = ToolIndex(await anyio.to_thread.run_sync(default_embedder))
+                self.index = await anyio.to_thread.run_sync(_new_index)
                 own = self.gateway.own_tools()
                 await anyio.to_thread.run_sync(self.index.add_tools, self._own_server, own)
             index = self.index
@@ -230,26 +249,68 @@ class SearchTools:
             return changed
 
     def _doc(self, server: str, tool: types.Tool, catalog: GatewayCatalog) -> ToolDoc:
+        from mcpopt.discovery.index import ToolDoc
+
         route = catalog.tool_routes.get(tool.name)
-        up = self.gateway.upstreams.get(server)
-        about: list[str] = []
-        if up is not None:
-            about.append(str(getattr(up.cfg, "description", None) or ""))
-            session = getattr(up, "session", None)
-            about.append(str(getattr(session, "instructions", None) or "") if session is not None else "")
         return ToolDoc.of(
             server,
             tool,
             upstream_name=route.name if route else None,
-            server_description=" ".join(a for a in about if a),
+            server_description=self.server_about(server),
         )
 
+    def server_about(self, server: str) -> str:
+        """What is known about a server: its config `description`, then what it says of itself
+        (`serverInfo.title` / `description` and the handshake's `instructions`, from the first replica)."""
+        up = self.gateway.upstreams.get(server)
+        if up is None:
+            return ""
+        about: list[str] = [str(getattr(up.cfg, "description", None) or "")]
+        for replica in getattr(up, "upstreams", ()):
+            session = getattr(replica, "session", None)
+            if session is None:
+                continue
+            info = getattr(session, "server_info", None)
+            about += [str(getattr(info, "title", None) or ""), str(getattr(info, "description", None) or "")]
+            about.append(str(getattr(session, "instructions", None) or ""))
+            break
+        return " ".join(dict.fromkeys(a.strip() for a in about if a and a.strip()))
+
+    # ---- what a session used (ties go to its servers) ----
+    def note_use(self, session_id: str, tool_name: str) -> None:
+        """Remember that a client session used (called, or asked the schema of) a tool's server.
+
+        Ties in later `search_tools` results of that session go to the servers it used. Unknown
+        tool names and sessions without an id are ignored.
+        """
+        if not session_id:
+            return
+        route = self.gateway.catalog.tool_routes.get(tool_name)
+        if route is None:
+            return
+        used = self._used.get(session_id)
+        if used is None:
+            used = self._used[session_id] = {}
+        used.pop(route.server, None)
+        used[route.server] = None
+
+    def used_servers(self, session_id: str) -> list[str]:
+        """The servers a session used, least recent first (empty for an unknown session)."""
+        used = self._used.get(session_id) if session_id else None
+        return list(used) if used else []
+
     # ---- handlers ----
-    def search(self, query: str, k: int | None = None) -> list[SearchHit]:
-        """Hybrid search over the indexed catalog (empty before the first `on_catalog`)."""
+    def search(self, query: str, k: int | None = None, prefer: Sequence[str] = ()) -> list[SearchHit]:
+        """Hybrid search over the indexed catalog (empty before the first `on_catalog`).
+
+        Args:
+            query: what the caller wants to do.
+            k: results (default `default_k`).
+            prefer: servers whose tools win ties (the caller's session's servers).
+        """
         if self.index is None:
             return []
-        return self.index.search(query, k or self.default_k)
+        return self.index.search(query, k or self.default_k, prefer=frozenset(prefer))
 
     async def _search(self, arguments: dict[str, Any], link: ClientLink) -> dict[str, Any]:
         query = arguments.get("query")
@@ -258,7 +319,7 @@ class SearchTools:
         k = arguments.get("k", self.default_k)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise MCPError(code=INVALID_PARAMS, message=f"search_tools: 'k' must be an integer from 1 to {MAX_K}")
-        hits = self.search(query, k)
+        hits = self.search(query, k, prefer=self.used_servers(link.session_id))
         if not hits:
             return _text("No tool matches; try other words (what the tool does, not how).")
         return _text("\n".join(self.line_format(h.doc) for h in hits))
@@ -281,6 +342,7 @@ class SearchTools:
             near = [h.doc.name for h in self.search(name, 3)]
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise MCPError(code=INVALID_PARAMS, message=f"get_tool_schema: no tool named {name!r}{hint}")
+        self.note_use(link.session_id, name)
         body = tool.model_dump(by_alias=True, exclude_none=True, mode="json")
         body.pop("_meta", None)
         text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
@@ -298,4 +360,5 @@ class SearchTools:
             raise MCPError(code=INVALID_PARAMS, message="call_tool: 'arguments' must be an object")
         if name in self.handlers:
             return await self.handlers[name](args, link)
+        self.note_use(link.session_id, name)
         return await self.gateway.call_tool({"name": name, "arguments": args}, link)
