@@ -157,6 +157,8 @@ def test_rrf_fusion_score_by_hand(embedder: StaticEmbedder) -> None:
 
 def test_expansions() -> None:
     assert expansions("save the summary to /root/markdown/x.md") == ["write file"]
+    assert expansions("give me a markdown report on /root/markdown/r.md") == ["write file"]  # a destination
+    assert expansions("what changed in my log /root/txt/log.txt") == []  # an existing file, not a destination
     assert "read file" in expansions("Read the data under /root/excel/people.xlsx")
     assert "calculate math expression" in expansions("what is 12 * 7")
     assert "get current date and time" in expansions("what happened today")
@@ -274,6 +276,50 @@ def test_ties_go_to_servers_the_session_used(embedder: StaticEmbedder) -> None:
     # Preference breaks ties only: it never lifts a worse match above a better one.
     top = idx.search("list the entries of a directory", k=1, prefer={"weather", other})[0]
     assert top.doc.tool == "list_directory"
+
+
+GEO = [
+    tool("geocode", "Convert a place name to coordinates. Returns latitude and longitude.", place="string"),
+    tool(
+        "route",
+        "Directions between two points.",
+        from_latitude="number",
+        from_longitude="number",
+        to_latitude="number",
+        to_longitude="number",
+    ),
+    tool("package_search", "Search for packages (datasets).", q=("string", "", False)),
+    tool("package_show", "Details of one dataset.", id="string"),
+    tool("resolve_id", "Resolve a library name to its library id.", library_name="string"),
+    tool("get_docs", "Documentation of a library. Call resolve_id first.", library_id="string"),
+]
+
+
+def test_prerequisites_from_definitions() -> None:
+    from mcpopt.discovery.index import prerequisites
+
+    docs = [ToolDoc.of("geo", t) for t in GEO]
+    edges = {(docs[b].tool, docs[p].tool) for b, p in prerequisites(docs, TextAnalyzer()).tolist()}
+    assert ("route", "geocode") in edges  # a number it needs, which geocode says it returns
+    assert ("package_show", "package_search") in edges  # an id of the thing its name says
+    assert ("get_docs", "resolve_id") in edges  # named in its description (and its library id)
+    assert not any(p == "route" for _b, p in edges)  # nothing returns from_latitude but geocode
+
+
+def test_a_tool_brings_the_tools_that_feed_it(embedder: StaticEmbedder) -> None:
+    def scores(weights: SearchWeights) -> dict[str, float]:
+        idx = ToolIndex(embedder, weights)
+        idx.add_tools("geo", GEO)
+        for server, tools in (("files", FILES), ("weather", WEATHER), ("finance", FINANCE)):
+            idx.add_tools(server, tools)
+        return {h.doc.tool: h.score for h in idx.search("driving directions between the two points", k=20)}
+
+    lifted, plain = scores(SearchWeights()), scores(SearchWeights(prerequisite=0))
+    assert max(lifted, key=lambda t: lifted[t]) == "route"
+    # geocode (which returns the coordinates route needs) is lifted to just below route.
+    assert lifted["geocode"] == pytest.approx(SearchWeights().prerequisite * lifted["route"])
+    assert plain["geocode"] < lifted["geocode"]
+    assert lifted["package_show"] == pytest.approx(plain["package_show"])  # unrelated tools keep their score
 
 
 def test_bm25_weights_match_bm25s() -> None:

@@ -295,6 +295,8 @@ class SearchWeights:
     noise: float = 0.4
     tools_floor: float = 0.15
     tie: float = 0.05
+    prerequisite: float = 0.8
+    prerequisite_depth: int = 10
     depth: int = 100
     k1: float = 1.2
     b: float = 0.75
@@ -351,10 +353,26 @@ IMPLIED_STEPS: tuple[str, ...] = ("write file", "read file", "calculate math exp
 """The sub-queries `expansions` can return; their best tools are computed once per catalog change."""
 
 
+_DEST = re.compile(r"\b(to|into|at|on|as|in)\s+(?:\S+\s+){0,2}$", re.I)
+_OWN = re.compile(r"\b(my|our|existing|the following)\b", re.I)
+
+
+def _is_destination(before: str) -> bool:
+    """Whether a path that `before` precedes is where something goes: a destination preposition just
+    before it (`report in /x.md`, `save to /x.md`) and no verb of consuming or sign of an existing
+    file (`read`, `from`, `my`) in the few words before that."""
+    words = before.split()[-8:]
+    tail = " ".join(words) + " "
+    if not _DEST.search(tail):
+        return False
+    return not (_READ.search(tail) or _OWN.search(tail))
+
+
 def expansions(query: str) -> list[str]:
     """Intent sub-queries for steps a task implies but rarely names (generic rules, no tool names).
 
-    - a file path plus a verb of producing (save, write, generate, ...) -> `write file`;
+    - a file path plus a verb of producing (save, write, generate, ...), or a path that is a
+      destination (`a report in /root/x.md`, see `_is_destination`) -> `write file`;
     - a file path plus a verb of consuming (read, open, under, analyse, ...) -> `read file`;
     - arithmetic words or an expression (calculate, how much, BMI, 3*4) -> `calculate math expression`;
     - relative time (today, tomorrow, latest, last 24h) -> `get current date and time`.
@@ -362,8 +380,10 @@ def expansions(query: str) -> list[str]:
     Each sub-query's best tool joins the fused ranking with weight `SearchWeights.expansion`.
     """
     out: list[str] = []
-    if _PATH.search(query):
-        if _SAVE.search(query):
+    paths = list(_PATH.finditer(query))
+    if paths:
+        destination = any(_is_destination(query[: m.start()]) for m in paths)
+        if _SAVE.search(query) or destination:
             out.append("write file")
         if _READ.search(query):
             out.append("read file")
@@ -372,6 +392,75 @@ def expansions(query: str) -> list[str]:
     if _TIME.search(query):
         out.append("get current date and time")
     return out
+
+
+# ---- prerequisites ---------------------------------------------------------------------------
+
+_GENERIC_INPUTS = frozenset({"id", "ids", "uuid", "key", "slug", "handl", "code", "titl"})
+"""Stemmed words of parameter names that say *which* thing, not *what*: `package_show(id)` needs an id of
+the thing its name says (a package), which a tool about packages that needs no identifier provides."""
+
+
+def _machine_value(name: str, schema: Mapping[str, Any], analyzer: TextAnalyzer) -> bool:
+    """Whether a parameter takes a value a tool would produce rather than a person type: a number
+    (coordinates, counts) or an identifier (`id`, `card_id`, `context7CompatibleLibraryID`)."""
+    if schema.get("type") in ("number", "integer"):
+        return True
+    return bool(set(analyzer.identifier_terms(name)) & _GENERIC_INPUTS)
+
+
+def prerequisites(docs: Sequence[ToolDoc], analyzer: TextAnalyzer) -> np.ndarray:
+    """Which tools of one server provide an input another needs: `(consumer, provider)` local index pairs.
+
+    A tool-dependency graph in the spirit of Graph RAG-Tool Fusion (arXiv 2502.07223), built from the
+    definitions alone, with no model:
+    - a tool whose description names another tool of its server (`"call 'resolve-library-id' first"`)
+      needs that tool;
+    - for each required parameter of a tool: if its words are specific (`from_latitude` -> `latitude`),
+      a provider is a tool of the server that takes no parameter with those words but mentions them
+      (`geocode_address`: "returns ... latitude/longitude"); if they only say which thing (`id`,
+      `name`, `title`, ...), a provider is a tool that requires no such identifier itself and shares a
+      word of the consumer's object (`package_search` for `package_show(id)`).
+
+    Returns:
+        int32 array of shape (edges, 2).
+    """
+    a = analyzer
+    info = []
+    for d in docs:
+        words = a.identifier_terms(d.tool)
+        text = set(words) | set(a.terms(d.description)) | set(a.gloss_terms(d.description))
+        params = [(set(a.identifier_terms(n)), req, _machine_value(n, sch, a)) for n, sch, req in d.params()]
+        obj = set(words) - _GENERIC_INPUTS
+        needs_id = any(req and ws and ws <= _GENERIC_INPUTS for ws, req, _m in params)
+        info.append((words, text, params, obj, needs_id))
+    # Words most of the server's tool names share (`lol`, `playwright`, `get`) say nothing of the object.
+    counts: dict[str, int] = {}
+    for words, *_rest in info:
+        for w in set(words):
+            counts[w] = counts.get(w, 0) + 1
+    common = {w for w, c in counts.items() if len(docs) >= 4 and c * 4 >= len(docs) * 3}
+    edges: set[tuple[int, int]] = set()
+    for b, d in enumerate(docs):
+        desc = d.description.lower()
+        for i, other in enumerate(docs):
+            if i != b and len(other.tool) > 3 and other.tool.lower() in desc:
+                edges.add((b, i))
+        _words, _text, params, obj, _needs_id = info[b]
+        for ws, req, machine in params:
+            if not req or not ws or not machine:
+                continue
+            generic = ws <= _GENERIC_INPUTS
+            specific = ws - _GENERIC_INPUTS
+            for i, (_w, text, iparams, _o, needs_id) in enumerate(info):
+                if i == b:
+                    continue
+                if generic:
+                    if not needs_id and (obj - common) & text and not any(ws <= p for p, _r, _m in iparams):
+                        edges.add((b, i))
+                elif specific <= text and not any(specific & p for p, _r, _m in iparams):
+                    edges.add((b, i))
+    return np.asarray(sorted(edges), dtype=np.int32).reshape(-1, 2)
 
 
 # ---- results --------------------------------------------------------------------------------
@@ -445,6 +534,7 @@ class _Shard:
     vectors: np.ndarray | None  # (tools, dim)
     server_bag: _Bag  # one row: the server's document
     server_vector: np.ndarray | None  # (dim,)
+    needs: np.ndarray  # (edges, 2) int32 local indices: (tool, a tool that provides one of its inputs)
 
 
 class _Postings:
@@ -545,7 +635,11 @@ class _Built:
     vectors: np.ndarray | None  # (n, dim) float32
     server_vectors: np.ndarray | None  # (servers, dim)
     mean: np.ndarray | None  # the tools' mean vector, removed from every vector (None: not centred)
+    needs: np.ndarray  # (edges, 2) global (consumer, provider) tool indices, see `prerequisites`
     implied: dict[str, int] = field(default_factory=dict)  # implied-step sub-query -> best tool index
+
+
+_NO_EDGES = np.zeros((0, 2), dtype=np.intp)
 
 
 class ToolIndex:
@@ -572,7 +666,9 @@ class ToolIndex:
         self._shards: dict[str, _Shard] = {}
         self._lock = threading.Lock()
         self._dirty = True
-        self._built = _Built([], {}, [], np.zeros(0, np.int32), np.zeros(0, np.intp), None, None, None, None, None)
+        self._built = _Built(
+            [], {}, [], np.zeros(0, np.int32), np.zeros(0, np.intp), None, None, None, None, None, _NO_EDGES
+        )
         self.rebuild_ms = 0.0
         """Milliseconds the last lazy re-assembly took."""
 
@@ -601,9 +697,10 @@ class ToolIndex:
             norm = float(np.linalg.norm(server_vector))
             if norm > 0:
                 server_vector = server_vector / norm
+        needs = prerequisites(docs, self.analyzer)
         with self._lock:
             if docs:
-                self._shards[server] = _Shard(docs, bag, vectors, server_bag, server_vector)
+                self._shards[server] = _Shard(docs, bag, vectors, server_bag, server_vector, needs)
             else:
                 self._shards.pop(server, None)
             self._dirty = True
@@ -718,8 +815,20 @@ class ToolIndex:
                 mean = vectors.mean(axis=0)
                 vectors = _normalize(vectors - mean)
                 server_vectors = _normalize(server_vectors - mean)
+        edges = [shard.needs + start for (_s, shard), start in zip(shards, starts, strict=True) if len(shard.needs)]
+        needs = np.vstack(edges).astype(np.intp) if edges else _NO_EDGES
         built = _Built(
-            docs, by_name, [s for s, _ in shards], server_of, starts, tools, servers_lex, vectors, server_vectors, mean
+            docs,
+            by_name,
+            [s for s, _ in shards],
+            server_of,
+            starts,
+            tools,
+            servers_lex,
+            vectors,
+            server_vectors,
+            mean,
+            needs,
         )
         if docs and w.expansion > 0:
             for sub in IMPLIED_STEPS:
@@ -895,6 +1004,15 @@ class ToolIndex:
                 final = fused.copy()
                 matched = fused > 0
                 final[matched] += w.server * server_fused[built.server_of[matched]]
+        if w.prerequisite > 0 and len(built.needs) and n:
+            # A tool among the best results lifts the tools that provide its inputs to just below it.
+            kk = min(w.prerequisite_depth, n)
+            bar = np.partition(final, n - kk)[n - kk]
+            consumer, provider = built.needs[:, 0], built.needs[:, 1]
+            live = final[consumer] >= max(bar, 1e-12)
+            if live.any():
+                final = final.copy() if final is fused else final
+                np.maximum.at(final, provider[live], w.prerequisite * final[consumer[live]])
         return final, lex_order, dense_order, server_order
 
     def _fuse(
