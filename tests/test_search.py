@@ -533,7 +533,7 @@ async def test_search_tools_on_gateway() -> None:
         return "".join(b.get("text", "") for b in result["content"])
 
     async with gw.running():
-        st = SearchTools(gw, pins=["fake__echo"])
+        st = SearchTools(gw, pins=["fake__echo"], eager=True)
         assert await st.on_catalog(gw.catalog) == ["fake"]
         assert await st.on_catalog(gw.catalog) == []  # nothing changed: nothing re-indexed
         assert [t.name for t in st.listed("search")] == [
@@ -573,6 +573,26 @@ def _names(result: dict[str, Any]) -> list[str]:
     return [line.split("(", 1)[0] for line in _text(result).splitlines()]
 
 
+@pytest.mark.anyio
+async def test_index_loads_on_first_search_in_full_mode() -> None:
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from mcpopt.gateway.server import ClientLink, Gateway
+
+    link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None)  # type: ignore[arg-type,return-value]
+    full = Gateway(load_config(data={"mcpServers": {"fake": fake_entry()}}))
+    async with full.running():
+        st = full.discovery
+        assert not st.eager and st.index is None  # started, nothing indexed, no model loaded
+        result = await st.handlers[st.search_name]({"query": "echo some text back", "k": 1}, link)
+        assert _names(result) == ["fake__echo"] and st.index is not None
+    search = Gateway(load_config(data={"mcpServers": {"fake": fake_entry()}, "gateway": {"exposure": "search"}}))
+    async with search.running():
+        assert search.discovery.eager and search.discovery.index is not None  # indexed at start
+    per_client = {"mcpServers": {"fake": fake_entry()}, "gateway": {"exposure_clients": {"claude*": "code"}}}
+    assert SearchTools(Gateway(load_config(data=per_client))).eager
+
+
 MEMORY_ABOUT = (
     "A basic implementation of persistent memory using a local knowledge graph. This lets Claude remember "
     "information about the user across chats."
@@ -593,7 +613,7 @@ async def test_search_tools_over_real_server_memory(tmp_path: Path) -> None:
         return ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None, session_id=session)  # type: ignore[arg-type,return-value]
 
     async with gw.running():
-        st = SearchTools(gw)
+        st = SearchTools(gw, eager=True)
         assert set(await st.on_catalog(gw.catalog)) == {"memory", "fake"}
         assert st.server_about("memory").startswith("A basic implementation of persistent memory")
         search = st.handlers[st.search_name]

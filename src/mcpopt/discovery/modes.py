@@ -130,6 +130,11 @@ def pinned(tools: Iterable[types.Tool], patterns: Sequence[str]) -> list[types.T
     return [t for t in tools if t.name in exact or any(fnmatch.fnmatchcase(t.name, g) for g in globs)]
 
 
+def uses_search(exposure: str, per_client: Iterable[str] = ()) -> bool:
+    """Whether any client may be shown `search_tools` (exposure `search` or `code`, by default or per client)."""
+    return exposure != "full" or any(mode != "full" for mode in per_client)
+
+
 def _new_index() -> ToolIndex:
     """An index with the packaged embedding model (a worker thread runs this: it loads the model)."""
     from mcpopt.discovery.embed import default_embedder
@@ -163,9 +168,14 @@ class SearchTools:
         index: ToolIndex | None = None,
         line_format: LineFormat = compact_line,
         schema_extra: Callable[[str], str | None] | None = None,
+        eager: bool | None = None,
     ) -> None:
         self.gateway = gateway
         cfg = gateway.config.gateway
+        self.eager = eager if eager is not None else uses_search(cfg.exposure, cfg.exposure_clients.values())
+        """Index each catalog as it comes (a mode that lists search_tools), else on the first search."""
+        self._latest: GatewayCatalog | None = None
+        self._synced: GatewayCatalog | None = None
         self.prefix = f"{cfg.name}{cfg.separator}"
         self.pins = list(pins)
         self.default_k = default_k
@@ -213,13 +223,27 @@ class SearchTools:
 
     # ---- index maintenance ----
     async def on_catalog(self, catalog: GatewayCatalog) -> list[str]:
-        """Re-index the servers whose tools changed since the last call; drop servers that left.
+        """Take a new catalog: re-index the servers whose tools changed and drop servers that left --
+        now if `eager`, else on the first search (a gateway in `full` mode that nobody searches never
+        loads the model, the dictionary or numpy: issue 17, idle RSS).
 
         Embedding runs in a worker thread (a 30-tool server takes ~25 ms; the model loads once, ~1 s).
 
         Returns:
-            the servers re-indexed or dropped.
+            the servers re-indexed or dropped (none when deferred).
         """
+        self._latest = catalog
+        if not self.eager:
+            return []
+        return await self._index(catalog)
+
+    async def ready(self) -> None:
+        """Bring the index up to the latest catalog if that was deferred (the first search waits here)."""
+        catalog = self._latest if self._latest is not None else self.gateway.catalog
+        if catalog is not self._synced:
+            await self._index(catalog)
+
+    async def _index(self, catalog: GatewayCatalog) -> list[str]:
         by_server: dict[str, list[types.Tool]] = {}
         for tool in catalog.tools:
             route = catalog.tool_routes.get(tool.name)
@@ -246,6 +270,7 @@ class SearchTools:
                 changed.append(server)
             if changed:
                 await anyio.to_thread.run_sync(index.refresh)
+            self._synced = catalog
             return changed
 
     def _doc(self, server: str, tool: types.Tool, catalog: GatewayCatalog) -> ToolDoc:
@@ -319,6 +344,7 @@ class SearchTools:
         k = arguments.get("k", self.default_k)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise MCPError(code=INVALID_PARAMS, message=f"search_tools: 'k' must be an integer from 1 to {MAX_K}")
+        await self.ready()
         hits = self.search(query, k, prefer=self.used_servers(link.session_id))
         if not hits:
             return _text("No tool matches; try other words (what the tool does, not how).")
