@@ -14,23 +14,30 @@ What one query does (all of it vectorised numpy over arrays built once per catal
   no model run at query time) with each tool's.
 - **Servers in the same ranking** (Tool-to-Agent retrieval, arXiv 2511.01854; MCP-Zero's server-then-tool
   scoring, arXiv 2506.01056): every server also has a document (its name, its description, its tools'
-  names and descriptions) ranked lexically and densely; a server's rank also counts the rank of its
-  best tool. A tool's final score adds its server's score, so one search brings forward the servers that
-  can do the job and, within them, their best tools.
-- **Fusion**: weighted reciprocal rank fusion, `sum_i w_i / (k + rank_i)` with k = 60 (Cormack, Clarke &
-  Buettcher 2009, SIGIR), over the top `SearchWeights.depth` of each ranking.
+  names and descriptions) ranked lexically and densely; a server's rank also counts its best tool. Every
+  tool's final score adds a share of its server's, so one search brings forward the servers that can do
+  the job and, within them, their best tools.
+- **Fusion**: a convex combination of min-max normalised scores (Bruch, Gai & Ingber 2023, TOIS), with
+  floors so a weak list is not stretched (`ToolIndex._fuse`); reciprocal rank fusion (k = 60; Cormack,
+  Clarke & Buettcher 2009, SIGIR) is the alternative. Each ranking takes part with its best
+  `SearchWeights.depth`.
+- **Prerequisites** (`prerequisites`): from the definitions alone, which tool of a server provides an
+  input another needs (coordinates, an id); a tool among the best results lifts them to just below it.
 - **Implied steps** (`expansions`): generic rules add the best tool for a step a task implies but rarely
-  names (write a file when a path is to be produced, read one when a path is to be consumed, calculate,
-  get the current date). Their answers are computed once per catalog change, never per query.
+  names (write a file when a path is a destination, read one when it is a source, calculate, get the
+  current date). Their answers are computed once per catalog change, never per query.
 
-Ties (equal final scores, e.g. the same tool served by two servers) go to tools of `prefer` servers
-(the servers a client session already used), then to index order.
+A tool of a `prefer` server (one the client session already used) wins over one scoring up to
+`SearchWeights.tie` (5%) of the best score higher; exact ties then go to index order.
 
 Incremental updates: `add_tools(server, tools)` analyses and embeds only that server's tools (the
 costly part); the term postings, whose idf is global, are re-assembled lazily on the next query from
-per-server term counts (a few ms for 3,000 tools). The index keeps its per-tool data in numpy arrays
-and strings, not in lists of Python objects, so a garbage collection has little to walk (issue 17: a
-full collection over the old index's per-document term lists took ~50 ms).
+per-server term counts (~50-130 ms for 3,000 tools). Per-tool data lives in numpy arrays and strings,
+not in per-document lists of Python objects, so a garbage collection has little of the index to walk
+(issue 17: the old index's term lists and the dictionary's 190k sense lists were walked by every full
+collection).
+
+Measured by `mcpopt eval search` (README, "Tool search").
 """
 
 from __future__ import annotations
@@ -262,14 +269,31 @@ def compact_line(doc: ToolDoc) -> str:
 @dataclass(frozen=True, slots=True)
 class SearchWeights:
     """Tunable knobs. The defaults were tuned on the tuning split of the LiveMCPBench dev tasks only
-    (`tuning_split.json` beside this module names them; `mcpopt eval search` reports the rest apart).
+    (the 30 tasks `tuning_split.json` beside this module names; `mcpopt eval search` reports the other
+    20 apart, as `unseen`).
 
-    Field repeats weight the BM25 fields (a term repeated n times counts n times, BM25F-style).
-    `lexical` / `dense` weight the tool rankings in RRF; `server` weights the server's fused score
-    added to each of its tools; `server_lexical` / `server_dense` / `server_tools` weight the three
-    server rankings (its document lexically, densely, and by its best tool). `expansion` weights the
-    best tool of each implied step (see `expansions`; 0 turns them off). `depth`: how many of each
-    ranking take part in the fusion.
+    Attributes:
+        name, server_name, description, param_names, param_descriptions, server_description: BM25
+            field weights as term repeats (a term repeated n times counts n times, BM25F-style).
+        lexical, dense: weights of a tool's two rankings in the fusion.
+        server: share of its server's fused score added to every tool of that server.
+        server_lexical, server_dense, server_tools: weights of a server's three rankings: its document
+            lexically, densely, and by its best tool.
+        expansion: lift of the best tool of each implied step (`expansions`), as a share of the best
+            score (1 ties it; 0 turns implied steps off).
+        center: remove the tools' mean vector from every vector and the query's (hubness of mean-pooled
+            static embeddings; Mu & Viswanath 2018, "All-but-the-Top", ICLR).
+        paths: search file paths as their name, extension and media type (`query_text`).
+        unique_terms: count a query term once (a path or a repeated word does not weigh double).
+        fusion: `convex` (min-max normalised scores, see `ToolIndex._fuse`) or `rrf` (k = 60).
+        server_all: the server's score lifts all its tools (else only those the query matched).
+        dense_floor, noise, tools_floor: what a weak list is normalised against (see `_fuse`): a
+            cosine of 0.25 is about the 10th percentile of the best cosine over the dev questions.
+        tie: a tool of a `prefer` server beats one scoring at most this share of the best score higher.
+        prerequisite, prerequisite_depth: a tool among the first `prerequisite_depth` lifts each
+            tool that provides one of its inputs (`prerequisites`) to this share of its own score.
+        depth: how many of each ranking take part in the fusion.
+        k1, b: BM25 parameters (the usual Lucene defaults).
     """
 
     name: int = 2
@@ -288,10 +312,9 @@ class SearchWeights:
     center: bool = True
     paths: bool = True
     unique_terms: bool = True
-    fusion: str = "convex"
+    fusion: Literal["convex", "rrf"] = "convex"
     server_all: bool = True
     dense_floor: float = 0.25
-    lexical_floor: float = 0.0
     noise: float = 0.4
     tools_floor: float = 0.15
     tie: float = 0.05
@@ -544,7 +567,7 @@ class _Postings:
     as in Kamphuis et al. 2020 (the form `bm25s`' "lucene" method computes).
     """
 
-    __slots__ = ("vocab", "ptr", "doc", "w", "n", "idf", "idf_unseen")
+    __slots__ = ("vocab", "ptr", "doc", "w", "n")
 
     def __init__(self, bags: Sequence[_Bag], k1: float, b: float) -> None:
         vocab: dict[str, int] = {}
@@ -574,17 +597,6 @@ class _Postings:
         norm = k1 * (1.0 - b + b * length[doc] / avg)
         self.doc = doc.astype(np.intp)
         self.w = (idf[term] * tf / (tf + norm)).astype(np.float32)
-        self.idf = idf
-        self.idf_unseen = float(np.log1p((offset + 0.5) / 0.5))
-
-    def ceiling(self, terms: Iterable[str]) -> float:
-        """An upper bound of any document's score for `terms`: the sum of their idf (tf/(tf+norm) < 1).
-
-        A term no document has counts with the idf of df = 0, so a query half made of unknown words
-        can reach at most about half.
-        """
-        vocab = self.vocab
-        return float(sum(self.idf[vocab[t]] if t in vocab else self.idf_unseen for t in terms))
 
     def scores(self, terms: Iterable[str], out: np.ndarray) -> bool:
         """Add each term's weights into `out` (shape (n,)); repeated terms count again. Returns any match."""
@@ -973,27 +985,26 @@ class ToolIndex:
             lex = np.zeros(n, dtype=np.float32)
             if built.tools.scores(terms, lex):
                 lex_order = _top(lex, w.depth, positive=True)
-                ceiling = built.tools.ceiling(terms)
-                self._fuse(fused, lex, lex_order, w.lexical if both else 1.0, ceiling, w.lexical_floor * ceiling)
+                self._fuse(fused, lex, lex_order, w.lexical if both else 1.0)
                 s_lex = np.zeros(ns, dtype=np.float32)
                 built.servers_lex.scores(terms, s_lex)
                 s_order = _top(s_lex, w.depth, positive=True)
-                self._fuse(server_fused, s_lex, s_order, w.server_lexical, built.servers_lex.ceiling(terms))
+                self._fuse(server_fused, s_lex, s_order, w.server_lexical)
         if use_dense and self.embedder is not None and built.vectors is not None:
             q = self._query_vector(built, query)
             if q.any():
                 dense = self._dense(built.vectors, q)
                 dense_order = _top(dense, w.depth, positive=True)
-                self._fuse(fused, dense, dense_order, w.dense if both else 1.0, 1.0, w.dense_floor)
+                self._fuse(fused, dense, dense_order, w.dense if both else 1.0, w.dense_floor)
                 if built.server_vectors is not None and len(built.server_vectors):
                     s_dense = self._dense(built.server_vectors, q)
                     s_order = _top(s_dense, w.depth, positive=True)
-                    self._fuse(server_fused, s_dense, s_order, w.server_dense, 1.0, w.dense_floor)
+                    self._fuse(server_fused, s_dense, s_order, w.server_dense, w.dense_floor)
         # A server's third ranking: by its best tool.
         best_tool = np.maximum.reduceat(fused, built.starts) if n else np.zeros(0)
         s_order = _top(best_tool, w.depth, positive=True)
         most = (w.lexical + w.dense) if both else 1.0  # the best fused score a tool can have
-        self._fuse(server_fused, best_tool, s_order, w.server_tools, most, w.tools_floor * most)
+        self._fuse(server_fused, best_tool, s_order, w.server_tools, w.tools_floor * most)
         server_order = _top(server_fused, ns, positive=True)
         final = fused
         if w.server > 0 and len(server_order):
@@ -1014,11 +1025,15 @@ class ToolIndex:
                 np.maximum.at(final, provider[live], w.prerequisite * final[consumer[live]])
         return final, lex_order, dense_order, server_order
 
-    def _fuse(
-        self, out: np.ndarray, scores: np.ndarray, order: np.ndarray, weight: float, ceiling: float, floor: float = 0.0
-    ) -> None:
-        """Add one ranking's share into `out`: by rank (`rrf`), min-max in the list (`convex`) or against
-        the ranking's ceiling (`absolute`: BM25 over the sum of the query terms' idf, cosine as is)."""
+    def _fuse(self, out: np.ndarray, scores: np.ndarray, order: np.ndarray, weight: float, floor: float = 0.0) -> None:
+        """Add one ranking's share into `out`, `weight` at most per entry.
+
+        `convex` (default): min-max normalised within the list -- a convex combination of normalised
+        scores, which Bruch, Gai & Ingber 2023 (TOIS, "An Analysis of Fusion Functions for Hybrid
+        Retrieval") found better than RRF once tuned -- except that the top counts as at least `floor`
+        and the bottom as at least `noise * floor`, so a list whose best match is weak (a small index,
+        a query about nothing indexed) is not stretched to look strong. `rrf`: `weight / (60 + rank)`.
+        """
         if not len(order):
             return
         fusion = self.weights.fusion
@@ -1026,15 +1041,6 @@ class ToolIndex:
             _rrf_into(out, order, weight)
             return
         top = scores[order].astype(np.float64)
-        if fusion == "max":  # BM25 over the list's best, cosine as is
-            hi = top[0] if ceiling != 1.0 else 1.0
-            if hi > 0:
-                out[order] += weight * np.clip(top / hi, 0.0, 1.0)
-            return
-        if fusion == "absolute":
-            if ceiling > 0:
-                out[order] += weight * np.clip(top / ceiling, 0.0, 1.0)
-            return
         # Min-max within the list (Bruch et al. 2023, TOIS, "An Analysis of Fusion Functions for Hybrid
         # Retrieval"), but never stretching a weak best match to 1: the top is at least `floor`.
         lo = max(top[-1] if len(order) >= self.weights.depth else 0.0, floor * self.weights.noise)
