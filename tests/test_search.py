@@ -577,20 +577,21 @@ def _names(result: dict[str, Any]) -> list[str]:
 async def test_index_loads_on_first_search_in_full_mode() -> None:
     from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.api import ClientLink
+    from mcpopt.gateway.assembly import build_gateway
 
     link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None)  # type: ignore[arg-type,return-value]
-    full = Gateway(load_config(data={"mcpServers": {"fake": fake_entry()}}))
+    full = build_gateway(load_config(data={"mcpServers": {"fake": fake_entry()}}))
     async with full.running():
         st = full.discovery
         assert not st.eager and st.index is None  # started, nothing indexed, no model loaded
         result = await st.handlers[st.search_name]({"query": "echo some text back", "k": 1}, link)
         assert _names(result) == ["fake__echo"] and st.index is not None
-    search = Gateway(load_config(data={"mcpServers": {"fake": fake_entry()}, "gateway": {"exposure": "search"}}))
+    search = build_gateway(load_config(data={"mcpServers": {"fake": fake_entry()}, "gateway": {"exposure": "search"}}))
     async with search.running():
         assert search.discovery.eager and search.discovery.index is not None  # indexed at start
     per_client = {"mcpServers": {"fake": fake_entry()}, "gateway": {"exposure_clients": {"claude*": "code"}}}
-    assert SearchTools(Gateway(load_config(data=per_client))).eager
+    assert SearchTools(build_gateway(load_config(data=per_client))).eager
 
 
 MEMORY_ABOUT = (
@@ -604,10 +605,11 @@ MEMORY_ABOUT = (
 async def test_search_tools_over_real_server_memory(tmp_path: Path) -> None:
     from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
-    from mcpopt.gateway.server import ClientLink, Gateway
+    from mcpopt.api import ClientLink
+    from mcpopt.gateway.assembly import build_gateway
 
     memory = {**memory_entry(tmp_path / "memory.jsonl"), "description": MEMORY_ABOUT}
-    gw = Gateway(load_config(data={"mcpServers": {"memory": memory, "fake": fake_entry()}}))
+    gw = build_gateway(load_config(data={"mcpServers": {"memory": memory, "fake": fake_entry()}}))
 
     def link(session: str) -> ClientLink:
         return ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None, session_id=session)  # type: ignore[arg-type,return-value]
