@@ -609,14 +609,15 @@ async def test_search_tools_over_real_server_memory(tmp_path: Path) -> None:
     from mcpopt.gateway.assembly import build_gateway
 
     memory = {**memory_entry(tmp_path / "memory.jsonl"), "description": MEMORY_ABOUT}
-    gw = build_gateway(load_config(data={"mcpServers": {"memory": memory, "fake": fake_entry()}}))
+    servers = {"memory": memory, "fake": fake_entry()}
+    gw = build_gateway(load_config(data={"mcpServers": servers, "gateway": {"exposure": "search"}}))
 
     def link(session: str) -> ClientLink:
         return ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None, session_id=session)  # type: ignore[arg-type,return-value]
 
     async with gw.running():
-        st = SearchTools(gw, eager=True)
-        assert set(await st.on_catalog(gw.catalog)) == {"memory", "fake"}
+        st = gw.discovery  # search mode: indexed at start
+        assert st.eager and st.index is not None and set(st.index.servers()) >= {"memory", "fake"}
         assert st.server_about("memory").startswith("A basic implementation of persistent memory")
         search = st.handlers[st.search_name]
 
@@ -631,10 +632,14 @@ async def test_search_tools_over_real_server_memory(tmp_path: Path) -> None:
         assert refined[0] == "memory__add_observations"
         assert first.index("memory__add_observations") > 0
 
-        # What a session used is remembered per session (ties in its later searches go to those servers).
-        await st.handlers[st.call_name]({"name": "fake__echo", "arguments": {"text": "hi"}}, link("a"))
+        # What a session used is remembered per session (ties in its later searches go to those
+        # servers): a hidden tool called by name, a schema asked for, a call through call_tool.
+        await gw.call_tool({"name": "fake__echo", "arguments": {"text": "hi"}}, link("a"))
+        assert st.used_servers("a") == ["fake"]
         await st.handlers[st.schema_name]({"name": "memory__read_graph"}, link("a"))
         assert st.used_servers("a") == ["fake", "memory"]
+        await st.handlers[st.call_name]({"name": "fake__echo", "arguments": {"text": "again"}}, link("a"))
+        assert st.used_servers("a") == ["memory", "fake"]  # most recent last
         assert st.used_servers("b") == [] and st.used_servers("") == []
 
 

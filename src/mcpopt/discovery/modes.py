@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from mcpopt.api import ClientLink, GatewayAPI
     from mcpopt.catalog import GatewayCatalog
     from mcpopt.discovery.index import SearchHit, ToolDoc, ToolIndex
+    from mcpopt.pipeline import Next, ToolCall, ToolResult
 
 logger = logging.getLogger(__name__)
 
@@ -311,13 +312,24 @@ class SearchTools:
         if not session_id:
             return
         route = self.gateway.catalog.tool_routes.get(tool_name)
-        if route is None:
+        if route is not None:
+            self.note_server(session_id, route.server)
+
+    def note_server(self, session_id: str, server: str) -> None:
+        """Remember that a client session used a server (see `note_use`); no-op without a session id."""
+        if not session_id:
             return
         used = self._used.get(session_id)
         if used is None:
             used = self._used[session_id] = {}
-        used.pop(route.server, None)
-        used[route.server] = None
+        used.pop(server, None)
+        used[server] = None
+
+    async def record_use(self, call: ToolCall, next: Next) -> ToolResult:
+        """A pipeline filter (outermost): every upstream call of a session -- from a client, the batch
+        tool, `call_tool` or code mode -- marks its server as used by that session, then goes on."""
+        self.note_server(call.session_id, call.server)
+        return await next(call)
 
     def used_servers(self, session_id: str) -> list[str]:
         """The servers a session used, least recent first (empty for an unknown session)."""

@@ -87,6 +87,9 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     gw.discovery = SearchTools(gw, pins=g.always_visible, default_k=g.search_k, schema_extra=gw.code_mode.stub_for)
     for tool in gw.discovery.tools:
         gw.add_tool(tool, gw.discovery.handlers[tool.name], listed=False)
+    if gw.discovery.eager and filters is None:
+        # Search results break ties toward the servers a session already used: every call tells.
+        gw.pipeline.set_filters([gw.discovery.record_use, *gw.pipeline.filters])
     code_tool = [gw.code_mode.tool]
     gw.list_tools = lambda exposure: gw.discovery.listed(exposure, code_tool if exposure == "code" else [])  # type: ignore[arg-type]
 
