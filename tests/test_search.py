@@ -212,7 +212,8 @@ def test_cedict_reads_a_given_file(tmp_path: Path) -> None:
     lines = "# comment\n貓 猫 [mao1] /cat/CL:隻|只[zhi1]/(dialect) to hide oneself/\n狗 狗 [gou3] /dog/\n"
     f.write_bytes(gzip.compress(lines.encode()))
     c = Cedict(f)
-    assert c.senses["猫"] == "cat; to hide oneself" and c.senses["貓"] == c.senses["猫"]
+    assert c.lookup("猫") == "cat; to hide oneself" and c.lookup("貓") == c.lookup("猫")
+    assert c.lookup("狗") == "dog" and c.lookup("猪") is None and c.size == 3
     assert c.gloss("猫和狗") == "cat to hide oneself dog"  # 和 is a function word
 
 
