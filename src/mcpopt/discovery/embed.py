@@ -48,7 +48,7 @@ class StaticEmbedder:
 
     Args:
         name: a label for reports.
-        table: (vocabulary, dim) token vectors.
+        table: (vocabulary, dim) token vectors (float16 or float32; other dtypes become float32).
         tokenizer_file: a Hugging Face `tokenizers` JSON file whose ids index `table`.
         max_tokens: tokens kept per text (long descriptions are cut; the start says most).
     """
@@ -57,7 +57,10 @@ class StaticEmbedder:
         from tokenizers import Tokenizer
 
         self.name = name
-        self.table = np.ascontiguousarray(table, dtype=np.float32)
+        # Kept in the dtype it ships in (WordLlama: float16, 16 MiB instead of 32); means are taken
+        # in float32, so the vectors are the same as from a float32 copy.
+        keep = table.dtype in (np.float16, np.float32)
+        self.table = np.ascontiguousarray(table if keep else table.astype(np.float32))
         self.dim = int(self.table.shape[1])
         self.max_tokens = max_tokens
         self._tok = Tokenizer.from_file(str(tokenizer_file))
@@ -95,7 +98,7 @@ class StaticEmbedder:
         for i, enc in enumerate(encodings):
             ids = enc.ids[: self.max_tokens]
             if ids:
-                out[i] = self.table[ids].mean(axis=0)
+                out[i] = self.table[ids].mean(axis=0, dtype=np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
         return out
@@ -105,7 +108,7 @@ class StaticEmbedder:
         ids = self._tok.encode(text, add_special_tokens=False).ids[: self.max_tokens]
         if not ids:
             return np.zeros(self.dim, dtype=np.float32)
-        vec = self.table[ids].mean(axis=0)
+        vec = self.table[ids].mean(axis=0, dtype=np.float32)
         norm = float(np.linalg.norm(vec))
         return vec / norm if norm > 0 else vec
 
