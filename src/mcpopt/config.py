@@ -24,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcpopt.errors import ConfigError
+from mcpopt.workflows.model import NAME as WORKFLOW_NAME
+from mcpopt.workflows.model import Workflow, WorkflowError, load_workflow_file
+from mcpopt.workflows.settings import WorkflowSettings
 
 
 # ---- settings of the plugins (code mode, the optimizer) ------------------------------------
@@ -257,6 +260,10 @@ class ServerConfig(_Strict):
     """Start on the first call instead of at gateway start (its tools are listed once started)."""
     idle_timeout_ms: int = Field(0, ge=0)
     """Stop the server after this long without calls (0 = never); it restarts on the next call."""
+    idempotency_keys: bool = False
+    """The server deduplicates calls by `_meta["mcpopt/idempotency_key"]` (a repeated key returns the
+    first call's result without acting again): a workflow step in flight when the gateway died is
+    then re-sent after a restart instead of being reported in doubt, and may be retried."""
 
     @field_validator("type", "transport")
     @classmethod
@@ -445,6 +452,8 @@ class GatewaySettings(_Strict):
     """`execute_code`: sandbox backend (monty / wasm) and its limits."""
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
     telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
+    workflows: WorkflowSettings = Field(default_factory=lambda: WorkflowSettings())
+    """Workflow files, the journal (SQLite), leases, limits; definitions sit under the top-level `workflows:`."""
 
     @field_validator("separator")
     @classmethod
@@ -469,6 +478,9 @@ class Config(BaseSettings):
 
     mcpServers: dict[str, ServerConfig] = Field(default_factory=dict)  # noqa: N815 - the standard key
     gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())
+    workflows: dict[str, Workflow] = Field(default_factory=dict)
+    """Workflows served as tools `workflow__<name>` (see `mcpopt.workflows.model`); more may come
+    from `gateway.workflows.files`."""
     source: str = Field("", exclude=True)
     """The file this config came from ("" when built in code)."""
 
@@ -479,6 +491,18 @@ class Config(BaseSettings):
             if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
                 raise ValueError(f"server name {name!r}: expected 1-64 characters from A-Z a-z 0-9 _ - .")
         return servers
+
+    @field_validator("workflows")
+    @classmethod
+    def _workflow_names(cls, workflows: dict[str, Workflow]) -> dict[str, Workflow]:
+        for name, wf in workflows.items():
+            if not WORKFLOW_NAME.match(name):
+                raise ValueError(f"workflow name {name!r}: expected 1-64 characters from A-Z a-z 0-9 _ -")
+            if wf.name and wf.name != name:
+                raise ValueError(f"workflow {name!r}: 'name: {wf.name}' differs from its key")
+            wf.name = name
+            wf.source = "config"
+        return workflows
 
     @model_validator(mode="after")
     def _dependencies(self) -> Config:
@@ -652,7 +676,36 @@ def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any]
         for server in config.mcpServers.values():
             if server.cwd and not os.path.isabs(server.cwd):
                 server.cwd = str(base / server.cwd)
+    _load_workflow_files(config, shown, Path(config_dir))
     return config
+
+
+def _load_workflow_files(config: Config, shown: str, base: Path) -> None:
+    """Add the workflows of `gateway.workflows.files` (globs, relative to the config's folder).
+
+    Raises:
+        ConfigError: a missing file, an invalid workflow (every problem named), a name defined twice.
+    """
+    import glob
+
+    for i, pattern in enumerate(config.gateway.workflows.files):
+        key = f"gateway.workflows.files[{i}]"
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        files = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
+        if not files:
+            raise ConfigError(shown, key, f"no workflow file matches {pattern!r}")
+        for file in files:
+            if not os.path.exists(file):
+                raise ConfigError(shown, key, f"workflow file not found: {file}")
+            try:
+                found = load_workflow_file(file)
+            except WorkflowError as exc:
+                raise ConfigError(shown, key, str(exc)) from None
+            for wf in found:
+                if wf.name in config.workflows:
+                    where = config.workflows[wf.name].source
+                    raise ConfigError(shown, key, f"{file}: workflow {wf.name!r} is also defined in {where}")
+                config.workflows[wf.name] = wf
 
 
 STARTER_CONFIG = """\

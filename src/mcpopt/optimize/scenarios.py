@@ -28,9 +28,11 @@ Templates: `{{steps.<id>.<view>[.<key or index>...]}}`, `{{vars.<name>}}`,
 `{{servers.<name>.arg.<flag>}}` (the value after `--flag` in that server's args) or
 `{{servers.<name>.args.<i>}}`, and `{{run.id}}` (unique per scenario run: names that must not
 collide across replays). A filter may follow: `{{steps.log.text | re: Commit: ([0-9a-f]+)}}`
-gives the first group of the first match. Views of a step's result: `text` (the text blocks joined by
-newlines), `lines` (`text` split in lines), `json` (the text parsed as JSON, else the structured
-content), `structured`, `content`, `is_error`, `error`, `ms`, `arguments`. A string that is one
+gives the first group of the first match; `{{steps.read.json | jsonpath: $.entities[*].name}}` the
+list of an RFC 9535 JSONPath query's matches (`jsonpath_first`: the first match). Views of a
+step's result: `text` (the text blocks joined by newlines), `lines` (`text` split in lines),
+`json` (the text parsed as JSON, else the structured content), `structured`, `content`,
+`is_error`, `error`, `ms`, `arguments`. A string that is one
 whole template keeps the value's type (a list stays a list); otherwise values are interpolated.
 
 Criteria (all values templated): on `step` (default: the last step), the value at `path` (a
@@ -381,13 +383,41 @@ def _resolve(expr: str, ctx: Mapping[str, Any]) -> Any:
     if not bar:
         return value
     name, _, arg = filt.strip().partition(":")
-    if name.strip() != "re":
-        raise ScenarioError(f"template {{{{{expr}}}}}: unknown filter {name.strip()!r} (known: re)")
+    name = name.strip()
+    if name in ("jsonpath", "jsonpath_first"):
+        return _jsonpath(expr, arg.strip().strip("'\""), value, first=name == "jsonpath_first")
+    if name != "re":
+        raise ScenarioError(f"template {{{{{expr}}}}}: unknown filter {name!r} (known: re, jsonpath, jsonpath_first)")
     pattern = arg.strip().strip("'\"")
     m = re.search(pattern, value if isinstance(value, str) else _stringify(value))
     if m is None:
         raise ScenarioError(f"template {{{{{expr}}}}}: /{pattern}/ does not match {_short(value)}")
     return m.group(1) if m.groups() else m.group(0)
+
+
+def _jsonpath(expr: str, query: str, value: Any, *, first: bool) -> Any:
+    """Matches of an RFC 9535 JSONPath query on `value` (a list; `first`: the first match)."""
+    import jsonpath  # python-jsonpath: RFC 9535
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ScenarioError(f"template {{{{{expr}}}}}: jsonpath needs JSON, got {_short(value)}") from None
+    try:
+        found = jsonpath.findall(query, value if value is not None else {})
+    except Exception as exc:  # noqa: BLE001 - python-jsonpath raises several types for a bad query
+        raise ScenarioError(f"template {{{{{expr}}}}}: jsonpath {query!r}: {exc}") from None
+    if not first:
+        return found
+    if not found:
+        raise ScenarioError(f"template {{{{{expr}}}}}: jsonpath {query!r} matches nothing in {_short(value)}")
+    return found[0]
+
+
+def template_expressions(values: Iterable[Any]) -> list[str]:
+    """The expressions inside every `{{...}}` of strings nested in `values` (lists and mappings walked)."""
+    return _expressions(values)
 
 
 def _stringify(value: Any) -> str:

@@ -18,6 +18,11 @@ and methods (`state`, `catalog`, `capabilities`, `modern`, `protocol_version`, `
 * Active health checks (`health_check.interval_ms`): `ping` on handshake-era sessions,
   `server/discover` on 2026-07-28 ones, each bounded by `health_check.timeout_ms`; failures
   feed the replica's breaker like failed calls.
+* Pinning (the hook fan-out to every replica uses): a call whose `_meta` holds
+  `"mcpopt/replica": k` goes to replica k (1-based) and nowhere else -- no routing, no failover
+  (a retry, when safe, goes to the same replica) -- and the key is taken out before the call is
+  sent. A replica that is not ready, or whose breaker is open, fails the call with
+  `UpstreamUnavailable` naming it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 import anyio
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED
+from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS
 
 from mcpopt.config import ServerConfig
 from mcpopt.errors import GATEWAY_REJECTED, GatewayError, UpstreamClosed, UpstreamTimeout, UpstreamUnavailable
@@ -51,6 +56,8 @@ from mcpopt.upstream.server import Catalog, CatalogKind, ProgressFn, State, Upst
 logger = logging.getLogger(__name__)
 
 _ALL_KINDS: frozenset[CatalogKind] = frozenset({"tools", "resources", "prompts"})
+PIN_META_KEY = "mcpopt/replica"
+"""`_meta` key pinning a tools/call to one replica (1-based); see the module doc."""
 _BROADCAST = frozenset({"logging/setLevel"})
 """Methods sent to every ready replica (session settings every replica must share)."""
 
@@ -482,16 +489,44 @@ class ServerPool:
             MCPError: the server's own JSON-RPC error, passed on as it is.
         """
         info = call.info
+        params = call.params
+        pin: int | None = None
+        meta = params.get("_meta")
+        if meta and PIN_META_KEY in meta:
+            params, pin = self._unpin(params, meta)
         return await self._invoke(
             "tools/call",
-            call.params,
+            params,
             call.on_progress,
             tool=call.tool,
             safe=bool(info.read_only or info.idempotent),
             session=call.session_id or call.partition,
             timeout_s=None,
             attrs=call.attrs,
+            pin=pin,
         )
+
+    def _unpin(self, params: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        """Params without the pin key, and the 0-based replica index it names.
+
+        Raises:
+            GatewayError: INVALID_PARAMS when the value is not a replica of this server.
+        """
+        value = meta[PIN_META_KEY]
+        n = len(self.replicas)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
+            raise GatewayError(
+                f"_meta[{PIN_META_KEY!r}]: MCP server '{self.name}' has replicas 1..{n} (got {value!r})",
+                server=self.name,
+                code=INVALID_PARAMS,
+            )
+        rest = {k: v for k, v in meta.items() if k != PIN_META_KEY}
+        out = dict(params)
+        if rest:
+            out["_meta"] = rest
+        else:
+            out.pop("_meta", None)
+        return out, value - 1
 
     async def request(
         self,
@@ -550,15 +585,17 @@ class ServerPool:
         session: str,
         timeout_s: float | None,
         attrs: dict[str, Any] | None = None,
+        pin: int | None = None,
     ) -> dict[str, Any]:
         """`attrs` (a ToolCall's) receives `queue_ms` (waiting for a slot), `upstream_ms` (time in
-        sends, all attempts), `retries` and `replica` (1-based), for telemetry."""
+        sends, all attempts), `retries` and `replica` (1-based), for telemetry. `pin`: the only
+        replica (0-based) the call may go to."""
         self._active += 1
         self._last_activity = time.monotonic()
         try:
             sem = self._sem
             if sem is None:
-                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs)
+                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
             if sem.locked():
                 if self._waiting >= self.cfg.max_queue:
                     raise self._rejected(method, tool)
@@ -573,7 +610,7 @@ class ServerPool:
             else:
                 await sem.acquire()
             try:
-                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs)
+                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
             finally:
                 sem.release()
         finally:
@@ -590,6 +627,7 @@ class ServerPool:
         session: str,
         timeout_s: float | None,
         attrs: dict[str, Any] | None = None,
+        pin: int | None = None,
     ) -> dict[str, Any]:
         """Route, send, and retry per `routing.may_retry` with full-jitter backoff.
 
@@ -611,6 +649,23 @@ class ServerPool:
         sent_error: GatewayError | None = None
         last: GatewayError | None = None
         for attempt in range(retry.attempts):
+            if pin is not None:
+                r = self._pinned(pin)
+                if attempt and r is not None:
+                    await anyio.sleep(backoff_s(attempt, retry.initial_backoff_ms, retry.max_backoff_ms))
+                if r is None:
+                    last = self._pin_unavailable(pin)
+                    continue
+                try:
+                    if attrs is not None:
+                        attrs["retries"] = attempt
+                        attrs["replica"] = r.index + 1
+                    return await self._send(r, method, params, timeout_s, on_progress, key, attrs)
+                except GatewayError as exc:
+                    last = exc
+                    if not may_retry(exc, safe):
+                        raise
+                    continue
             r = self.router.pick(self.replicas, key, session, tried)
             if attempt and (r is None or r.index in tried):
                 if isinstance(last, UpstreamTimeout):
@@ -694,6 +749,22 @@ class ServerPool:
         r.observe(key, ms)
         if self.timeouts is not None:
             self.timeouts.observe(key, ms)
+
+    def _pinned(self, index: int) -> Replica | None:
+        r = self.replicas[index]
+        return r if r.target.state == "ready" and r.breaker.allows() else None
+
+    def _pin_unavailable(self, index: int) -> NoReplicaAvailable:
+        r = self.replicas[index]
+        up = r.target
+        n = len(self.replicas)
+        if up.state == "ready":
+            why = f"its circuit breaker is {r.breaker.state.replace('_', '-')}"
+        else:
+            why = up.state + (f": {up.last_error}" if up.last_error else "")
+        return NoReplicaAvailable(
+            f"MCP server '{self.name}' replica {index + 1} of {n} is unavailable ({why})", server=self.name
+        )
 
     # ---- errors -------------------------------------------------------------------------
     def _no_replica(self, method: str) -> NoReplicaAvailable:
