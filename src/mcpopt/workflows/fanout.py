@@ -96,11 +96,10 @@ def target_call(link: ClientLink, target: Target) -> tuple[ClientLink, dict[str,
     """The link and `_meta` of one target's call (a replica: pinned, with its own cache partition)."""
     if target.replica is None:
         return link, {}
-    from mcpopt.workflows.engine import REPLICA_META_KEY, derived_link
+    from mcpopt.upstream.pool import PIN_META_KEY
+    from mcpopt.workflows.engine import derived_link
 
-    return derived_link(link, partition=f"{link.partition}|replica:{target.replica}"), {
-        REPLICA_META_KEY: target.replica
-    }
+    return derived_link(link, partition=f"{link.partition}|replica:{target.replica}"), {PIN_META_KEY: target.replica}
 
 
 def needed(fan: FanOut, n: int) -> int:
