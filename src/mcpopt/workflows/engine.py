@@ -154,6 +154,8 @@ class WorkflowRun:
         self.max_result_bytes = max_result_bytes
         self.states: dict[str, StepState] = {s.id: StepState(s) for s in workflow.steps}
         self.failures: list[dict[str, Any]] = []
+        self.undone: list[tuple[str, str]] = []
+        """(step, item) of each compensation that finished (succeeded or failed), in the order they ran."""
         self.stopping = False
         self.stop_reason: str | None = None
         self.cancelled = False
@@ -596,6 +598,7 @@ class WorkflowRun:
             await self.journal.record(
                 self.run_id, "comp_failed", step.id, unit.key, data={"error": unit.comp_error, "in_doubt": True}
             )
+            self._undone(step.id, unit.key)
             return
         extra: dict[str, Any] = {"self": unit.view()}
         if step.for_each is not None:
@@ -606,6 +609,7 @@ class WorkflowRun:
         except ScenarioError as exc:
             unit.comp, unit.comp_error = "failed", f"compensate arguments: {exc}"
             await self.journal.record(self.run_id, "comp_failed", step.id, unit.key, data={"error": unit.comp_error})
+            self._undone(step.id, unit.key)
             return
         attempts = 1 + (comp.retries if repeatable else 0)
         params = {
@@ -633,11 +637,17 @@ class WorkflowRun:
             if error is None:
                 unit.comp, unit.comp_error = "succeeded", None
                 await self.journal.record(self.run_id, "comp_succeeded", step.id, unit.key, attempt)
+                self._undone(step.id, unit.key)
                 return
             unit.comp, unit.comp_error = "failed", error
             await self.journal.record(self.run_id, "comp_failed", step.id, unit.key, attempt, {"error": error})
+            self._undone(step.id, unit.key)
             if unit.comp_attempts < attempts:
                 await asyncio.sleep(0.05 * unit.comp_attempts)
+
+    def _undone(self, step: str, key: str) -> None:
+        if (step, key) not in self.undone:
+            self.undone.append((step, key))
 
     # ---- restart ----------------------------------------------------------------------------
     async def _replay(self, events: list[Event]) -> bool:
@@ -697,9 +707,11 @@ class WorkflowRun:
                 unit.comp_attempts = ev.attempt + 1
             elif ev.kind == "comp_succeeded":
                 unit.comp = "succeeded"
+                self._undone(st.step.id, ev.item)
             elif ev.kind == "comp_failed":
                 unit.comp = "in_doubt" if data.get("in_doubt") else "failed"
                 unit.comp_error = data.get("error")
+                self._undone(st.step.id, ev.item)
         for st in self.states.values():
             if st.step.for_each is not None and st.planned is not None:
                 for i, item in enumerate(st.planned):
@@ -836,10 +848,6 @@ class WorkflowRun:
             steps.append(row)
             for u in units:
                 label = {"step": step.id, "item": u.key} if u.key else {"step": step.id}
-                if u.comp == "succeeded":
-                    compensated.append({**label, "tool": step.compensate.tool if step.compensate else ""})
-                elif u.comp in ("failed", "in_doubt"):
-                    comp_failed.append({**label, "error": u.comp_error})
                 if u.status == "in_doubt":
                     in_doubt.append({**label, "compensated": u.comp == "succeeded"})
                 elif (
@@ -849,6 +857,14 @@ class WorkflowRun:
                     and self.status in ("compensated", "compensation_failed", "compensating")
                 ):
                     kept.append(label)
+        for sid, key in self.undone:
+            st = self.states[sid]
+            u = st.units[key]
+            label = {"step": sid, "item": key} if key else {"step": sid}
+            if u.comp == "succeeded":
+                compensated.append({**label, "tool": st.step.compensate.tool if st.step.compensate else ""})
+            else:
+                comp_failed.append({**label, "error": u.comp_error})
         output: Any = None
         if self.status in ("completed", "completed_with_errors"):
             output = self._output()

@@ -71,16 +71,17 @@ def resolve_targets(api: GatewayAPI, fan: FanOut) -> list[Target]:
         if route.name == fan.tool:
             names.setdefault(route.server, gname)
     servers = fan.servers or [fan.replicas or ""]
+    problems = []
     for server in servers:
         if server not in api.upstreams:
             known = ", ".join(sorted(api.upstreams)) or "none"
-            raise MCPError(code=INVALID_PARAMS, message=f"fanout: unknown MCP server {server!r} (servers: {known})")
-        if server not in names:
+            problems.append(f"unknown MCP server {server!r} (servers: {known})")
+        elif server not in names:
             pool = api.upstreams[server]
             state = "" if pool.state == "ready" else f" (it is {pool.state})"
-            raise MCPError(
-                code=INVALID_PARAMS, message=f"fanout: MCP server {server!r} does not serve a tool {fan.tool!r}{state}"
-            )
+            problems.append(f"MCP server {server!r} does not serve a tool {fan.tool!r}{state}")
+    if problems:
+        raise MCPError(code=INVALID_PARAMS, message="fanout: " + "; ".join(problems))
     if fan.replicas:
         server = fan.replicas
         n = len(api.upstreams[server].replicas)

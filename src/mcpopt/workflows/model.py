@@ -381,13 +381,11 @@ def validate(wf: Workflow) -> list[str]:
             problems.append(f"output uses steps.{key}, which is not a step")
         elif root not in ("params", "steps", "run"):
             problems.append(f"output uses {{{{{root}...}}}}, which is not known there")
-    if not problems:
-        problems += _cycles(wf)
-    return problems
+    return problems + _cycles(wf, known)
 
 
-def _cycles(wf: Workflow) -> list[str]:
-    deps = {s.id: set(s.depends_on) | s.references() for s in wf.steps}
+def _cycles(wf: Workflow, known: set[str]) -> list[str]:
+    deps = {s.id: (set(s.depends_on) | s.references()) & known for s in wf.steps}
     state: dict[str, int] = {}
     found: list[str] = []
 
