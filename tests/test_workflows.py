@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import filesystem_entry, git_entry, memory_entry, node_entry, time_entry
+from conftest import git_entry, memory_entry, node_entry, time_entry
 from mcpopt.config import load_config
 from mcpopt.errors import ConfigError
 from mcpopt.gateway.link import ClientLink, no_progress
@@ -91,6 +91,10 @@ class Gate:
 
 def probe(gw: Gateway, gate: Gate) -> None:
     gw.pipeline.set_filters([*gw.pipeline.filters, gate])
+
+
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -188,7 +192,7 @@ async def test_parallel_reads_then_dependent_writes_give_the_right_output(tmp_pa
         assert body["status"] == "completed", body
         assert gate.max == 4 and gate.seen == 4  # the four independent reads were in flight together
         out = body["output"]
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        head = git_head(repo)
         assert out["commit"] == head.strip()
         assert out["person"] == "ada" and "Successfully wrote" in out["page"]
         memory = (tmp_path / "memory.jsonl").read_text(encoding="utf-8")
