@@ -482,22 +482,24 @@ class WorkflowRun:
         target = link or self.link
         send = call or self.api.call_tool
         while unit.attempts < attempts:
-            attempt = unit.attempts
-            unit.attempts += 1
-            seq = await self.journal.record(
-                self.run_id,
-                "step_started",
-                step.id,
-                unit.key,
-                attempt,
-                {"tool": tool, "arguments": args, "idempotency_key": call_meta.get(IDEMPOTENCY_META_KEY)},
-            )
-            unit.status = "started"
-            t0 = time.perf_counter()
             result: dict[str, Any] | None = None
             error: str | None = None
             in_doubt = False
+            # The slot first, then the journal: `step_started` means "about to be sent", so a step
+            # waiting for a slot when the gateway dies has not started (nothing to doubt).
             async with self._slots:
+                attempt = unit.attempts
+                unit.attempts += 1
+                seq = await self.journal.record(
+                    self.run_id,
+                    "step_started",
+                    step.id,
+                    unit.key,
+                    attempt,
+                    {"tool": tool, "arguments": args, "idempotency_key": call_meta.get(IDEMPOTENCY_META_KEY)},
+                )
+                unit.status = "started"
+                t0 = time.perf_counter()
                 try:
                     if step.timeout_ms:
                         async with asyncio.timeout(step.timeout_ms / 1000):
