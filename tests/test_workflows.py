@@ -639,3 +639,75 @@ def test_workflow_files_are_loaded_and_their_errors_name_the_file(tmp_path: Path
     with pytest.raises(ConfigError) as exc:
         load_config(cfg_file)
     assert "bad.yaml" in str(exc.value) and "oops" in str(exc.value) and "gateway.workflows.files[0]" in str(exc.value)
+
+
+# ---- cancellation -------------------------------------------------------------------------------------
+async def until(check: Any, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def test_cancelling_stops_new_steps_lets_calls_finish_then_compensates(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    gate1, gate2 = tmp_path / "gate1", tmp_path / "gate2"
+
+    def wf(gate: Path) -> dict[str, Any]:
+        return {
+            "steps": [
+                {
+                    "id": "w1",
+                    "tool": "ledger__record",
+                    "arguments": {"id": f"w1-{gate.name}"},
+                    "compensate": {"tool": "ledger__undo", "arguments": {"id": f"w1-{gate.name}"}},
+                },
+                {"id": "hold", "depends_on": ["w1"], "tool": "ledger__wait", "arguments": {"gate": str(gate)}},
+                {"id": "w2", "depends_on": ["hold"], "tool": "ledger__record", "arguments": {"id": "w2"}},
+            ]
+        }
+
+    data = {
+        "mcpServers": {"ledger": ledger_entry(ledger)},
+        "workflows": {"one": wf(gate1), "two": wf(gate2)},
+        "gateway": {"workflows": {"lease_ms": 1000}},
+    }
+    async with serving(data) as (_gw, svc):
+        journal = svc._journal()  # noqa: SLF001
+
+        async def holding(run_id: str) -> bool:
+            return any(e.kind == "step_started" and e.step == "hold" for e in await journal.events(run_id))
+
+        # 1. through the journal, as `mcpopt workflows cancel` does from another process
+        run, task = await svc.start_run(svc.definitions["one"], {}, link())
+        await until(lambda: holding(run.run_id))
+        assert await journal.request_cancel(run.run_id)
+
+        async def stopping() -> bool:
+            return run.stopping
+
+        await until(stopping)  # seen at the next lease renewal
+        gate1.touch()  # the read in flight finishes; nothing new starts
+        result = await task
+        assert result["status"] == "compensated" and result["cancelled"] is True
+        assert result["not_run"] == ["w2"] and "mcpopt workflows cancel" in result["error"]
+        # 2. the client cancels its call: the run stops the same way
+        call = asyncio.create_task(svc.run(svc.definitions["two"], {}, link()))
+
+        async def second_holding() -> bool:
+            runs = await journal.runs(workflow="two")
+            return bool(runs) and await holding(runs[0].run_id)
+
+        await until(second_holding)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        gate2.touch()
+        second = (await journal.runs(workflow="two"))[0].run_id
+
+        async def finished() -> bool:
+            info = await journal.get(second)
+            return info is not None and info.status == "compensated"
+
+        await until(finished)
+    lines = [" ".join(line.split()[:2]) for line in ledger.read_text().splitlines()]
+    assert lines == ["record w1-gate1", "undo w1-gate1", "record w1-gate2", "undo w1-gate2"]

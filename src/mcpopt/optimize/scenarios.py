@@ -29,7 +29,9 @@ Templates: `{{steps.<id>.<view>[.<key or index>...]}}`, `{{vars.<name>}}`,
 `{{servers.<name>.args.<i>}}`, and `{{run.id}}` (unique per scenario run: names that must not
 collide across replays). A filter may follow: `{{steps.log.text | re: Commit: ([0-9a-f]+)}}`
 gives the first group of the first match; `{{steps.read.json | jsonpath: $.entities[*].name}}` the
-list of an RFC 9535 JSONPath query's matches (`jsonpath_first`: the first match). Views of a
+list of an RFC 9535 JSONPath query's matches (`jsonpath_first`: the first match); `{{raw: x}}`
+is the literal text `{{x}}` (arguments that are templates themselves, e.g. a workflow's steps
+sent to `mcpopt__workflow`). Views of a
 step's result: `text` (the text blocks joined by newlines), `lines` (`text` split in lines),
 `json` (the text parsed as JSON, else the structured content), `structured`, `content`,
 `is_error`, `error`, `ms`, `arguments`. A string that is one
@@ -375,6 +377,8 @@ def render(value: Any, ctx: Mapping[str, Any]) -> Any:
 
 
 def _resolve(expr: str, ctx: Mapping[str, Any]) -> Any:
+    if expr.startswith("raw:"):
+        return "{{" + expr[4:].strip() + "}}"
     path, bar, filt = expr.partition("|")
     try:
         value = lookup(ctx, path.strip())

@@ -12,6 +12,8 @@ the proof drives. Its pipeline is the gateway's own with two additions:
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -68,11 +70,14 @@ class OptimizeSession:
         self.gateway: Any = None
         self.telemetry: Any = None
         self.runner: Runner | None = None
+        self.workflows: Any = None
+        """The workflows plugin of the session's gateway (`WorkflowService`), once open."""
         self.started = time.time()
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[OptimizeSession]:
         from mcpopt.gateway.assembly import build_gateway
+        from mcpopt.workflows.plugin import workflows_running
 
         cfg = self.config
         if self.use_sandbox:
@@ -80,11 +85,16 @@ class OptimizeSession:
             cfg = self.sandbox.config
         cfg = cfg.model_copy(deep=True)
         self._own_telemetry(cfg)
+        scratch = Path(tempfile.mkdtemp(prefix="mcpopt-replay-"))
+        # Replays keep workflow runs in a journal of their own, and never take over real runs.
+        cfg.gateway.workflows.journal.path = str(scratch / "workflows.db")
+        cfg.gateway.workflows.resume = False
         try:
             self.gateway = build_gateway(cfg)
             self.telemetry = self.gateway.telemetry if self.telemetry_path is not None else None
             install_rules(self.gateway, self.rules_filter)
-            async with self.gateway.running():
+            async with self.gateway.running(), workflows_running(self.gateway) as workflows:
+                self.workflows = workflows
                 self.runner = Runner(
                     self.gateway,
                     server_vars=server_vars(cfg),
@@ -93,6 +103,7 @@ class OptimizeSession:
                 )
                 yield self
         finally:
+            shutil.rmtree(scratch, ignore_errors=True)
             if self.sandbox is not None:
                 self.sandbox.cleanup()
 
