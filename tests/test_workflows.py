@@ -23,12 +23,12 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from conftest import git_entry, memory_entry, node_entry, time_entry
+from mcpopt.api import ClientLink, no_progress
 from mcpopt.config import load_config
 from mcpopt.errors import ConfigError
-from mcpopt.gateway.link import ClientLink, no_progress
+from mcpopt.gateway.assembly import build_gateway
 from mcpopt.gateway.server import Gateway
 from mcpopt.pipeline import Next, ToolCall, ToolResult
-from mcpopt.workflows.plugin import workflows_running
 from mcpopt.workflows.service import WorkflowService
 
 pytestmark = pytest.mark.anyio
@@ -46,11 +46,11 @@ def link(session: str = "t", partition: str = "") -> ClientLink:
 
 @contextlib.asynccontextmanager
 async def serving(data: dict[str, Any]) -> AsyncIterator[tuple[Gateway, WorkflowService]]:
-    gw = Gateway(load_config(data=data))
+    gw = build_gateway(load_config(data=data))
     async with gw.running():
-        async with workflows_running(gw) as svc:
-            assert svc is not None
-            yield gw, svc
+        svc = gw.workflows
+        assert svc is not None
+        yield gw, svc
 
 
 async def run_tool(gw: Gateway, name: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
@@ -200,7 +200,7 @@ async def test_parallel_reads_then_dependent_writes_give_the_right_output(tmp_pa
         page = (folder / "ada.md").read_text(encoding="utf-8")
         assert page.startswith("# ada\ntokyo ") and "18:00:00+09:00" in page and "notes.txt" in page
         # The journal has every step, and each write started only after what it depends on finished.
-        events = await svc._journal().events(body["run_id"])  # noqa: SLF001
+        events = await svc.require_journal().events(body["run_id"])  # noqa: SLF001
         seq = {(e.kind, e.step): e.seq for e in events}
         for read in ("now", "log", "files"):
             assert seq[("step_succeeded", read)] < seq[("step_started", "person")]
@@ -297,10 +297,10 @@ async def test_a_failing_last_step_undoes_everything_in_reverse_order(tmp_path: 
         assert snapshot(folder) == folder_before
         assert len(list(trash.iterdir())) == 1  # the new page, moved out of the folder
         # The journal holds each compensation's start and result, newest first, after the failure.
-        events = await svc._journal().events(body["run_id"])  # noqa: SLF001
+        events = await svc.require_journal().events(body["run_id"])  # noqa: SLF001
         kinds = [(e.kind, e.step) for e in events if e.kind.startswith("comp_")]
         assert [k for k, _ in kinds] == ["comp_started", "comp_succeeded"] * 4
-        info = await svc._journal().get(body["run_id"])  # noqa: SLF001
+        info = await svc.require_journal().get(body["run_id"])  # noqa: SLF001
         assert info is not None and info.status == "compensated"
 
 
@@ -672,7 +672,7 @@ async def test_cancelling_stops_new_steps_lets_calls_finish_then_compensates(tmp
         "gateway": {"workflows": {"lease_ms": 1000}},
     }
     async with serving(data) as (_gw, svc):
-        journal = svc._journal()  # noqa: SLF001
+        journal = svc.require_journal()
 
         async def holding(run_id: str) -> bool:
             return any(e.kind == "step_started" and e.step == "hold" for e in await journal.events(run_id))

@@ -53,6 +53,8 @@ class ClientLink:
         partition: the caller's auth partition: results are never shared across partitions.
         session_id: an id of the client's connection (sticky routing, telemetry).
         principal: who is calling (None on a front without authentication, e.g. stdio).
+        progress_token: the progress token of the call a gateway tool is handling (None: the
+            client asked for no progress); the tool reports with `relay(progress_token)`.
     """
 
     version: str
@@ -63,6 +65,7 @@ class ClientLink:
     partition: str = ""
     session_id: str = ""
     principal: Any = None
+    progress_token: Any = None
 
 
 @dataclass(slots=True)
@@ -136,8 +139,18 @@ class GatewayAPI(Protocol):
         ...
 
     def add_tool(self, tool: types.Tool, handler: ToolHandler, *, listed: bool = True) -> None:
-        """Register a gateway tool. `listed=False`: callable by name but not in `tools/list` in full
-        mode (e.g. `execute_code`, which exposure modes list themselves)."""
+        """Register a gateway tool (replacing one of the same name). `listed=False`: callable by
+        name but not in `tools/list` in full mode (e.g. `execute_code`, which exposure modes list
+        themselves)."""
+        ...
+
+    def remove_tool(self, name: str) -> None:
+        """Withdraw a gateway tool (no-op when there is none of that name)."""
+        ...
+
+    async def tools_changed(self) -> None:
+        """Tell connected clients the tool list changed (`notifications/tools/list_changed`), after
+        a plugin added or removed tools while the gateway runs."""
         ...
 
     def status(self) -> list[dict[str, Any]]:

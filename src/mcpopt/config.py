@@ -24,9 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcpopt.errors import ConfigError
-from mcpopt.workflows.model import NAME as WORKFLOW_NAME
-from mcpopt.workflows.model import Workflow, WorkflowError, load_workflow_file
-from mcpopt.workflows.settings import WorkflowSettings
+from mcpopt.workflow_model import NAME as WORKFLOW_NAME
+from mcpopt.workflow_model import Workflow, WorkflowError, load_workflow_file
 
 
 # ---- settings of the plugins (code mode, the optimizer) ------------------------------------
@@ -111,6 +110,53 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ValueError(f"expected a duration such as 90s, 15m, 1h, 1d (got {text!r})")
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2) or "s"]
+
+
+# ---- workflows (`gateway.workflows`; the engine is mcpopt.workflows) --------------------------
+class JournalSettings(BaseModel):
+    """The durable journal of workflow runs (`gateway.workflows.journal`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["sqlite"] = "sqlite"
+    """`sqlite` (embedded, the default). The `Journal` protocol is small so that a Redis backend
+    (issue 12, scale-out) can implement it."""
+    path: str | None = None
+    """The SQLite file (default `<data dir>/workflows/<config stem>-<hash of its path>.db`)."""
+    synchronous: Literal["normal", "full"] = "normal"
+    """SQLite `synchronous` in WAL mode: `normal` survives any crash of the gateway process
+    (SIGKILL included: the OS keeps what was written); `full` also a power loss (one fsync per
+    journal write). sqlite.org/pragma.html#pragma_synchronous."""
+    keep_days: float = Field(30.0, gt=0)
+    """Finished runs older than this are deleted at start."""
+    max_result_bytes: int = Field(1 << 20, ge=1024)
+    """Larger results of read-only steps are not kept (a resumed run calls the read again);
+    results of writes are always kept."""
+
+
+class WorkflowSettings(BaseModel):
+    """Workflows (`gateway.workflows`; definitions under the top-level `workflows:` key; the
+    engine is `mcpopt.workflows`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    files: list[str] = Field(default_factory=list)
+    """More workflow files or globs (relative to the config's folder): each a workflow, a list, or
+    `{workflows: {name: ...}}`."""
+    journal: JournalSettings = Field(default_factory=lambda: JournalSettings())
+    resume: bool = True
+    """At start, take over the runs a dead gateway left unfinished (resume or compensate each,
+    per its workflow's `on_restart`)."""
+    lease_ms: int = Field(15_000, ge=1_000)
+    """A running run's owner renews its lease every `lease_ms / 5`; another gateway takes over a
+    run whose lease expired (or at once, when the owner was a dead process on this host)."""
+    max_items: int = Field(1_000, ge=1)
+    """Items one `for_each` may expand to (ToolHive's limit is 1,000 as well)."""
+    agent_workflows: bool = True
+    """Serve `mcpopt__workflow` (agents create, edit, run and cancel workflows)."""
+    fanout_tool: bool = True
+    """Serve `mcpopt__fanout` (one call to several servers or every replica of one)."""
 
 
 TransportName = Literal["stdio", "http", "sse"]
@@ -479,7 +525,7 @@ class Config(BaseSettings):
     mcpServers: dict[str, ServerConfig] = Field(default_factory=dict)  # noqa: N815 - the standard key
     gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())
     workflows: dict[str, Workflow] = Field(default_factory=dict)
-    """Workflows served as tools `workflow__<name>` (see `mcpopt.workflows.model`); more may come
+    """Workflows served as tools `workflow__<name>` (see `mcpopt.workflow_model`); more may come
     from `gateway.workflows.files`."""
     source: str = Field("", exclude=True)
     """The file this config came from ("" when built in code)."""

@@ -47,7 +47,6 @@ def serve(
 async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
     from mcpopt.gateway.assembly import build_gateway
     from mcpopt.gateway.front import serve_http, serve_stdio
-    from mcpopt.workflows.plugin import workflows_running
 
     gateway = build_gateway(cfg)
     main = asyncio.current_task()
@@ -70,11 +69,10 @@ async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
                         row["state"],
                         row["error"],
                     )
-            async with workflows_running(gateway):
-                if transport == "stdio":
-                    await serve_stdio(gateway)
-                else:
-                    await serve_http(gateway, host, port)
+            if transport == "stdio":
+                await serve_stdio(gateway)
+            else:
+                await serve_http(gateway, host, port)
     except asyncio.CancelledError:
         pass
     finally:

@@ -168,24 +168,22 @@ async def _local(cfg: Config, tool: str, arguments: dict[str, Any]) -> dict[str,
     from mcp.shared.exceptions import MCPError
     from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
-    from mcpopt.gateway.link import ClientLink, no_progress
-    from mcpopt.gateway.server import Gateway
-    from mcpopt.workflows.plugin import workflows_running
+    from mcpopt.api import ClientLink, no_progress
+    from mcpopt.gateway.assembly import build_gateway
 
-    gateway = Gateway(cfg)
+    gateway = build_gateway(cfg)
     failure = None
     async with gateway.running():
         for row in gateway.status():
             if row["state"] not in ("ready", "idle"):
                 err.print(f"[yellow]MCP server '{row['server']}' is {row['state']}: {row['error']}[/yellow]")
-        async with workflows_running(gateway):
-            link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress, session_id="cli")
-            try:
-                result = await gateway.call_tool({"name": tool, "arguments": arguments}, link)
-                data: dict[str, Any] = result.get("structuredContent") or json.loads(result["content"][0]["text"])
-                return data
-            except MCPError as exc:
-                failure = f"error {exc.error.code}: {exc.error.message}"
+        link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress, session_id="cli")
+        try:
+            result = await gateway.call_tool({"name": tool, "arguments": arguments}, link)
+            data: dict[str, Any] = result.get("structuredContent") or json.loads(result["content"][0]["text"])
+            return data
+        except MCPError as exc:
+            failure = f"error {exc.error.code}: {exc.error.message}"
     raise McpoptError(failure or "no result")
 
 

@@ -38,6 +38,7 @@ from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
 from mcpopt.pipeline.rules import RulesFilter, RuleStore, default_rules_path
 from mcpopt.pipeline.shaping import ResultStore, ShapingFilter
 from mcpopt.upstream.server import CatalogKind
+from mcpopt.workflows.service import WorkflowService
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     register_monitor_tools(gw, gw.telemetry)
     gw.code_mode = CodeModeTool(gw)
     gw.add_tool(gw.code_mode.tool, gw.code_mode.handler, listed=False)  # exposure modes list it
+
+    # ---- workflows: workflow__<name>, mcpopt__workflow, mcpopt__fanout; the journal ----------
+    # Started once the upstreams are ready (it resumes runs a dead gateway left), stopped before
+    # they stop (runs in flight stay in the journal for the next start).
+    gw.workflows = None
+    if g.workflows.enabled:
+        gw.workflows = WorkflowService(gw)
+        gw.on_ready.append(gw.workflows.start)
+        gw.on_stopping.append(gw.workflows.aclose)
 
     # ---- discovery: what tools/list shows per exposure mode, and the search tools ------------
     gw.discovery = SearchTools(gw, pins=g.always_visible, default_k=g.search_k, schema_extra=gw.code_mode.stub_for)

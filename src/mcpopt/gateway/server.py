@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from mcpopt.pipeline.cache import CoalesceFilter
     from mcpopt.pipeline.rules import RulesFilter
     from mcpopt.pipeline.shaping import ResultStore
+    from mcpopt.workflows.service import WorkflowService
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +94,17 @@ class OwnTools:
         self.handlers: dict[str, ToolHandler] = {}
 
     def add(self, tool: types.Tool, handler: ToolHandler, *, listed: bool = True) -> None:
+        """Register a tool; one of the same name is replaced (in place, when it was listed)."""
+        old = next((i for i, t in enumerate(self.tools) if t.name == tool.name), None)
+        if old is not None:
+            del self.tools[old]
         if listed:
-            self.tools.append(tool)
+            self.tools.insert(old if old is not None else len(self.tools), tool)
         self.handlers[tool.name] = handler
+
+    def remove(self, name: str) -> None:
+        self.tools[:] = [t for t in self.tools if t.name != name]
+        self.handlers.pop(name, None)
 
 
 class Gateway:
@@ -120,6 +130,7 @@ class Gateway:
     rules: RulesFilter
     code_mode: CodeModeTool
     discovery: SearchTools
+    workflows: WorkflowService | None
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -156,6 +167,9 @@ class Gateway:
         """Run before the upstreams start, in order (e.g. the cache's Redis link, telemetry)."""
         self.on_ready: list[Hook] = []
         """Run once the first start stage is done, in order (e.g. cache warm-up, the search index)."""
+        self.on_stopping: list[Hook] = []
+        """Run before the upstreams stop, in reverse order of registration (e.g. workflows: their
+        runs must stop while the upstreams can still answer)."""
         self.on_stop: list[Hook] = []
         """Run after the upstreams stopped, in reverse order of registration."""
         self.list_tools: Callable[[str], list[types.Tool]] = lambda exposure: self.catalog.tools + self.own.tools
@@ -167,6 +181,13 @@ class Gateway:
 
     def add_tool(self, tool: types.Tool, handler: ToolHandler, *, listed: bool = True) -> None:
         self.own.add(tool, handler, listed=listed)
+
+    def remove_tool(self, name: str) -> None:
+        self.own.remove(name)
+
+    async def tools_changed(self) -> None:
+        await self.clients.broadcast("notifications/tools/list_changed", None)
+        await self.bus.publish(_EVENTS["notifications/tools/list_changed"])
 
     def status(self) -> list[dict[str, Any]]:
         """One row per upstream: server, state, transport, protocol, counts, restarts, last error."""
@@ -211,6 +232,11 @@ class Gateway:
                 try:
                     yield self
                 finally:
+                    for hook in reversed(self.on_stopping):
+                        try:
+                            await hook()
+                        except Exception:  # noqa: BLE001 - the upstreams must stop whatever a plugin does
+                            logger.exception("gateway: a stopping hook failed")
                     for up in self.upstreams.values():
                         await up.stop()
         finally:
@@ -313,6 +339,9 @@ class Gateway:
             if own is None:
                 raise unknown("tool", name, self.upstreams)
             args = params.get("arguments")
+            meta = params.get("_meta")
+            if isinstance(meta, Mapping) and meta.get("progressToken") is not None:
+                link = dataclasses.replace(link, progress_token=meta["progressToken"])
             return envelope(link.version, await own(args if isinstance(args, dict) else {}, link), self.stamp)
         up = self.upstreams[route.server]
         out, token, caller = self._prepare(params, link, up, name=route.name)

@@ -37,10 +37,11 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from mcpopt.errors import GatewayError
-from mcpopt.optimize.scenarios import Scenario, ScenarioError, Step, StepView, check, render
+from mcpopt.optimize.scenarios import Scenario, Step
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.pipeline.rules import RuleSet
 from mcpopt.policy import UNKNOWN
+from mcpopt.templating import StepView, TemplateError, check, render
 
 Progress = Callable[[int, int, str], None]
 """`(done, total, label)` after each scenario."""
@@ -345,7 +346,7 @@ class Runner:
                     traces.append(self._trace(sc, step, sr, session, t0, len(run.steps), seq_of))
                 if len(group) > 1:
                     run.total_ms += step_runs[0].ms
-        except ScenarioError as exc:
+        except TemplateError as exc:
             run.error = str(exc)
         self._judge(run, sc, views, ctx)
         return run
@@ -489,6 +490,6 @@ class Runner:
         for crit in sc.success_criteria:
             try:
                 ok, detail = check(crit, views, last, ctx)
-            except ScenarioError as exc:
+            except TemplateError as exc:
                 ok, detail = False, str(exc)
             run.criteria.append(CriterionRun(crit.label(), ok, detail))

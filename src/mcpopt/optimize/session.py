@@ -77,7 +77,6 @@ class OptimizeSession:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[OptimizeSession]:
         from mcpopt.gateway.assembly import build_gateway
-        from mcpopt.workflows.plugin import workflows_running
 
         cfg = self.config
         if self.use_sandbox:
@@ -93,8 +92,8 @@ class OptimizeSession:
             self.gateway = build_gateway(cfg)
             self.telemetry = self.gateway.telemetry if self.telemetry_path is not None else None
             install_rules(self.gateway, self.rules_filter)
-            async with self.gateway.running(), workflows_running(self.gateway) as workflows:
-                self.workflows = workflows
+            async with self.gateway.running():
+                self.workflows = self.gateway.workflows
                 self.runner = Runner(
                     self.gateway,
                     server_vars=server_vars(cfg),

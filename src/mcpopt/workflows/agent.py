@@ -29,11 +29,12 @@ import mcp_types as types
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
-from mcpopt.gateway.link import ClientLink
-from mcpopt.workflows.model import NAME, Workflow, WorkflowError
+from mcpopt.api import ClientLink
+from mcpopt.workflow_model import NAME, TOOL_PREFIX, Workflow, WorkflowError, parse_definition
+from mcpopt.workflows.wire import tool_result
 
 if TYPE_CHECKING:
-    from mcpopt.workflows.service import WorkflowService
+    from mcpopt.workflows.host import WorkflowHost
 
 ACTIONS = ("create", "add_step", "update_step", "remove_step", "run", "get_status", "list", "cancel", "delete")
 _DEFINITION_KEYS = (
@@ -51,7 +52,7 @@ _DEFINITION_KEYS = (
 class AgentWorkflows:
     """Drafts and handlers of `mcpopt__workflow` (see the module doc)."""
 
-    def __init__(self, service: WorkflowService) -> None:
+    def __init__(self, service: WorkflowHost) -> None:
         self.service = service
         self.drafts: dict[str, dict[str, Any]] = {}
         """name -> `{definition, partition, problems}` of the workflows agents built."""
@@ -105,8 +106,6 @@ class AgentWorkflows:
 
     # ---- dispatch -------------------------------------------------------------------------------
     async def handle(self, arguments: dict[str, Any], link: ClientLink) -> dict[str, Any]:
-        from mcpopt.workflows.service import tool_result
-
         action = arguments.get("action")
         if action not in ACTIONS:
             raise MCPError(code=INVALID_PARAMS, message=f"workflow: 'action' must be one of {', '.join(ACTIONS)}")
@@ -133,14 +132,12 @@ class AgentWorkflows:
 
     async def _save(self, name: str) -> dict[str, Any]:
         draft = self.drafts[name]
-        journal = self.service._journal()  # noqa: SLF001
+        journal = self.service.require_journal()
         await journal.save_definition(name, draft["definition"], "agent", draft["partition"])
         self._validate(name, register=True)
         return self._describe(name)
 
     def _validate(self, name: str, *, register: bool) -> Workflow | None:
-        from mcpopt.workflows.service import parse_definition
-
         draft = self.drafts[name]
         try:
             wf = parse_definition(name, draft["definition"], "agent")
@@ -155,8 +152,6 @@ class AgentWorkflows:
         return wf
 
     def _describe(self, name: str) -> dict[str, Any]:
-        from mcpopt.workflows.service import TOOL_PREFIX
-
         draft = self.drafts.get(name)
         if draft is not None:
             definition = draft["definition"]
@@ -261,7 +256,7 @@ class AgentWorkflows:
         name = self._name(arguments)
         self._own_draft(name, link)
         del self.drafts[name]
-        await self.service._journal().delete_definition(name)  # noqa: SLF001
+        await self.service.require_journal().delete_definition(name)
         self.service.unregister(name)
         return {"deleted": name}
 
@@ -299,7 +294,7 @@ class AgentWorkflows:
         for name in names:
             d = self._describe(name)
             workflows.append({k: d[k] for k in ("name", "source", "valid", "tool", "steps", "problems")})
-        runs = await self.service._journal().runs(limit=50)  # noqa: SLF001
+        runs = await self.service.require_journal().runs(limit=50)
         mine = [r.summary() for r in runs if r.partition == link.partition][:20]
         return {"workflows": workflows, "runs": mine}
 

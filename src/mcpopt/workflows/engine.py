@@ -38,7 +38,6 @@ most once per run, ever -- exactly once when it completed or its server deduplic
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -47,15 +46,14 @@ from typing import Any
 
 import orjson
 from mcp.shared.exceptions import MCPError
-from mcp_types import INTERNAL_ERROR
 
+from mcpopt.api import ClientLink, GatewayAPI, ProgressFn
 from mcpopt.errors import GATEWAY_REJECTED, UPSTREAM_CLOSED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE
-from mcpopt.gateway.api import GatewayAPI
-from mcpopt.gateway.link import ClientLink, ProgressFn
-from mcpopt.optimize.scenarios import Criterion, ScenarioError, StepView, check, render
 from mcpopt.policy import UNKNOWN
+from mcpopt.templating import Criterion, StepView, TemplateError, check, render
+from mcpopt.workflow_model import Step, Workflow
+from mcpopt.workflows.fanout import Target, gather, gathered_view, needed, resolve_targets, target_call
 from mcpopt.workflows.journal import Event, Journal
-from mcpopt.workflows.model import Step, Workflow
 from mcpopt.workflows.views import ItemsView, SkippedView
 
 logger = logging.getLogger(__name__)
@@ -336,7 +334,7 @@ class WorkflowRun:
                     return
             try:
                 go, why = self._when(step)
-            except ScenarioError as exc:
+            except TemplateError as exc:
                 await self._fail_step(st, f"when: {exc}")
                 return
             if not go:
@@ -345,9 +343,7 @@ class WorkflowRun:
                 await self.journal.record(self.run_id, "step_skipped", step.id, data={"reason": f"when: {why}"})
                 return
             if step.fanout is not None:
-                from mcpopt.workflows.fanout import run_fanout_step
-
-                await run_fanout_step(self, st)
+                await self._fanout(st)
             elif step.for_each is not None:
                 await self._for_each(st)
             else:
@@ -373,7 +369,7 @@ class WorkflowRun:
         if unit.status != "succeeded":
             try:
                 args = render(step.arguments, self.context())
-            except ScenarioError as exc:
+            except TemplateError as exc:
                 await self._fail_step(st, f"arguments: {exc}")
                 return
             await self.call_unit(st, unit, step.tool, args)
@@ -400,7 +396,7 @@ class WorkflowRun:
         if st.planned is None:
             try:
                 items = render(step.for_each, self.context())
-            except ScenarioError as exc:
+            except TemplateError as exc:
                 await self._fail_step(st, f"for_each: {exc}")
                 return
             if not isinstance(items, list):
@@ -435,7 +431,7 @@ class WorkflowRun:
                     return
                 try:
                     args = render(step.arguments, self.context({step.as_: unit.item, "index": unit.index}))
-                except ScenarioError as exc:
+                except TemplateError as exc:
                     unit.status, unit.error = "failed", f"arguments: {exc}"
                     await self.journal.record(self.run_id, "step_failed", step.id, unit.key, data={"error": unit.error})
                     halt = True
@@ -451,6 +447,69 @@ class WorkflowRun:
         for u in not_started:
             u.status, u.error = "cancelled", "not started: an earlier item failed or the run stopped"
         self._settle(st, units)
+
+    # ---- fan-out ----------------------------------------------------------------------------
+    async def _fanout(self, st: StepState) -> None:
+        """A `fanout:` step: one journaled unit per target, gathered per `gather` (`mcpopt.workflows.fanout`)."""
+        step = st.step
+        fan = step.fanout
+        assert fan is not None
+        t0 = time.perf_counter()
+        if st.planned is None:
+            try:
+                targets = resolve_targets(self.api, fan)
+            except MCPError as exc:
+                await self._fail_step(st, exc.error.message)
+                return
+            st.planned = [t.to_list() for t in targets]
+            await self.journal.record(self.run_id, "step_planned", step.id, data={"targets": st.planned})
+        targets = [Target.from_list(row) for row in st.planned]
+        try:
+            args = render(step.arguments, self.context())
+        except TemplateError as exc:
+            await self._fail_step(st, f"arguments: {exc}")
+            return
+        _, repeatable = self._facts(targets[0].tool)
+        units = {t.label: st.units.setdefault(t.label, Unit(step.id, t.label, tool=t.tool)) for t in targets}
+        done_ok = {label: u.status == "succeeded" for label, u in units.items() if u.status in ("succeeded", "failed")}
+
+        async def one(target: Target) -> bool:
+            unit = units[target.label]
+            link, meta = target_call(self.link, target)
+            await self.call_unit(st, unit, target.tool, args, link=link, meta=meta, cancel_safe=repeatable)
+            return unit.status == "succeeded"
+
+        need = needed(fan, len(targets))
+        enough, first = await gather(
+            targets, need, one, done_ok=done_ok, cancel_losers=repeatable and fan.gather != "all"
+        )
+        st.winner = first if fan.gather == "first" else None
+        st.view = gathered_view(targets, units, st.winner, (time.perf_counter() - t0) * 1000)
+        if enough:
+            st.status = "succeeded"
+        else:
+            bad = [u for u in units.values() if u.status not in ("succeeded", "cancelled", "pending")]
+            detail = "; ".join(f"{u.key}: {u.error}" for u in bad[:3]) or "no target answered"
+            got = sum(u.status == "succeeded" for u in units.values())
+            st.status = "failed"
+            st.error = f"fan-out gathered {got} of the {need} successes needed ({detail})"
+            self.failures.append(
+                {"step": step.id, "item": "", "error": st.error, "in_doubt": any(u.status == "in_doubt" for u in bad)}
+            )
+        await self.journal.record(
+            self.run_id, "step_gathered", step.id, data={"ok": enough, "winner": st.winner, "error": st.error}
+        )
+
+    def _restore_fanout(self, st: StepState) -> bool:
+        """After a replay: rebuild a gathered fan-out step's view. True when the step is decided."""
+        if st.planned is None or st.status not in ("succeeded", "failed"):
+            st.status = "pending"
+            return False
+        targets = [Target.from_list(row) for row in st.planned]
+        st.view = gathered_view(targets, st.units, st.winner, 0.0)
+        if st.status == "failed":
+            self.failures.append({"step": st.step.id, "item": "", "error": st.error or "fan-out failed"})
+        return True
 
     # ---- one call, journaled ----------------------------------------------------------------
     async def call_unit(
@@ -608,7 +667,7 @@ class WorkflowRun:
             extra["index"] = unit.index
         try:
             args = render(comp.arguments, self.context(extra))
-        except ScenarioError as exc:
+        except TemplateError as exc:
             unit.comp, unit.comp_error = "failed", f"compensate arguments: {exc}"
             await self.journal.record(self.run_id, "comp_failed", step.id, unit.key, data={"error": unit.comp_error})
             self._undone(step.id, unit.key)
@@ -770,9 +829,7 @@ class WorkflowRun:
                 self._finished_steps += 1
             return
         if step.fanout is not None:
-            from mcpopt.workflows.fanout import restore_fanout
-
-            if restore_fanout(self, st):
+            if self._restore_fanout(st):
                 self._finished_steps += 1
             return
         unit = st.units.get("")
@@ -901,7 +958,7 @@ class WorkflowRun:
             return out
         try:
             return render(self.wf.output, self.context())
-        except ScenarioError as exc:
+        except TemplateError as exc:
             return {"error": f"output: {exc}"}
 
 
@@ -926,12 +983,3 @@ def _same(a: Any, b: Any) -> bool:
 def _short(value: Any, limit: int = 80) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def internal_error(message: str) -> MCPError:
-    return MCPError(code=INTERNAL_ERROR, message=message)
-
-
-def derived_link(link: ClientLink, **changes: Any) -> ClientLink:
-    """A copy of `link` with some fields changed (e.g. a fan-out replica's own cache partition)."""
-    return dataclasses.replace(link, **changes)

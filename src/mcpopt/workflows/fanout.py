@@ -22,23 +22,21 @@ target's label). The `mcpopt__fanout` tool makes the same calls without a journa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
-from mcpopt.gateway.api import GatewayAPI
-from mcpopt.gateway.link import ClientLink
-from mcpopt.optimize.scenarios import ScenarioError, StepView, render
+from mcpopt.api import ClientLink, GatewayAPI
 from mcpopt.policy import UNKNOWN
-from mcpopt.workflows.model import FanOut
+from mcpopt.templating import StepView
+from mcpopt.upstream.pool import PIN_META_KEY
+from mcpopt.workflow_model import FanOut
 from mcpopt.workflows.views import FanoutView
-
-if TYPE_CHECKING:
-    from mcpopt.workflows.engine import StepState, WorkflowRun
 
 
 @dataclass(frozen=True)
@@ -97,10 +95,8 @@ def target_call(link: ClientLink, target: Target) -> tuple[ClientLink, dict[str,
     """The link and `_meta` of one target's call (a replica: pinned, with its own cache partition)."""
     if target.replica is None:
         return link, {}
-    from mcpopt.upstream.pool import PIN_META_KEY
-    from mcpopt.workflows.engine import derived_link
-
-    return derived_link(link, partition=f"{link.partition}|replica:{target.replica}"), {PIN_META_KEY: target.replica}
+    tlink = dataclasses.replace(link, partition=f"{link.partition}|replica:{target.replica}")
+    return tlink, {PIN_META_KEY: target.replica}
 
 
 def needed(fan: FanOut, n: int) -> int:
@@ -154,80 +150,13 @@ async def gather(
     return ok >= need, first
 
 
-# ---- a fan-out step of a workflow ------------------------------------------------------------------
-async def run_fanout_step(run: WorkflowRun, st: StepState) -> None:
-    """Run a `fanout:` step inside a workflow run: one journaled unit per target."""
-    from mcpopt.workflows.engine import Unit
-
-    step = st.step
-    fan = step.fanout
-    assert fan is not None
-    t0 = time.perf_counter()
-    if st.planned is None:
-        try:
-            targets = resolve_targets(run.api, fan)
-        except MCPError as exc:
-            await run._fail_step(st, exc.error.message)  # noqa: SLF001 - the engine's own helper
-            return
-        st.planned = [t.to_list() for t in targets]
-        await run.journal.record(run.run_id, "step_planned", step.id, data={"targets": st.planned})
-    targets = [Target.from_list(row) for row in st.planned]
-    try:
-        args = render(step.arguments, run.context())
-    except ScenarioError as exc:
-        await run._fail_step(st, f"arguments: {exc}")  # noqa: SLF001
-        return
-    read_only, repeatable = run._facts(targets[0].tool)  # noqa: SLF001
-    units = {t.label: st.units.setdefault(t.label, Unit(step.id, t.label, tool=t.tool)) for t in targets}
-    done_ok = {label: u.status == "succeeded" for label, u in units.items() if u.status in ("succeeded", "failed")}
-
-    async def one(target: Target) -> bool:
-        unit = units[target.label]
-        link, meta = target_call(run.link, target)
-        await run.call_unit(st, unit, target.tool, args, link=link, meta=meta, cancel_safe=repeatable)
-        return unit.status == "succeeded"
-
-    enough, first = await gather(
-        targets, needed(fan, len(targets)), one, done_ok=done_ok, cancel_losers=repeatable and fan.gather != "all"
-    )
-    st.winner = first if fan.gather == "first" else None
-    st.view = _view(targets, units, st.winner, (time.perf_counter() - t0) * 1000)
-    if enough:
-        st.status = "succeeded"
-    else:
-        bad = [u for u in units.values() if u.status not in ("succeeded", "cancelled", "pending")]
-        detail = "; ".join(f"{u.key}: {u.error}" for u in bad[:3]) or "no target answered"
-        st.status = "failed"
-        st.error = (
-            f"fan-out gathered {sum(u.status == 'succeeded' for u in units.values())} of the "
-            f"{needed(fan, len(targets))} successes needed ({detail})"
-        )
-        run.failures.append(
-            {"step": step.id, "item": "", "error": st.error, "in_doubt": any(u.status == "in_doubt" for u in bad)}
-        )
-    await run.journal.record(
-        run.run_id, "step_gathered", step.id, data={"ok": enough, "winner": st.winner, "error": st.error}
-    )
-
-
-def _view(targets: list[Target], units: Mapping[str, Any], winner: str | None, ms: float) -> FanoutView:
+def gathered_view(targets: list[Target], units: Mapping[str, Any], winner: str | None, ms: float) -> FanoutView:
+    """The template view of a fan-out step from its units (objects with `status` and `view()`)."""
     rows: list[tuple[str, StepView | None]] = []
     for t in targets:
         u = units.get(t.label)
         rows.append((t.label, u.view() if u is not None and u.status in ("succeeded", "failed", "in_doubt") else None))
     return FanoutView(rows, winner, ms)
-
-
-def restore_fanout(run: WorkflowRun, st: StepState) -> bool:
-    """After a replay: rebuild a gathered fan-out step's view. True when the step is decided."""
-    if st.planned is None or st.status not in ("succeeded", "failed"):
-        st.status = "pending"
-        return False
-    targets = [Target.from_list(row) for row in st.planned]
-    st.view = _view(targets, st.units, st.winner, 0.0)
-    if st.status == "failed":
-        run.failures.append({"step": st.step.id, "item": "", "error": st.error or "fan-out failed"})
-    return True
 
 
 # ---- the mcpopt__fanout tool -------------------------------------------------------------------------
@@ -240,7 +169,7 @@ async def fanout_tool(api: GatewayAPI, arguments: Mapping[str, Any], link: Clien
     """
     from pydantic import ValidationError
 
-    from mcpopt.workflows.model import describe_errors
+    from mcpopt.workflow_model import describe_errors
 
     body = {k: v for k, v in arguments.items() if k in ("tool", "servers", "replicas", "gather", "quorum")}
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -33,26 +32,14 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
-from mcpopt.gateway.api import GatewayAPI
-from mcpopt.gateway.link import ClientLink, ProgressFn, no_progress
+from mcpopt.api import ClientLink, GatewayAPI, ProgressFn, no_progress
+from mcpopt.workflow_model import TOOL_PREFIX, Workflow
 from mcpopt.workflows.engine import WorkflowRun
 from mcpopt.workflows.journal import ACTIVE, Journal, RunInfo, SqliteJournal, owner_id, owner_is_dead
-from mcpopt.workflows.model import Workflow, WorkflowError, describe_errors
 from mcpopt.workflows.settings import WorkflowSettings, journal_path, workflow_settings
+from mcpopt.workflows.wire import tool_result
 
 logger = logging.getLogger(__name__)
-
-TOOL_PREFIX = "workflow__"
-"""Workflow tools are named `workflow__<name>` (issue 13)."""
-
-
-def tool_result(payload: Mapping[str, Any], *, is_error: bool = False) -> dict[str, Any]:
-    """A `CallToolResult` wire dict: the payload as JSON text and as `structuredContent`."""
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=str)
-    out: dict[str, Any] = {"content": [{"type": "text", "text": text}], "structuredContent": dict(payload)}
-    if is_error:
-        out["isError"] = True
-    return out
 
 
 class WorkflowService:
@@ -62,8 +49,6 @@ class WorkflowService:
         api: the gateway.
         journal: the journal (default: SQLite at `journal_path(config)`).
         definitions: the workflows to serve (default: the config's, files included).
-        progress_of: `link -> ProgressFn | None`, the client's progress relay for a call (the
-            gateway knows the call's progress token; None: no progress notifications).
     """
 
     def __init__(
@@ -72,7 +57,6 @@ class WorkflowService:
         *,
         journal: Journal | None = None,
         definitions: Mapping[str, Workflow] | None = None,
-        progress_of: Any = None,
     ) -> None:
         self.api = api
         self.settings: WorkflowSettings = workflow_settings(api.config)
@@ -83,9 +67,10 @@ class WorkflowService:
         self.active: dict[str, tuple[WorkflowRun, asyncio.Task[dict[str, Any]]]] = {}
         cfg = api.config.gateway
         self.own_prefix = f"{cfg.name}{cfg.separator}"
-        self.progress_of = progress_of
         self._heartbeat: asyncio.Task[None] | None = None
         self._registered: set[str] = set()
+        self._started = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         from mcpopt.workflows.agent import AgentWorkflows
 
         self.agent = AgentWorkflows(self)
@@ -105,6 +90,7 @@ class WorkflowService:
         if self.settings.resume:
             await self.resume_orphans()
         self._heartbeat = asyncio.get_running_loop().create_task(self._renew_loop())
+        self._started = True
 
     async def aclose(self) -> None:
         """Stop: runs still in flight stay `running` in the journal with their leases released, so
@@ -129,7 +115,8 @@ class WorkflowService:
     def lease_s(self) -> float:
         return self.settings.lease_ms / 1000
 
-    def _journal(self) -> Journal:
+    def require_journal(self) -> Journal:
+        """The journal (MCP error INVALID_PARAMS when the service is not started)."""
         if self.journal is None:
             raise MCPError(code=INVALID_PARAMS, message="workflows: the service is not started")
         return self.journal
@@ -138,20 +125,25 @@ class WorkflowService:
     def register(self, wf: Workflow) -> None:
         """Serve `wf` as `workflow__<name>` (replacing an earlier definition of that name)."""
         self.definitions[wf.name] = wf
-        name = wf.tool_name(TOOL_PREFIX)
-        remove = getattr(self.api, "remove_tool", None)
-        if name in self._registered and remove is not None:
-            remove(name)
         self.api.add_tool(self.tool_of(wf), self._handler(wf.name))
-        self._registered.add(name)
+        self._registered.add(wf.tool_name(TOOL_PREFIX))
+        self._changed()
 
     def unregister(self, name: str) -> None:
+        """Stop serving `workflow__<name>` (runs in flight go on)."""
         self.definitions.pop(name, None)
         tool = f"{TOOL_PREFIX}{name}"
-        remove = getattr(self.api, "remove_tool", None)
-        if tool in self._registered and remove is not None:
-            remove(tool)
+        if tool in self._registered:
+            self.api.remove_tool(tool)
             self._registered.discard(tool)
+            self._changed()
+
+    def _changed(self) -> None:
+        """Clients hear of tools added or removed while the gateway runs (not during start)."""
+        if self._started:
+            task = asyncio.get_running_loop().create_task(self.api.tools_changed())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def tool_of(self, wf: Workflow) -> types.Tool:
         """The MCP tool of a workflow: its description, the parameters' schema, annotations from its steps."""
@@ -247,7 +239,6 @@ class WorkflowService:
     def missing_tools(self, wf: Workflow) -> list[str]:
         """Tools (and fan-out servers) the workflow calls that the gateway does not serve now."""
         served = set(self.api.catalog.tool_routes) | {t.name for t in self.api.own_tools()}
-        served |= set(getattr(self.api, "tool_names", lambda: [])())
         missing = []
         for step in wf.steps:
             names = [step.tool] if step.tool else []
@@ -280,7 +271,7 @@ class WorkflowService:
             MCPError: INVALID_PARAMS for bad arguments, or tools the gateway does not serve (the
                 run is refused before any step).
         """
-        journal = self._journal()
+        journal = self.require_journal()
         params = self.check_params(wf, arguments)
         missing = self.missing_tools(wf)
         if missing:
@@ -331,10 +322,8 @@ class WorkflowService:
             raise
 
     def _progress(self, link: ClientLink) -> ProgressFn | None:
-        if self.progress_of is None:
-            return None
-        fn: ProgressFn | None = self.progress_of(link)
-        return fn
+        """The client's progress relay for the call in hand (None: it asked for no progress)."""
+        return link.relay(link.progress_token) if link.progress_token is not None else None
 
     async def _drive(
         self, run: WorkflowRun, resume: list[Any] | None = None, *, compensate_now: bool = False
@@ -348,7 +337,7 @@ class WorkflowService:
             error = f"internal error: {type(exc).__name__}: {exc}"
             result = {**run.run_result(), "status": "failed", "error": error}
             with contextlib.suppress(Exception):
-                await self._journal().set_status(run.run_id, "failed", result=result, error=error)
+                await self.require_journal().set_status(run.run_id, "failed", result=result, error=error)
             return result
         finally:
             self.active.pop(run.run_id, None)
@@ -356,7 +345,7 @@ class WorkflowService:
     # ---- takeover after a crash ----------------------------------------------------------------
     async def resume_orphans(self) -> list[str]:
         """Take over the unfinished runs whose owner died or whose lease expired; returns their ids."""
-        journal = self._journal()
+        journal = self.require_journal()
         taken = []
         now = time.time()
         for info in await journal.runs(statuses=ACTIVE, limit=10_000):
@@ -372,7 +361,7 @@ class WorkflowService:
         return taken
 
     async def _resume(self, info: RunInfo) -> None:
-        journal = self._journal()
+        journal = self.require_journal()
         try:
             wf = Workflow.model_validate(info.definition)
         except Exception as exc:  # noqa: BLE001 - a definition we cannot read cannot be resumed
@@ -422,7 +411,7 @@ class WorkflowService:
             await asyncio.sleep(interval)
             ticks += 1
             try:
-                journal = self._journal()
+                journal = self.require_journal()
                 for run_id in await journal.renew(self.owner, list(self.active), self.lease_s):
                     entry = self.active.get(run_id)
                     if entry is not None:
@@ -442,12 +431,12 @@ class WorkflowService:
         entry = self.active.get(run_id)
         if entry is not None and (partition is None or entry[0].link.partition == partition):
             return {**entry[0].run_result(), "live": True}
-        info = await self._journal().get(run_id)
+        info = await self.require_journal().get(run_id)
         if info is None or (partition is not None and info.partition != partition):
             raise MCPError(code=INVALID_PARAMS, message=f"no workflow run {run_id!r}")
         if info.result is not None:
             return {**info.result, "status": info.status, "live": False}
-        events = await self._journal().events(run_id)
+        events = await self.require_journal().events(run_id)
         return {
             **info.summary(),
             "live": False,
@@ -466,27 +455,10 @@ class WorkflowService:
         if entry is not None and (partition is None or entry[0].link.partition == partition):
             entry[0].cancel("cancelled (mcpopt__workflow cancel)")
             return {"run_id": run_id, "cancelled": True, "where": "this gateway"}
-        info = await self._journal().get(run_id)
+        info = await self.require_journal().get(run_id)
         if info is None or (partition is not None and info.partition != partition):
             raise MCPError(code=INVALID_PARAMS, message=f"no workflow run {run_id!r}")
         if info.status not in ACTIVE:
             raise MCPError(code=INVALID_PARAMS, message=f"workflow run {run_id} already finished ({info.status})")
-        await self._journal().request_cancel(run_id)
+        await self.require_journal().request_cancel(run_id)
         return {"run_id": run_id, "cancelled": True, "where": f"requested in the journal (owner {info.owner})"}
-
-
-def parse_definition(name: str, body: Mapping[str, Any], source: str) -> Workflow:
-    """A workflow from an agent's or the optimizer's definition.
-
-    Raises:
-        WorkflowError: every problem named.
-    """
-    from pydantic import ValidationError
-
-    data = {**body, "name": name}
-    try:
-        wf = Workflow.model_validate(data)
-    except ValidationError as exc:
-        raise WorkflowError(f"workflow {name!r}: {describe_errors(exc)}") from None
-    wf.source = source
-    return wf

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from mcpopt.optimize.scenarios import StepView
+from mcpopt.templating import StepView
 
 _KEYS = ("text", "lines", "json", "structured", "content", "is_error", "error", "ms", "arguments")
 

@@ -39,7 +39,7 @@ A workflow (YAML, in the config's top-level `workflows:` mapping or in files nam
             arguments: {timezone: UTC}
         output: {created: "{{steps.person.json}}", at: "{{steps.now.json.datetime}}"}
 
-Templates are the scenarios' (`mcpopt.optimize.scenarios.render`): `{{params.<name>}}`,
+Templates are the scenarios' (`mcpopt.templating.render`): `{{params.<name>}}`,
 `{{steps.<id>.<view>...}}` (views `text`, `lines`, `json`, `structured`, `content`, `is_error`,
 `error`, `ms`, `arguments`; a `for_each` step adds `items` and has `json` = the items' JSON in
 order; a fan-out step adds `results`, each labelled with its `source`), `{{item}}` / `{{index}}`
@@ -67,10 +67,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mcpopt.errors import McpoptError
-from mcpopt.optimize.scenarios import Criterion, template_expressions
+from mcpopt.templating import Criterion, template_expressions
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 """Workflow and step names: 1-64 of A-Z a-z 0-9 _ - (MCP tool-name characters)."""
+TOOL_PREFIX = "workflow__"
+"""Workflows are served as the tools `workflow__<name>` (issue 13)."""
 RESERVED_VARS = frozenset({"params", "steps", "run", "self", "workflow"})
 JSON_TYPES = ("string", "integer", "number", "boolean", "array", "object")
 OnFailure = Literal["compensate", "abort", "continue"]
@@ -289,7 +291,7 @@ class Workflow(_Model):
             schema["required"] = required
         return schema
 
-    def tool_name(self, prefix: str = "workflow__") -> str:
+    def tool_name(self, prefix: str = TOOL_PREFIX) -> str:
         return f"{prefix}{self.name}"
 
 
@@ -466,3 +468,18 @@ def load_workflow_file(path: str) -> list[Workflow]:
     if isinstance(data, list):
         return [parse_workflow(body, source=path) for body in data]
     raise WorkflowError(f"{path}: expected a workflow, a list of them, or {{workflows: {{name: ...}}}}")
+
+
+def parse_definition(name: str, body: Mapping[str, Any], source: str) -> Workflow:
+    """A workflow from an agent's or the optimizer's definition.
+
+    Raises:
+        WorkflowError: every problem named.
+    """
+    data = {**body, "name": name}
+    try:
+        wf = Workflow.model_validate(data)
+    except ValidationError as exc:
+        raise WorkflowError(f"workflow {name!r}: {describe_errors(exc)}") from None
+    wf.source = source
+    return wf
