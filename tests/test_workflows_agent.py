@@ -126,3 +126,26 @@ def test_the_cli_lists_shows_runs_and_reports_workflows(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no workflow 'nope'" in missing.stderr
     bad = cli("run", "clock", "--args", '{"tz": 5}')
     assert bad.returncode == 1 and "tz: 5 is not of type 'string'" in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_progress_notifications_reach_a_real_client_per_step(tmp_path: Path, mode: str) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {"time": time_entry()})
+    cfg.write_text(
+        cfg.read_text()
+        + "workflows:\n"
+        + "  two:\n"
+        + "    steps:\n"
+        + "      - {id: a, tool: time__get_current_time, arguments: {timezone: UTC}}\n"
+        + "      - {id: b, tool: time__get_current_time, arguments: {timezone: '{{steps.a.json.timezone}}'}}\n"
+    )
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with Client(gateway_params(cfg), mode=mode) as client:
+        result = await client.call_tool("workflow__two", {}, progress_callback=on_progress)
+        assert not result.is_error
+    assert [m for _, _, m in seen] == ["step a succeeded", "step b succeeded", "workflow two: completed"]
+    assert [p for p, _, _ in seen] == [1.0, 2.0, 2.0] and {t for _, t, _ in seen} == {2.0}

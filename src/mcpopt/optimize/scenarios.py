@@ -66,8 +66,9 @@ from mcpopt.templating import (  # noqa: F401 - re-exported: the scenarios' temp
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
-class ScenarioError(TemplateError):
-    """A scenario file or template is invalid (the message names the file and the scenario)."""
+ScenarioError = TemplateError
+"""A scenario file or template is invalid (the message names the file and the scenario). The same
+class as `mcpopt.templating.TemplateError`, so a failing template is a scenario error too."""
 
 
 def parse_seconds(value: Any) -> float | None:
