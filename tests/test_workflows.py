@@ -292,7 +292,7 @@ async def test_a_failing_last_step_undoes_everything_in_reverse_order(tmp_path: 
         undone = [c["step"] for c in body["compensated"]]
         assert sorted(undone) == ["edit", "page", "person", "touch"]
         assert undone.index("touch") < undone.index("person")  # reverse order of completion
-        assert body["compensation_failed"] == [] and body["in_doubt"] == []
+        assert "compensation_failed" not in body and "in_doubt" not in body
         assert (tmp_path / "memory.jsonl").read_bytes() == memory_before
         assert snapshot(folder) == folder_before
         assert len(list(trash.iterdir())) == 1  # the new page, moved out of the folder
@@ -335,7 +335,7 @@ async def test_abort_keeps_completed_writes_and_continue_runs_what_does_not_depe
         assert (folder / "b.txt").read_text() == "b"
         (folder / "b.txt").unlink()
         body = await run_tool(gw, "workflow__stop")
-        assert body["status"] == "failed" and body["compensated"] == []
+        assert body["status"] == "failed" and "compensated" not in body
         assert {s["id"]: s["status"] for s in body["steps"]}["other"] == "not_run"
         assert (folder / "a.txt").exists() and not (folder / "b.txt").exists()
 
@@ -478,7 +478,7 @@ async def test_retries_are_made_only_when_repeating_is_safe(tmp_path: Path) -> N
         body = await run_tool(gw, "workflow__flaky")
         steps = {s["id"]: s for s in body["steps"]}
         assert steps["read"]["status"] == "succeeded" and steps["read"]["calls"] == 3
-        assert steps["write"]["status"] == "failed" and steps["write"]["calls"] == 1
+        assert steps["write"]["status"] == "failed" and steps["write"].get("calls", 1) == 1
         calls = (tmp_path / "ledger.flaky").read_text().split()
         assert calls.count("r") == 3 and calls.count("w") == 1
 

@@ -210,10 +210,10 @@ def _print_run(data: dict[str, Any], as_json: bool) -> None:
     if data.get("error"):
         out.print(f"error: {data['error']}", markup=False, highlight=False)
     table = Table()
-    for col in ("step", "tool", "status", "ms", "calls", "error"):
+    for col in ("step", "status", "ms", "calls", "error"):
         table.add_column(col)
     for s in data.get("steps", []):
-        table.add_row(s["id"], s["tool"], s["status"], f"{s['ms']:.1f}", str(s["calls"]), (s.get("error") or "")[:70])
+        table.add_row(s["id"], s["status"], f"{s['ms']:.1f}", str(s.get("calls", 1)), (s.get("error") or "")[:70])
     out.print(table)
     for key in ("compensated", "compensation_failed", "in_doubt", "kept"):
         if data.get(key):

@@ -879,24 +879,23 @@ class WorkflowRun:
     def run_result(self) -> dict[str, Any]:
         """The structured result of the run.
 
-        Shape: `{workflow, run_id, status, output, error, cancelled, resumed, ms, steps: [{id,
-        tool, status, ms, calls, attempts, error?, items?, sources?}], ran: [step ids], failed:
-        [{step, item, error, in_doubt}], skipped: [ids], not_run: [ids], compensated: [{step, item,
-        tool}], compensation_failed: [{step, item, error}], in_doubt: [{step, item, compensated}],
-        kept: [{step, item}] (completed writes without a compensation, left as they are)}`.
+        Shape: `{workflow, run_id, status, ms, steps: [{id, status, ms, calls?, error?, items?,
+        items_succeeded?, sources?}], output?, error?, failed?: [{step, item, error, in_doubt}],
+        skipped?: [ids], not_run?: [ids], compensated?: [{step, item?, tool}],
+        compensation_failed?: [{step, item?, error}], in_doubt?: [{step, item?, compensated}],
+        kept?: [{step, item?}] (completed writes without a compensation, left as they are),
+        cancelled?, resumed?}`. A model reads this result, so what has nothing to say is left out
+        (empty lists, false flags, `calls` when 1, `output` of a run that did not complete).
         """
         steps = []
         compensated, comp_failed, in_doubt, kept = [], [], [], []
         for st in self.states.values():
             step = st.step
             units = list(st.units.values())
-            row: dict[str, Any] = {
-                "id": step.id,
-                "tool": step.target,
-                "status": st.status,
-                "ms": round(st.ms, 3),
-                "calls": sum(u.attempts for u in units),
-            }
+            row: dict[str, Any] = {"id": step.id, "status": st.status, "ms": round(st.ms, 3)}
+            calls = sum(u.attempts for u in units)
+            if calls != 1:
+                row["calls"] = calls
             if st.error:
                 row["error"] = st.error
             if step.for_each is not None and st.planned is not None:
@@ -927,17 +926,14 @@ class WorkflowRun:
         output: Any = None
         if self.status in ("completed", "completed_with_errors"):
             output = self._output()
-        return {
+        out: dict[str, Any] = {
             "workflow": self.wf.name,
             "run_id": self.run_id,
             "status": self.status,
-            "output": output,
-            "error": self._error_summary(),
-            "cancelled": self.cancelled,
-            "resumed": self._resumed,
             "ms": round((time.time() - self.started) * 1000, 3),
             "steps": steps,
-            "ran": [s["id"] for s in steps if s["status"] in ("succeeded", "failed")],
+            "output": output,
+            "error": self._error_summary(),
             "failed": self.failures,
             "skipped": [s["id"] for s in steps if s["status"] in ("skipped", "blocked")],
             "not_run": [s["id"] for s in steps if s["status"] == "not_run"],
@@ -945,7 +941,11 @@ class WorkflowRun:
             "compensation_failed": comp_failed,
             "in_doubt": in_doubt,
             "kept": kept,
+            "cancelled": self.cancelled,
+            "resumed": self._resumed,
         }
+        always = ("workflow", "run_id", "status", "ms", "steps")
+        return {k: v for k, v in out.items() if k in always or (v is not None and v is not False and v != [])}
 
     def _output(self) -> Any:
         if self.wf.output is None:
