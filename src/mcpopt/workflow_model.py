@@ -64,7 +64,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mcpopt.errors import McpoptError
 from mcpopt.templating import Criterion, template_expressions
@@ -247,6 +247,9 @@ class Workflow(_Model):
     """The whole run; when it expires the run fails (and compensates, per `on_failure`)."""
     source: str = Field("", exclude=True)
     """Where it was defined: "config", a file path, "agent" (`mcpopt__workflow`) or "optimizer"."""
+    _deps: dict[str, set[str]] | None = PrivateAttr(None)
+    _snapshot: dict[str, Any] | None = PrivateAttr(None)
+    _validator: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _graph(self) -> Workflow:
@@ -263,8 +266,18 @@ class Workflow(_Model):
         raise KeyError(step_id)
 
     def dependencies(self) -> dict[str, set[str]]:
-        """Step id -> the ids it waits for (`depends_on` plus the steps its templates read)."""
-        return {s.id: set(s.depends_on) | s.references() for s in self.steps}
+        """Step id -> the ids it waits for (`depends_on` plus the steps its templates read).
+
+        Computed once per definition (templates are parsed here, not per run)."""
+        if self._deps is None:
+            self._deps = {s.id: set(s.depends_on) | s.references() for s in self.steps}
+        return self._deps
+
+    def snapshot(self) -> dict[str, Any]:
+        """The definition as JSON (what a run's journal keeps), computed once."""
+        if self._snapshot is None:
+            self._snapshot = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return self._snapshot
 
     def order(self) -> list[str]:
         """Step ids in a topological order (config order among independent steps)."""
@@ -290,6 +303,14 @@ class Workflow(_Model):
         if required:
             schema["required"] = required
         return schema
+
+    def validator(self) -> Any:
+        """A JSON Schema (2020-12) validator of the parameters (`jsonschema`), built once."""
+        if self._validator is None:
+            import jsonschema
+
+            self._validator = jsonschema.Draft202012Validator(self.input_schema())
+        return self._validator
 
     def tool_name(self, prefix: str = TOOL_PREFIX) -> str:
         return f"{prefix}{self.name}"

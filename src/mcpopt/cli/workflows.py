@@ -1,4 +1,4 @@
-"""`mcpopt workflows list|show|run|status|cancel`.
+"""`mcpopt workflows list|show|run|status|cancel`, and `mcpopt bench workflow`.
 
 `list`, `show` and `status` read the config and its journal (no gateway needed); `run` starts a
 gateway over the config for the run (or, with `--url`, calls `workflow__<name>` on a running
@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from mcpopt.cli.common import ConfigOpt, app, err, install_reaper, load, out, run, setup_logging
+from mcpopt.cli.common import ConfigOpt, app, bench_app, err, install_reaper, load, out, run, setup_logging
 from mcpopt.config import Config
 from mcpopt.errors import McpoptError
 
@@ -297,3 +297,16 @@ def workflows_cancel(
 
     run(flag())
     out.print(f"cancel requested for {run_id}: its gateway stops it at its next lease renewal")
+
+
+@bench_app.command("workflow")
+def bench_workflow_cmd(
+    iterations: int = typer.Option(30, "--iterations", "-n", help="Measured iterations per path (after warm-up)."),
+    warmup: int = typer.Option(3, "--warmup"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A 6-step workflow (4 independent reads, 2 dependent writes) vs the same calls one by one: time and tokens."""
+    from mcpopt.bench.workflow import bench_workflow, print_report
+
+    install_reaper()
+    print_report(run(bench_workflow(iterations=iterations, warmup=warmup)), as_json)

@@ -221,10 +221,8 @@ class WorkflowService:
         Raises:
             MCPError: INVALID_PARAMS listing every problem.
         """
-        import jsonschema
-
         args = dict(arguments or {})
-        validator = jsonschema.Draft202012Validator(wf.input_schema())
+        validator = wf.validator()
         problems = [
             f"{'.'.join(str(p) for p in err.absolute_path) or '(arguments)'}: {err.message}"
             for err in sorted(validator.iter_errors(args), key=lambda e: list(e.absolute_path))
@@ -286,7 +284,7 @@ class WorkflowService:
             workflow=wf.name,
             status="running",
             params=params,
-            definition=wf.model_dump(mode="json", by_alias=True, exclude_unset=True),
+            definition=wf.snapshot(),
             created=now,
             updated=now,
             owner=self.owner,
