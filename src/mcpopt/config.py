@@ -57,6 +57,33 @@ Level = Literal["conservative", "moderate", "aggressive"]
 LEVELS: tuple[Level, ...] = ("conservative", "moderate", "aggressive")
 
 
+class CanarySettings(BaseModel):
+    """Canary rollout of applied rules (`gateway.optimization.canary`; see `mcpopt.optimize.canary`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """A newly applied rule first serves `share` of its calls (else: all of them at once)."""
+    share: float = Field(0.2, gt=0, le=1)
+    seed: int = 0
+    """Seeds each rule's split of calls into arms: the same split on every run."""
+    min_calls: int = Field(20, ge=2)
+    """Calls each arm needs before the comparison decides anything."""
+    max_calls: int = Field(200, ge=2)
+    """Canary-arm calls after which a rule without a measurable effect either way is promoted."""
+    max_age: str = "24h"
+    """A canary older than this without `min_calls` per arm is promoted (it passed the replays)."""
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    """One-sided significance level of the arm comparisons (two-proportion z-test for errors,
+    Mann-Whitney U for latency)."""
+
+    @field_validator("max_age")
+    @classmethod
+    def _age(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
 class OptimizationSettings(BaseModel):
     """The autonomous loop and the rules (`gateway.optimization`).
 
@@ -90,6 +117,9 @@ class OptimizationSettings(BaseModel):
     max_changes_per_run: int = Field(10, ge=1)
     honor_batch_hints: bool = True
     """Replays send hinted independent calls together through the gateway's batch tool."""
+    canary: CanarySettings = Field(default_factory=lambda: CanarySettings())
+    workflows: bool = True
+    """Propose workflows for call sequences that repeat (validated by replay like any rule)."""
 
     @field_validator("interval", "window")
     @classmethod

@@ -18,6 +18,13 @@ One `OptimizationLoop.run_once()`:
    scenarios the rule touches (time gains are re-measured once to rule out noise).
 5. **Accept**: the final KPIs and criterion outcomes become the reference for the next watch.
 
+**Canary rollout** (`optimization.canary`, on by default): a rule applied in step 4 first serves
+`share` of the calls it matches (`mcpopt.pipeline.rules.Rollout`). Each run then reviews every rule
+still in canary against live telemetry (`live_rows`: the serving gateway's store, the rows since
+the canary started): the canary arm against the rest, errors and latency
+(`mcpopt.optimize.canary.review`); it promotes the rule to all calls or rolls it back, with the
+evidence in the rule file's history, `mcpopt rules` and the report.
+
 With `auto_improvement: false` (and `apply=False`), steps 4-5 still run and report what would be
 applied, but nothing is written. Every change and rollback is logged (Python logging, the rule
 file's history and `LoopReport.events`) with its evidence: KPIs before and after, criteria newly
@@ -35,10 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcpopt.optimize.analyzer import Analysis, Analyzer
+from mcpopt.optimize.canary import review
 from mcpopt.optimize.runner import Progress, Runner, SuiteRun, newly_failing
 from mcpopt.optimize.scenarios import Scenario
 from mcpopt.optimize.settings import OptimizationSettings, level_allows
-from mcpopt.pipeline.rules import Rule, RulesFilter, RuleStore
+from mcpopt.pipeline.rules import Rollout, Rule, RulesFilter, RuleStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +57,8 @@ TIME_FLOOR_MS = 20.0
 @dataclass
 class LoopEvent:
     kind: str
-    """measured | applied | rejected | would_apply | rolled_back | degraded | unexplained."""
+    """measured | applied | rejected | would_apply | rolled_back | would_roll_back | degraded |
+    unexplained | promoted | would_promote | canary (a rule in canary awaits more traffic)."""
     rule: str | None
     reason: str
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +84,10 @@ class LoopReport:
     def rolled_back(self) -> list[str]:
         return [e.rule for e in self.events if e.kind == "rolled_back" and e.rule]
 
+    @property
+    def promoted(self) -> list[str]:
+        return [e.rule for e in self.events if e.kind == "promoted" and e.rule]
+
     def change(self) -> dict[str, float]:
         """Relative change before -> after: `calls`, `time` (negative = fewer/faster), `success` (absolute)."""
         if self.before is None or self.after is None:
@@ -93,6 +106,7 @@ class LoopReport:
             "change": {k: round(v, 4) for k, v in self.change().items()},
             "applied": self.applied,
             "rolled_back": self.rolled_back,
+            "promoted": self.promoted,
             "events": [e.to_dict() for e in self.events],
         }
 
@@ -146,6 +160,8 @@ class OptimizationLoop:
             analyze the replay's own traces).
         analyzer: the `Analyzer` (default: one without tool facts).
         progress: called after each scenario of each replay.
+        live_rows: `async (since) -> rows` of live telemetry from Unix time `since` (the canary
+            evidence); None: canaries wait (or are promoted after `canary.max_age`).
     """
 
     def __init__(
@@ -160,6 +176,7 @@ class OptimizationLoop:
         rows: Callable[[], Any] | None = None,
         analyzer: Analyzer | None = None,
         progress: Progress | None = None,
+        live_rows: Callable[[float], Any] | None = None,
     ) -> None:
         self.gateway = gateway
         self.filter = rules_filter
@@ -170,6 +187,7 @@ class OptimizationLoop:
         self.rows = rows
         self.analyzer = analyzer or Analyzer()
         self.progress = progress
+        self.live_rows = live_rows
 
     # ---- measuring ----------------------------------------------------------------------
     async def measure(self, rules: Sequence[Rule], label: str, scenarios: Sequence[Scenario] | None = None) -> SuiteRun:
@@ -210,6 +228,7 @@ class OptimizationLoop:
         accepted = self.store.state.get("accepted")
         if accepted:
             current = await self._watch(current, accepted, report, apply)
+        await self.review_canaries(report, apply)
         proposals = await self._proposals(current, report)
         changes = 0
         for rule in proposals:
@@ -229,6 +248,41 @@ class OptimizationLoop:
             }
             self.store.save()
         return report
+
+    async def review_canaries(self, report: LoopReport, apply: bool) -> None:
+        """Promote or roll back the rules in canary from live telemetry (see the module doc)."""
+        canaries = [r for r in self.store.active() if r.in_canary]
+        if not canaries:
+            return
+        rows: list[Mapping[str, Any]] = []
+        if self.live_rows is not None:
+            since = min(r.rollout.started for r in canaries if r.rollout is not None)
+            got = self.live_rows(since)
+            rows = list(await got) if inspect.isawaitable(got) else list(got)
+        for rule in canaries:
+            verdict = review(
+                rule,
+                rows,
+                self.settings.canary,
+                rollback_threshold=self.settings.rollback_threshold,
+                min_improvement=self.settings.min_improvement,
+            )
+            evidence = {"verdict": verdict.decision, **verdict.evidence}
+            why = f"canary: {verdict.reason}"
+            if verdict.decision == "rollback":
+                if apply:
+                    self.store.rollback(rule.id, reason=why, evidence=evidence)
+                    self.filter.set_rules(self.store.active())
+                    logger.warning("optimize: rolled back %s: %s", rule.id, why)
+                report.events.append(LoopEvent("rolled_back" if apply else "would_roll_back", rule.id, why, evidence))
+            elif verdict.decision == "promote":
+                if apply:
+                    self.store.promote(rule.id, why, evidence)
+                    self.filter.set_rules(self.store.active())
+                    logger.info("optimize: promoted %s: %s", rule.id, why)
+                report.events.append(LoopEvent("promoted" if apply else "would_promote", rule.id, why, evidence))
+            else:
+                report.events.append(LoopEvent("canary", rule.id, why, evidence))
 
     async def _watch(self, current: SuiteRun, accepted: Mapping[str, Any], report: LoopReport, apply: bool) -> SuiteRun:
         reasons, deltas = self._degradation(accepted["kpis"], current, accepted.get("outcomes"))
@@ -355,6 +409,10 @@ class OptimizationLoop:
             logger.info("optimize: rejected %s: %s", rule.id, why)
             return None
         why = f"{calls_gain:.1%} fewer calls, {time_gain:.1%} less time on {len(affected)} scenario(s)"
+        canary = self.settings.canary
+        if canary.enabled:
+            rule = rule.model_copy(update={"rollout": Rollout(share=canary.share, seed=canary.seed)})
+            why += f"; in canary on {canary.share:.0%} of its calls"
         if apply:
             self.store.add(rule, reason=why, evidence=evidence)
             self.filter.set_rules(self.store.active())

@@ -63,7 +63,8 @@ class OptimizeSession:
         self.config = config
         self.settings = settings or optimization_settings(config)
         self.store = RuleStore(rules_path or default_rules_path(config))
-        self.rules_filter = RulesFilter(self.store)
+        # Replays measure a rule's whole effect: no canary split in the session's own filter.
+        self.rules_filter = RulesFilter(self.store, canary=False)
         self.use_sandbox = self.settings.sandbox if sandbox is None else sandbox
         self.telemetry_path = Path(telemetry_path) if telemetry_path else None
         self.sandbox: Sandbox | None = None
@@ -157,6 +158,9 @@ class OptimizeSession:
         async def rows() -> list[dict[str, Any]]:
             return await self.rows(since)
 
+        async def live(since_ts: float) -> list[dict[str, Any]]:
+            return await self.rows(since_ts)
+
         return OptimizationLoop(
             self.gateway,
             self.rules_filter,
@@ -167,4 +171,5 @@ class OptimizeSession:
             rows=rows,
             analyzer=Analyzer(facts_from_gateway(self.gateway)),
             progress=progress,
+            live_rows=live,
         )

@@ -15,6 +15,17 @@ evidence}`. `condition` picks calls by server and tool (globs) and, optionally, 
 - `routing` (`strategy`): advisory (the pool's strategy is set in the server's config).
 - `batch_hint` (`message`): the result's `_meta["mcpopt/hints"]` says the call is usually one of
   several independent ones, to send together with the gateway's batch tool.
+- `workflow` (`workflow`: a workflow definition, `message`): the calls of `condition.calls` are
+  usually made together, in this order: the workflows plugin serves the definition as
+  `workflow__<name>`, and the first call of the sequence gets a hint naming it.
+
+**Canary rollout.** A rule with `rollout: {state: canary, share, seed}` applies to a share of the
+calls it matches: each such call is drawn into the canary arm (the rule applies) or the control
+arm (it does not) by a per-rule random generator seeded with `seed` (the same split on every
+run), and `call.attrs["variants"]` records `"<rule id>=canary|control"` for telemetry. The
+optimizer compares the arms on live telemetry and promotes the rule (`state: promoted`, all
+calls) or rolls it back (`mcpopt.optimize.canary`). Replays measure a rule's whole effect: their
+filter is made with `canary=False`.
 
 `RuleStore` keeps the rules in a JSON file (default `~/.local/share/mcpopt/rules.json`); each
 change bumps `version` and is logged in `history` with its reason, evidence and the rule set
@@ -30,6 +41,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -46,7 +58,7 @@ from mcpopt.pipeline import Next, ToolCall, ToolResult
 
 logger = logging.getLogger(__name__)
 
-ActionType = Literal["cache_ttl", "sql_limit", "page_size", "depth_cap", "timeout", "routing", "batch_hint"]
+ActionType = Literal["cache_ttl", "sql_limit", "page_size", "depth_cap", "timeout", "routing", "batch_hint", "workflow"]
 SQL_PARAMS = ("query", "sql", "statement")
 HISTORY_KEEP = 500
 
@@ -97,6 +109,8 @@ class Action(_Model):
     timeout_ms: int | None = Field(None, gt=0)
     strategy: str | None = None
     message: str | None = None
+    workflow: dict[str, Any] | None = None
+    """For `workflow`: the definition (`mcpopt.workflow_model.Workflow` fields, `name` included)."""
 
     def describe(self) -> str:
         t = self.type
@@ -110,7 +124,24 @@ class Action(_Model):
             return f"time out after {self.timeout_ms} ms"
         if t == "routing":
             return f"route with {self.strategy}"
+        if t == "workflow":
+            name = (self.workflow or {}).get("name", "?")
+            return self.message or f"serve the sequence as workflow__{name}"
         return self.message or "send with other independent calls (batch)"
+
+
+class Rollout(_Model):
+    """How much of its traffic a rule serves (see the module doc, "Canary rollout")."""
+
+    state: Literal["canary", "promoted"] = "canary"
+    share: float = Field(0.2, gt=0, le=1)
+    """Share of the matching calls in the canary arm while `state` is canary."""
+    seed: int = 0
+    started: float = Field(default_factory=time.time)
+    """Unix seconds: live telemetry from then on is the canary's evidence."""
+    decided: float | None = None
+    verdict: str = ""
+    """Why it was promoted (or, in the rule's history, rolled back)."""
 
 
 class Rule(_Model):
@@ -129,6 +160,12 @@ class Rule(_Model):
     """"analyzer" (proposed by a finding) or "manual"."""
     evidence: dict[str, Any] = Field(default_factory=dict)
     created: float = Field(default_factory=time.time)
+    rollout: Rollout | None = None
+    """None: the rule serves every matching call (as a rule added by hand)."""
+
+    @property
+    def in_canary(self) -> bool:
+        return self.rollout is not None and self.rollout.state == "canary"
 
 
 # ---- the rule file -----------------------------------------------------------------------------
@@ -216,6 +253,16 @@ class RuleStore:
         self._log(
             "enable" if enabled else "disable", rule_id, reason or ("enabled" if enabled else "disabled"), evidence
         )
+        return rule
+
+    def promote(self, rule_id: str, reason: str, evidence: Mapping[str, Any] | None = None) -> Rule:
+        """End a rule's canary: it serves every matching call from now on."""
+        rule = self.get(rule_id)
+        if rule.rollout is not None:
+            rule.rollout.state = "promoted"
+            rule.rollout.decided = time.time()
+            rule.rollout.verdict = reason
+        self._log("promote", rule_id, reason, evidence)
         return rule
 
     def remove(self, rule_id: str, reason: str = "") -> None:
@@ -329,15 +376,30 @@ class RulesFilter:
     """
 
     def __init__(
-        self, store: RuleStore | None = None, rules: Iterable[Rule] | None = None, *, reload_interval_s: float = 1.0
+        self,
+        store: RuleStore | None = None,
+        rules: Iterable[Rule] | None = None,
+        *,
+        reload_interval_s: float = 1.0,
+        canary: bool = True,
     ) -> None:
         self.store = store
         self.reload_interval_s = reload_interval_s
+        self.canary = canary
+        """Split canary rules' calls into arms (False: every rule applies to all its calls)."""
+        self._draws: dict[tuple[str, int], random.Random] = {}
         self._checked = 0.0
         self._mtime = self._stat()
         self.ruleset = RuleSet(store.active() if store is not None else (rules or ()))
         self.applied: dict[str, int] = {}
         """Calls changed per rule id since start."""
+
+    def _draw(self, rule_id: str, seed: int) -> float:
+        """The next draw in [0, 1) of the rule's own generator (seeded: the same split every run)."""
+        rng = self._draws.get((rule_id, seed))
+        if rng is None:
+            rng = self._draws[(rule_id, seed)] = random.Random(f"{seed}:{rule_id}")
+        return rng.random()
 
     def _stat(self) -> float:
         if self.store is None:
@@ -376,9 +438,18 @@ class RulesFilter:
         timeout_ms: int | None = None
         hints: list[str] = []
         used: list[str] = []
+        variants: list[str] | None = None
         for rule in matched:
             if not rule.condition.matches_args(args):
                 continue
+            ro = rule.rollout
+            if ro is not None and ro.state == "canary" and self.canary:
+                arm = "canary" if self._draw(rule.id, ro.seed) < ro.share else "control"
+                if variants is None:
+                    variants = call.attrs.setdefault("variants", [])
+                variants.append(f"{rule.id}={arm}")
+                if arm == "control":
+                    continue
             act = rule.action
             hit = True
             if act.type == "cache_ttl":
@@ -406,6 +477,12 @@ class RulesFilter:
                 timeout_ms = act.timeout_ms if timeout_ms is None else min(timeout_ms, act.timeout_ms)
             elif act.type == "batch_hint":
                 hints.append(act.describe())
+            elif act.type == "workflow":
+                first = rule.condition.calls[0] if rule.condition.calls else ""
+                if first != f"{call.server}/{call.tool}":
+                    hit = False  # the hint goes with the sequence's first call only
+                else:
+                    hints.append(act.describe())
             else:
                 hit = False
             if hit:
@@ -449,6 +526,13 @@ def rules_summary(rules: Iterable[Rule]) -> list[dict[str, Any]]:
             "when": r.condition.describe(),
             "action": r.action.describe(),
             "description": r.description,
+            "rollout": (
+                "all calls"
+                if r.rollout is None
+                else f"canary {r.rollout.share:.0%} of calls (seed {r.rollout.seed})"
+                if r.rollout.state == "canary"
+                else f"promoted: {r.rollout.verdict}"
+            ),
         }
         for r in rules
     ]

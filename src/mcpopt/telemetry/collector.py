@@ -243,4 +243,5 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
         span_id,
         parent_span_id,
         level,
+        ",".join(attrs["variants"]) if "variants" in attrs else "",
     )

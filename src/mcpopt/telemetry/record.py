@@ -46,6 +46,9 @@ class CallRecord(NamedTuple):
         seq: the call's 1-based position in its session (tool sequences).
         trace_id / span_id: the call's OTel span (hex), when OTLP export is on;
             `parent_span_id` the client's span when its `_meta.traceparent` named one.
+        variant: the canary arms the call fell in, `"<rule id>=canary|control"` comma-separated
+            (`mcpopt.pipeline.rules`: a rule in canary rollout applies to a share of its calls;
+            the optimizer compares the arms).
     """
 
     ts: float
@@ -78,6 +81,7 @@ class CallRecord(NamedTuple):
     span_id: str = ""
     parent_span_id: str = ""
     level: str = "standard"
+    variant: str = ""
 
     @property
     def is_error(self) -> bool:

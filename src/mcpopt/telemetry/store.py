@@ -100,6 +100,11 @@ class Store:
             with self.db:
                 for stmt in _CREATE:
                     self.db.execute(stmt)
+                # Columns added since the file was made (e.g. `variant`): added in place, empty.
+                have = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
+                for name in FIELDS:
+                    if name not in have:
+                        self.db.execute(f"ALTER TABLE calls ADD COLUMN {_column(name)}")
                 self.db.execute(
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
