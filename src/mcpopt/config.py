@@ -187,6 +187,8 @@ class WorkflowSettings(BaseModel):
     """Serve `mcpopt__workflow` (agents create, edit, run and cancel workflows)."""
     fanout_tool: bool = True
     """Serve `mcpopt__fanout` (one call to several servers or every replica of one)."""
+    optimizer_workflows: bool = True
+    """Serve the workflows the optimizer applied (enabled `workflow` rules of the rule file)."""
 
 
 TransportName = Literal["stdio", "http", "sse"]

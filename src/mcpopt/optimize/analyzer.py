@@ -22,6 +22,8 @@ Detectors (each yields `Finding`s with evidence, an estimated gain and proposed 
 - `slow_tool`: p95 over `slow_ms` -> a timeout at p99 x 3, and replicas (see the advisor).
 - `error_prone`: error rate over `error_rate` -> what the errors are.
 - `chatty_session`: sessions with `chatty_calls`+ calls -> batching or code mode.
+- `repeated_sequence`: the same sequence of calls, again and again -> a workflow that makes it
+  one call, independent steps in parallel (`mcpopt.optimize.sequences`).
 
 Read-only-ness comes from the gateway's `ToolInfo` when given (MCP `readOnlyHint` or config),
 else from the tool's name (get/list/read/search/...); a TTL on a tool that is read-only by its
@@ -81,6 +83,10 @@ class AnalyzerSettings:
     min_calls: int = 3
     chatty_calls: int = 30
     max_examples: int = 3
+    workflows: bool = True
+    """Propose workflows for repeated call sequences."""
+    sequence_repeats: int = 3
+    """Occurrences a sequence needs before a workflow is proposed for it."""
 
 
 @dataclass
@@ -225,6 +231,8 @@ class Analyzer:
         findings += self._slow(tools)
         findings += self._errors(data, tools)
         findings += self._chatty(sessions)
+        if self.s.workflows:
+            findings += self._sequences(sessions)
         order = {"critical": 0, "warning": 1, "info": 2}
         findings.sort(key=lambda f: (order.get(f.severity, 3), -f.gain.get("ms_saved", 0.0)))
         return Analysis(
@@ -714,6 +722,33 @@ class Analyzer:
                     {},
                     [],
                     advice,
+                )
+            )
+        return out
+
+    def _sequences(self, sessions: Mapping[str, list[dict[str, Any]]]) -> list[Finding]:
+        from mcpopt.optimize.sequences import SequenceSettings, propose_workflows
+
+        settings = SequenceSettings(min_repeats=self.s.sequence_repeats, max_proposals=3)
+        out = []
+        for p in propose_workflows(sessions, lambda s, t: self.read_only(s, t)[0], settings):
+            names = [n for _, _, n in p.key]
+            evidence = {"sequence": names, "occurrences": p.occurrences, "sessions": p.sessions}
+            if p.rule is None:
+                evidence["not_proposed"] = p.reason
+            out.append(
+                Finding(
+                    "repeated_sequence",
+                    f"{len(names)} calls made together {p.occurrences} times ({', '.join(names)})",
+                    p.key[0][0] if len({s for s, _, _ in p.key}) == 1 else "",
+                    ", ".join(t for _, t, _ in p.key),
+                    "info" if p.rule is None else "warning",
+                    evidence,
+                    {"round_trips_saved": p.round_trips_saved, "ms_saved": p.ms_saved},
+                    [p.rule] if p.rule is not None else [],
+                    f"serve the sequence as one workflow ({p.rule.id.split(':', 1)[1]})"
+                    if p.rule is not None
+                    else f"record arguments (telemetry level detailed) to get a workflow proposed: {p.reason}",
                 )
             )
         return out

@@ -146,6 +146,11 @@ def _subset(run: SuiteRun, ids: set[str]) -> tuple[int, float]:
     return sum(r.upstream_calls for r in rs), sum(r.total_ms for r in rs)
 
 
+def _trips(run: SuiteRun, ids: set[str]) -> int:
+    """Client round trips (tool calls the client made) on the scenarios `ids`."""
+    return sum(r.client_calls for r in run.ran if r.scenario.id in ids)
+
+
 class OptimizationLoop:
     """The loop over one in-process gateway (see the module doc).
 
@@ -377,7 +382,12 @@ class OptimizationLoop:
         c1, t1 = _subset(cand, affected)
         calls_gain = (c0 - c1) / c0 if c0 else 0.0
         time_gain = _gain(t0, t1)
-        if not broken and (time_gain < -self.settings.rollback_threshold or calls_gain < self.settings.min_improvement):
+        # Fewer round trips (a workflow, a batch) is a gain of its own: each is a model turn.
+        r0, r1 = _trips(current, affected), _trips(cand, affected)
+        trips_gain = (r0 - r1) / r0 if r0 else 0.0
+        if not broken and (
+            time_gain < -self.settings.rollback_threshold or max(calls_gain, trips_gain) < self.settings.min_improvement
+        ):
             # Time decides (or vetoes) here: measure both sides again, under the same load, and
             # keep each side's best (the least disturbed) time.
             base = await self.measure(self.store.active(), f"without {rule.id} (confirm)", scs)
@@ -393,6 +403,8 @@ class OptimizationLoop:
                 "after": {"calls": c1, "time_ms": round(t1, 3)},
                 "calls_gain": round(calls_gain, 4),
                 "time_gain": round(time_gain, 4),
+                "round_trips": {"before": r0, "after": r1},
+                "round_trips_gain": round(trips_gain, 4),
                 "newly_failing": broken,
             }
         )
@@ -402,13 +414,18 @@ class OptimizationLoop:
             why = f"criteria newly fail: {'; '.join(broken)}"
         elif calls_gain < -t or time_gain < -t:
             why = f"KPIs degrade (calls {calls_gain:+.1%}, time {time_gain:+.1%})"
-        elif max(calls_gain, time_gain) < self.settings.min_improvement:
-            why = f"gain below {self.settings.min_improvement:.0%} (calls {calls_gain:+.1%}, time {time_gain:+.1%})"
+        elif max(calls_gain, time_gain, trips_gain) < self.settings.min_improvement:
+            why = (
+                f"gain below {self.settings.min_improvement:.0%} (calls {calls_gain:+.1%}, time {time_gain:+.1%}, "
+                f"round trips {trips_gain:+.1%})"
+            )
         if why:
             report.events.append(LoopEvent("rejected", rule.id, why, evidence))
             logger.info("optimize: rejected %s: %s", rule.id, why)
             return None
         why = f"{calls_gain:.1%} fewer calls, {time_gain:.1%} less time on {len(affected)} scenario(s)"
+        if trips_gain:
+            why += f", {trips_gain:.1%} fewer round trips"
         canary = self.settings.canary
         if canary.enabled:
             rule = rule.model_copy(update={"rollout": Rollout(share=canary.share, seed=canary.seed)})

@@ -20,7 +20,8 @@ is `upstream_calls`.
 Every call is also kept as a trace row in the telemetry `CallRecord` shape (`ts`, `server`,
 `tool`, `name`, `outcome`, `total_ms`, `request_bytes`, `response_bytes`, `session`, `seq`,
 `args_hash`, `arguments`, `task_type`, `user_intent`, `cache`), plus `depends_on` (the `seq`s of
-the calls whose results its arguments use), for the analyzer.
+the calls whose results its arguments use) and `result` (the call's result: workflow proposals
+look in it for the values later calls pass on), for the analyzer.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from mcp_types.version import LATEST_HANDSHAKE_VERSION
 from mcpopt.errors import GatewayError
 from mcpopt.optimize.scenarios import Scenario, Step
 from mcpopt.pipeline import Next, ToolCall, ToolResult
-from mcpopt.pipeline.rules import RuleSet
+from mcpopt.pipeline.rules import Rule, RuleSet
 from mcpopt.policy import UNKNOWN
-from mcpopt.templating import StepView, TemplateError, check, render
+from mcpopt.templating import StepView, TemplateError, check, render, template_expressions
 
 Progress = Callable[[int, int, str], None]
 """`(done, total, label)` after each scenario."""
@@ -223,6 +224,16 @@ def _args_hash(arguments: Mapping[str, Any]) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+def _refs(value: Any) -> set[str]:
+    """Step ids a scenario argument value's templates read."""
+    refs = set()
+    for expr in template_expressions([value]):
+        parts = expr.split("|", 1)[0].strip().split(".")
+        if parts[0] == "steps" and len(parts) > 1:
+            refs.add(parts[1])
+    return refs
+
+
 def _size(obj: Any) -> int:
     try:
         return len(json.dumps(obj, separators=(",", ":"), default=str))
@@ -256,6 +267,8 @@ class Runner:
         self.honor_batch_hints = honor_batch_hints
         self.timeout_s = timeout_s
         self._counter = _UpstreamCounter()
+        self._wf_groups: dict[int, Rule] = {}
+        """id(group) -> the workflow rule that serves it (set by `_plan`, read by `_scenario`)."""
         self._runs = 0
         self._nonce = 0
 
@@ -326,25 +339,36 @@ class Runner:
             for group in self._plan(sc, mode):
                 if group[0].wait_ms:
                     await asyncio.sleep(group[0].wait_ms / 1000)
-                args = [s.rendered_arguments(ctx) for s in group]
                 before = self._counter.calls.get(session, 0)
                 t0 = time.time()
-                if len(group) == 1:
-                    step_runs = [await self._one(group[0], args[0], mode, session, sc)]
+                wf_rule = self._wf_groups.pop(id(group), None)
+                wf_runs = await self._workflow(group, wf_rule, ctx, session) if wf_rule is not None else None
+                if wf_runs is not None:
+                    step_runs = wf_runs
+                elif wf_rule is not None:  # the workflow does not fit these calls: make them one by one
+                    step_runs = []
+                    for step in group:
+                        sr = await self._one(step, step.rendered_arguments(ctx), mode, session, sc)
+                        views[step.id] = StepView(sr.result, sr.error, sr.ms, sr.arguments)
+                        step_runs.append(sr)
+                    run.client_calls += len(group) - 1
+                elif len(group) == 1:
+                    step_runs = [await self._one(group[0], group[0].rendered_arguments(ctx), mode, session, sc)]
                 else:
-                    step_runs = await self._batch(group, args, session)
+                    step_runs = await self._batch(group, [s.rendered_arguments(ctx) for s in group], session)
                 after = self._counter.calls.get(session, 0)
                 run.client_calls += 1
                 run.upstream_calls += len(group) if mode == "direct" else after - before
                 if mode == "gateway" and len(group) == 1:
                     step_runs[0].upstream = after > before
+                sequential = len(group) == 1 or (wf_rule is not None and wf_runs is None)
                 for step, sr in zip(group, step_runs, strict=True):
                     run.steps.append(sr)
-                    run.total_ms += sr.ms if len(group) == 1 else 0.0
+                    run.total_ms += sr.ms if sequential else 0.0
                     views[step.id] = StepView(sr.result, sr.error, sr.ms, sr.arguments)
                     seq_of[step.id] = len(run.steps)
                     traces.append(self._trace(sc, step, sr, session, t0, len(run.steps), seq_of))
-                if len(group) > 1:
+                if not sequential:
                     run.total_ms += step_runs[0].ms
         except TemplateError as exc:
             run.error = str(exc)
@@ -352,12 +376,26 @@ class Runner:
         return run
 
     def _plan(self, sc: Scenario, mode: str) -> list[list[Step]]:
-        """Steps in call groups: one step each, or hinted independent runs of steps (batch)."""
+        """Steps in call groups: one step each, hinted independent runs of steps (batch), or the
+        sequences a `workflow` rule serves (one call of `workflow__<name>`, as a client following
+        the rule's hint would make; recorded in `self._wf_groups`)."""
         rules = self.rules() if (self.rules is not None and mode == "gateway" and self.honor_batch_hints) else None
         batch_ok = rules is not None and getattr(self.gateway.own, "batch_name", None) in self.gateway.own.handlers
+        flows = [r for r in rules.rules if r.action.type == "workflow"] if rules is not None else []
         groups: list[list[Step]] = []
-        for step in sc.steps:
-            cur = groups[-1] if groups else None
+        steps = list(sc.steps)
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            matched = next((r for r in flows if self._sequence_at(steps, i, r)), None)
+            if matched is not None:
+                group = steps[i : i + len(matched.condition.calls)]
+                groups.append(group)
+                self._wf_groups[id(group)] = matched
+                i += len(group)
+                continue
+            i += 1
+            cur = groups[-1] if groups and id(groups[-1]) not in self._wf_groups else None
             if (
                 batch_ok
                 and cur is not None
@@ -372,6 +410,86 @@ class Runner:
             else:
                 groups.append([step])
         return groups
+
+    def _sequence_at(self, steps: Sequence[Step], i: int, rule: Rule) -> bool:
+        """True when `steps[i:]` starts with the calls of a workflow rule (no think time inside)."""
+        calls = rule.condition.calls
+        if len(calls) < 2 or i + len(calls) > len(steps):
+            return False
+        routes = self.gateway.catalog.tool_routes
+        for k, (step, want) in enumerate(zip(steps[i : i + len(calls)], calls, strict=False)):
+            route = routes.get(step.tool)
+            if route is None or f"{route.server}/{route.name}" != want or step.expect_error or (k and step.wait_ms):
+                return False
+        return True
+
+    async def _workflow(
+        self, group: list[Step], rule: Rule, ctx: Mapping[str, Any], session: str
+    ) -> list[StepRun] | None:
+        """Run a sequence as one call of the rule's workflow; None when the workflow does not fit
+        (a parameter cannot be taken from the scenario's calls, or a constant differs)."""
+        definition = rule.action.workflow or {}
+        name = str(definition.get("name", ""))
+        service = getattr(self.gateway, "workflows", None)
+        if service is None or not name:
+            return None
+        if name not in service.definitions:
+            from mcpopt.workflow_model import WorkflowError, parse_definition
+
+            try:
+                service.register(parse_definition(name, definition, "optimizer"))
+            except WorkflowError:
+                return None
+        inside = {s.id for s in group}
+        params: dict[str, Any] = {}
+        for pname, (pos, key) in rule.action.bindings.items():
+            value = group[pos].arguments.get(key) if pos < len(group) else None
+            if value is None or _refs(value) & inside:
+                return None
+            try:
+                params[pname] = render(value, ctx)
+            except TemplateError:
+                return None
+        wf_steps = definition.get("steps", [])
+        seen_args: list[dict[str, Any]] = []
+        for step, wf_step in zip(group, wf_steps, strict=False):
+            rendered: dict[str, Any] = {}
+            for key, value in step.arguments.items():
+                if _refs(value) & inside:
+                    continue  # computed inside the workflow from an earlier step
+                try:
+                    rendered[key] = render(value, ctx)
+                except TemplateError:
+                    return None
+            for key, want in (wf_step.get("arguments") or {}).items():
+                if not (isinstance(want, str) and "{{" in want) and key in rendered and rendered[key] != want:
+                    return None  # the workflow would send something else
+            seen_args.append(rendered)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await self.gateway.call_tool(
+                    {"name": f"workflow__{name}", "arguments": params}, self._link(session)
+                )
+            body = result.get("structuredContent") or json.loads(result["content"][0]["text"])
+        except (MCPError, GatewayError, TimeoutError, KeyError, ValueError) as exc:
+            ms = (time.perf_counter() - t0) * 1000
+            return [
+                StepRun(s.id, s.tool, a, False, ms, f"workflow failed: {exc}", None, True)
+                for s, a in zip(group, seen_args, strict=True)
+            ]
+        ms = (time.perf_counter() - t0) * 1000
+        output = body.get("output") or {}
+        failed = {f.get("step"): f.get("error") for f in body.get("failed") or ()}
+        out = []
+        for step, wf_step, args in zip(group, wf_steps, seen_args, strict=True):
+            sid = wf_step.get("id")
+            value = output.get(sid) if isinstance(output, dict) else None
+            err = failed.get(sid) or (None if body.get("status") == "completed" else f"workflow {body.get('status')}")
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            res = {"content": [{"type": "text", "text": text}]} if err is None else None
+            out.append(StepRun(step.id, step.tool, args, (err is not None) == step.expect_error, ms, err, res, True))
+        return out
 
     def _batchable(self, rules: RuleSet | None, step: Step) -> bool:
         if rules is None:
@@ -477,6 +595,7 @@ class Runner:
             "user_intent": sc.user_prompt,
             "cache": "" if sr.upstream else "hit",
             "depends_on": sorted(seq_of[r] for r in step.references() if r in seq_of),
+            "result": sr.result,
         }
 
     def _judge(self, run: ScenarioRun, sc: Scenario, views: Mapping[str, StepView], ctx: Mapping[str, Any]) -> None:

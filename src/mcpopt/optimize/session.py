@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpopt.config import Config
-from mcpopt.optimize.analyzer import Analyzer, facts_from_gateway
+from mcpopt.optimize.analyzer import Analyzer, AnalyzerSettings, facts_from_gateway
 from mcpopt.optimize.loop import OptimizationLoop
 from mcpopt.optimize.runner import Progress, Runner
 from mcpopt.optimize.sandbox import Sandbox, sandbox_config, server_vars
@@ -89,6 +89,7 @@ class OptimizeSession:
         # Replays keep workflow runs in a journal of their own, and never take over real runs.
         cfg.gateway.workflows.journal.path = str(scratch / "workflows.db")
         cfg.gateway.workflows.resume = False
+        cfg.gateway.workflows.optimizer_workflows = False  # the runner serves what it measures
         try:
             self.gateway = build_gateway(cfg)
             self.telemetry = self.gateway.telemetry if self.telemetry_path is not None else None
@@ -169,7 +170,7 @@ class OptimizeSession:
             self.settings,
             runner=self.runner,
             rows=rows,
-            analyzer=Analyzer(facts_from_gateway(self.gateway)),
+            analyzer=Analyzer(facts_from_gateway(self.gateway), AnalyzerSettings(workflows=self.settings.workflows)),
             progress=progress,
             live_rows=live,
         )

@@ -111,6 +111,9 @@ class Action(_Model):
     message: str | None = None
     workflow: dict[str, Any] | None = None
     """For `workflow`: the definition (`mcpopt.workflow_model.Workflow` fields, `name` included)."""
+    bindings: dict[str, list[Any]] = Field(default_factory=dict)
+    """For `workflow`: parameter -> `[position in the sequence, argument name]` of the call it is
+    taken from (replays call the workflow in place of the sequence with these)."""
 
     def describe(self) -> str:
         t = self.type

@@ -10,6 +10,10 @@ its own tools). Its lifecycle is `await service.start()` once the gateway's upst
 - `mcpopt__workflow` (agents build, run, watch and cancel workflows: `mcpopt.workflows.agent`);
 - `mcpopt__fanout` (one call to several servers or every replica of one: `mcpopt.workflows.fanout`).
 
+Workflows the optimizer proposed and applied are `workflow` rules in the rule file
+(`mcpopt.pipeline.rules`): the service serves every enabled one (source "optimizer") and withdraws
+it when the rule is rolled back, re-reading the file when it changes (at each lease renewal).
+
 A run belongs to the gateway process that holds its lease in the journal; the service renews the
 leases of its runs every `lease_ms / 5`, picks up cancel requests made through the journal
 (`mcpopt workflows cancel`), and every ten renewals looks for runs whose owner died (another
@@ -33,7 +37,7 @@ from mcp_types import INVALID_PARAMS
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from mcpopt.api import ClientLink, GatewayAPI, ProgressFn, no_progress
-from mcpopt.workflow_model import TOOL_PREFIX, Workflow
+from mcpopt.workflow_model import TOOL_PREFIX, Workflow, WorkflowError, parse_definition
 from mcpopt.workflows.engine import WorkflowRun
 from mcpopt.workflows.journal import ACTIVE, Journal, RunInfo, SqliteJournal, owner_id, owner_is_dead
 from mcpopt.workflows.settings import WorkflowSettings, journal_path, workflow_settings
@@ -71,6 +75,7 @@ class WorkflowService:
         self._registered: set[str] = set()
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._rules_mtime: int | None = None
         from mcpopt.workflows.agent import AgentWorkflows
 
         self.agent = AgentWorkflows(self)
@@ -86,6 +91,7 @@ class WorkflowService:
         await self.agent.load()
         for wf in list(self.definitions.values()):
             self.register(wf)
+        self.sync_rules()
         self._register_own_tools()
         if self.settings.resume:
             await self.resume_orphans()
@@ -120,6 +126,45 @@ class WorkflowService:
         if self.journal is None:
             raise MCPError(code=INVALID_PARAMS, message="workflows: the service is not started")
         return self.journal
+
+    # ---- workflows the optimizer applied ----------------------------------------------------
+    def sync_rules(self) -> None:
+        """Serve the enabled `workflow` rules of the rule file; withdraw those no longer enabled."""
+        from mcpopt.pipeline.rules import RuleError, RuleStore, default_rules_path
+
+        if not self.settings.optimizer_workflows:
+            return
+        path = default_rules_path(self.api.config)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            mtime = 0
+        if mtime == self._rules_mtime:
+            return
+        self._rules_mtime = mtime
+        try:
+            rules = RuleStore(path).active() if mtime else []
+        except RuleError as exc:
+            logger.warning("workflows: keeping the optimizer's workflows as they are: %s", exc)
+            return
+        wanted: dict[str, Workflow] = {}
+        for rule in rules:
+            definition = rule.action.workflow if rule.action.type == "workflow" else None
+            if not definition or not isinstance(definition.get("name"), str):
+                continue
+            name = definition["name"]
+            if name in self.definitions and self.definitions[name].source != "optimizer":
+                continue  # a workflow of that name from the config or an agent wins
+            try:
+                wanted[name] = parse_definition(name, definition, "optimizer")
+            except WorkflowError as exc:
+                logger.warning("workflows: rule %s: %s", rule.id, exc)
+        for name in [n for n, wf in self.definitions.items() if wf.source == "optimizer" and n not in wanted]:
+            self.unregister(name)
+        for name, wf in wanted.items():
+            old = self.definitions.get(name)
+            if old is None or old.snapshot() != wf.snapshot():
+                self.register(wf)
 
     # ---- tools ----------------------------------------------------------------------------------
     def register(self, wf: Workflow) -> None:
@@ -409,6 +454,7 @@ class WorkflowService:
             await asyncio.sleep(interval)
             ticks += 1
             try:
+                self.sync_rules()
                 journal = self.require_journal()
                 for run_id in await journal.renew(self.owner, list(self.active), self.lease_s):
                     entry = self.active.get(run_id)
