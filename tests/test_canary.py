@@ -10,6 +10,8 @@ server answers after 80 ms (canary calls are served from the cache). The split i
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from conftest import MCPOPT
 from mcpopt.api import ClientLink, no_progress
 from mcpopt.config import CanarySettings, OptimizationSettings, load_config
 from mcpopt.gateway.assembly import build_gateway
@@ -36,6 +39,16 @@ def test_the_statistics_point_the_right_way() -> None:
     fast, slow = [0.1 * i for i in range(1, 21)], [80 + i for i in range(40)]
     assert mann_whitney_p(fast, slow) < 1e-6 and mann_whitney_p(slow, fast) > 0.999
     assert mann_whitney_p([1.0] * 10, [1.0] * 10) == 1.0
+
+
+def rules_list(config: Path, rules_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MCPOPT, "rules", "list", "-c", str(config), "--rules", str(rules_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "400"},
+    )
 
 
 def rule(rule_id: str, kind: str, action: Action) -> Rule:
@@ -106,6 +119,13 @@ async def test_a_harmful_canary_is_rolled_back_and_a_helpful_one_promoted(tmp_pa
     assert harm["canary"]["error_rate"] == 1.0 and harm["control"]["error_rate"] == 0.0 and harm["errors_p"] < 0.01
     help_: dict[str, Any] = history["cache_ttl:sleep_read"]["evidence"]
     assert help_["canary"]["p50_ms"] < help_["control"]["p50_ms"] and help_["faster_p"] < 0.01
+    # `mcpopt rules list` shows both decisions with their reasons.
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("mcpServers: {}\n", encoding="utf-8")
+    shown = rules_list(cfg_file, rules_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "rolled back: canary: errors 100% on the canary vs 0%" in shown.stdout
+    assert "promoted: canary: p50" in shown.stdout
 
 
 def test_a_canary_waits_for_traffic_then_is_promoted_when_it_grows_old() -> None:

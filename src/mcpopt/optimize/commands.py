@@ -366,11 +366,16 @@ def print_rules(store: RuleStore, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"version": store.version, "path": str(store.path), "rules": rows}, indent=2))
         return
+    last: dict[str, str] = {}
+    for h in store.history:  # the latest canary decision of each rule, with its reason
+        if h.get("rule") and h.get("op") in ("promote", "rollback"):
+            last[h["rule"]] = f"{'promoted' if h['op'] == 'promote' else 'rolled back'}: {h.get('reason', '')}"
     table = Table(title=f"{len(rows)} rules (version {store.version}, {store.path})")
-    for col in ("id", "enabled", "level", "when", "action"):
+    for col in ("id", "enabled", "level", "when", "action", "rollout"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["id"], "yes" if r["enabled"] else "no", r["level"], r["when"], r["action"])
+        rollout = r["rollout"] if r["enabled"] or r["id"] not in last else last[r["id"]]
+        table.add_row(r["id"], "yes" if r["enabled"] else "no", r["level"], r["when"], r["action"], rollout)
     out.print(table)
 
 

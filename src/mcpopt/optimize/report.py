@@ -357,7 +357,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     if report.get("rules"):
         sections.append(
             '<section id="rules"><h2>Rules</h2>'
-            + _table(report["rules"], ["id", "enabled", "level", "priority", "source", "when", "action"])
+            + _table(report["rules"], ["id", "enabled", "level", "priority", "source", "when", "action", "rollout"])
             + "</section>"
         )
     if report.get("advice"):
