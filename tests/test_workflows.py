@@ -711,3 +711,15 @@ async def test_cancelling_stops_new_steps_lets_calls_finish_then_compensates(tmp
         await until(finished)
     lines = [" ".join(line.split()[:2]) for line in ledger.read_text().splitlines()]
     assert lines == ["record w1-gate1", "undo w1-gate1", "record w1-gate2", "undo w1-gate2"]
+
+
+def test_the_example_workflows_load() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "workflows.yaml")
+    assert set(cfg.workflows) == {"standup", "clocks"}
+    standup = cfg.workflows["standup"]
+    assert standup.dependencies()["remember"] == {"now", "log", "notes"}
+    assert standup.input_schema()["properties"]["commits"] == {
+        "type": "integer",
+        "description": "how many recent commits",
+        "default": 3,
+    }

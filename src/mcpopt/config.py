@@ -828,4 +828,12 @@ gateway:
   # cache: {redis_url: redis://127.0.0.1:6379/0}    # L2 shared by gateway processes
   # telemetry: {level: standard}          # minimal | standard | detailed; enabled: false records nothing
   # shaping: {max_result_bytes: 65536}    # cut huge results; the whole stays readable as a resource
+  # workflows: {files: [workflows/*.yaml]}  # more workflow files; the journal: workflows.journal.path
+
+# workflows:                              # each is served as the tool workflow__<name>
+#   now_and_log:
+#     parameters: {zone: {type: string, default: UTC}}
+#     steps:                              # steps without a dependency run in parallel
+#       - {id: now, tool: time__get_current_time, arguments: {timezone: "{{params.zone}}"}}
+#     on_failure: compensate              # undo completed writes (their `compensate:`) when a step fails
 """
