@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,10 @@ def link(session: str = "t", partition: str = "") -> ClientLink:
 
 @contextlib.asynccontextmanager
 async def serving(data: dict[str, Any]) -> AsyncIterator[tuple[Gateway, WorkflowService]]:
+    """A gateway with workflows; each test has a journal of its own (no run resumed across tests)."""
+    data = copy.deepcopy(data)
+    journal = data.setdefault("gateway", {}).setdefault("workflows", {}).setdefault("journal", {})
+    journal.setdefault("path", str(Path(tempfile.mkdtemp(prefix="wf-journal-")) / "journal.db"))
     gw = build_gateway(load_config(data=data))
     async with gw.running():
         svc = gw.workflows
@@ -723,3 +729,41 @@ def test_the_example_workflows_load() -> None:
         "description": "how many recent commits",
         "default": 3,
     }
+
+
+async def test_a_clean_stop_leaves_the_run_to_the_next_start(tmp_path: Path) -> None:
+    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
+    wf = {
+        "steps": [
+            {"id": "w1", "tool": "ledger__record", "arguments": {"id": "w1"}},
+            {"id": "hold", "depends_on": ["w1"], "tool": "ledger__wait", "arguments": {"gate": str(gate)}},
+            {"id": "w2", "depends_on": ["hold"], "tool": "ledger__record", "arguments": {"id": "w2"}},
+        ]
+    }
+    data = {
+        "mcpServers": {"ledger": ledger_entry(ledger)},
+        "workflows": {"w": wf},
+        "gateway": {"workflows": {"journal": {"path": str(tmp_path / "journal.db")}}},
+    }
+    async with serving(data) as (_gw, svc):
+        journal = svc.require_journal()
+        run, task = await svc.start_run(svc.definitions["w"], {}, link())
+
+        async def holding() -> bool:
+            return any(e.kind == "step_started" and e.step == "hold" for e in await journal.events(run.run_id))
+
+        await until(holding)
+        gate.touch()  # the call in flight may finish during the stop; nothing new starts
+    suspended = await task
+    assert suspended["status"] == "running" and "resumes" in suspended["error"]
+    async with serving(data) as (_gw, svc):
+
+        async def done() -> bool:
+            info = await svc.require_journal().get(run.run_id)
+            return info is not None and info.status == "completed"
+
+        await until(done)
+        events = await svc.require_journal().events(run.run_id)
+    assert [" ".join(line.split()[:2]) for line in ledger.read_text().splitlines()] == ["record w1", "record w2"]
+    assert sum(e.kind == "step_started" and e.step == "w1" for e in events) == 1
+    assert sum(e.kind == "step_started" and e.step == "hold" for e in events) == 1  # it finished during the stop

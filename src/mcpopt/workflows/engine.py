@@ -106,8 +106,9 @@ class StepState:
     winner: str | None = None
 
 
-class RunCancelled(Exception):
-    """Raised inside a run when it is cancelled (by a client, the CLI, or the run's own timeout)."""
+class RunSuspended(Exception):
+    """The gateway is stopping: the run stopped starting steps and stays `running` in the journal
+    (the next gateway over this config resumes it)."""
 
 
 CallTool = Callable[[Mapping[str, Any], ClientLink], Awaitable[dict[str, Any]]]
@@ -157,6 +158,7 @@ class WorkflowRun:
         self.stopping = False
         self.stop_reason: str | None = None
         self.cancelled = False
+        self.suspended = False
         self.status = "running"
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -171,6 +173,17 @@ class WorkflowRun:
         if not self.stopping:
             self.cancelled = True
             self._fail_run(reason)
+
+    def suspend(self) -> None:
+        """The gateway is stopping: start no new step (calls in flight finish) and leave the run
+        unfinished in the journal, for the next start to resume. `execute` raises `RunSuspended`."""
+        self.suspended = True
+        self._stop.set()
+
+    @property
+    def halted(self) -> bool:
+        """No new step (or item) may start."""
+        return self.stopping or self.suspended
 
     def _fail_run(self, reason: str) -> None:
         if not self.stopping:
@@ -240,6 +253,8 @@ class WorkflowRun:
                     await self._main()
                 else:
                     self._mark_not_run()
+            if self.suspended:
+                raise RunSuspended(self.run_id)
             failed = bool(self.failures) or self.stopping
             if compensating or (failed and self.wf.on_failure == "compensate"):
                 await self._compensate()
@@ -260,7 +275,7 @@ class WorkflowRun:
         try:
             while True:
                 progressed = True
-                while progressed and not self.stopping:
+                while progressed and not self.halted:
                     progressed = False
                     for sid in order:
                         st = self.states[sid]
@@ -300,7 +315,8 @@ class WorkflowRun:
                 stop_waiter.cancel()
             for task in running:  # only on cancellation of the run's own task
                 task.cancel()
-        self._mark_not_run()
+        if not self.suspended:
+            self._mark_not_run()
 
     def _mark_not_run(self) -> None:
         for st in self.states.values():
@@ -329,8 +345,8 @@ class WorkflowRun:
                     await asyncio.wait_for(self._stop.wait(), step.wait_ms / 1000)
                 except TimeoutError:
                     pass
-                if self.stopping:
-                    st.status = "not_run"
+                if self.halted:
+                    st.status = "pending" if self.suspended else "not_run"
                     return
             try:
                 go, why = self._when(step)
@@ -350,7 +366,7 @@ class WorkflowRun:
                 await self._single(st)
         finally:
             st.ms = (time.perf_counter() - t0) * 1000
-            if st.status != "not_run":
+            if st.status not in ("not_run", "pending"):
                 await self._step_done(st)
 
     def _resumed_done(self, st: StepState) -> bool:
@@ -426,7 +442,7 @@ class WorkflowRun:
             if unit.status == "succeeded":
                 return
             async with gate:
-                if (halt and not keep_going) or self.stopping:
+                if (halt and not keep_going) or self.halted:
                     unit.status = "pending"
                     return
                 try:
@@ -442,6 +458,9 @@ class WorkflowRun:
                     halt = True
 
         await asyncio.gather(*(one(u) for u in units))
+        if self.suspended and any(u.status == "pending" for u in units):
+            st.status = "pending"  # the rest of the items run after the restart
+            return
         st.view = ItemsView([u.view() for u in units], 0.0)
         not_started = [u for u in units if u.status == "pending"]
         for u in not_started:

@@ -36,6 +36,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,9 +496,10 @@ def _start_ticks(pid: int) -> str:
 
 
 def owner_id() -> str:
-    """This process as a lease owner: `host:pid:start-ticks` (the start time tells a reused pid apart)."""
+    """A lease owner: `host:pid:start-ticks:instance` -- the process (its start time tells a reused
+    pid apart) and one service in it (a service started again in the same process is another owner)."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -506,7 +508,8 @@ def owner_is_dead(owner: str) -> bool:
     An owner on another host is never declared dead here: its lease has to expire.
     """
     host, _, rest = owner.partition(":")
-    pid_text, _, ticks = rest.partition(":")
+    pid_text, _, rest = rest.partition(":")
+    ticks = rest.partition(":")[0]
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)

@@ -38,7 +38,7 @@ from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from mcpopt.api import ClientLink, GatewayAPI, ProgressFn, no_progress
 from mcpopt.workflow_model import TOOL_PREFIX, Workflow, WorkflowError, parse_definition
-from mcpopt.workflows.engine import WorkflowRun
+from mcpopt.workflows.engine import RunSuspended, WorkflowRun
 from mcpopt.workflows.journal import ACTIVE, Journal, RunInfo, SqliteJournal, owner_id, owner_is_dead
 from mcpopt.workflows.settings import WorkflowSettings, journal_path, workflow_settings
 from mcpopt.workflows.wire import tool_result
@@ -98,15 +98,20 @@ class WorkflowService:
         self._heartbeat = asyncio.get_running_loop().create_task(self._renew_loop())
         self._started = True
 
-    async def aclose(self) -> None:
-        """Stop: runs still in flight stay `running` in the journal with their leases released, so
-        the next start of a gateway over this config resumes them."""
+    async def aclose(self, grace_s: float = 5.0) -> None:
+        """Stop: runs start no new step, the calls in flight get `grace_s` seconds to finish (a
+        write cut off mid-call would be in doubt), then the runs stay `running` in the journal with
+        their leases released, so the next start of a gateway over this config resumes them."""
+        for run, _ in self.active.values():
+            run.suspend()  # before anything else: from now on no step starts
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         tasks = [task for _, task in self.active.values()]
         ids = list(self.active)
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -373,6 +378,12 @@ class WorkflowService:
     ) -> dict[str, Any]:
         try:
             return await run.execute(resume, compensate_now=compensate_now)
+        except RunSuspended:
+            return {
+                **run.run_result(),
+                "status": "running",
+                "error": "the gateway stopped; the run resumes when a gateway over this config starts again",
+            }
         except asyncio.CancelledError:
             raise
         except Exception as exc:
