@@ -69,6 +69,9 @@ class RunInfo:
     owner: str = ""
     lease_until: float = 0.0
     partition: str = ""
+    principal: dict[str, Any] | None = None
+    """Who started the run (the principal's fields as JSON; None: the local user), so that a resumed
+    run acts with the same rights."""
     cancel_requested: bool = False
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -186,7 +189,7 @@ class Journal(Protocol):
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL, "
     "params TEXT, definition TEXT, created REAL, updated REAL, owner TEXT, lease_until REAL, partition TEXT, "
-    "cancel INTEGER DEFAULT 0, result TEXT, error TEXT)",
+    "principal TEXT, cancel INTEGER DEFAULT 0, result TEXT, error TEXT)",
     "CREATE INDEX IF NOT EXISTS runs_status ON runs(status, updated)",
     "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, ts REAL, "
     "kind TEXT NOT NULL, step TEXT, item TEXT, attempt INTEGER, data TEXT)",
@@ -257,7 +260,7 @@ class SqliteJournal:
         await self._call(
             self._write,
             "INSERT INTO runs (run_id, workflow, status, params, definition, created, updated, owner, lease_until, "
-            "partition) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "partition, principal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.run_id,
                 run.workflow,
@@ -269,6 +272,7 @@ class SqliteJournal:
                 run.owner,
                 run.lease_until,
                 run.partition,
+                _dumps(run.principal) if run.principal is not None else None,
             ),
         )
 
@@ -333,6 +337,7 @@ class SqliteJournal:
             owner=r["owner"] or "",
             lease_until=r["lease_until"] or 0.0,
             partition=r["partition"] or "",
+            principal=_loads(r["principal"]),
             cancel_requested=bool(r["cancel"]),
             result=_loads(r["result"]),
             error=r["error"],

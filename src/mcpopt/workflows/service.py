@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -340,6 +341,7 @@ class WorkflowService:
             owner=self.owner,
             lease_until=now + self.lease_s,
             partition=link.partition,
+            principal=principal_json(link.principal),
         )
         await journal.create(info)
         run = WorkflowRun(
@@ -423,6 +425,15 @@ class WorkflowService:
             await journal.set_status(info.run_id, "failed", error=error)
             logger.error("workflow run %s: %s", info.run_id, error)
             return
+        principal = None
+        if info.principal is not None:
+            restore = getattr(self.api, "restore_principal", None)
+            if restore is None:
+                error = "cannot resume: the gateway cannot act for the principal that started the run"
+                await journal.set_status(info.run_id, "failed", error=error)
+                logger.error("workflow run %s: %s (%s)", info.run_id, error, info.principal)
+                return
+            principal = restore(info.principal)
         await journal.record(info.run_id, "note", data={"taken_over_from": info.owner, "by": self.owner})
         events = await journal.events(info.run_id)
         link = ClientLink(
@@ -433,6 +444,7 @@ class WorkflowService:
             lambda _t: no_progress,
             partition=info.partition,
             session_id=f"workflow:{info.run_id}",
+            principal=principal,
         )
         run = WorkflowRun(
             self.api,
@@ -517,3 +529,21 @@ class WorkflowService:
             raise MCPError(code=INVALID_PARAMS, message=f"workflow run {run_id} already finished ({info.status})")
         await self.require_journal().request_cancel(run_id)
         return {"run_id": run_id, "cancelled": True, "where": f"requested in the journal (owner {info.owner})"}
+
+
+def principal_json(principal: Any) -> dict[str, Any] | None:
+    """A principal as JSON for the journal (None for none, or the local user).
+
+    A resumed run gets its principal back through `GatewayAPI.restore_principal(data)` when the
+    gateway offers it (authentication); a run started by a principal the gateway cannot restore is
+    not resumed (it would act with the local user's rights): it is marked failed.
+    """
+    if principal is None or getattr(principal, "is_local", False):
+        return None
+    if dataclasses.is_dataclass(principal) and not isinstance(principal, type):
+        data = dataclasses.asdict(principal)
+    elif hasattr(principal, "model_dump"):
+        data = principal.model_dump(mode="json")
+    else:
+        return {"repr": repr(principal)}
+    return {k: sorted(v) if isinstance(v, frozenset | set) else v for k, v in data.items()}
