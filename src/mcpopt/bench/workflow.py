@@ -141,6 +141,8 @@ class _Path:
         self.base = base
         self.items: list[list[ContextItem]] = []
         """Per model turn: the call it writes and the result it reads."""
+        self.steps: dict[str, float] = {}
+        """The workflow's own step times (ms), from its result."""
 
     async def call(self, name: str, arguments: dict[str, Any]) -> Any:
         result = await self.client.call_tool(name, arguments)
@@ -190,6 +192,7 @@ class _Path:
         body = _json(await self.call("workflow__bench", {"i": i}))
         if body.get("status") != "completed":
             raise RuntimeError(f"bench: the workflow did not complete: {json.dumps(body)[:500]}")
+        self.steps = {s["id"]: float(s["ms"]) for s in body.get("steps", [])}
 
 
 def _tokens(turns: list[list[ContextItem]]) -> dict[str, Any]:
@@ -215,7 +218,7 @@ async def bench_workflow(iterations: int = 30, warmup: int = 3) -> dict[str, Any
     Returns:
         `{iterations, paths: {path: {p50_ms, p95_ms, p99_ms, round_trips, tokens_through_model,
         tokens_written, tokens_read, tokens_reread_over_turns}}, speedup_p50: {path: x},
-        workflow_tool_tokens, encoding}`.
+        workflow_tool_tokens, workflow_steps_p50_ms: {step: ms}, encoding}`.
 
     Raises:
         RuntimeError: a call failed (the message names it).
@@ -225,6 +228,7 @@ async def bench_workflow(iterations: int = 30, warmup: int = 3) -> dict[str, Any
         config = _setup(base)
         params = StdioServerParameters(command=sys.executable, args=["-m", "mcpopt.cli", "serve", "-c", str(config)])
         samples: dict[str, list[float]] = {p: [] for p in PATHS}
+        steps: dict[str, list[float]] = {}
         tokens: dict[str, dict[str, Any]] = {}
         async with Client(params, mode="legacy") as client:
             listed = {t.name: t for t in (await client.list_tools()).tools}
@@ -243,6 +247,8 @@ async def bench_workflow(iterations: int = 30, warmup: int = 3) -> dict[str, Any
                     if round_no >= warmup:
                         samples[path].append(ms)
                         tokens.setdefault(path, _tokens(runner.items))
+                        for sid, sms in runner.steps.items():
+                            steps.setdefault(sid, []).append(sms)
         out: dict[str, Any] = {"iterations": iterations, "warmup": warmup, "encoding": ENCODING, "paths": {}}
         for path in PATHS:
             s = sorted(samples[path])
@@ -255,6 +261,9 @@ async def bench_workflow(iterations: int = 30, warmup: int = 3) -> dict[str, Any
         wf = out["paths"]["workflow"]["p50_ms"]
         out["speedup_p50"] = {p: round(out["paths"][p]["p50_ms"] / wf, 2) for p in PATHS if p != "workflow"}
         out["workflow_tool_tokens"] = tool_tokens["total"]
+        # Inside the workflow: each step's time; the reads run together, so the slowest read plus the two
+        # writes is its critical path (what parallelism cannot go below).
+        out["workflow_steps_p50_ms"] = {sid: round(percentile(sorted(v), 50), 3) for sid, v in steps.items()}
         return out
 
 
@@ -285,3 +294,5 @@ def print_report(data: dict[str, Any], as_json: bool) -> None:
     console.print(
         f"p50 wall time: {speed}; the workflow tool's listing costs {data['workflow_tool_tokens']} tokens once"
     )
+    inside = ", ".join(f"{sid} {ms:.1f}" for sid, ms in data["workflow_steps_p50_ms"].items())
+    console.print(f"inside the workflow, p50 ms per step: {inside} (the reads together, then entity, then note)")
