@@ -73,6 +73,9 @@ class ResultCache:
         if settings.redis_url:
             self.l2 = RedisStore(settings.redis_url, self._remote_bump)
         self.stats: dict[tuple[str, str], ToolStats] = {}
+        self._by_server: dict[str, dict[str, ToolStats]] = {}
+        self._reading: set[str] = set()
+        """Servers whose reads were ever looked up or captured: only they can hold results (in L1)."""
 
     async def start(self) -> None:
         if self.l2 is not None:
@@ -86,15 +89,18 @@ class ResultCache:
         st = self.stats.get((server, tool))
         if st is None:
             st = self.stats[(server, tool)] = ToolStats()
+            self._by_server.setdefault(server, {})[tool] = st
         return st
 
     # ---- reads ----------------------------------------------------------------------------
     def capture(self, key: tuple[str, str, str]) -> Generation:
         """The generations before a read is sent upstream (pass to `put`)."""
+        self._reading.add(key[0])
         return self.gens.current(key[0], key[1])
 
     async def get(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
         """A fresh cached result, or None. Counts a hit or a miss."""
+        self._reading.add(key[0])
         gen = self.gens.current(key[0], key[1])
         st = self._stat(key[0], key[1])
         entry = self.l1.get(key, gen)
@@ -131,11 +137,18 @@ class ResultCache:
 
     # ---- invalidation ---------------------------------------------------------------------
     async def invalidate(self, server: str, tools: Iterable[str] | None = None) -> None:
-        """Drop `server`'s cached results: all of them (`tools=None`) or those of `tools`."""
+        """Drop `server`'s cached results: all of them (`tools=None`) or those of `tools`.
+
+        Free for a server none of whose reads was ever cached or captured, when there is no L2: it
+        holds nothing, and no read in flight can have captured an older generation (so skipping the
+        bump cannot let a stale read be stored). With L2, other processes may hold its results.
+        """
+        if self.l2 is None and server not in self._reading:
+            return
         tool_list = None if tools is None else list(tools)
         self.gens.bump(server, tool_list)
-        for (srv, tool), st in self.stats.items():
-            if srv == server and (tool_list is None or tool in tool_list):
+        for tool, st in self._by_server.get(server, {}).items():
+            if tool_list is None or tool in tool_list:
                 st.invalidations += 1
         if self.l2 is not None:
             await self.l2.bump(server, tool_list)

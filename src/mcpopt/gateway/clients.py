@@ -123,6 +123,10 @@ class Clients:
         finally:
             callers.remove(caller)
 
+    def callers_of(self, server: str) -> list[Caller]:
+        """The live list of calls in flight to `server` (the hot path appends and removes itself)."""
+        return self._callers[server]
+
     def callers(self, server: str) -> list[Caller]:
         """Calls in flight to `server`, oldest first."""
         return self._callers.get(server) or []

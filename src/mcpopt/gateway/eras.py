@@ -143,8 +143,12 @@ def envelope(version: str, result: dict[str, Any], stamp: dict[str, Any]) -> dic
             {**meta, SERVER_INFO_META_KEY: stamp} if isinstance(meta, dict) else {SERVER_INFO_META_KEY: stamp}
         )
         return result
-    if any(k in result for k in MODERN_RESULT_KEYS) or (
-        isinstance(result.get("_meta"), dict) and SERVER_INFO_META_KEY in result["_meta"]
+    meta = result.get("_meta")
+    if (
+        "resultType" in result
+        or "ttlMs" in result
+        or "cacheScope" in result
+        or (isinstance(meta, dict) and SERVER_INFO_META_KEY in meta)
     ):
         result = {k: v for k, v in result.items() if k not in MODERN_RESULT_KEYS}
         meta = result.get("_meta")

@@ -180,7 +180,11 @@ class FastFront:
 
     def _write(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
-            self.writer.write(orjson.dumps(message) + b"\n")
+            line = orjson.dumps(message) + b"\n"
+            if len(self.inflight) <= 1:
+                self.writer.write_now(line)  # one call in flight: no batching to wait for
+            else:
+                self.writer.write(line)
 
     def cancel_all(self) -> None:
         for task in list(self.inflight.values()):

@@ -355,16 +355,19 @@ class Gateway:
             partition=link.partition,
             session_id=link.session_id,
         )
-        with self.clients.calling(route.server, caller):
-            try:
-                result = await self.pipeline(call)
-                kind = result.get("resultType")
-                if kind == "input_required" and not caller.modern:
-                    result = await drive_input_required(caller, up.name, up.request, "tools/call", out, result)
-                elif kind == "task":
-                    result = self.task_ids.created(route.server, result)
-            except GatewayError as exc:
-                raise MCPError.from_error_data(exc.to_error_data()) from None
+        callers = self.clients.callers_of(route.server)
+        callers.append(caller)  # where this upstream's requests and logs go meanwhile
+        try:
+            result = await self.pipeline(call)
+            kind = result.get("resultType")
+            if kind == "input_required" and not caller.modern:
+                result = await drive_input_required(caller, up.name, up.request, "tools/call", out, result)
+            elif kind == "task":
+                result = self.task_ids.created(route.server, result)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        finally:
+            callers.remove(caller)
         return envelope(link.version, result, self.stamp)
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:

@@ -115,14 +115,22 @@ class FastChannel:
             meta = dict(params.get("_meta") or {})
             meta["progressToken"] = rid
             params = {**params, "_meta": meta}
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        entry = self._pending[rid] = _Pending(fut, on_progress)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        pending = self._pending
+        entry = pending[rid] = _Pending(fut, on_progress)
+        # One timer handle per request instead of an `asyncio.timeout` context (its task
+        # bookkeeping is most of its cost); expiry fails the future with TimeoutError.
+        timer = loop.call_at(loop.time() + timeout_s, _expire, fut)
         try:
-            self._write({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+            line = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}) + b"\n"
+            if len(pending) == 1:
+                self._writer.write_now(line)  # alone in flight: no batching to wait for
+            else:
+                self._writer.write(line)
             if self._writer.over(_HIGH_WATER):
                 await self._writer.drain()
-            async with asyncio.timeout(timeout_s):
-                result = await fut
+            result = await fut
             relays = [t for t in entry.relays if not t.done()]
             if relays:
                 await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
@@ -130,7 +138,7 @@ class FastChannel:
         except (TimeoutError, asyncio.CancelledError):
             # Tell the server to stop (MCP cancellation, basic/utilities/cancellation).
             with contextlib.suppress(Exception):
-                reason = "timed out" if not fut.cancelled() else "cancelled by the client"
+                reason = "cancelled by the client" if fut.cancelled() or not fut.done() else "timed out"
                 self._write(
                     {
                         "jsonrpc": "2.0",
@@ -142,10 +150,16 @@ class FastChannel:
         except (BrokenPipeError, ConnectionResetError, RuntimeError) as exc:
             raise ChannelClosed() from exc
         finally:
-            self._pending.pop(rid, None)
+            timer.cancel()
+            pending.pop(rid, None)
 
     def _write(self, message: dict[str, Any]) -> None:
         self._writer.write(orjson.dumps(message) + b"\n")
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 async def _safe(coro: Awaitable[None]) -> None:

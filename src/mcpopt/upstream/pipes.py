@@ -50,6 +50,17 @@ class CorkedWriter:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
+    def write_now(self, data: bytes) -> None:
+        """Write `data` at once when nothing is queued (else queue it behind what is, keeping order).
+
+        For a writer that knows it is alone -- one call in flight -- waiting for the end of the
+        iteration buys no batching and costs the call one event-loop hop each way.
+        """
+        if self._buf or self._transport.is_closing():
+            self.write(data)
+        else:
+            self._transport.write(data)
+
     def _flush(self) -> None:
         self._scheduled = False
         buf, self._buf = self._buf, []

@@ -328,16 +328,30 @@ class Upstream:
         self._require()
         send, stamp = self._send_raw, self._stamp
         assert send is not None and stamp is not None
+        timeout = timeout_s or self.timeout_s
+        fast = self._fast
+        if fast is not None and not self._modern:
+            # A handshake-era session's stamp only sets HTTP headers the side channel sets itself:
+            # the params go as they are (no copy), unless they carry a 2026-07-28 client's
+            # capabilities, which are not this era's to send.
+            legacy = params or {}
+            meta = legacy.get("_meta")
+            if isinstance(meta, dict) and CLIENT_CAPABILITIES_META_KEY in meta:
+                legacy = {**legacy, "_meta": {k: v for k, v in meta.items() if k != CLIENT_CAPABILITIES_META_KEY}}
+            try:
+                return await fast.request(method, legacy, timeout, on_progress)
+            except TimeoutError:
+                raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
+            except ChannelClosed:
+                raise self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout) from None
         data: dict[str, Any] = {"method": method, "params": dict(params) if params else {}}
         meta = data["params"].get("_meta")
         if isinstance(meta, dict):
             meta = data["params"]["_meta"] = dict(meta)  # the stamp writes into it: never the caller's
             if not self._modern:
                 meta.pop(CLIENT_CAPABILITIES_META_KEY, None)
-        timeout = timeout_s or self.timeout_s
         opts: dict[str, Any] = {"timeout": timeout}
         stamp(data, opts)  # the era's envelope: 2026-07-28 `_meta` keys, or nothing
-        fast = self._fast
         if fast is not None:
             try:
                 return await fast.request(method, data["params"], timeout, on_progress)
