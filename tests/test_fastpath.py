@@ -23,6 +23,8 @@ class LineSink:
     def write(self, data: bytes) -> None:
         self.lines.extend(orjson.loads(line) for line in data.splitlines())
 
+    write_now = write
+
     def is_closing(self) -> bool:
         return False
 

@@ -21,7 +21,7 @@ from mcp.client._transport import TransportStreams
 from mcp.shared.message import SessionMessage
 
 from mcpopt.config import ServerConfig
-from mcpopt.upstream import process
+from mcpopt.upstream import lines, process
 from mcpopt.upstream.fastpath import FastChannel
 from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
 
@@ -62,12 +62,31 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
     write_send.fast = channel  # the gateway's forwarding side channel (see fastpath)
     validate = types.jsonrpc_message_adapter.validate_python
 
+    sink = lines.install(proc, channel.offer)  # side-channel responses settle in the pipe's callback
+
     async def reader() -> None:
         async with read_send:
             try:
-                await read_lines()
+                await (read_sink() if sink is not None else read_lines())
             finally:
                 channel.close()
+
+    async def read_sink() -> None:
+        assert sink is not None
+        while (item := await sink.next()) is not None:
+            if isinstance(item, BaseException):
+                logger.debug("%s: unreadable stdout: %s", server, item)
+                await read_send.send(item)  # type: ignore[arg-type]
+                if isinstance(item, ValueError) and sink.eof:
+                    return
+                continue
+            try:
+                msg: Any = validate(item, by_name=False)
+            except Exception as exc:  # noqa: BLE001 - a malformed message is reported, not fatal
+                logger.debug("%s: invalid JSON-RPC message on stdout: %.200r", server, item)
+                await read_send.send(exc)
+                continue
+            await read_send.send(SessionMessage(msg))
 
     async def read_lines() -> None:
         while True:
