@@ -330,3 +330,27 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     dom = proc.stdout
     assert 'data-ready="1"' in dom, proc.stderr[-2000:]  # the page's script ran to its end
     assert "<rect" in dom and 'class="grade"' in dom
+
+
+def test_replays_send_hinted_independent_steps_as_one_batch() -> None:
+    """A `batch_hint` rule makes the runner's plan group independent steps into one call of the
+    gateway's batch tool (regression: the plan looked the tool up under a name it no longer had)."""
+    from mcpopt.catalog import GatewayCatalog, Route
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+    from mcpopt.optimize.runner import Runner
+    from mcpopt.optimize.scenarios import Scenario, Step
+    from mcpopt.pipeline.rules import RuleSet
+
+    gw = build_gateway(load_config(data={"mcpServers": {}}))
+    gw.catalog = GatewayCatalog(tool_routes={"db__log": Route("db", "log"), "db__read": Route("db", "read")})
+    hint = _rule("hint", Action(type="batch_hint"), tool="log")
+    runner = Runner(gw, rules=lambda: RuleSet([hint]))
+    steps = [Step(id="a", tool="db__log"), Step(id="b", tool="db__log"), Step(id="c", tool="db__read")]
+    plan = runner._plan(Scenario(id="s", steps=steps), "gateway")  # noqa: SLF001
+    assert [[s.id for s in group] for group in plan] == [["a", "b"], ["c"]]
+    assert [[s.id for s in group] for group in runner._plan(Scenario(id="s", steps=steps), "direct")] == [  # noqa: SLF001
+        ["a"],
+        ["b"],
+        ["c"],
+    ]

@@ -38,6 +38,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from mcpopt.errors import GatewayError
+from mcpopt.gateway.tools import batch_tool_name
 from mcpopt.optimize.scenarios import Scenario, Step
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.pipeline.rules import Rule, RuleSet
@@ -380,7 +381,7 @@ class Runner:
         sequences a `workflow` rule serves (one call of `workflow__<name>`, as a client following
         the rule's hint would make; recorded in `self._wf_groups`)."""
         rules = self.rules() if (self.rules is not None and mode == "gateway" and self.honor_batch_hints) else None
-        batch_ok = rules is not None and getattr(self.gateway.own, "batch_name", None) in self.gateway.own.handlers
+        batch_ok = rules is not None and batch_tool_name(self.gateway.config) in self.gateway.own.handlers
         flows = [r for r in rules.rules if r.action.type == "workflow"] if rules is not None else []
         groups: list[list[Step]] = []
         steps = list(sc.steps)
@@ -555,7 +556,7 @@ class Runner:
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await gw.call_tool(
-                    {"name": gw.own.batch_name, "arguments": {"calls": calls}}, self._link(session)
+                    {"name": batch_tool_name(gw.config), "arguments": {"calls": calls}}, self._link(session)
                 )
             items = (result.get("structuredContent") or json.loads(result["content"][0]["text"]))["results"]
         except (MCPError, GatewayError, TimeoutError, KeyError, ValueError) as exc:
