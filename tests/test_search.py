@@ -595,6 +595,37 @@ async def test_index_loads_on_first_search_in_full_mode() -> None:
     assert SearchTools(build_gateway(load_config(data=per_client))).eager
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("exposure", ["full", "search"])
+async def test_own_tools_added_at_run_time_are_found(exposure: str) -> None:
+    """A gateway tool registered while the gateway runs (e.g. a workflow an agent created) is
+    searchable once the gateway says its tools changed, whether the index is eager or deferred."""
+    import mcp_types as types
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from mcpopt.api import ClientLink
+    from mcpopt.gateway.assembly import build_gateway
+
+    link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: None)  # type: ignore[arg-type,return-value]
+    gw = build_gateway(load_config(data={"mcpServers": {"fake": fake_entry()}, "gateway": {"exposure": exposure}}))
+    async with gw.running():
+        st = gw.discovery
+        query = {"query": "refund a customer's invoice payment", "k": 3}
+        await st.handlers[st.search_name](query, link)  # the index exists before the new tool
+
+        async def refund(arguments: dict[str, Any], link: Any) -> dict[str, Any]:
+            return {"content": []}
+
+        tool = types.Tool(
+            name="workflow__refund_invoice",
+            description="Refund a customer's invoice payment and notify them",
+            input_schema={"type": "object"},
+        )
+        gw.add_tool(tool, refund)
+        await gw.tools_changed()
+        assert "workflow__refund_invoice" in _names(await st.handlers[st.search_name](query, link))
+
+
 MEMORY_ABOUT = (
     "A basic implementation of persistent memory using a local knowledge graph. This lets Claude remember "
     "information about the user across chats."

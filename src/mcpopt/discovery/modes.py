@@ -195,6 +195,7 @@ class SearchTools:
             self.call_name: self._call,
         }
         self._own_server = f"{cfg.name} (gateway)"
+        self._own_stale = False
 
     # ---- what a client sees ----
     def listed(self, exposure: Exposure, extra: Sequence[types.Tool] = ()) -> list[types.Tool]:
@@ -241,8 +242,15 @@ class SearchTools:
     async def ready(self) -> None:
         """Bring the index up to the latest catalog if that was deferred (the first search waits here)."""
         catalog = self._latest if self._latest is not None else self.gateway.catalog
-        if catalog is not self._synced:
+        if catalog is not self._synced or self._own_stale:
             await self._index(catalog)
+
+    async def own_tools_changed(self) -> None:
+        """The gateway's own tools changed (e.g. a workflow was created): index them again -- now if
+        `eager`, else on the next search."""
+        self._own_stale = True
+        if self.eager:
+            await self._index(self._latest if self._latest is not None else self.gateway.catalog)
 
     async def _index(self, catalog: GatewayCatalog) -> list[str]:
         by_server: dict[str, list[types.Tool]] = {}
@@ -253,11 +261,16 @@ class SearchTools:
         async with self._sync:
             if self.index is None:
                 self.index = await anyio.to_thread.run_sync(_new_index)
-                own = self.gateway.own_tools()
-                await anyio.to_thread.run_sync(self.index.add_tools, self._own_server, own)
             index = self.index
             changed: list[str] = []
-            for server in [s for s in self._fingerprints if s not in by_server]:
+            self._own_stale = False
+            own = list(self.gateway.own_tools())
+            fp = _fingerprint(own)
+            own_changed = self._fingerprints.get(self._own_server) != fp
+            if own_changed:
+                await anyio.to_thread.run_sync(index.add_tools, self._own_server, own)
+                self._fingerprints[self._own_server] = fp
+            for server in [s for s in self._fingerprints if s not in by_server and s != self._own_server]:
                 index.remove_server(server)
                 del self._fingerprints[server]
                 changed.append(server)
@@ -269,7 +282,7 @@ class SearchTools:
                 await anyio.to_thread.run_sync(index.add_tools, server, docs)
                 self._fingerprints[server] = fp
                 changed.append(server)
-            if changed:
+            if changed or own_changed:
                 await anyio.to_thread.run_sync(index.refresh)
             self._synced = catalog
             return changed

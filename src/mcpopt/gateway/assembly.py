@@ -120,6 +120,7 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
         await gw.cache.invalidate(server)
 
     gw.catalog_listeners += [on_catalog, extensions]
+    gw.own_tools_listeners.append(gw.discovery.own_tools_changed)  # e.g. a workflow created at run time
     gw.resource_listeners.append(on_resource)
 
     # ---- lifecycle ----------------------------------------------------------------------

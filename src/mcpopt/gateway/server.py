@@ -161,6 +161,8 @@ class Gateway:
         self.stamp = {"name": g.name, "version": VERSION}
         """The gateway's `serverInfo`, stamped into 2026-07-28 results."""
         self.catalog_listeners: list[CatalogListener] = []
+        self.own_tools_listeners: list[Hook] = []
+        """Told when the gateway's own tools changed (`tools_changed`)."""
         self.resource_listeners: list[Callable[[str, str], Awaitable[None]]] = []
         """`async (server, upstream uri)`: told when an upstream says a resource changed."""
         self.on_start: list[Hook] = []
@@ -186,6 +188,9 @@ class Gateway:
         self.own.remove(name)
 
     async def tools_changed(self) -> None:
+        """The gateway's own tools changed: tell the listeners (search re-indexes) and every client."""
+        for listener in self.own_tools_listeners:
+            await listener()
         await self.clients.broadcast("notifications/tools/list_changed", None)
         await self.bus.publish(_EVENTS["notifications/tools/list_changed"])
 
