@@ -18,6 +18,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from mcpopt.datafiles import open_private
 from mcpopt.monitor.stats import DEFAULT_GRADES, grade, percentile
 from mcpopt.telemetry.record import ERROR_OUTCOMES
 from mcpopt.telemetry.store import Store
@@ -182,7 +183,7 @@ def export_jsonl(db_path: str | Path, out: str | Path, since: float | None = Non
     store = Store(db_path, readonly=True)
     n = 0
     try:
-        with Path(out).open("wb") as fh:
+        with open_private(out, "wb") as fh:
             for row in store.calls(since, until):
                 fh.write(orjson.dumps(row) + b"\n")
                 n += 1

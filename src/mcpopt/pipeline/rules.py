@@ -53,6 +53,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from mcpopt.config import Level, OptimizationSettings, default_data_dir
+from mcpopt.datafiles import private_dir
 from mcpopt.errors import McpoptError, UpstreamTimeout
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 
@@ -215,7 +216,7 @@ class RuleStore:
 
     def save(self) -> None:
         """Write the file atomically (a reader never sees half a file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # mkstemp makes the file itself 0600
         data = {
             "version": self.version,
             "rules": [r.model_dump(mode="json") for r in self.rules],

@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from mcpopt.datafiles import private_dir
+
 REDACTED = "[REDACTED]"
 EMAIL = "[EMAIL]"
 
@@ -59,7 +61,7 @@ def load_salt(path: Path) -> bytes:
             return data
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     salt = secrets.token_bytes(32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from mcpopt.datafiles import open_private
 from mcpopt.telemetry.record import CallRecord
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class ThreadedSink:
 
 
 class JsonlSink(ThreadedSink):
-    """Appends each `CallRecord` as one JSON line to `path` (created with its folder)."""
+    """Appends each `CallRecord` as one JSON line to `path` (created 0600 with its folder, 0700)."""
 
     def __init__(self, path: str | Path, queue_size: int = 4096) -> None:
         super().__init__("jsonl", queue_size, linger_s=0.2)
@@ -178,8 +179,7 @@ class JsonlSink(ThreadedSink):
         self._fh: Any = None
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("ab")
+        self._fh = open_private(self.path, "ab")
 
     def write(self, items: list[Any]) -> None:
         if self._fh is None:

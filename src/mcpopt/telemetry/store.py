@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpopt.config import TelemetrySettings, default_data_dir
+from mcpopt.datafiles import ensure_private_file
 from mcpopt.telemetry.record import FIELDS, CallRecord
 
 SCHEMA_VERSION = 1
@@ -78,7 +79,7 @@ class Store:
     """A connection to the telemetry database (one per thread).
 
     Args:
-        path: the database file; created (with its folder) unless `readonly`.
+        path: the database file; created (with its folder) unless `readonly`, private (0600, folder 0700).
         readonly: open an existing file for reading only.
 
     Raises:
@@ -93,7 +94,7 @@ class Store:
                 raise FileNotFoundError(f"no telemetry database at {self.path}")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_private_file(self.path)  # 0600 (its WAL and shm files take the same mode)
             self.db = sqlite3.connect(self.path, timeout=5)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
