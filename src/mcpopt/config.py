@@ -499,6 +499,59 @@ class TelemetrySettings(_Strict):
         return self
 
 
+class HttpEdgeSettings(_Strict):
+    """The HTTP front's edge (`gateway.http`): which Host/Origin it answers, connection and session limits.
+
+    Sources for the defaults: the MCP transport spec (Streamable HTTP, "Security Warning": validate
+    Origin, 403 when invalid; bind to localhost), nginx's `client_header_timeout` /
+    `client_body_timeout` (60 s) and Apache's `mod_reqtimeout` (header 20 s) for the read deadlines,
+    and the SDK's own `max_request_body_size` (4 MiB).
+    """
+
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host header values accepted besides localhost forms, the bound address, the machine's name and
+    the address a request arrived on; `name:*` accepts any port; `"*"` turns the Host check off."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Origin values accepted besides those whose host passes the Host check (`http://name:*` for any
+    port); `"*"` accepts any Origin. A request without Origin (not a browser) is always accepted."""
+    allow_unauthenticated: bool = False
+    """Serve a non-loopback `--host` without `gateway.auth` (same as `--allow-unauthenticated`)."""
+    max_connections: int = Field(1000, ge=1)
+    """Open connections at once; at the cap a new one closes the oldest that is still sending its
+    request head (then the oldest idle keep-alive one). Lowered to fit the process's file limit."""
+    header_timeout_ms: int = Field(20_000, gt=0)
+    """A request head (request line and headers) must arrive within this, from the connection's
+    first byte or the previous response (else 408 and close)."""
+    body_timeout_ms: int = Field(60_000, gt=0)
+    """A request body must arrive within this after its head (else the connection is closed)."""
+    keep_alive_timeout_ms: int = Field(5_000, gt=0)
+    """Idle keep-alive connections close after this (uvicorn's `timeout_keep_alive`)."""
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    """Largest request head (else 431 and close)."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body (else 413)."""
+    max_sessions: int = Field(1000, ge=1)
+    """Open MCP sessions (handshake era) at once; at the cap a new session ends the least recently
+    used idle session of the client holding the most."""
+    max_sessions_per_client: int = Field(100, ge=1)
+    """Sessions one client (its principal when authenticated, else its address) may hold; over it, its
+    own least recently used idle session ends."""
+    session_idle_timeout_ms: int = Field(600_000, gt=0)
+    """A session without a request in flight (or an open GET stream) for this long ends (404 after)."""
+
+
+class StdioEdgeSettings(_Strict):
+    """The stdio front's limits (`gateway.stdio`)."""
+
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Longest JSON-RPC line read from the client; a longer one is discarded unread and answered
+    with -32600 (with its id when the line starts with it)."""
+    max_inflight: int = Field(256, ge=1)
+    """Requests being served at once; reading pauses beyond it."""
+    output_high_water_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    """Bytes waiting to be written to a client that does not read; reading pauses above it."""
+
+
 class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
@@ -532,6 +585,10 @@ class GatewaySettings(_Strict):
     telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
     workflows: WorkflowSettings = Field(default_factory=lambda: WorkflowSettings())
     """Workflow files, the journal (SQLite), leases, limits; definitions sit under the top-level `workflows:`."""
+    http: HttpEdgeSettings = Field(default_factory=lambda: HttpEdgeSettings())
+    """The HTTP front's edge: allowed Host/Origin, read deadlines, connection and session limits."""
+    stdio: StdioEdgeSettings = Field(default_factory=lambda: StdioEdgeSettings())
+    """The stdio front's limits: longest message, requests in flight, output high-water mark."""
 
     @field_validator("separator")
     @classmethod

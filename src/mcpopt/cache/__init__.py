@@ -28,6 +28,7 @@ import orjson
 
 from mcpopt.cache.store import Entry, Generation, Generations, MemoryStore, RedisStore
 from mcpopt.config import CacheSettings
+from mcpopt.wire import dumps
 
 
 def cache_key(server: str, tool: str, arguments: Any, partition: str = "") -> tuple[str, str, str]:
@@ -35,8 +36,11 @@ def cache_key(server: str, tool: str, arguments: Any, partition: str = "") -> tu
 
     Canonical arguments: JSON with sorted keys (orjson `OPT_SORT_KEYS`), so `{"a":1,"b":2}`
     and `{"b":2,"a":1}` share an entry. Digest: BLAKE2b-128.
+
+    Raises:
+        InvalidParams: the arguments cannot be serialized (nested deeper than orjson's 254 levels).
     """
-    body = orjson.dumps(arguments or {}, option=orjson.OPT_SORT_KEYS)
+    body = dumps(arguments or {}, f"the arguments of tools/call {tool}", orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(body + b"\x00" + partition.encode(), digest_size=16).hexdigest()
     return server, tool, digest
 

@@ -33,6 +33,11 @@ def serve(
     transport: str = typer.Option("stdio", "--transport", "-t", help="stdio or http"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
+    allow_unauthenticated: bool = typer.Option(
+        False,
+        "--allow-unauthenticated",
+        help="Serve a non-loopback --host without gateway.auth (anyone who can connect may call every tool).",
+    ),
 ) -> None:
     """Serve the gateway over stdio or Streamable HTTP (at /mcp)."""
     cfg = load(config)
@@ -40,6 +45,19 @@ def serve(
     if transport not in ("stdio", "http"):
         err.print(f"[red]--transport: expected stdio or http (got {transport!r})[/red]")
         raise typer.Exit(2)
+    if transport == "http":
+        from mcpopt.gateway.edge import auth_enabled, bind_refusal, is_loopback
+
+        refusal = bind_refusal(cfg, host, allow_unauthenticated)
+        if refusal is not None:
+            err.print(f"[red]{refusal}[/red]", soft_wrap=True)
+            raise typer.Exit(2)
+        if not is_loopback(host) and not auth_enabled(cfg):
+            logging.getLogger("mcpopt").warning(
+                "serving HTTP on %s without authentication (--allow-unauthenticated): anyone who can connect "
+                "may call every tool",
+                host or "all interfaces",
+            )
     install_reaper()
     run(_serve(cfg, transport, host, port))
 

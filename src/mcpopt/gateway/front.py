@@ -19,30 +19,40 @@ import anyio
 import mcp_types as types
 import orjson
 from mcp.server.runner import serve_dual_era_loop
-from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from mcpopt import wire
 from mcpopt.api import ClientLink, session_id_of
+from mcpopt.gateway import faults
 from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.stdio_reader import LineReader, Oversized, recover_id
 from mcpopt.monitor.dashboard import routes as dashboard_routes
 from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
+from mcpopt.wire import check_call_params, valid_id
 
 logger = logging.getLogger(__name__)
 
 
 async def serve_stdio(gateway: Gateway) -> None:
-    """Serve MCP on stdin/stdout until stdin closes."""
+    """Serve MCP on stdin/stdout until stdin closes.
+
+    Limits (`gateway.stdio`): a line longer than `max_message_bytes` is discarded unread and answered
+    -32600 (with its id when the line starts with it); a request with an invalid id gets -32600 and a
+    line that is not JSON -32700, both with id null; reading pauses while `max_inflight` calls are
+    being served or more than `output_high_water_bytes` wait to be written (a client that does not
+    read is not buffered for without bound).
+    """
     loop = asyncio.get_running_loop()
+    limits = gateway.config.gateway.stdio
+    faults.install(gateway.server)
     # Private duplicates, and fd 1 pointed at stderr, so nothing else can write on the wire.
     in_fd = os.dup(0)
     out_fd = os.dup(1)
     os.dup2(2, 1)
-    reader = asyncio.StreamReader(limit=1 << 30)
-    r_transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(in_fd, "rb", buffering=0)
-    )
+    lines = LineReader(limits.max_message_bytes)
+    r_transport, _ = await loop.connect_read_pipe(lambda: lines, os.fdopen(in_fd, "rb", buffering=0))
     w_transport, w_protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(out_fd, "wb", buffering=0)
     )
@@ -51,25 +61,47 @@ async def serve_stdio(gateway: Gateway) -> None:
     corked = CorkedWriter(writer)
     write_send = PipeWriter(corked)
     validate = types.jsonrpc_message_adapter.validate_python
-    fast = FastFront(gateway, corked)
+    fast = FastFront(gateway, corked, max_inflight=limits.max_inflight)
+    high_water = limits.output_high_water_bytes
+
+    def answer(message: dict[str, Any]) -> None:
+        corked.write(orjson.dumps(message) + b"\n")
 
     async def pump_in() -> None:
         async with read_send:
             while True:
-                line = await reader.readline()
-                if not line:
+                while corked.over(high_water) and not corked.is_closing():
+                    with contextlib.suppress(Exception):
+                        await corked.drain()  # backpressure: take nothing more until the client reads
+                line = await lines.readline()
+                if line is None:
                     return
-                if line.isspace():
+                if isinstance(line, Oversized):
+                    found, rid = recover_id(line.head)
+                    rid = rid if found and valid_id(rid) else None
+                    answer(wire.invalid_request(_too_long(limits.max_message_bytes), rid))
                     continue
                 try:
                     obj = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    answer(wire.parse_error(exc))
+                    continue
+                for item in obj if isinstance(obj, list) else (obj,):
+                    problem = wire.request_id_problem(item)
+                    if problem is not None:
+                        answer(wire.invalid_request(problem))
+                        break
+                else:
+                    if fast.full:
+                        await fast.room()
                     if fast.offer(obj):
                         continue
-                    msg: Any = validate(obj, by_name=False)
-                except Exception as exc:  # noqa: BLE001 - reported to the session, never fatal
-                    await read_send.send(exc)
-                    continue
-                await read_send.send(SessionMessage(msg))
+                    try:
+                        msg: Any = validate(obj, by_name=False)
+                    except Exception as exc:  # noqa: BLE001 - reported to the session, never fatal
+                        await read_send.send(exc)
+                        continue
+                    await read_send.send(SessionMessage(msg))
 
     try:
         async with anyio.create_task_group() as tg:
@@ -89,6 +121,13 @@ async def serve_stdio(gateway: Gateway) -> None:
             w_transport.close()
 
 
+def _too_long(limit: int) -> str:
+    return (
+        f"Invalid Request: the message is longer than {limit} bytes (gateway.stdio.max_message_bytes); "
+        "it was discarded unread"
+    )
+
+
 class FastFront:
     """`tools/call` on the stdio front without the SDK's per-request machinery.
 
@@ -100,10 +139,23 @@ class FastFront:
     for one of these ids) are handled here too; everything else goes to the SDK.
     """
 
-    def __init__(self, gateway: Gateway, writer: CorkedWriter) -> None:
+    def __init__(self, gateway: Gateway, writer: CorkedWriter, max_inflight: int = 256) -> None:
         self.gateway = gateway
         self.writer = writer
         self.inflight: dict[Any, asyncio.Task[None]] = {}
+        self.max_inflight = max_inflight
+        self._freed: asyncio.Event | None = None
+
+    @property
+    def full(self) -> bool:
+        """`max_inflight` calls are being served: take no more lines until one ends."""
+        return len(self.inflight) >= self.max_inflight
+
+    async def room(self) -> None:
+        """Wait until fewer than `max_inflight` calls are being served."""
+        while self.full:
+            self._freed = asyncio.Event()
+            await self._freed.wait()
 
     def offer(self, msg: Any) -> bool:
         if not isinstance(msg, dict):
@@ -122,7 +174,8 @@ class FastFront:
             return True
         if method == "notifications/cancelled":
             params = msg.get("params")
-            found = self.inflight.get(params.get("requestId")) if isinstance(params, dict) else None
+            target = params.get("requestId") if isinstance(params, dict) else None
+            found = self.inflight.get(target) if valid_id(target) else None
             if found is not None:
                 found.cancel()
                 return True
@@ -130,6 +183,8 @@ class FastFront:
 
     def _done(self, rid: Any, _task: asyncio.Task[None]) -> None:
         self.inflight.pop(rid, None)
+        if self._freed is not None and not self.full:
+            self._freed.set()
 
     def _version(self, params: Any) -> str | None:
         meta = params.get("_meta") if isinstance(params, dict) else None
@@ -152,17 +207,15 @@ class FastFront:
             relay=self._relay,
             session_id=session_id_of(conn),
         )
+        what = faults.what_of("tools/call", params)
         try:
+            check_call_params(params)
             result = await self.gateway.call_tool(params, link)
-            self._write({"jsonrpc": "2.0", "id": rid, "result": result})
+            self._write({"jsonrpc": "2.0", "id": rid, "result": result}, what)
         except asyncio.CancelledError:
             return  # cancelled by the client: no response (spec, basic/utilities/cancellation)
-        except MCPError as exc:
-            err = exc.error.model_dump(mode="json", exclude_none=True)
-            self._write({"jsonrpc": "2.0", "id": rid, "error": err})
-        except Exception as exc:  # noqa: BLE001 - one bad call never ends the connection
-            logger.exception("tools/call failed inside the gateway")
-            self._write({"jsonrpc": "2.0", "id": rid, "error": {"code": -32603, "message": f"mcpopt: {exc}"}})
+        except Exception as exc:  # noqa: BLE001 - one bad call never ends the connection (nor shows internals)
+            self._write({"jsonrpc": "2.0", "id": rid, "error": faults.error_for(exc, what)}, what)
 
     async def _notify(self, method: str, params: Any = None, *_: Any) -> None:
         self._write({"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})})
@@ -178,9 +231,10 @@ class FastFront:
 
         return relay
 
-    def _write(self, message: dict[str, Any]) -> None:
+    def _write(self, message: dict[str, Any], what: str = "tools/call") -> None:
+        data = faults.encode_answer(message, what) if "id" in message else orjson.dumps(message)
         with contextlib.suppress(Exception):
-            line = orjson.dumps(message) + b"\n"
+            line = data + b"\n"
             if len(self.inflight) <= 1:
                 self.writer.write_now(line)  # one call in flight: no batching to wait for
             else:
@@ -191,40 +245,78 @@ class FastFront:
             task.cancel()
 
 
-def http_app(gateway: Gateway, host: str) -> Any:
+def http_app(gateway: Gateway, host: str, authenticate: Any = None) -> Any:
     """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras), `/healthz`, and telemetry's
-    `/metrics` (Prometheus) and `/dashboard`.
+    `/metrics` (Prometheus) and `/dashboard`, behind the edge (`mcpopt.gateway.edge.wrap_http`:
+    Host/Origin on every route, [authenticate], JSON-RPC ids, session admission).
 
     `HttpFront` answers handshake-era `tools/call` POSTs itself and passes the rest on;
-    `HeaderNormalizer` before it trims whitespace around header values (RFC 9110 section 5.5).
+    `HeaderNormalizer`, outermost, trims whitespace around header values (RFC 9110 section 5.5)
+    before the edge or anything else reads them. `authenticate` wraps an ASGI app in the
+    authentication layer (see `wrap_http`).
     """
+    from mcp.server.transport_security import TransportSecuritySettings
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from mcpopt.gateway.edge import health, may_see_details, wrap_http
     from mcpopt.gateway.headers import HeaderNormalizer
     from mcpopt.gateway.http_front import HttpFront
 
+    http = gateway.config.gateway.http
+    faults.install(gateway.server)
+
     async def healthz(request: Request) -> JSONResponse:
-        rows = gateway.status()
-        ok = all(r["state"] == "ready" for r in rows)
-        return JSONResponse({"ok": ok, "servers": rows}, status_code=200 if ok else 503)
+        body, status = health(gateway.status(), may_see_details(gateway.config, request.scope))
+        return JSONResponse(body, status_code=status)
 
     app = gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,
         custom_starlette_routes=[Route("/healthz", healthz), *dashboard_routes(gateway.telemetry)],
-        session_idle_timeout=3600,
+        session_idle_timeout=http.session_idle_timeout_ms / 1000,
+        # The edge's SessionGuard admits sessions (evicting idle ones); the SDK's cap, which refuses
+        # everyone once full, stays only as a backstop well above it.
+        max_sessions=2 * http.max_sessions + 64,
+        max_request_body_size=http.max_body_bytes,
+        # The edge's HostOriginGuard checks Host/Origin on every route, not only /mcp.
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    return HeaderNormalizer(HttpFront(gateway, app, "/mcp"))
+    front = HttpFront(gateway, app, "/mcp")
+    manager = gateway.server._session_manager  # noqa: SLF001 - set by streamable_http_app
+    return HeaderNormalizer(wrap_http(front, gateway.config, host, manager, authenticate=authenticate))
 
 
 async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event | None = None) -> None:
-    """Serve Streamable HTTP at http://host:port/mcp until cancelled or signalled."""
+    """Serve Streamable HTTP at http://host:port/mcp until cancelled or signalled.
+
+    Connection limits (`gateway.http`): head and body read deadlines, a head-size cap, a
+    keep-alive timeout and a connection cap that sheds stalled connections first
+    (`mcpopt.gateway.http_limits`).
+    """
     import uvicorn
 
+    from mcpopt.gateway.http_limits import EdgeLimits, fit_connections, protocol_class, raise_file_limit
+
+    http = gateway.config.gateway.http
+    limits = EdgeLimits(
+        max_connections=fit_connections(http.max_connections, raise_file_limit()),
+        header_timeout_s=http.header_timeout_ms / 1000,
+        body_timeout_s=http.body_timeout_ms / 1000,
+        max_header_bytes=http.max_header_bytes,
+    )
     app = http_app(gateway, host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        http=protocol_class(limits),
+        timeout_keep_alive=max(1, round(http.keep_alive_timeout_ms / 1000)),
+    )
     server = uvicorn.Server(config)
     if ready is not None:
 

@@ -48,14 +48,15 @@ from typing import Any
 import anyio
 import orjson
 from mcp.server.connection import Connection
-from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
-from mcp_types import INVALID_PARAMS, PROTOCOL_VERSION_META_KEY
+from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
-from pydantic import ValidationError
 
 from mcpopt.api import ClientLink, partition_of
+from mcpopt.gateway import faults
+from mcpopt.gateway.edge import BODY_SCOPE_KEY, MESSAGE_SCOPE_KEY
 from mcpopt.gateway.server import Gateway
+from mcpopt.wire import check_call_params
 
 logger = logging.getLogger(__name__)
 
@@ -139,26 +140,32 @@ class HttpFront:
         if conn is None or not conn.initialize_accepted or conn.protocol_version in _MODERN:
             return await self.app(scope, receive, send)
 
-        # The body: read once, replayed to the SDK app if this is not ours.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay(chunks, True, message, receive), send)
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size > limit:
-                return await self.app(scope, _replay(chunks, more, None, receive), send)
-            if not more:
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        try:
-            msg = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            msg = None
+        # The body: read once, replayed to the SDK app if this is not ours. The edge's JsonRpcGuard
+        # has usually read and parsed it already (and replays it to whoever reads `receive`).
+        if MESSAGE_SCOPE_KEY in scope:
+            body, msg = scope[BODY_SCOPE_KEY], scope[MESSAGE_SCOPE_KEY]
+            again = receive
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return await self.app(scope, _replay(chunks, True, message, receive), send)
+                chunk = message.get("body", b"")
+                chunks.append(chunk)
+                size += len(chunk)
+                more = message.get("more_body", False)
+                if size > limit:
+                    return await self.app(scope, _replay(chunks, more, None, receive), send)
+                if not more:
+                    break
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            try:
+                msg = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                msg = None
+            again = _replay([body], False, None, receive)
         call = _fast_call(msg)
         if call is None:
             if isinstance(msg, dict) and msg.get("method") == "notifications/cancelled" and "id" not in msg:
@@ -169,11 +176,11 @@ class HttpFront:
                     exchange.cancel()
                     await _accepted(send, sid)
                     return
-            return await self.app(scope, _replay([body], False, None, receive), send)
+            return await self.app(scope, again, send)
         rid, params = call
         key = (session_id, rid)
         if key in self._inflight or str(rid) in transport._request_streams:  # noqa: SLF001
-            return await self.app(scope, _replay([body], False, None, receive), send)
+            return await self.app(scope, again, send)
 
         partition = partition_of(auth.decode("latin-1") if auth else None)
         exchange = _Exchange(send, sid, rid, conn, transport)
@@ -226,6 +233,7 @@ class _Exchange:
         self.route: Any = None
         self.pump: asyncio.Task[None] | None = None
         self.pinger: asyncio.Task[None] | None = None
+        self.what = "tools/call"
 
     async def run(self, gateway: Gateway, params: Mapping[str, Any], partition: str) -> None:
         conn = self.conn
@@ -239,9 +247,11 @@ class _Exchange:
         )
         timer = asyncio.get_running_loop().call_later(PING_S, self._start_pinger)
         message: dict[str, Any]
+        self.what = faults.what_of("tools/call", params)
         try:
             with anyio.CancelScope() as scope:
                 self.scope = scope
+                check_call_params(params)
                 result = await gateway.call_tool(params, link)
                 message = {"jsonrpc": "2.0", "id": self.rid, "result": result}
             if scope.cancelled_caught:
@@ -250,14 +260,8 @@ class _Exchange:
                     "id": self.rid,
                     "error": {"code": REQUEST_CANCELLED, "message": "Request cancelled"},
                 }
-        except MCPError as exc:
-            message = {"jsonrpc": "2.0", "id": self.rid, "error": exc.error.model_dump(mode="json", exclude_none=True)}
-        except ValidationError:
-            error = {"code": INVALID_PARAMS, "message": "Invalid request parameters", "data": ""}
-            message = {"jsonrpc": "2.0", "id": self.rid, "error": error}
-        except Exception as exc:  # noqa: BLE001 - as the SDK's dispatcher: code 0 and the text
-            logger.exception("handler for 'tools/call' raised")
-            message = {"jsonrpc": "2.0", "id": self.rid, "error": {"code": 0, "message": str(exc)}}
+        except Exception as exc:  # noqa: BLE001 - that call's error (-32602/-32603, never code 0 or internals)
+            message = {"jsonrpc": "2.0", "id": self.rid, "error": faults.error_for(exc, self.what)}
         except BaseException:
             self.done = True  # this request is being torn down (server shutdown): no answer
             self._drop_route()
@@ -327,7 +331,7 @@ class _Exchange:
             )
 
     async def _finish(self, message: dict[str, Any]) -> None:
-        data = orjson.dumps(message)
+        data = faults.encode_answer(message, self.what)
         try:
             if self.sse:
                 await self._event(data, more=False)

@@ -19,6 +19,7 @@ import orjson
 from mcp.shared.exceptions import MCPError
 
 from mcpopt.upstream.pipes import CorkedWriter
+from mcpopt.wire import dumps_request
 
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 ID_PREFIX = "~"
@@ -106,6 +107,7 @@ class FastChannel:
             MCPError: the server answered with a JSON-RPC error.
             TimeoutError: no answer within `timeout_s` (a cancel notification is sent).
             ChannelClosed: the pipe closed first.
+            InvalidParams: the params cannot be serialized (nothing was sent; not the server's fault).
         """
         if self._closed or self._writer.is_closing():
             raise ChannelClosed()
@@ -115,6 +117,9 @@ class FastChannel:
             meta = dict(params.get("_meta") or {})
             meta["progressToken"] = rid
             params = {**params, "_meta": meta}
+        # Serialized before anything is registered or sent: arguments that cannot be (nested past
+        # orjson's limit) are the client's InvalidParams, not a failure of this server.
+        line = dumps_request({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}, method, params) + b"\n"
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         pending = self._pending
@@ -123,7 +128,6 @@ class FastChannel:
         # bookkeeping is most of its cost); expiry fails the future with TimeoutError.
         timer = loop.call_at(loop.time() + timeout_s, _expire, fut)
         try:
-            line = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}) + b"\n"
             if len(pending) == 1:
                 self._writer.write_now(line)  # alone in flight: no batching to wait for
             else:

@@ -58,6 +58,7 @@ from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, METHOD
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.upstream.fastpath import ChannelClosed
+from mcpopt.wire import dumps_request
 
 logger = logging.getLogger(__name__)
 
@@ -482,6 +483,7 @@ class HttpFastChannel:
             MCPError: the server answered with a JSON-RPC error (or an HTTP error the SDK maps to one).
             TimeoutError: no answer within `timeout_s` (the request is cancelled upstream).
             ChannelClosed: the connection failed or closed first.
+            InvalidParams: the params cannot be serialized (nothing was sent).
         """
         if self._closed or self._session is None:
             raise ChannelClosed()
@@ -497,7 +499,7 @@ class HttpFastChannel:
             meta = dict(params.get("_meta") or {})
             meta["progressToken"] = rid
             params = {**params, "_meta": meta}
-        body = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+        body = dumps_request({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}, method, params)
         try:
             data = self._head("POST", self._path, stamped, len(body)) + body
         except UnicodeEncodeError:

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import httpx2 as httpx
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS
@@ -726,8 +727,18 @@ class ServerPool:
                 self._observe(r, key, (time.perf_counter() - started) * 1000)
             raise
         except GatewayError:
-            raise
-        except Exception as exc:  # transport failures (HTTP errors, broken pipes): it may have been sent
+            raise  # the gateway's own verdict (bad params, rejected): the server is not blamed
+        except Exception as exc:
+            if not transport_failure(exc):
+                # A failure inside the gateway (an encoder's limit, a bug): that call fails alone and
+                # the server's breaker does not hear of it (issue 10: 5 such calls opened it for all).
+                logger.exception("mcpopt failed to forward %s to %s", method, up.label)
+                raise GatewayError(
+                    f"mcpopt could not forward {method} to {up.label}: an internal error of the gateway "
+                    "(logged on its side); the server was not at fault",
+                    server=self.name,
+                ) from None
+            # Transport failures (HTTP errors, broken pipes): it may have been sent.
             verdict = False
             r.last_error = f"{up.label} failed during {method}: {type(exc).__name__}: {exc}"
             raise UpstreamClosed(r.last_error, server=self.name) from exc
@@ -803,6 +814,24 @@ class ServerPool:
             server=self.name,
             code=GATEWAY_REJECTED,
         )
+
+
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # broken pipes, resets, refused connections, TLS errors, timeouts
+    EOFError,  # incomplete reads
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    httpx.HTTPError,  # the SDK's HTTP transports
+)
+
+
+def transport_failure(exc: BaseException) -> bool:
+    """Whether an exception from sending a request means the connection to the server failed (which
+    counts against its circuit breaker) rather than a failure inside the gateway (which does not)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(transport_failure(e) for e in exc.exceptions)
+    return isinstance(exc, _TRANSPORT_ERRORS)
 
 
 class _ReplicaListener:

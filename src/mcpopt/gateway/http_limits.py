@@ -1,0 +1,194 @@
+"""Connection limits of the HTTP front: read deadlines, a head-size cap, and a connection cap that
+sheds stalled connections first, on top of uvicorn's httptools protocol.
+
+uvicorn has a keep-alive timeout but no deadline for a request head that never finishes, no
+head-size limit on its httptools protocol, and `limit_concurrency` answers 503 to *new* requests
+when full -- so 1,100 connections that send half a head and stall filled the process's 1,024 file
+descriptors and shut every other client out (issue 10). `EdgeHttpProtocol` adds:
+
+* a head deadline (`header_timeout_ms`, from the connection's first byte or the end of the
+  previous response): 408 and close;
+* a body deadline (`body_timeout_ms` after the head): close;
+* a head-size cap (`max_header_bytes`): 431 and close;
+* a connection cap (`max_connections`, lowered to fit the file-descriptor limit): a new
+  connection over it closes the oldest connection still sending its head, else the oldest idle
+  keep-alive one, else is itself refused with 503. Connections serving a request are never shed.
+
+The file-descriptor soft limit is raised to the hard limit at start (`raise_file_limit`), as
+servers commonly do; `max_connections` is then capped at the limit minus a reserve for upstream
+pipes and sockets, telemetry files and connections being accepted (asyncio accepts up to its
+backlog before a protocol sees them).
+
+Timeout values follow nginx (`client_header_timeout`, `client_body_timeout`: 60 s) and Apache's
+mod_reqtimeout (`header=20-40`); the head-size cap follows nginx's `large_client_header_buffers`
+order of magnitude (4 x 8 KiB; 64 KiB here, as SSE/JWT headers can be long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger(__name__)
+
+FILE_RESERVE = 256
+"""File descriptors kept for everything but client connections (upstreams, files, accept bursts)."""
+
+
+class EdgeLimits:
+    """The limits one server applies; seconds and bytes."""
+
+    __slots__ = ("max_connections", "header_timeout_s", "body_timeout_s", "max_header_bytes", "shed", "refused")
+
+    def __init__(self, max_connections: int, header_timeout_s: float, body_timeout_s: float, max_header_bytes: int):
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_header_bytes = max_header_bytes
+        self.shed = 0
+        """Connections closed to make room for new ones."""
+        self.refused = 0
+        """New connections refused because every open one was busy."""
+
+
+_HEAD, _BUSY, _IDLE = 0, 1, 2
+
+
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above (`limits` is set by `protocol_class`)."""
+
+    limits: ClassVar[EdgeLimits]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEAD
+        self._since = 0.0
+        self._head_bytes = 0
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._enter_head()
+        if len(self.connections) > self.limits.max_connections:
+            self._make_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == _IDLE:
+            self._enter_head()
+        super().data_received(data)
+        if self._phase == _HEAD and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._reject(431, b"Request Header Fields Too Large")
+
+    # ---- parser callbacks ------------------------------------------------------------------
+    def on_headers_complete(self) -> None:
+        self._phase = _BUSY
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_expired)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._phase = _IDLE  # uvicorn's keep-alive timer runs until the next request starts
+            self._since = self.loop.time()
+
+    # ---- deadlines -------------------------------------------------------------------------
+    def _enter_head(self) -> None:
+        self._phase = _HEAD
+        self._since = self.loop.time()
+        self._head_bytes = 0
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._head_expired)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_expired(self) -> None:
+        self._deadline = None
+        if self._phase == _HEAD and not self.transport.is_closing():
+            self._reject(408, b"Request Timeout")
+
+    def _body_expired(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            logger.info("closing a connection whose request body took over %g s", self.limits.body_timeout_s)
+            self.transport.close()
+
+    def _reject(self, status: int, reason: bytes) -> None:
+        self._cancel_deadline()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % (status, reason))
+        self.transport.close()
+
+    # ---- the connection cap ----------------------------------------------------------------
+    def _make_room(self) -> None:
+        """Close the oldest stalled head, else the oldest idle keep-alive connection, else refuse this one."""
+        oldest: dict[int, tuple[float, EdgeHttpProtocol]] = {}
+        for conn in self.connections:
+            if conn is self or not isinstance(conn, EdgeHttpProtocol) or conn.transport.is_closing():
+                continue
+            phase = conn._phase
+            if phase == _BUSY:
+                continue
+            best = oldest.get(phase)
+            if best is None or conn._since < best[0]:
+                oldest[phase] = (conn._since, conn)
+        victim = (oldest.get(_HEAD) or oldest.get(_IDLE) or (0.0, None))[1]
+        if victim is not None:
+            self.limits.shed += 1
+            if victim._phase == _HEAD:
+                victim._reject(408, b"Request Timeout")
+            else:
+                victim.transport.close()
+            return
+        self.limits.refused += 1
+        self._reject(503, b"Service Unavailable")
+
+
+def protocol_class(limits: EdgeLimits) -> type[EdgeHttpProtocol]:
+    """An `EdgeHttpProtocol` subclass bound to `limits` (uvicorn instantiates the class itself)."""
+    return type("BoundEdgeHttpProtocol", (EdgeHttpProtocol,), {"limits": limits})
+
+
+def raise_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (capped at 1,048,576); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    target = min(target, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft
+    return target
+
+
+def fit_connections(wanted: int, file_limit: int) -> int:
+    """`wanted` connections, or fewer if the file limit cannot hold them with `FILE_RESERVE` to spare."""
+    room = max(16, file_limit - FILE_RESERVE)
+    if wanted > room:
+        logger.warning(
+            "HTTP front: gateway.http.max_connections %d lowered to %d to fit the file-descriptor limit %d",
+            wanted,
+            room,
+            file_limit,
+        )
+        return room
+    return wanted
