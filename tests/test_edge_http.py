@@ -312,6 +312,7 @@ async def _flood(
     return statuses
 
 
+@pytest.mark.timeout(900)  # ~25 s of gateway CPU for 10,050 handshakes; far longer on a loaded machine
 def test_session_flood_does_not_lock_out_new_clients(tmp_path: Path) -> None:
     """10,050 initialize requests (past the SDK's own 10,000-session table) never leave later
     clients with 503; a client connected before the flood keeps its session."""
