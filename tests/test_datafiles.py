@@ -13,9 +13,9 @@ import anyio
 import pytest
 
 from conftest import time_entry, write_config
+from mcpopt.api import ClientLink, no_progress
 from mcpopt.config import load_config
-from mcpopt.gateway.link import ClientLink, no_progress
-from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.assembly import build_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -46,7 +46,7 @@ async def test_telemetry_and_data_files_are_private(tmp_path: Path, open_umask: 
         {"time": time_entry()},
         {"telemetry": {"data_dir": str(data), "jsonl_path": str(data / "export" / "calls.jsonl")}},
     )
-    gateway = Gateway(load_config(config))
+    gateway = build_gateway(load_config(config))
     async with gateway.running():
         link = ClientLink("2025-06-18", None, None, None, lambda _t: no_progress)
         result = await gateway.call_tool({"name": "time__get_current_time", "arguments": {"timezone": "UTC"}}, link)

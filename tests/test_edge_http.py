@@ -450,13 +450,13 @@ def test_deep_arguments_fail_alone_and_spare_the_breaker(memory_port: int) -> No
 def test_unexpected_failure_is_internal_error_without_internals(tmp_path: Path) -> None:
     """A failure inside the gateway that nobody foresaw: -32603 for that call, no code 0, no Python text."""
     from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
     from mcpopt.gateway.front import serve_http
-    from mcpopt.gateway.server import Gateway
 
     config = write_config(tmp_path / "g.yaml", {"time": time_entry()})
 
     async def scenario() -> None:
-        gateway = Gateway(load_config(config))
+        gateway = build_gateway(load_config(config))
         async with gateway.running():
             pool = gateway.upstreams["time"]
 

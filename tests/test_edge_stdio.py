@@ -232,14 +232,14 @@ def _deep(levels: int) -> Any:
 def test_fast_path_failure_is_internal_error_without_internals(tmp_path: Path) -> None:
     """The stdio fast path, on a failure nobody foresaw: -32603 naming the call, no Python text."""
     from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
     from mcpopt.gateway.front import FastFront
-    from mcpopt.gateway.server import Gateway
     from mcpopt.upstream.pipes import CorkedWriter
 
     config = write_config(tmp_path / "g.yaml", {"time": time_entry()})
 
     async def scenario() -> dict[str, Any]:
-        gateway = Gateway(load_config(config))
+        gateway = build_gateway(load_config(config))
         async with gateway.running():
 
             async def broken(call: Any) -> Any:

@@ -11,8 +11,9 @@ The SDK's dispatcher answers a handler exception that is not an `MCPError` with 
 * anything else -> -32603 "mcpopt: internal error while serving <what>", with the traceback in
   the gateway's log only.
 
-`install` puts `guard` first in the SDK server's middleware, so the SDK's own paths (every method,
-and `tools/call` off the fast paths) are covered; the fast paths call `error_for` themselves.
+`guard` is the SDK server's first middleware (`mcpopt.gateway.handlers.build_server`), so the
+SDK's own paths (every method, and `tools/call` off the fast paths) are covered; the fast paths
+call `error_for` themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, ErrorData
 from pydantic import ValidationError
 
 from mcpopt.errors import GatewayError
-from mcpopt.wire import MAX_DEPTH, check_call_params, unencodable
+from mcpopt.wire import MAX_DEPTH, unencodable
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +72,11 @@ def encode_answer(message: dict[str, Any], what: str) -> bytes:
 
 
 async def guard(ctx: Any, call_next: Callable[..., Awaitable[Any]]) -> Any:
-    """SDK server middleware: validate `tools/call` params, and map failures per `error_for`."""
+    """SDK server middleware: map failures per `error_for`."""
     method = ctx.method
     try:
-        if method == "tools/call":
-            check_call_params(ctx.params)
         return await call_next(ctx)
     except (MCPError, ValidationError):
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to a JSON-RPC error, never code 0
         raise MCPError.from_error_data(ErrorData.model_validate(error_for(exc, what_of(method, ctx.params)))) from None
-
-
-def install(server: Any) -> None:
-    """Put `guard` first in `server.middleware` (once)."""
-    if guard not in server.middleware:
-        server.middleware.insert(0, guard)

@@ -30,7 +30,7 @@ from mcpopt.gateway.server import Gateway
 from mcpopt.gateway.stdio_reader import LineReader, Oversized, recover_id
 from mcpopt.monitor.dashboard import routes as dashboard_routes
 from mcpopt.upstream.pipes import CorkedWriter, PipeWriter
-from mcpopt.wire import check_call_params, valid_id
+from mcpopt.wire import valid_id
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ async def serve_stdio(gateway: Gateway) -> None:
     """
     loop = asyncio.get_running_loop()
     limits = gateway.config.gateway.stdio
-    faults.install(gateway.server)
     # Private duplicates, and fd 1 pointed at stderr, so nothing else can write on the wire.
     in_fd = os.dup(0)
     out_fd = os.dup(1)
@@ -209,7 +208,6 @@ class FastFront:
         )
         what = faults.what_of("tools/call", params)
         try:
-            check_call_params(params)
             result = await self.gateway.call_tool(params, link)
             self._write({"jsonrpc": "2.0", "id": rid, "result": result}, what)
         except asyncio.CancelledError:
@@ -265,7 +263,6 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None) -> Any:
     from mcpopt.gateway.http_front import HttpFront
 
     http = gateway.config.gateway.http
-    faults.install(gateway.server)
 
     async def healthz(request: Request) -> JSONResponse:
         body, status = health(gateway.status(), may_see_details(gateway.config, request.scope))

@@ -32,6 +32,7 @@ from mcp_types import INVALID_PARAMS
 from mcpopt.api import ClientLink, partition_of, session_id_of
 from mcpopt.catalog import Route
 from mcpopt.errors import GatewayError, UnknownTarget
+from mcpopt.gateway import faults
 from mcpopt.gateway.eras import MODERN, client_capabilities, forward_params, resource_error, resource_not_found
 from mcpopt.gateway.server import VERSION, Gateway, unknown
 from mcpopt.gateway.tasks import TASK_METHODS, TaskIdParams, TaskUpdateParams, check_request
@@ -64,8 +65,9 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
             on_subscriptions_listen=handlers.listen,
         )
     # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper) fast
-    # path; telemetry comes back as a pipeline filter.
-    server.middleware = [handlers.middleware]
+    # path; telemetry comes back as a pipeline filter. `faults.guard` comes first: a failure inside
+    # the gateway is -32602/-32603 for that request, never the SDK's code 0 with Python text.
+    server.middleware = [faults.guard, handlers.middleware]
     server.get_tool_input_schema = handlers.tool_input_schema
     for method in TASK_METHODS:
         params_type = TaskUpdateParams if method == "tasks/update" else TaskIdParams

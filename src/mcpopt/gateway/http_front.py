@@ -56,7 +56,6 @@ from mcpopt.api import ClientLink, partition_of
 from mcpopt.gateway import faults
 from mcpopt.gateway.edge import BODY_SCOPE_KEY, MESSAGE_SCOPE_KEY
 from mcpopt.gateway.server import Gateway
-from mcpopt.wire import check_call_params
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +250,6 @@ class _Exchange:
         try:
             with anyio.CancelScope() as scope:
                 self.scope = scope
-                check_call_params(params)
                 result = await gateway.call_tool(params, link)
                 message = {"jsonrpc": "2.0", "id": self.rid, "result": result}
             if scope.cancelled_caught:

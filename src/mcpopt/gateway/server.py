@@ -58,6 +58,7 @@ from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
 from mcpopt.policy import UNKNOWN
 from mcpopt.upstream.pool import ServerPool
 from mcpopt.upstream.server import CatalogKind
+from mcpopt.wire import check_call_params
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -331,11 +332,18 @@ class Gateway:
             link: how to reach the calling client (its era, request and notification channels).
 
         Raises:
-            MCPError: unknown tool, bad params, upstream JSON-RPC errors, and the gateway's own
-                errors (unavailable, timeout, closed) with the server named in message and data.
+            MCPError: unknown tool, bad params (-32602 naming the member: `name` not a string,
+                `arguments` / `_meta` not objects, a progress token that is not a string or an
+                integer, arguments nested too deep to forward), upstream JSON-RPC errors, and the
+                gateway's own errors (unavailable, timeout, closed) with the server named in
+                message and data.
         """
-        if not isinstance(params, Mapping) or not isinstance(name := params.get("name"), str):
-            raise MCPError(code=INVALID_PARAMS, message="tools/call needs params.name (a string)")
+        try:
+            check_call_params(params)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
+        assert isinstance(params, Mapping)
+        name = params["name"]
         route = self.catalog.tool_routes.get(name)
         if route is None and await self.start_lazy(name):
             route = self.catalog.tool_routes.get(name)
