@@ -287,6 +287,47 @@ def test_stalled_connections_do_not_shut_out_a_client(tmp_path: Path) -> None:
                 s.close()
 
 
+def _read_until_closed(s: socket.socket, limit: float = 60.0) -> bytes:
+    """Everything the server sends until it closes the connection (a guard, not a measurement)."""
+    s.settimeout(limit)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_read_deadlines_and_head_cap_close_what_never_finishes(tmp_path: Path) -> None:
+    """A head that never ends gets 408, a body that never arrives is cut off, a head past the cap gets
+    431 -- each closed by the gateway, which keeps serving."""
+    config = write_config(
+        tmp_path / "g.yaml",
+        {"time": time_entry()},
+        {"http": {"header_timeout_ms": 1000, "body_timeout_ms": 1000, "max_header_bytes": 4096}},
+    )
+    with http_gateway(config) as (_proc, port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            assert _read_until_closed(s).startswith(b"HTTP/1.1 408")
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            pass  # a connection that never sends a byte is a stalled head too
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            assert _read_until_closed(s).startswith(b"HTTP/1.1 408")
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b'accept: application/json, text/event-stream\r\ncontent-length: 1000\r\n\r\n{"jsonrpc"'
+            )
+            assert b" 200 " not in _read_until_closed(s)  # closed without serving half a body
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Big: " + b"a" * 8192)
+            assert _read_until_closed(s).startswith(b"HTTP/1.1 431")
+        # A keep-alive client that finishes its requests is served as usual.
+        with httpx.Client(timeout=30) as http:
+            for _ in range(3):
+                assert http.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+
+
 # ---- a session flood -----------------------------------------------------------------------
 async def _flood(
     port: int, count: int, headers: dict[str, str] | None = None, connections: int = 8, sids: list[str] | None = None
