@@ -29,6 +29,11 @@ an uninitialized connection, auth-owned sessions, duplicate ids, any other metho
 notifications, responses, GET and DELETE. The session's `Connection` is the one the gateway's
 middleware has seen (`Gateway.clients`, by `Connection.session_id`).
 
+It runs behind the edge (`mcpopt.gateway.edge.wrap_http`), which has already checked Host and
+Origin (the SDK's own check is off), refused invalid ids, and usually read and parsed the body
+(`scope["mcpopt.message"]`, used here instead of parsing again). A failure of the call is that
+call's JSON-RPC error (`mcpopt.gateway.faults.error_for`: never code 0 or Python text).
+
 Limits: a call in flight is not cancelled when its session is deleted or reaped (the SDK's
 dispatcher would cancel it), and a client that disconnects is noticed only when the answer is
 written (a 2025-era client's `notifications/cancelled` is honoured, as above).
