@@ -66,3 +66,16 @@ async def test_telemetry_and_data_files_are_private(tmp_path: Path, open_umask: 
     assert not loose, f"readable by others: {loose}"
     open_dirs = {str(p.relative_to(tmp_path)): oct(_mode(p)) for p in dirs if _mode(p) & 0o077}
     assert not open_dirs, f"folders open to others: {open_dirs}"
+
+
+async def test_workflow_journal_is_private(tmp_path: Path, open_umask: None) -> None:
+    from mcpopt.workflows.journal import SqliteJournal
+
+    folder = tmp_path / "wf"
+    journal = SqliteJournal(folder / "journal.db")
+    try:
+        made = [p for p in folder.rglob("*") if p.is_file()]
+        assert made and not {p.name: oct(_mode(p)) for p in made if _mode(p) & 0o077}
+        assert _mode(folder) == 0o700
+    finally:
+        await journal.close()

@@ -45,6 +45,8 @@ from typing import Any, Protocol
 import anyio
 import orjson
 
+from mcpopt.datafiles import ensure_private_file
+
 ACTIVE = ("running", "compensating")
 """Statuses of unfinished runs."""
 FINISHED = ("completed", "completed_with_errors", "failed", "compensated", "compensation_failed")
@@ -231,7 +233,8 @@ class SqliteJournal:
                 raise FileNotFoundError(f"no workflow journal at {path}")
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
         else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if str(path) != ":memory:":
+                ensure_private_file(path)  # 0600 in a 0700 folder: steps' arguments and results (WAL/shm alike)
             self.db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
