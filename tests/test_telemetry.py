@@ -571,3 +571,22 @@ def test_store_inserts_batches_across_statement_boundaries(tmp_path: Path) -> No
     assert [(r["tool"], r["total_ms"], r["seq"], r["session"]) for r in rows] == [
         (rec.tool, rec.total_ms, rec.seq, rec.session) for rec in records
     ]
+
+
+async def test_http_fast_path_calls_carry_their_client_session(tmp_path: Path) -> None:
+    """Handshake-era `tools/call` POSTs answered by the HTTP front's fast path are recorded under
+    their own client session (regression: that path built its ClientLink without a session id, so
+    sticky routing, per-session sequences and code sessions saw every HTTP client as one)."""
+    async with telemetry_gateway(tmp_path) as (gw, tel), serve_http(gw, tel) as port:
+        url = f"http://127.0.0.1:{port}/mcp"
+        async with Client(url, mode="legacy") as one, Client(url, mode="legacy") as two:
+            for client in (one, two, one, two):
+                assert not (await client.call_tool("fake__echo", {"text": "x"})).is_error
+        await tel.flush()
+        assert tel.sqlite_path is not None
+        rows = [r for r in db_rows(tel.sqlite_path) if r["tool"] == "echo"]
+    by_session: dict[str, list[int]] = {}
+    for r in rows:
+        by_session.setdefault(r["session"], []).append(r["seq"])
+    assert len(rows) == 4 and "" not in by_session
+    assert sorted(by_session.values()) == [[1, 2], [1, 2]], by_session

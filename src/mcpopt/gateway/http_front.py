@@ -57,7 +57,7 @@ from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
-from mcpopt.api import ClientLink, partition_of
+from mcpopt.api import ClientLink, partition_of, session_id_of
 from mcpopt.gateway import faults
 from mcpopt.gateway.edge import BODY_SCOPE_KEY, MESSAGE_SCOPE_KEY
 from mcpopt.gateway.server import Gateway
@@ -248,6 +248,7 @@ class _Exchange:
             notify=self.notify,
             relay=self.relay,
             partition=partition,
+            session_id=session_id_of(conn),
         )
         timer = asyncio.get_running_loop().call_later(PING_S, self._start_pinger)
         message: dict[str, Any]
