@@ -92,7 +92,13 @@ def clock(city: str) -> dict[str, Any]:
             {
                 "id": "there",
                 "tool": "time__convert_time",
-                "arguments": {"source_timezone": "UTC", "time": "12:00", "target_timezone": city},
+                # Depends on `now`: a batch can carry `now` and `ls` together, but `there` is a second
+                # round trip -- what only a workflow saves.
+                "arguments": {
+                    "source_timezone": "{{steps.now.json.timezone}}",
+                    "time": "12:00",
+                    "target_timezone": city,
+                },
             },
         ],
         "vars": {"folder": "FOLDER"},
@@ -130,7 +136,10 @@ async def test_the_loop_proposes_validates_and_applies_a_workflow_that_the_live_
     applied = [r for r in report.applied if r.startswith("workflow:")]
     assert len(applied) == 1, [e.to_dict() for e in report.events]
     event = next(e for e in report.events if e.rule == applied[0] and e.kind == "applied")
-    assert event.evidence["round_trips"] == {"before": 9, "after": 3} and event.evidence["newly_failing"] == []
+    # Each scenario becomes one call (3 round trips in all), from 9 one by one -- or from 6 when the
+    # batch hint for `now` + `ls` (which a workflow makes redundant) was validated first.
+    trips = event.evidence["round_trips"]
+    assert trips["after"] == 3 and trips["before"] in (6, 9) and event.evidence["newly_failing"] == []
     store = RuleStore(rules_path)
     rule = store.get(applied[0])
     assert rule.rollout is not None and rule.rollout.state == "canary"  # it starts on a share of the calls
