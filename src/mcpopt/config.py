@@ -342,6 +342,19 @@ class ServerConfig(_Strict):
     """The server deduplicates calls by `_meta["mcpopt/idempotency_key"]` (a repeated key returns the
     first call's result without acting again): a workflow step in flight when the gateway died is
     then re-sent after a restart instead of being reported in doubt, and may be retried."""
+    # ---- credentials and isolation (see README, "A shared gateway") ----
+    header_files: dict[str, str] = Field(default_factory=dict)
+    """Upstream request headers read from files at load time (header -> path, e.g. a token mounted as
+    a secret); the value is stripped of surrounding whitespace and never logged or shown."""
+    isolation: Literal["auto", "shared", "principal", "session"] = "auto"
+    """Whose calls share an upstream session: `shared` (everyone: one session per replica), `principal`
+    (one session per authenticated principal), `session` (one per client session). `auto`: `principal`
+    when `gateway.auth` is on, else `shared`."""
+    isolation_max_sessions: int = Field(32, ge=1)
+    """Isolated upstream sessions of this server kept at once; the least recently used idle one is closed
+    to make room, and a call finding every one busy is rejected with a clear error."""
+    isolation_idle_ms: int = Field(300_000, ge=1_000)
+    """An isolated upstream session unused for this long is closed (its process too, for stdio)."""
 
     @field_validator("type", "transport")
     @classmethod
@@ -552,6 +565,215 @@ class StdioEdgeSettings(_Strict):
     """Bytes waiting to be written to a client that does not read; reading pauses above it."""
 
 
+RateLimitList = list[str]
+"""Rate limits in the `limits` library's notation, e.g. `["10/second", "1000/hour", "20000/day"]`
+(a long window is a quota); every one of them must allow a call."""
+
+
+def _check_limits(value: list[str]) -> list[str]:
+    from limits import parse_many
+
+    for item in value:
+        try:
+            parse_many(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a rate limit: expected e.g. '10/second' or '1000 per hour'") from None
+    return value
+
+
+class IntrospectionSettings(_Strict):
+    """RFC 7662 token introspection for opaque (non-JWT) access tokens (`gateway.auth.introspection`)."""
+
+    endpoint: str | None = None
+    """The introspection endpoint (default: `introspection_endpoint` of the issuer's metadata)."""
+    client_id: str
+    """The gateway's own client id at the authorization server (client_secret_basic authentication)."""
+    client_secret_env: str | None = None
+    """The environment variable holding the client secret (never put the secret in the file)."""
+    client_secret_file: str | None = None
+    """Or a file holding it (e.g. a mounted secret)."""
+    cache_s: float = Field(300.0, ge=0)
+    """Longest an `active: true` answer is reused (never past the token's `exp`); keyed by SHA-256 of the token."""
+    negative_cache_s: float = Field(10.0, ge=0)
+    """How long an `active: false` answer is reused (a flood of bad tokens costs one request each this often)."""
+    timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> IntrospectionSettings:
+        if bool(self.client_secret_env) == bool(self.client_secret_file):
+            raise ValueError("give exactly one of client_secret_env or client_secret_file")
+        return self
+
+
+class ApiKeySettings(_Strict):
+    """Static API keys (`gateway.auth.api_keys`): stored as SHA-256 hashes, never in clear.
+
+    Lines of the form `<name> sha256:<64 hex digits> [scope ...]` (`mcpopt auth new-key NAME` prints
+    one), from `file` (one per line, `#` comments) and/or the environment variable `env` (lines or
+    comma-separated). A client sends the key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+    """
+
+    file: str | None = None
+    env: str | None = "MCPOPT_API_KEYS"
+    """Environment variable with more key lines (unset or empty: none)."""
+
+
+class AuthSettings(_Strict):
+    """Inbound authentication on the HTTP front (`gateway.auth`), per the MCP authorization spec:
+    the gateway is an OAuth 2.1 resource server (RFC 9728 metadata, RFC 6750 bearer tokens,
+    RFC 8707 audience). Off unless `issuer`, `jwks_uri`, `introspection` or API keys are set.
+    stdio is always the trusted local user.
+    """
+
+    resource: str | None = None
+    """The gateway's resource URL as clients reach it (e.g. `https://mcp.example.com/mcp`): the audience
+    tokens must carry, and the `resource` of the protected-resource metadata (default:
+    `http://<host>:<port>/mcp` of `serve`)."""
+    issuer: str | None = None
+    """The authorization server's issuer URL (its metadata gives `jwks_uri` and the introspection endpoint)."""
+    jwks_uri: str | None = None
+    """Where the signing keys are (default: from the issuer's metadata)."""
+    audience: list[str] = Field(default_factory=list)
+    """Accepted `aud` values (default: `[resource]`)."""
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+    )
+    """Accepted JWS algorithms (never `none`, never HMAC with a public key)."""
+    leeway_s: float = Field(30.0, ge=0, le=600)
+    """Clock skew tolerated on `exp` / `nbf` / `iat` (seconds)."""
+    required_scopes: list[str] = Field(default_factory=list)
+    """Scopes every request needs (403 `insufficient_scope` without them)."""
+    scopes_supported: list[str] = Field(default_factory=list)
+    """Scopes advertised in the protected-resource metadata (default: `required_scopes`)."""
+    groups_claims: list[str] = Field(default_factory=lambda: ["groups", "roles"])
+    """JWT / introspection claims read as the principal's groups or roles (strings or lists)."""
+    jwks_refresh_min_s: float = Field(30.0, ge=0)
+    """On an unknown `kid`, the key set is fetched again at most this often (a flood of forged kids
+    costs the IdP one request per interval)."""
+    jwks_max_age_s: float = Field(3600.0, gt=0)
+    """Keys are re-fetched in the background after this long."""
+    introspection: IntrospectionSettings | None = None
+    api_keys: ApiKeySettings = Field(default_factory=lambda: ApiKeySettings())
+    resource_name: str | None = None
+    """Human-readable name in the protected-resource metadata."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Timeout of requests to the authorization server (metadata, keys)."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when HTTP clients must authenticate: an issuer, a key set, introspection or API keys is set."""
+        if self.issuer or self.jwks_uri or self.introspection is not None:
+            return True
+        return bool(self.api_keys.file) or bool(self.api_keys.env and os.environ.get(self.api_keys.env))
+
+    @field_validator("algorithms")
+    @classmethod
+    def _safe_algorithms(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if a.lower() == "none" or a.upper().startswith("HS")]
+        if bad:
+            raise ValueError(f"asymmetric JWS algorithms only (got {', '.join(bad)})")
+        return value
+
+
+class PrincipalMatch(_Strict):
+    """Who a policy rule is for: each key given must match (any of its values); no key: everyone."""
+
+    subjects: list[str] = Field(default_factory=list)
+    """`sub` globs (for API keys: `apikey:<name>`)."""
+    groups: list[str] = Field(default_factory=list)
+    """Group / role names (from `auth.groups_claims`)."""
+    scopes: list[str] = Field(default_factory=list)
+    """Token scopes."""
+    api_keys: list[str] = Field(default_factory=list)
+    """API key names (globs)."""
+    client_ids: list[str] = Field(default_factory=list)
+    """OAuth client ids (`client_id` / `azp` claims; globs)."""
+    issuers: list[str] = Field(default_factory=list)
+
+
+class PolicyRule(_Strict):
+    """What the principals matching `match` may use (`gateway.policy.rules[]`).
+
+    Every matching rule grants its servers and tools (a union); `exposure`, `code_mode` and
+    `rate_limits` come from the first matching rule that sets them.
+    """
+
+    name: str = ""
+    match: PrincipalMatch = Field(default_factory=lambda: PrincipalMatch())
+    servers: list[str] = Field(default_factory=lambda: ["*"])
+    """Server-name globs whose tools, prompts and resources are granted."""
+    tools: list[str] = Field(default_factory=lambda: ["*"])
+    """Gateway tool-name globs (e.g. `time__*`) granted among those servers' tools."""
+    deny_tools: list[str] = Field(default_factory=list)
+    """Tool-name globs this rule does not grant, though `tools` matches them."""
+    admin: bool = False
+    """May call the gateway's administrative tools (`policy.admin_tools`)."""
+    exposure: Literal["full", "search", "code"] | None = None
+    code_mode: bool | None = None
+    """May call `execute_code` (default: only where its exposure is `code`)."""
+    rate_limits: RateLimitList = Field(default_factory=list)
+    """Per principal, all its calls together (overrides `limits.per_principal`)."""
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _valid_limits(cls, value: list[str]) -> list[str]:
+        return _check_limits(value)
+
+
+class PolicySettings(_Strict):
+    """Per-principal policy (`gateway.policy`); read only when `gateway.auth` is on.
+
+    A principal matching no rule gets `default` (out of the box: every upstream tool, not the
+    administrative ones); set `default: {servers: []}` to deny by default.
+    """
+
+    rules: list[PolicyRule] = Field(default_factory=list)
+    default: PolicyRule = Field(default_factory=lambda: PolicyRule(name="default"))
+    admin_tools: list[str] = Field(default_factory=lambda: ["cache_purge", "run_performance_benchmark", "*rule*"])
+    """The gateway's own tools (name after `{gateway.name}{separator}`, globs) only admins may call."""
+    tool_scopes: dict[str, list[str]] = Field(default_factory=dict)
+    """Tool-name glob -> scopes a token needs to call it (HTTP 403 `insufficient_scope` naming them)."""
+
+
+class LimitsSettings(_Strict):
+    """Rate limits and quotas (`gateway.limits`), counted with the `limits` library.
+
+    Each list holds limits like `"10/second"` or `"50000/day"`; a call must pass all that apply:
+    `global` (every call), `per_tool` (every caller of a tool together), `per_principal` (each
+    principal; a policy rule's `rate_limits` overrides it) and `per_principal_tool` (each principal
+    on each tool). A refused call gets a JSON-RPC error saying when to retry (and HTTP 429 with
+    `Retry-After` on the HTTP front's fast path).
+    """
+
+    enabled: bool = True
+    storage: str = "memory://"
+    """`memory://` (this process) or `redis://host:port/db` (counters shared by gateway replicas)."""
+    strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = "moving-window"
+    """`moving-window`: exact (one timestamp per call in the window); `sliding-window-counter`: two
+    counters per key, approximate, cheapest on Redis; `fixed-window`: resets at window edges."""
+    global_: RateLimitList = Field(default_factory=list, alias="global")
+    per_tool: dict[str, RateLimitList] = Field(default_factory=dict)
+    per_principal: RateLimitList = Field(default_factory=list)
+    per_principal_tool: dict[str, RateLimitList] = Field(default_factory=dict)
+
+    @field_validator("global_", "per_principal")
+    @classmethod
+    def _valid(cls, value: list[str]) -> list[str]:
+        return _check_limits(value)
+
+    @field_validator("per_tool", "per_principal_tool")
+    @classmethod
+    def _valid_map(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for limits in value.values():
+            _check_limits(limits)
+        return value
+
+    @property
+    def any(self) -> bool:
+        """True when some limit is configured (else the filter is left out of the pipeline)."""
+        return self.enabled and bool(self.global_ or self.per_tool or self.per_principal or self.per_principal_tool)
+
+
 class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
@@ -589,6 +811,12 @@ class GatewaySettings(_Strict):
     """The HTTP front's edge: allowed Host/Origin, read deadlines, connection and session limits."""
     stdio: StdioEdgeSettings = Field(default_factory=lambda: StdioEdgeSettings())
     """The stdio front's limits: longest message, requests in flight, output high-water mark."""
+    auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
+    """Inbound authentication on the HTTP front (off by default; stdio is the trusted local user)."""
+    policy: PolicySettings = Field(default_factory=lambda: PolicySettings())
+    """Who may see and call what (applies when `auth` is on)."""
+    limits: LimitsSettings = Field(default_factory=lambda: LimitsSettings())
+    """Rate limits and quotas: global, per tool, per principal."""
 
     @field_validator("separator")
     @classmethod
@@ -806,13 +1034,27 @@ def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any]
     except (TypeError, ValueError) as exc:  # pydantic-settings: malformed MCPOPT_* JSON values
         raise ConfigError(shown or "(environment)", "MCPOPT_*", f"valid values ({exc})") from None
     config.source = shown
-    if path is not None:
-        base = Path(path).resolve().parent
-        for server in config.mcpServers.values():
-            if server.cwd and not os.path.isabs(server.cwd):
-                server.cwd = str(base / server.cwd)
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    for name, server in config.mcpServers.items():
+        if path is not None and server.cwd and not os.path.isabs(server.cwd):
+            server.cwd = str(base / server.cwd)
+        for header, file in server.header_files.items():
+            server.headers[header] = _read_secret(
+                base / os.path.expanduser(file), shown, f"mcpServers.{name}.header_files.{header}"
+            )
     _load_workflow_files(config, shown, Path(config_dir))
     return config
+
+
+def _read_secret(path: Path, shown: str, key: str) -> str:
+    """The stripped text of a secret file (a mounted token); never echoed in errors."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(shown or "(environment)", key, f"a readable file ({path}: {exc.strerror})") from None
+    if not value or "\n" in value:
+        raise ConfigError(shown or "(environment)", key, f"one non-empty line in {path}")
+    return value
 
 
 def _load_workflow_files(config: Config, shown: str, base: Path) -> None:
