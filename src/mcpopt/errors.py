@@ -17,6 +17,10 @@ UPSTREAM_CLOSED = -32012
 """The upstream's connection closed while the call was in flight (crash, kill)."""
 GATEWAY_REJECTED = -32013
 """The gateway refused the call (limits, queue full)."""
+POLICY_DENIED = -32014
+"""The caller's policy does not grant the call (`mcpopt.auth.policy.PolicyDenied`)."""
+RATE_LIMITED = -32015
+"""A rate limit or quota refused the call (`mcpopt.auth.ratelimit.RateLimited`)."""
 
 
 class McpoptError(Exception):

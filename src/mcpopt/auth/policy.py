@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
+from mcp_types import ErrorData
+
 from mcpopt.auth.principal import Principal
 from mcpopt.config import PolicyRule, PolicySettings, PrincipalMatch
+from mcpopt.errors import POLICY_DENIED, GatewayError
 
 _GRANTS_KEPT = 10_000
 
@@ -46,6 +49,29 @@ class Decision(NamedTuple):
 
 
 ALLOW_LOCAL = Decision(True, rule="local")
+
+
+class PolicyDenied(GatewayError):
+    """A call, read or prompt the principal's policy does not grant (never sent upstream).
+
+    The message says what was refused and why; `data` carries `rule` (what decided) and, for a
+    tool that needs scopes the token lacks, `requiredScopes` (the HTTP front answers such a call
+    with 403 `insufficient_scope` naming them, the MCP spec's step-up signal).
+    """
+
+    code = POLICY_DENIED
+
+    def __init__(self, decision: Decision, *, server: str | None = None) -> None:
+        super().__init__(f"forbidden: {decision.reason}", server=server)
+        self.decision = decision
+
+    def to_error_data(self) -> ErrorData:
+        data: dict[str, Any] = {"rule": self.decision.rule}
+        if self.decision.scopes:
+            data["requiredScopes"] = list(self.decision.scopes)
+        if self.server:
+            data["server"] = self.server
+        return ErrorData(code=self.code, message=str(self), data=data)
 
 
 def _any(patterns: Iterable[str], value: str) -> bool:

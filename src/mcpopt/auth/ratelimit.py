@@ -31,12 +31,9 @@ from mcp_types import ErrorData
 
 from mcpopt.auth.principal import Principal
 from mcpopt.config import LimitsSettings
-from mcpopt.errors import GatewayError
+from mcpopt.errors import RATE_LIMITED, GatewayError
 
 logger = logging.getLogger(__name__)
-
-RATE_LIMITED = -32015
-"""JSON-RPC code of a call refused by a rate limit or quota (server-error range, JSON-RPC 2.0 §5.1)."""
 
 _STRATEGIES: dict[str, Any] = {
     "moving-window": strategies.MovingWindowRateLimiter,

@@ -208,6 +208,10 @@ class Telemetry:
                 del hashes[next(iter(hashes))]
         return digest
 
+    def principal_hash(self, key: str) -> str:
+        """The audit id of a principal at `standard`: `hash_id` of its key with this install's salt."""
+        return self.session_hash("principal\0" + key)
+
     def next_seq(self, session: str) -> int:
         seqs = self._seqs
         n = seqs.pop(session, 0) + 1

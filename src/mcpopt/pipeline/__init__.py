@@ -40,6 +40,8 @@ class ToolCall:
         partition: the caller's auth partition ("" for a single-user front such as stdio);
             cached and coalesced results are never shared across partitions.
         session_id: an opaque id of the client connection (sticky routing, telemetry).
+        principal: who is calling (`mcpopt.auth.Principal`; None or `LOCAL` for the trusted local
+            user): policy, rate limits, session isolation and audit read it.
         attrs: scratch space for filters (e.g. timings, cache hit), never sent anywhere.
     """
 
@@ -52,6 +54,7 @@ class ToolCall:
     partition: str = ""
     session_id: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
+    principal: Any = None
 
     @property
     def arguments(self) -> Mapping[str, Any]:

@@ -27,7 +27,15 @@ from typing import Any, Protocol
 import orjson
 from mcp.shared.exceptions import MCPError
 
-from mcpopt.errors import GATEWAY_REJECTED, UPSTREAM_CLOSED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, GatewayError
+from mcpopt.errors import (
+    GATEWAY_REJECTED,
+    POLICY_DENIED,
+    RATE_LIMITED,
+    UPSTREAM_CLOSED,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    GatewayError,
+)
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.telemetry.otel import parse_traceparent
 from mcpopt.telemetry.privacy import hash_arguments, redact_text, redacted_json
@@ -35,6 +43,7 @@ from mcpopt.telemetry.record import CallRecord, estimate_tokens
 
 REQUEST_TIMEOUT = -32001
 """The SDK's own request-timeout code (mcp.shared.exceptions)."""
+
 TASK_KEYS = ("user_intent", "task_type", "performance_target")
 """`_meta` keys (also under `_meta["mcpopt/task"]`) with which a client describes its task."""
 
@@ -147,6 +156,10 @@ def classify(result: ToolResult | None, exc: BaseException | None) -> tuple[str,
         return "timeout", code
     if code == GATEWAY_REJECTED:
         return "rejected", code
+    if code == POLICY_DENIED:
+        return "denied", code
+    if code == RATE_LIMITED:
+        return "limited", code
     if code in (UPSTREAM_UNAVAILABLE, UPSTREAM_CLOSED):
         return "unavailable", code
     return "protocol_error", code
@@ -194,6 +207,10 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
     trace_id = span_id = parent_span_id = session = args_hash = arguments = ""
     task_type = user_intent = performance_target = ""
     seq = 0
+    principal = ""
+    who = call.principal
+    if who is not None and level != "minimal":
+        principal = who.audit_id(level, hub.principal_hash)
     trace = attrs.get("_trace")
     if level != "minimal":
         if trace is not None:
@@ -244,4 +261,7 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
         parent_span_id,
         level,
         ",".join(attrs["variants"]) if "variants" in attrs else "",
+        principal,
+        str(attrs.get("decision") or ""),
+        str(attrs.get("policy_rule") or "")[:200],
     )

@@ -10,14 +10,28 @@ Outcomes (the `outcome` field, the Prometheus `outcome` label, the OTel `error.t
 - `unavailable`: no upstream could take the call (`UPSTREAM_UNAVAILABLE`, `UPSTREAM_CLOSED`).
 - `cancelled`: the client cancelled the call (not counted as an error).
 - `internal_error`: an unexpected exception inside the gateway.
+- `denied`: the principal's policy does not grant the call (code `POLICY_DENIED`); never sent
+  upstream, not counted as an error (the gateway did what it was configured to do).
+- `limited`: a rate limit or quota refused the call (code `RATE_LIMITED`); not counted as an error.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-OUTCOMES = ("ok", "tool_error", "protocol_error", "timeout", "rejected", "unavailable", "cancelled", "internal_error")
-ERROR_OUTCOMES = frozenset(OUTCOMES) - {"ok", "cancelled"}
+OUTCOMES = (
+    "ok",
+    "tool_error",
+    "protocol_error",
+    "timeout",
+    "rejected",
+    "unavailable",
+    "cancelled",
+    "internal_error",
+    "denied",
+    "limited",
+)
+ERROR_OUTCOMES = frozenset(OUTCOMES) - {"ok", "cancelled", "denied", "limited"}
 """Outcomes counted in error rates, grades and alerts."""
 
 LEVELS = ("minimal", "standard", "detailed")
@@ -49,6 +63,10 @@ class CallRecord(NamedTuple):
         variant: the canary arms the call fell in, `"<rule id>=canary|control"` comma-separated
             (`mcpopt.pipeline.rules`: a rule in canary rollout applies to a share of its calls;
             the optimizer compares the arms).
+        principal: who called (audit): "" at `minimal`, a salted hash of the principal's key at
+            `standard`, its `sub` / `apikey:<name>` at `detailed`; `local` for the trusted local user.
+        decision: the policy's verdict: `allow`, `deny`, `limit`, or "" when no policy applies
+            (authentication off); `policy_rule` the rule that decided, or the limit's scope.
     """
 
     ts: float
@@ -82,6 +100,9 @@ class CallRecord(NamedTuple):
     parent_span_id: str = ""
     level: str = "standard"
     variant: str = ""
+    principal: str = ""
+    decision: str = ""
+    policy_rule: str = ""
 
     @property
     def is_error(self) -> bool:

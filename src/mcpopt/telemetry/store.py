@@ -24,7 +24,8 @@ from mcpopt.config import TelemetrySettings, default_data_dir
 from mcpopt.datafiles import ensure_private_file
 from mcpopt.telemetry.record import FIELDS, CallRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: `principal`, `decision`, `policy_rule` (audit, issue 10); older files get the columns added."""
 
 _TYPES = {
     "ts": "REAL NOT NULL",
