@@ -134,6 +134,11 @@ class GatewayAPI(Protocol):
         """
         ...
 
+    def may_call(self, principal: Any, name: str, exposure: str | None = None) -> bool:
+        """True when `principal` (a `mcpopt.auth.Principal`, None for the local user) may call the
+        tool `name`: lists and search results show exactly these."""
+        ...
+
     def own_tools(self) -> list[types.Tool]:
         """The gateway's own tools (batch, cache, monitor, ... and plugin tools), in listing order."""
         ...

@@ -22,12 +22,13 @@ the per-server config (`headers`, `header_files`), not from the client's headers
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
 from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 
@@ -45,6 +46,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 PRINCIPAL_KEY = "mcpopt.principal"
 """Where the authenticated `Principal` sits in the ASGI scope."""
+METADATA_URL_KEY = "mcpopt.resource_metadata"
+"""Where the protected-resource metadata URL sits in the ASGI scope (for later challenges)."""
 
 
 class PrincipalUser(AuthenticatedUser):
@@ -62,6 +65,8 @@ class PrincipalUser(AuthenticatedUser):
         )
         super().__init__(token)
         self.principal = principal
+        self.session_owner = authorization_context(self)
+        """What the SDK binds a session to (computed once: the HTTP front compares it per call)."""
 
 
 def principal_of(scope: Scope) -> Principal | None:
@@ -78,6 +83,8 @@ class AuthMiddleware:
         resource: the gateway's resource URL (`auth.resource`, else `http://host:port/mcp`).
         authenticator: a prepared `Authenticator` (default: one built from `settings`).
         public_paths: paths served without a credential (e.g. a liveness probe).
+        grant_admin: `(principal) -> bool`: whether its policy grants admin; such a principal is
+            attached with `admin=True` (computed once per verified token).
     """
 
     def __init__(
@@ -88,12 +95,14 @@ class AuthMiddleware:
         *,
         authenticator: Authenticator | None = None,
         public_paths: tuple[str, ...] = (),
+        grant_admin: Any = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.resource = resource
         self.authenticator = authenticator or Authenticator(settings, resource)
         self.public_paths = frozenset(public_paths)
+        self.grant_admin = grant_admin
         self.metadata_url = metadata_url(resource)
         self.metadata_paths = frozenset(metadata_paths(resource))
         self.scopes = list(settings.required_scopes)
@@ -102,7 +111,7 @@ class AuthMiddleware:
             resource, servers, settings.scopes_supported or self.scopes, settings.resource_name
         )
         self._metadata_body = orjson.dumps(doc)
-        self._users: dict[int, tuple[Principal, PrincipalUser, AuthCredentials]] = {}
+        self._users: dict[int, tuple[Principal, PrincipalUser, AuthCredentials, Principal]] = {}
         self.refused = {"401": 0, "403": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,9 +156,13 @@ class AuthMiddleware:
         if entry is None or entry[0] is not principal:
             if len(self._users) > 10_000:
                 self._users.clear()
-            entry = (principal, PrincipalUser(principal), AuthCredentials(sorted(principal.scopes)))
+            marked = principal
+            if self.grant_admin is not None and self.grant_admin(principal):
+                marked = dataclasses.replace(principal, admin=True)
+            entry = (principal, PrincipalUser(marked), AuthCredentials(sorted(principal.scopes)), marked)
             self._users[id(principal)] = entry
-        scope[PRINCIPAL_KEY] = principal
+        scope[PRINCIPAL_KEY] = entry[3]
+        scope[METADATA_URL_KEY] = self.metadata_url
         scope["user"] = entry[1]
         scope["auth"] = entry[2]
 

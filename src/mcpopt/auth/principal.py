@@ -46,11 +46,20 @@ class Principal:
     expires_at: float | None = None
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     key: str = field(default="", compare=False)
+    admin: bool = field(default=False, compare=False)
+    """Its policy grants the administrative tools (set by the HTTP front's auth layer for readers that
+    have no policy at hand, e.g. the edge's `/healthz` details; the policy itself stays the judge)."""
 
     def __post_init__(self) -> None:
         if not self.key and self.kind != "local":
             ident = f"apikey\0{self.api_key}" if self.kind == "api_key" else f"{self.issuer}\0{self.subject}"
             object.__setattr__(self, "key", "p-" + hashlib.blake2b(ident.encode(), digest_size=8).hexdigest())
+
+    @property
+    def id(self) -> str:
+        """A stable, non-secret identity (`key`; `local` for the local user): what the edge's session
+        admission counts sessions by."""
+        return self.key or "local"
 
     @property
     def is_local(self) -> bool:

@@ -370,7 +370,14 @@ class SearchTools:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise MCPError(code=INVALID_PARAMS, message=f"search_tools: 'k' must be an integer from 1 to {MAX_K}")
         await self.ready()
-        hits = self.search(query, k, prefer=self.used_servers(link.session_id))
+        prefer = self.used_servers(link.session_id)
+        if link.principal is None or getattr(link.principal, "is_local", False):
+            hits = self.search(query, k, prefer=prefer)
+        else:
+            # Only what this principal may call: rank among everything, then keep its first k.
+            size = len(self.index) if self.index is not None else 0
+            ranked = self.search(query, max(k, size), prefer=prefer)
+            hits = [h for h in ranked if self.gateway.may_call(link.principal, h.doc.name)][:k]
         if not hits:
             return _text("No tool matches; try other words (what the tool does, not how).")
         return _text("\n".join(self.line_format(h.doc) for h in hits))
@@ -389,8 +396,10 @@ class SearchTools:
         if not isinstance(name, str) or not name:
             raise MCPError(code=INVALID_PARAMS, message="get_tool_schema: 'name' must be a tool name")
         tool = self._definition(name)
+        if tool is not None and not self.gateway.may_call(link.principal, name):
+            tool = None  # what a principal may not call does not exist for it
         if tool is None:
-            near = [h.doc.name for h in self.search(name, 3)]
+            near = [h.doc.name for h in self.search(name, 3) if self.gateway.may_call(link.principal, h.doc.name)]
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise MCPError(code=INVALID_PARAMS, message=f"get_tool_schema: no tool named {name!r}{hint}")
         self.note_use(link.session_id, name)

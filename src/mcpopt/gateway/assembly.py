@@ -4,7 +4,7 @@
 gives the request path of ARCHITECTURE.md:
 
     front (stdio | HTTP)  ->  SDK server + handlers  ->  Gateway.call_tool (names, eras, own tools)
-      ->  pipeline: telemetry -> shaping -> rules -> cache -> coalesce -> [upstream timer]
+      ->  pipeline: telemetry -> policy -> rate limit -> shaping -> rules -> cache -> coalesce -> [upstream timer]
       ->  upstream pool (route, breaker, retry, timeout)  ->  upstream session  ->  MCP server
 
 Every part receives only what it needs: plugins (gateway tools, monitor tools, code mode,
@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from mcpopt.api import ClientLink, no_progress
+from mcpopt.auth.policy import Policy
+from mcpopt.auth.ratelimit import RateLimiter
 from mcpopt.cache import ResultCache
 from mcpopt.catalog import GatewayCatalog
 from mcpopt.codemode.tool import CodeModeTool
@@ -34,6 +36,7 @@ from mcpopt.gateway.tools import GatewayTools
 from mcpopt.monitor.hub import Telemetry
 from mcpopt.monitor.tools import register_tools as register_monitor_tools
 from mcpopt.pipeline import Filter
+from mcpopt.pipeline.access import PolicyFilter, RateLimitFilter
 from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
 from mcpopt.pipeline.rules import RulesFilter, RuleStore, default_rules_path
 from mcpopt.pipeline.shaping import ResultStore, ShapingFilter
@@ -68,12 +71,22 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
         up = gw.upstreams.get(server)
         return [t.name for t in up.catalog.tools] if up is not None else []
 
+    # ---- who may call what, how often (issue 10) -------------------------------------------
+    access: list[Filter] = []
+    if g.auth.enabled:
+        gw.policy = Policy(g.policy, f"{g.name}{g.separator}", code_tool=f"{g.name}{g.separator}execute_code")
+        access.append(PolicyFilter(gw.policy))
+    if g.limits.any:
+        gw.limiter = RateLimiter(g.limits)
+        access.append(RateLimitFilter(gw.limiter, gw.policy))
+
     # ---- the request path (ARCHITECTURE.md) -------------------------------------------------
-    # telemetry -> shaping -> rules (rewrite; before the cache, which reads a rule's TTL) -> cache
-    # -> coalesce -> [timer] -> the replica pool (route, breaker, retry, timeout).
+    # telemetry -> policy -> rate limit -> shaping -> rules (rewrite; before the cache, which reads
+    # a rule's TTL) -> cache -> coalesce -> [timer] -> the replica pool (route, breaker, retry, timeout).
     chain: list[Filter] = [gw.rules, CacheFilter(gw.cache, server_tools), gw.coalescer]
     if g.shaping.max_result_bytes or g.shaping.compact_json:
         chain.insert(0, ShapingFilter(gw.results, g.shaping.max_result_bytes, g.shaping.compact_json))
+    chain = [*access, *chain]
     if gw.telemetry.enabled:
         chain = [gw.telemetry.filter, *chain, gw.telemetry.timer]
     gw.pipeline.set_filters(chain if filters is None else filters)

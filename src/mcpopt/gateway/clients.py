@@ -64,6 +64,8 @@ class Clients:
         """The last client connection seen (on the stdio front, the only one)."""
         self._levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
+        self._owners: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
+        """The owner key of a connection's isolated sessions, noted when it subscribes."""
         self._callers: dict[str, list[Caller]] = {name: [] for name in servers}
 
     # ---- connections ----------------------------------------------------------------------
@@ -94,8 +96,11 @@ class Clients:
                 await notify(conn, method, params)
 
     # ---- subscriptions --------------------------------------------------------------------
-    def subscribe(self, uri: str, conn: Connection) -> None:
+    def subscribe(self, uri: str, conn: Connection, owner: str = "") -> None:
+        """Note `conn`'s subscription to `uri`; `owner`: the key of the isolated session holding it."""
         self._subscriptions.setdefault(uri, weakref.WeakSet()).add(conn)
+        if owner:
+            self._owners[conn] = owner
 
     def unsubscribe(self, uri: str, conn: Connection) -> bool:
         """Drop a subscription; True when nobody is subscribed to `uri` any more."""
@@ -108,31 +113,52 @@ class Clients:
         del self._subscriptions[uri]
         return True
 
-    async def resource_updated(self, uri: str) -> None:
+    async def resource_updated(self, uri: str, owner: str | None = None) -> None:
+        """Tell the connections subscribed to `uri`; with `owner`, only that owner's (an isolated
+        session's update is its owner's alone)."""
         for conn in list(self._subscriptions.get(uri, ())):
+            if owner is not None and self._owners.get(conn, "") != owner:
+                continue
             await notify(conn, "notifications/resources/updated", {"uri": uri})
 
     # ---- calls in flight ------------------------------------------------------------------
     @contextlib.contextmanager
     def calling(self, server: str, caller: Caller) -> Iterator[None]:
-        """Mark `caller` as in flight to `server` for the block (where its requests and logs go)."""
-        callers = self._callers[server]
+        """Mark `caller` as in flight to `server` for the block (where its requests and logs go).
+
+        `server` is a server name, or `mcpopt.gateway.owners.caller_key(server, owner)` for an
+        owner's isolated session (those lists come and go with their calls)."""
+        callers = self._callers.get(server)
+        if callers is None:
+            callers = self._callers[server] = []
         callers.append(caller)
         try:
             yield
         finally:
             callers.remove(caller)
+            if not callers and "\0" in server:
+                self._callers.pop(server, None)
 
     def callers_of(self, server: str) -> list[Caller]:
-        """The live list of calls in flight to `server` (the hot path appends and removes itself)."""
-        return self._callers[server]
+        """The live list of calls in flight to `server` (the hot path appends and removes itself);
+        for an owner's key (`caller_key`) made on first use, and dropped with `drop_callers`."""
+        callers = self._callers.get(server)
+        if callers is None:
+            callers = self._callers[server] = []
+        return callers
+
+    def drop_callers(self, key: str) -> None:
+        """Forget an owner's empty list of calls in flight (owner keys come and go)."""
+        if not self._callers.get(key, True):
+            del self._callers[key]
 
     def callers(self, server: str) -> list[Caller]:
         """Calls in flight to `server`, oldest first."""
         return self._callers.get(server) or []
 
-    async def log(self, server: str, level: str, data: dict[str, Any]) -> None:
-        """Route an upstream's log message: to the call in flight, else to handshake-era connections."""
+    async def log(self, server: str, level: str, data: dict[str, Any], *, broadcast: bool = True) -> None:
+        """Route an upstream's log message: to the call in flight, else (`broadcast`) to every
+        handshake-era connection; an isolated session's messages between calls are dropped."""
         callers = self._callers.get(server)
         if callers:
             # A message during a call belongs to that call: it rides the call's own stream.
@@ -140,6 +166,8 @@ class Clients:
             if caller.notify is not None and level_at_least(level, caller.log_level):
                 with contextlib.suppress(Exception):
                     await caller.notify("notifications/message", data)
+            return
+        if not broadcast:
             return
         for conn in list(self.connections):
             if conn.protocol_version not in MODERN and level_at_least(level, self.log_level(conn)):

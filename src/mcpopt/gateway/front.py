@@ -25,6 +25,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt import wire
 from mcpopt.api import ClientLink, session_id_of
+from mcpopt.errors import ConfigError
 from mcpopt.gateway import faults
 from mcpopt.gateway.server import Gateway
 from mcpopt.gateway.stdio_reader import LineReader, Oversized, recover_id
@@ -243,7 +244,52 @@ class FastFront:
             task.cancel()
 
 
-def http_app(gateway: Gateway, host: str, authenticate: Any = None) -> Any:
+def resource_url(gateway: Gateway, host: str, port: int | None) -> str:
+    """The gateway's resource URL (`gateway.auth.resource`, else `http://host:port/mcp`).
+
+    Raises:
+        ConfigError: auth is on, no `resource` is set, and `host` is a wildcard or `port` unknown
+            (no URL a client could use, hence no audience a token could carry).
+    """
+    auth = gateway.config.gateway.auth
+    if auth.resource:
+        return auth.resource
+    if port is None or host in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            gateway.config.source,
+            "gateway.auth.resource",
+            "the URL clients use to reach the gateway's /mcp (e.g. https://mcp.example.com/mcp): "
+            f"it is the audience of their tokens, and {host or '(no host)'} is no address a client can use",
+        )
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/mcp"
+
+
+def auth_layer(gateway: Gateway, host: str, port: int | None) -> Any:
+    """`authenticate` for `wrap_http` when `gateway.auth` is on: wraps an ASGI app in
+    `mcpopt.auth.asgi.AuthMiddleware` (its resource URL from `resource_url`; a principal whose policy
+    grants `admin` is marked so, which the edge reads for `/healthz` details).
+
+    Raises:
+        ConfigError: no resource URL can be known (see `resource_url`).
+    """
+    from mcpopt.auth.asgi import AuthMiddleware
+
+    settings = gateway.config.gateway.auth
+    resource = resource_url(gateway, host, port)
+
+    def is_admin(principal: Any) -> bool:
+        return gateway.policy is not None and gateway.policy.grant(principal).admin
+
+    def wrap(inner: Any) -> Any:
+        layer = AuthMiddleware(inner, settings, resource, grant_admin=is_admin)
+        gateway.authenticator = layer.authenticator
+        return layer
+
+    return wrap
+
+
+def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | None = None) -> Any:
     """The Starlette app: MCP at `/mcp` (Streamable HTTP, both eras), `/healthz`, and telemetry's
     `/metrics` (Prometheus) and `/dashboard`, behind the edge (`mcpopt.gateway.edge.wrap_http`:
     Host/Origin on every route, [authenticate], JSON-RPC ids, session admission).
@@ -252,6 +298,8 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None) -> Any:
     `HeaderNormalizer`, outermost, trims whitespace around header values (RFC 9110 section 5.5)
     before the edge or anything else reads them. `authenticate` wraps an ASGI app in the
     authentication layer (see `wrap_http`).
+    With `gateway.auth` on and no `authenticate` given, `auth_layer` is that layer: every route
+    needs a valid credential except the protected-resource metadata.
     """
     from mcp.server.transport_security import TransportSecuritySettings
     from starlette.requests import Request
@@ -282,6 +330,8 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None) -> Any:
     )
     front = HttpFront(gateway, app, "/mcp")
     manager = gateway.server._session_manager  # noqa: SLF001 - set by streamable_http_app
+    if authenticate is None and gateway.config.gateway.auth.enabled:
+        authenticate = auth_layer(gateway, host, port)
     return HeaderNormalizer(wrap_http(front, gateway.config, host, manager, authenticate=authenticate))
 
 
@@ -303,7 +353,7 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
         body_timeout_s=http.body_timeout_ms / 1000,
         max_header_bytes=http.max_header_bytes,
     )
-    app = http_app(gateway, host)
+    app = http_app(gateway, host, port=port)
     config = uvicorn.Config(
         app,
         host=host,

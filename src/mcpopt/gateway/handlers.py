@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
-from fnmatch import fnmatchcase
 from typing import Any
 
 import mcp_types as types
@@ -30,6 +29,9 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import INVALID_PARAMS
 
 from mcpopt.api import ClientLink, partition_of, session_id_of
+from mcpopt.auth.asgi import principal_of
+from mcpopt.auth.policy import Decision, PolicyDenied
+from mcpopt.auth.principal import Principal
 from mcpopt.catalog import Route
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway import faults
@@ -78,32 +80,40 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
     return server, options
 
 
+def principal_of_ctx(ctx: Any) -> Principal | None:
+    """The principal the HTTP front's authentication attached to the request (None: stdio, or HTTP
+    without `gateway.auth`: the trusted local user)."""
+    request = getattr(ctx, "request", None)
+    scope = getattr(request, "scope", None)
+    return principal_of(scope) if isinstance(scope, dict) else None
+
+
 def link_of(ctx: ServerRequestContext[Any, Any]) -> ClientLink:
     """The `ClientLink` of a request the SDK's server dispatched."""
     session = ctx.session
     outbound = session._request_outbound  # noqa: SLF001 - on HTTP: the request's own stream
-    request = getattr(ctx, "request", None)
-    headers = getattr(request, "headers", None)
+    principal = principal_of_ctx(ctx)
+    if principal is not None:
+        partition = principal.key  # one partition per principal, whatever token it presents
+    else:
+        request = getattr(ctx, "request", None)
+        headers = getattr(request, "headers", None)
+        partition = partition_of(headers.get("authorization") if headers is not None else None)
     return ClientLink(
         version=ctx.protocol_version,
         connection=session._connection,  # noqa: SLF001
         requests=outbound if session.can_send_request else None,
         notify=outbound.notify,
         relay=lambda token: _progress_relay(ctx, token),
-        partition=partition_of(headers.get("authorization") if headers is not None else None),
+        partition=partition,
         session_id=session_id_of(session._connection),  # noqa: SLF001
+        principal=principal,
     )
 
 
-def exposure_for(gateway: Gateway, conn: Connection | None) -> str:
-    """The exposure mode of a client connection: `exposure_clients` by client name, else the default."""
-    g = gateway.config.gateway
-    if g.exposure_clients and conn is not None and conn.client_params is not None:
-        name = conn.client_params.client_info.name
-        for pattern, mode in g.exposure_clients.items():
-            if fnmatchcase(name, pattern):
-                return mode
-    return g.exposure
+def exposure_for(gateway: Gateway, conn: Connection | None, principal: Any = None) -> str:
+    """The exposure mode of a caller (`Gateway.exposure_for`): its policy's, else by client name."""
+    return gateway.exposure_for(conn, principal)
 
 
 class ProtocolHandlers:
@@ -153,23 +163,50 @@ class ProtocolHandlers:
     async def list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         gw = self.gateway
         await gw.start_lazy()
-        exposure = exposure_for(gw, ctx.session._connection)  # noqa: SLF001
-        items, cursor = self._page(gw.list_tools(exposure), params)
+        principal = principal_of_ctx(ctx)
+        exposure = exposure_for(gw, ctx.session._connection, principal)  # noqa: SLF001
+        tools = gw.list_tools(exposure)
+        if gw.policy is not None:  # a principal sees only what it may call
+            tools = [t for t in tools if gw.may_call(principal, t.name, exposure)]
+        items, cursor = self._page(tools, params)
         return types.ListToolsResult(tools=items, next_cursor=cursor)
 
     async def list_prompts(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
-        await self.gateway.start_lazy()
-        items, cursor = self._page(self.gateway.catalog.prompts, params)
+        gw = self.gateway
+        await gw.start_lazy()
+        prompts = gw.catalog.prompts
+        if gw.policy is not None:
+            principal = principal_of_ctx(ctx)
+            routes = gw.catalog.prompt_routes
+            prompts = [p for p in prompts if p.name in routes and gw.may_use_server(principal, routes[p.name].server)]
+        items, cursor = self._page(prompts, params)
         return types.ListPromptsResult(prompts=items, next_cursor=cursor)
 
+    def _visible_uris(self, ctx: Any, items: list[Any], uri_of: Callable[[Any], str]) -> list[Any]:
+        gw = self.gateway
+        if gw.policy is None:
+            return items
+        principal = principal_of_ctx(ctx)
+        out = []
+        for item in items:
+            try:
+                server = self.resolve_uri(uri_of(item)).server
+            except GatewayError:
+                continue
+            if gw.may_use_server(principal, server):
+                out.append(item)
+        return out
+
     async def list_resources(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
-        items, cursor = self._page(self.gateway.catalog.resources, params)
+        resources = self._visible_uris(ctx, self.gateway.catalog.resources, lambda r: str(r.uri))
+        items, cursor = self._page(resources, params)
         return types.ListResourcesResult(resources=items, next_cursor=cursor)
 
     async def list_templates(
         self, ctx: Any, params: types.PaginatedRequestParams | None
     ) -> types.ListResourceTemplatesResult:
-        items, cursor = self._page(self.gateway.catalog.templates, params)
+        templates = self._visible_uris(ctx, self.gateway.catalog.templates, lambda t: t.uri_template)
+        items, cursor = self._page(templates, params)
         return types.ListResourceTemplatesResult(resource_templates=items, next_cursor=cursor)
 
     # ---- prompts, resources -------------------------------------------------------------
@@ -240,25 +277,43 @@ class ProtocolHandlers:
         return result
 
     # ---- subscriptions ------------------------------------------------------------------
+    def _owner(self, ctx: Any, server: str) -> str:
+        gw = self.gateway
+        if not gw.isolated:
+            return ""
+        return gw.owner_of(server, principal_of_ctx(ctx), session_id_of(ctx.session._connection))  # noqa: SLF001
+
+    def _check_server(self, ctx: Any, server: str, what: str) -> None:
+        if not self.gateway.may_use_server(principal_of_ctx(ctx), server):
+            decision = Decision(False, f"the policy does not grant MCP server '{server}' ({what})", rule="servers")
+            raise MCPError.from_error_data(PolicyDenied(decision, server=server).to_error_data())
+
     async def subscribe(self, ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
         uri = str(params.uri)
+        gw = self.gateway
         try:
             route = self.resolve_uri(uri)
-            await self.gateway.upstreams[route.server].subscribe(route.name)
+            self._check_server(ctx, route.server, "resources/subscribe")
+            owner = self._owner(ctx, route.server)
+            await (await gw.pool_for(route.server, owner)).subscribe(route.name)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
-        self.gateway.clients.subscribe(uri, ctx.session._connection)  # noqa: SLF001
+        gw.clients.subscribe(uri, ctx.session._connection, owner)  # noqa: SLF001
         return types.EmptyResult()
 
     async def unsubscribe(self, ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
         uri = str(params.uri)
+        gw = self.gateway
         try:
             route = self.resolve_uri(uri)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
-        if self.gateway.clients.unsubscribe(uri, ctx.session._connection):  # noqa: SLF001
-            with contextlib.suppress(Exception):
-                await self.gateway.upstreams[route.server].unsubscribe(route.name)
+        owner = self._owner(ctx, route.server)
+        if gw.clients.unsubscribe(uri, ctx.session._connection) or owner:  # noqa: SLF001
+            pool = gw.isolated[route.server].peek(owner) if owner else gw.upstreams[route.server]
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await pool.unsubscribe(route.name)
         return types.EmptyResult()
 
     async def listen(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
@@ -268,11 +323,14 @@ class ProtocolHandlers:
         held: list[tuple[str, str]] = []
         upstreams = self.gateway.upstreams
         try:
+            principal = principal_of_ctx(ctx)
             for uri in wanted:
                 try:
                     route = self.resolve_uri(uri)
                 except GatewayError:
                     continue
+                if not self.gateway.may_use_server(principal, route.server):
+                    continue  # never subscribed for a principal that may not read it
                 key = (route.server, route.name)
                 self._listen_refs[key] = self._listen_refs.get(key, 0) + 1
                 held.append(key)
@@ -330,8 +388,16 @@ class ProtocolHandlers:
     async def set_level(self, ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
         gw = self.gateway
         gw.clients.set_log_level(ctx.session._connection, params.level)  # noqa: SLF001
-        for up in gw.upstreams.values():
-            if up.state == "ready" and up.capabilities and up.capabilities.logging and not up.modern:
+        for name, shared in gw.upstreams.items():
+            # An isolated server's level is its owner's session's alone; a shared one's is everyone's
+            # (the gateway still filters each client's messages by that client's own level).
+            up: Any = shared
+            if name in gw.isolated:
+                owner = self._owner(ctx, name)
+                up = gw.isolated[name].peek(owner) if owner else shared
+            if up is None or not (up.state == "ready" and up.capabilities and up.capabilities.logging):
+                continue
+            if not up.modern:
                 with contextlib.suppress(Exception):
                     await up.request("logging/setLevel", {"level": params.level})
         return types.EmptyResult()

@@ -25,7 +25,8 @@ unchanged (with the body replayed), which then answers exactly as it would have:
 unknown session id, a terminated or reaped session, Host/Origin/Content-Type rejected by the
 session's `TransportSecurityMiddleware` settings, an `Accept` without both JSON and SSE, a body
 over the size limit, a 2026-07-28 request (`MCP-Protocol-Version` header or `_meta` envelope),
-an uninitialized connection, auth-owned sessions, duplicate ids, any other method, batches,
+an uninitialized connection, a session bound to another principal than the request's (the
+SDK's session manager answers 404), duplicate ids, any other method, batches,
 notifications, responses, GET and DELETE. The session's `Connection` is the one the gateway's
 middleware has seen (`Gateway.clients`, by `Connection.session_id`).
 
@@ -52,12 +53,17 @@ from typing import Any
 
 import anyio
 import orjson
+from mcp.server.auth.middleware.bearer_auth import authorization_context
 from mcp.server.connection import Connection
+from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.api import ClientLink, partition_of, session_id_of
+from mcpopt.auth.asgi import METADATA_URL_KEY, principal_of
+from mcpopt.auth.metadata import challenge
+from mcpopt.errors import POLICY_DENIED, RATE_LIMITED
 from mcpopt.gateway import faults
 from mcpopt.gateway.edge import BODY_SCOPE_KEY, MESSAGE_SCOPE_KEY
 from mcpopt.gateway.server import Gateway
@@ -122,9 +128,13 @@ class HttpFront:
         manager = getattr(self.gateway.server, "_session_manager", None)
         if sid is None or manager is None or manager.stateless or manager.json_response:
             return await self.app(scope, receive, send)
-        if manager._session_owners or scope.get("user") is not None:  # noqa: SLF001
-            return await self.app(scope, receive, send)  # sessions bound to credentials: the SDK checks them
         session_id = sid.decode("latin-1")
+        user = scope.get("user")
+        owners = manager._session_owners  # noqa: SLF001
+        if (owners or user is not None) and (user is None or owners.get(session_id) != session_owner(user)):
+            # A session bound to another credential (or a credential on an unbound session): the
+            # SDK answers it (404, as if the session did not exist).
+            return await self.app(scope, receive, send)
         transport = manager._server_instances.get(session_id)  # noqa: SLF001
         if transport is None or transport.is_terminated:
             return await self.app(scope, receive, send)
@@ -186,8 +196,9 @@ class HttpFront:
         if key in self._inflight or str(rid) in transport._request_streams:  # noqa: SLF001
             return await self.app(scope, again, send)
 
-        partition = partition_of(auth.decode("latin-1") if auth else None)
-        exchange = _Exchange(send, sid, rid, conn, transport)
+        principal = principal_of(scope)
+        partition = principal.key if principal is not None else partition_of(auth.decode("latin-1") if auth else None)
+        exchange = _Exchange(send, sid, rid, conn, transport, principal, scope.get(METADATA_URL_KEY))
         self._inflight[key] = exchange
         tracked = idle is not None and transport._idle_timeout is not None  # noqa: SLF001
         if tracked:
@@ -224,7 +235,18 @@ class HttpFront:
 class _Exchange:
     """One `tools/call` POST: JSON answer unless the call's stream carries something first."""
 
-    def __init__(self, send: Send, sid: bytes, rid: Any, conn: Connection, transport: Any) -> None:
+    def __init__(
+        self,
+        send: Send,
+        sid: bytes,
+        rid: Any,
+        conn: Connection,
+        transport: Any,
+        principal: Any = None,
+        metadata_url: str | None = None,
+    ) -> None:
+        self.principal = principal
+        self.metadata_url = metadata_url
         self.send = send
         self.sid = sid
         self.rid = rid
@@ -249,10 +271,13 @@ class _Exchange:
             relay=self.relay,
             partition=partition,
             session_id=session_id_of(conn),
+            principal=self.principal,
         )
         timer = asyncio.get_running_loop().call_later(PING_S, self._start_pinger)
         message: dict[str, Any]
         self.what = faults.what_of("tools/call", params)
+        status: int = 200
+        headers: list[tuple[bytes, bytes]] = []
         try:
             with anyio.CancelScope() as scope:
                 self.scope = scope
@@ -266,6 +291,8 @@ class _Exchange:
                 }
         except Exception as exc:  # noqa: BLE001 - that call's error (-32602/-32603, never code 0 or internals)
             message = {"jsonrpc": "2.0", "id": self.rid, "error": faults.error_for(exc, self.what)}
+            if isinstance(exc, MCPError):
+                status, headers = _refusal_status(exc, self.metadata_url)
         except BaseException:
             self.done = True  # this request is being torn down (server shutdown): no answer
             self._drop_route()
@@ -275,7 +302,7 @@ class _Exchange:
             if self.pinger is not None:
                 self.pinger.cancel()
         await self._unroute()
-        await self._finish(message)
+        await self._finish(message, status, headers)
 
     def cancel(self) -> None:
         if self.scope is not None:
@@ -334,7 +361,11 @@ class _Exchange:
                 }
             )
 
-    async def _finish(self, message: dict[str, Any]) -> None:
+    async def _finish(
+        self, message: dict[str, Any], status: int = 200, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """Answer with `message`: a JSON body with `status` (and `extra` headers) when nothing was
+        streamed yet, else the last event of the call's SSE stream (whose status was 200)."""
         data = faults.encode_answer(message, self.what)
         try:
             if self.sse:
@@ -349,8 +380,9 @@ class _Exchange:
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(data)).encode()),
                         self._sid(),
+                        *(extra or ()),
                     ]
-                    await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await self.send({"type": "http.response.start", "status": status, "headers": headers})
                     await self.send({"type": "http.response.body", "body": data, "more_body": False})
                     return
             await self._event(data, more=False)
@@ -417,6 +449,27 @@ class _Exchange:
         self.route = None
         if cancel and self.pump is not None:
             self.pump.cancel()
+
+
+def session_owner(user: Any) -> Any:
+    """The principal a session is bound to, as the SDK's session manager records it."""
+    cached = getattr(user, "session_owner", None)
+    return cached if cached is not None else authorization_context(user)
+
+
+def _refusal_status(exc: MCPError, metadata_url: str | None) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """HTTP status and headers for a call refused before it reached an upstream: 429 with
+    `Retry-After` for a rate limit (RFC 6585 §4, RFC 9110 §10.2.3), 403 with an
+    `insufficient_scope` challenge for a tool whose scopes the token lacks (the MCP authorization
+    spec's step-up signal); 200 otherwise (the JSON-RPC error says the rest)."""
+    data = exc.error.data if isinstance(exc.error.data, dict) else {}
+    if exc.error.code == RATE_LIMITED:
+        retry = data.get("retryAfterSeconds")
+        return 429, [(b"retry-after", str(int(retry) if isinstance(retry, (int, float)) else 1).encode())]
+    if exc.error.code == POLICY_DENIED and data.get("requiredScopes") and metadata_url:
+        value = challenge(metadata_url, list(data["requiredScopes"]), "insufficient_scope", exc.error.message)
+        return 403, [(b"www-authenticate", value.encode("latin-1", "replace"))]
+    return 200, []
 
 
 def _fast_call(msg: Any) -> tuple[Any, dict[str, Any]] | None:

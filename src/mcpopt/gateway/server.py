@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -40,6 +41,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, INVALID_PARAMS, LOG_LEVEL_META_KEY
 
 from mcpopt.api import Caller, ClientLink, ToolHandler
+from mcpopt.auth.policy import Decision, Policy, PolicyDenied
 from mcpopt.catalog import GatewayCatalog, Namer, build_catalog
 from mcpopt.config import Config
 from mcpopt.errors import GatewayError
@@ -53,9 +55,11 @@ from mcpopt.gateway.eras import (
     envelope,
     modern_forwarded,
 )
+from mcpopt.gateway.owners import OwnerListener, caller_key, isolation_modes
 from mcpopt.gateway.tasks import TaskIds
 from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
 from mcpopt.policy import UNKNOWN
+from mcpopt.upstream.isolation import IsolatedSessions, single_replica
 from mcpopt.upstream.pool import ServerPool
 from mcpopt.upstream.server import CatalogKind
 from mcpopt.wire import check_call_params
@@ -177,6 +181,122 @@ class Gateway:
         """Run after the upstreams stopped, in reverse order of registration."""
         self.list_tools: Callable[[str], list[types.Tool]] = lambda exposure: self.catalog.tools + self.own.tools
         """`tools/list` of a connection in an exposure mode (discovery replaces this)."""
+        self.authenticator: Any = None
+        """The HTTP front's `mcpopt.auth.tokens.Authenticator` once it serves with auth (status, metrics)."""
+        self.limiter: Any = None
+        """The `mcpopt.auth.ratelimit.RateLimiter` when `gateway.limits` names limits (status, metrics)."""
+        self.policy: Policy | None = None
+        """Who may call and see what; attached by the assembly when `gateway.auth` is on (None: the
+        trusted local user only, everything allowed)."""
+        self.isolation = isolation_modes(config)
+        """Server -> `shared` | `principal` | `session`: whose calls share an upstream session."""
+        self.isolated: dict[str, IsolatedSessions] = {
+            name: IsolatedSessions(name, self.upstreams[name].cfg, self._owner_pool_factory(name))
+            for name, mode in self.isolation.items()
+            if mode != "shared"
+        }
+        """Per-owner upstream sessions of the servers not in `shared` mode."""
+        self.on_stop.append(self._close_isolated)
+
+    # ---- whose upstream session --------------------------------------------------------
+    def _owner_pool_factory(self, server: str) -> Callable[[str], ServerPool]:
+        g = self.config.gateway
+
+        def make(owner: str) -> ServerPool:
+            cfg = single_replica(self.upstreams[server].cfg)
+            listener = OwnerListener(server, owner, self.clients, self.namer)
+            return ServerPool(
+                server,
+                cfg,
+                listener,
+                call_timeout_s=g.call_timeout_ms / 1000,
+                restart_initial_s=g.restart.initial_backoff_ms / 1000,
+                restart_max_s=g.restart.max_backoff_ms / 1000,
+                restart_enabled=g.restart.enabled,
+            )
+
+        return make
+
+    async def _close_isolated(self) -> None:
+        for sessions in self.isolated.values():
+            await sessions.aclose()
+
+    def owner_of(self, server: str, principal: Any, session_id: str) -> str:
+        """The owner key of a call to `server`: "" (the shared pool), a principal's key, or a
+        client session id, per the server's `isolation` (see `mcpopt.gateway.owners`)."""
+        mode = self.isolation.get(server, "shared")
+        if mode == "shared":
+            return ""
+        if mode == "principal":
+            return principal.key if principal is not None else ""
+        return session_id
+
+    async def pool_for(self, server: str, owner: str) -> ServerPool:
+        """The pool serving `owner` on `server`: the shared one for "", else the owner's isolated
+        session (started on first use).
+
+        Raises:
+            GatewayError: every isolated session slot of the server is busy.
+        """
+        if owner:
+            sessions = self.isolated.get(server)
+            if sessions is not None:
+                return await sessions.get(owner)
+        return self.upstreams[server]
+
+    # ---- policy -------------------------------------------------------------------------
+    def exposure_for(self, conn: Any, principal: Any = None) -> str:
+        """The exposure mode of a caller: its policy grant's, else `exposure_clients` by the
+        connection's client name, else `gateway.exposure`."""
+        if self.policy is not None:
+            mode = self.policy.grant(principal).exposure
+            if mode is not None:
+                return mode
+        g = self.config.gateway
+        if g.exposure_clients and conn is not None and conn.client_params is not None:
+            name = conn.client_params.client_info.name
+            for pattern, mode in g.exposure_clients.items():
+                if fnmatchcase(name, pattern):
+                    return mode
+        return g.exposure
+
+    def may_call(self, principal: Any, name: str, exposure: str | None = None) -> bool:
+        """True when `principal` may call the tool `name` (what lists and search results show)."""
+        policy = self.policy
+        if policy is None:
+            return True
+        route = self.catalog.tool_routes.get(name)
+        return policy.visible(principal, name, route.server if route is not None else None, exposure)
+
+    def may_use_server(self, principal: Any, server: str) -> bool:
+        """True when `principal` may see and use `server`'s prompts and resources."""
+        return self.policy is None or self.policy.allows_server(principal, server)
+
+    async def _refuse_own(self, name: str, params: Mapping[str, Any], link: ClientLink, decision: Decision) -> Any:
+        """Refuse a call to a gateway tool, recorded by telemetry like any refused call."""
+        call = ToolCall(
+            self.config.gateway.name,
+            name,
+            name,
+            dict(params),
+            partition=link.partition,
+            session_id=link.session_id,
+            principal=link.principal,
+        )
+        call.attrs["decision"], call.attrs["policy_rule"] = "deny", decision.rule
+        error = PolicyDenied(decision)
+
+        async def refused(_call: ToolCall) -> ToolResult:
+            raise error
+
+        telemetry = getattr(self, "telemetry", None)
+        try:
+            if telemetry is not None and telemetry.enabled:
+                await telemetry.filter(call, refused)
+            else:
+                await refused(call)
+        except GatewayError as exc:
+            raise MCPError.from_error_data(exc.to_error_data()) from None
 
     # ---- GatewayAPI ---------------------------------------------------------------------
     def own_tools(self) -> list[types.Tool]:
@@ -351,6 +471,11 @@ class Gateway:
             own = self.own.handlers.get(name)
             if own is None:
                 raise unknown("tool", name, self.upstreams)
+            if self.policy is not None:
+                principal = link.principal
+                decision = self.policy.check_tool(principal, name, None, self.exposure_for(link.connection, principal))
+                if not decision.allowed:
+                    await self._refuse_own(name, params, link, decision)
             args = params.get("arguments")
             meta = params.get("_meta")
             if isinstance(meta, Mapping) and meta.get("progressToken") is not None:
@@ -358,6 +483,7 @@ class Gateway:
             return envelope(link.version, await own(args if isinstance(args, dict) else {}, link), self.stamp)
         up = self.upstreams[route.server]
         out, token, caller = self._prepare(params, link, up, name=route.name)
+        principal = link.principal
         call = ToolCall(
             route.server,
             route.name,
@@ -367,25 +493,37 @@ class Gateway:
             info=self.catalog.tool_infos.get(name, UNKNOWN),
             partition=link.partition,
             session_id=link.session_id,
+            principal=principal,
         )
-        callers = self.clients.callers_of(route.server)
+        owner = self.owner_of(route.server, principal, link.session_id) if self.isolated else ""
+        key = caller_key(route.server, owner)
+        callers = self.clients.callers_of(key)
         callers.append(caller)  # where this upstream's requests and logs go meanwhile
         try:
             result = await self.pipeline(call)
             kind = result.get("resultType")
             if kind == "input_required" and not caller.modern:
-                result = await drive_input_required(caller, up.name, up.request, "tools/call", out, result)
+                pool = await self.pool_for(route.server, owner)
+                result = await drive_input_required(caller, up.name, pool.request, "tools/call", out, result)
             elif kind == "task":
                 result = self.task_ids.created(route.server, result)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         finally:
             callers.remove(caller)
+            if owner and not callers:
+                self.clients.drop_callers(key)
         return envelope(link.version, result, self.stamp)
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
-        """The pipeline's terminal: send the call to its upstream."""
-        return await self.upstreams[call.server].call(call)
+        """The pipeline's terminal: send the call to its upstream (the caller's own session when
+        the server is isolated)."""
+        server = call.server
+        if server in self.isolated:
+            owner = self.owner_of(server, call.principal, call.session_id)
+            if owner:
+                return await (await self.isolated[server].get(owner)).call(call)
+        return await self.upstreams[server].call(call)
 
     def _prepare(
         self, params: Mapping[str, Any], link: ClientLink, up: ServerPool, **updates: Any
@@ -437,12 +575,22 @@ class Gateway:
         up = self.upstreams.get(server)
         if up is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown MCP server: {server}")
+        if not self.may_use_server(link.principal, server):
+            refusal = PolicyDenied(
+                Decision(False, f"the policy does not grant MCP server '{server}' ({method})", rule="servers"),
+                server=server,
+            )
+            raise MCPError.from_error_data(refusal.to_error_data())
         params, token, caller = self._prepare(params, link, up)
-        with self.clients.calling(server, caller):
+        owner = self.owner_of(server, link.principal, link.session_id) if self.isolated else ""
+        with self.clients.calling(caller_key(server, owner), caller):
             try:
-                result = await up.request(method, params, on_progress=link.relay(token) if token is not None else None)
+                pool = await self.pool_for(server, owner)
+                result = await pool.request(
+                    method, params, on_progress=link.relay(token) if token is not None else None
+                )
                 if result.get("resultType") == "input_required" and not caller.modern:
-                    result = await drive_input_required(caller, up.name, up.request, method, params, result)
+                    result = await drive_input_required(caller, up.name, pool.request, method, params, result)
             except GatewayError as exc:
                 raise MCPError.from_error_data(exc.to_error_data()) from None
         if link.version not in MODERN:

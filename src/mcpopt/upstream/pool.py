@@ -212,6 +212,16 @@ class ServerPool:
         return "; ".join(parts) or None
 
     @property
+    def busy(self) -> int:
+        """Requests in flight or waiting for a slot now."""
+        return self._active
+
+    @property
+    def last_activity(self) -> float:
+        """`time.monotonic()` of the last request's start or end."""
+        return self._last_activity
+
+    @property
     def restarts(self) -> int:
         """Restarts of all replicas together."""
         return sum(r.target.restarts for r in self.replicas)

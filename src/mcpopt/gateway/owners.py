@@ -1,0 +1,81 @@
+"""Who owns an upstream session, and where an isolated session's messages go.
+
+`isolation` (per server, `mcpopt.config.ServerConfig.isolation`) decides whose calls share an
+upstream session: everyone's (`shared`), one principal's (`principal`: the default when
+`gateway.auth` is on), or one client session's (`session`). The owner key of a call is "" for the
+shared pool, else the principal's key or the client session id.
+
+`OwnerListener` is the `UpstreamListener` of an isolated session: its server-to-client requests
+(roots, sampling, elicitation) and log messages go only to the owner's calls in flight, its
+resource updates only to the owner's subscribed connections, and its catalog changes are not
+the gateway's (the shared pool's catalog is what clients list). Nothing an isolated session
+says reaches another owner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mcp_types as types
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
+
+from mcpopt.catalog import Namer
+from mcpopt.config import Config
+from mcpopt.gateway.clients import Clients
+from mcpopt.gateway.eras import ask_client
+from mcpopt.upstream.server import CatalogKind
+
+
+def isolation_modes(config: Config) -> dict[str, str]:
+    """Server name -> `shared`, `principal` or `session` (`auto` resolved: `principal` when
+    `gateway.auth` is on, else `shared`)."""
+    auth = config.gateway.auth.enabled
+    modes: dict[str, str] = {}
+    for name, cfg in config.active_servers().items():
+        mode = cfg.isolation
+        if mode == "auto":
+            mode = "principal" if auth else "shared"
+        modes[name] = mode
+    return modes
+
+
+def caller_key(server: str, owner: str) -> str:
+    """The key under which calls in flight to one owner's session of `server` are registered."""
+    return f"{server}\0{owner}" if owner else server
+
+
+class OwnerListener:
+    """The listener of one owner's isolated session of `server` (see the module docstring)."""
+
+    def __init__(self, server: str, owner: str, clients: Clients, namer: Namer) -> None:
+        self.server = server
+        self.owner = owner
+        self.key = caller_key(server, owner)
+        self.clients = clients
+        self.namer = namer
+
+    async def catalog_changed(self, server: str, kinds: set[CatalogKind]) -> None:
+        return None  # the shared session's lists are the gateway's
+
+    async def resource_updated(self, server: str, uri: str) -> None:
+        await self.clients.resource_updated(self.namer.uri(server, uri), owner=self.owner)
+
+    async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None:
+        data = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+        data["logger"] = f"{server}/{data['logger']}" if data.get("logger") else server
+        await self.clients.log(self.key, params.level, data, broadcast=False)
+
+    async def client_request(self, server: str, request: types.InputRequest) -> Any:
+        for caller in reversed(self.clients.callers(self.key)):
+            if caller.modern or caller.requests is None:
+                continue
+            try:
+                return await ask_client(caller.requests, request)
+            except MCPError as exc:
+                return exc.error
+        return types.ErrorData(
+            code=INVALID_PARAMS,
+            message=f"no call of this session's client is in flight to answer {request.method} "
+            f"for MCP server '{server}'",
+        )
