@@ -76,7 +76,8 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     if g.auth.enabled:
         gw.policy = Policy(g.policy, f"{g.name}{g.separator}", code_tool=f"{g.name}{g.separator}execute_code")
         access.append(PolicyFilter(gw.policy))
-    if g.limits.any:
+    rule_limits = g.auth.enabled and any(r.rate_limits for r in [*g.policy.rules, g.policy.default])
+    if g.limits.enabled and (g.limits.any or rule_limits):
         gw.limiter = RateLimiter(g.limits)
         access.append(RateLimitFilter(gw.limiter, gw.policy))
 
