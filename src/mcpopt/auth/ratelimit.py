@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from limits import RateLimitItem, parse_many
 from limits.aio import strategies
@@ -65,6 +66,16 @@ class RateLimited(GatewayError):
         if self.server:
             data["server"] = self.server
         return ErrorData(code=self.code, message=str(self), data=data)
+
+
+def shown_uri(uri: str) -> str:
+    """A storage URL fit to show: any password replaced by `***` (`redis://:***@host:6379/0`)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _parse(values: Sequence[str]) -> list[RateLimitItem]:
@@ -199,7 +210,7 @@ class RateLimiter:
     def stats(self) -> dict[str, Any]:
         """`{storage, strategy, allowed, refused: {scope: n}, fell_back}` for status pages and metrics."""
         return {
-            "storage": self.storage_uri.split("@")[-1],
+            "storage": shown_uri(self.storage_uri),
             "strategy": self.settings.strategy,
             "allowed": self.allowed,
             "refused": dict(self.refused),
