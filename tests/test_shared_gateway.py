@@ -468,3 +468,27 @@ async def test_every_call_and_refusal_is_in_the_exported_audit_trail(shared: Sha
     principals = {r["principal"] for r in denied if r["policy_rule"] == "time-only"}
     assert len(principals) == 1 and principals <= {r["principal"] for r in allowed}
     assert any(r["outcome"] == "limited" and r["decision"] == "limit" for r in rows)  # carol's refusal
+
+
+async def test_refusals_and_sessions_are_counted_in_prometheus(shared: Shared) -> None:
+    await raw_post(shared.url, initialize_body())  # one more 401
+    async with bearer_client(shared.url, shared.token("carol")) as client:  # at least one rate-limit refusal
+        with pytest.raises(MCPError):
+            for _ in range(4):
+                await client.call_tool("everything__echo", {"message": "m"})
+    port = shared.url.split(":")[2].split("/")[0]
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {shared.token('alice')}"}) as http:
+        text = ""
+        for _ in range(100):  # per-call metrics are fed from records by a background loop
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            if 'outcome="limited"' in text:
+                break
+            await anyio.sleep(0.1)
+
+    def value(line_start: str) -> float:
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_start))
+
+    assert value('mcpopt_auth_refused_total{status="401"}') >= 1
+    assert value('mcpopt_rate_limited_total{scope="principal"}') >= 1
+    assert value('mcpopt_isolated_sessions{server="everything"}') >= 1  # carol's own session at least
+    assert 'outcome="limited"' in text

@@ -112,7 +112,6 @@ class AuthMiddleware:
         )
         self._metadata_body = orjson.dumps(doc)
         self._users: dict[int, tuple[Principal, PrincipalUser, AuthCredentials, Principal]] = {}
-        self.refused = {"401": 0, "403": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -172,7 +171,7 @@ class AuthMiddleware:
             status, error, scopes = 403, exc.error, exc.scopes
         else:
             status, error, scopes = 401, exc.error, self.scopes or list(self.settings.scopes_supported)
-        self.refused[str(status)] += 1
+        self.authenticator.refused[str(status)] += 1
         header = challenge(self.metadata_url, scopes, error, exc.description)
         body = orjson.dumps({"error": error or "unauthorized", "error_description": exc.description})
         await send(

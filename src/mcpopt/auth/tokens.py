@@ -358,6 +358,8 @@ class Authenticator:
         self._remembered: OrderedDict[str, Principal] = OrderedDict()
         self._groups = tuple(settings.groups_claims)
         self._algorithms = list(settings.algorithms)
+        self.refused = {"401": 0, "403": 0}
+        """HTTP requests the edge refused (counted by `AuthMiddleware`)."""
         if settings.issuer or settings.jwks_uri or settings.introspection is not None:
             self._http = httpx2.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
             if settings.issuer:
@@ -387,6 +389,16 @@ class Authenticator:
         if not isinstance(uri, str):
             raise AuthError(f"the authorization server {self.settings.issuer} publishes no introspection_endpoint")
         return uri
+
+    def stats(self) -> dict[str, Any]:
+        """`{refused: {"401": n, "403": n}, jwks_fetches, introspections, api_keys, remembered}`."""
+        return {
+            "refused": dict(self.refused),
+            "jwks_fetches": self.jwks.fetches if self.jwks is not None else 0,
+            "introspections": self.introspector.requests if self.introspector is not None else 0,
+            "api_keys": len(self.api_keys),
+            "remembered": len(self._remembered),
+        }
 
     async def aclose(self) -> None:
         if self._http is not None:

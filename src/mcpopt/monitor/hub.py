@@ -261,6 +261,27 @@ class Telemetry:
             out[sink.name] = sink.dropped
         return out
 
+    def access_stats(self) -> dict[str, Any]:
+        """Authentication, rate-limit and isolation counters of the gateway (`/metrics`, status).
+
+        Returns:
+            `{"auth": {refused: {"401": n, "403": n}, jwks_fetches, introspections} | {},
+            "limits": RateLimiter.stats() | {}, "isolation": {server: IsolatedSessions.stats()}}`.
+        """
+        gw = self.gateway
+        if gw is None:
+            return {}
+        out: dict[str, Any] = {"auth": {}, "limits": {}, "isolation": {}}
+        auth = getattr(gw, "authenticator", None)
+        if auth is not None:
+            out["auth"] = auth.stats()
+        limiter = getattr(gw, "limiter", None)
+        if limiter is not None:
+            out["limits"] = limiter.stats()
+        for name, sessions in (getattr(gw, "isolated", None) or {}).items():
+            out["isolation"][name] = sessions.stats()
+        return out
+
     def upstream_health(self) -> list[dict[str, Any]]:
         """Per server: state, restarts, last error, and per replica its state and breaker.
 

@@ -18,6 +18,14 @@ Read at scrape time from live state (no cost per call):
   server="", tool="").
 - `mcpopt_telemetry_dropped_total{sink}`: records a full queue dropped (`sink="pipeline"` is the
   filter's own hand-off queue).
+- `mcpopt_auth_refused_total{status}`: HTTP requests refused by authentication (401) or for
+  missing scopes (403); `mcpopt_auth_jwks_fetches_total`, `mcpopt_auth_introspections_total`:
+  requests to the authorization server.
+- `mcpopt_rate_limited_total{scope}`: calls refused by a rate limit (`global`, `tool`,
+  `principal`, `principal_tool`); refused calls also count under `outcome="limited"` above, and
+  policy refusals under `outcome="denied"`.
+- `mcpopt_isolated_sessions{server}`: per-owner upstream sessions open now;
+  `mcpopt_isolated_sessions_rejected_total{server}`: calls refused because all were busy.
 
 Each `Telemetry` has its own `CollectorRegistry`, so several gateways in one process (tests)
 never collide.
@@ -53,6 +61,8 @@ class LiveSource(Protocol):
     def upstream_health(self) -> list[dict[str, Any]]: ...
 
     def dropped(self) -> dict[str, int]: ...
+
+    def access_stats(self) -> dict[str, Any]: ...
 
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -243,3 +253,32 @@ class _LiveCollector(Collector):
         for t in summary["tools"]:
             grade.add_metric((t["server"], t["tool"]), GRADE_VALUE[t["grade"]])
         yield grade
+        yield from _access_metrics(hub.access_stats())
+
+
+def _access_metrics(stats: dict[str, Any]) -> Iterator[Any]:
+    """Authentication, rate limits and isolation (see the module docstring)."""
+    auth = stats.get("auth") or {}
+    refused = CounterMetricFamily("mcpopt_auth_refused", "HTTP requests refused by authentication", labels=("status",))
+    for status, n in (auth.get("refused") or {}).items():
+        refused.add_metric((status,), n)
+    yield refused
+    yield CounterMetricFamily(
+        "mcpopt_auth_jwks_fetches", "Key-set fetches from the authorization server", auth.get("jwks_fetches", 0)
+    )
+    yield CounterMetricFamily(
+        "mcpopt_auth_introspections", "Token introspection requests (RFC 7662)", auth.get("introspections", 0)
+    )
+    limited = CounterMetricFamily("mcpopt_rate_limited", "Calls refused by a rate limit", labels=("scope",))
+    for scope, n in ((stats.get("limits") or {}).get("refused") or {}).items():
+        limited.add_metric((scope,), n)
+    yield limited
+    open_now = GaugeMetricFamily("mcpopt_isolated_sessions", "Per-owner upstream sessions open", labels=("server",))
+    rejected = CounterMetricFamily(
+        "mcpopt_isolated_sessions_rejected", "Calls refused: every isolated session busy", labels=("server",)
+    )
+    for server, row in (stats.get("isolation") or {}).items():
+        open_now.add_metric((server,), row["open"])
+        rejected.add_metric((server,), row["rejected"])
+    yield open_now
+    yield rejected
