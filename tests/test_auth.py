@@ -278,3 +278,17 @@ def test_principal_keys_are_stable_and_distinct() -> None:
     assert a1.audit_id("standard", lambda k: "h:" + k) == "h:" + a1.key
     assert a1.audit_id("detailed", lambda k: "h:" + k) == "alice"
     assert a1.audit_id("minimal", lambda k: "h:" + k) == ""
+
+
+def test_cli_new_key_prints_a_key_and_its_hash_line() -> None:
+    import subprocess
+
+    from conftest import MCPOPT
+
+    made = subprocess.run([MCPOPT, "auth", "new-key", "ci-bot", "-s", "mcp:tools"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    key, line = made.stdout.split()[0], made.stdout.strip().splitlines()[1]
+    assert key.startswith("mcpk_") and line == f"ci-bot {hash_key(key)} mcp:tools"
+    hashed = subprocess.run([MCPOPT, "auth", "hash-key"], input=key + "\n", capture_output=True, text=True)
+    assert hashed.stdout.strip() == hash_key(key)
+    assert len(ApiKeys([("line", line)])) == 1

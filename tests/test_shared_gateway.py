@@ -492,3 +492,24 @@ async def test_refusals_and_sessions_are_counted_in_prometheus(shared: Shared) -
     assert value('mcpopt_rate_limited_total{scope="principal"}') >= 1
     assert value('mcpopt_isolated_sessions{server="everything"}') >= 1  # carol's own session at least
     assert 'outcome="limited"' in text
+
+
+async def test_cli_checks_tokens_and_purges_as_an_admin(shared: Shared) -> None:
+    def mcpopt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MCPOPT, *args], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+
+    alice, bob = shared.token("alice"), shared.token("bob")
+    checked = await anyio.to_thread.run_sync(
+        lambda: mcpopt("auth", "check", alice, "-c", str(shared.config), "--resource", shared.url)
+    )
+    assert checked.returncode == 0, checked.stderr
+    info = json.loads(checked.stdout)
+    assert info["subject"] == "alice" and info["rules"] == ["ops"] and info["admin"] and info["groups"] == ["ops"]
+    wrong = await anyio.to_thread.run_sync(
+        lambda: mcpopt("auth", "check", alice, "-c", str(shared.config), "--resource", "http://elsewhere/mcp")
+    )
+    assert wrong.returncode == 1 and "not issued for this resource" in wrong.stderr
+    purged = await anyio.to_thread.run_sync(lambda: mcpopt("cache", "purge", "--url", shared.url, "--token", alice))
+    assert purged.returncode == 0, purged.stderr
+    refused = await anyio.to_thread.run_sync(lambda: mcpopt("cache", "purge", "--url", shared.url, "--token", bob))
+    assert refused.returncode == 1 and "may this credential use it" in refused.stderr  # bob does not even see it

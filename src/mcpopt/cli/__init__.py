@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mcpopt.cli.workflows  # noqa: F401 - registers `mcpopt workflows`
-from mcpopt.cli import bench, cache, eval, optimize, serve, telemetry, tools  # noqa: F401 - they register commands
+from mcpopt.cli import auth, bench, cache, eval, optimize, serve, telemetry, tools  # noqa: F401 - they register commands
 from mcpopt.cli.common import app
 
 
