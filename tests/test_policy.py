@@ -302,3 +302,25 @@ async def test_a_full_house_of_busy_sessions_rejects_the_next_owner() -> None:
         assert await sessions.get("bob") is not a  # now alice is idle: she makes room
     finally:
         await sessions.aclose()
+
+
+# ---- audit fields ----------------------------------------------------------------------------
+def test_an_older_telemetry_file_gets_the_audit_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from mcpopt.telemetry.record import FIELDS, CallRecord
+    from mcpopt.telemetry.store import Store
+
+    old = [f for f in FIELDS if f not in ("principal", "decision", "policy_rule")]
+    path = tmp_path / "telemetry.db"
+    db = sqlite3.connect(path)
+    db.execute(f"CREATE TABLE calls (id INTEGER PRIMARY KEY, {', '.join(old)})")
+    db.execute("INSERT INTO calls (ts, server, tool, outcome, total_ms) VALUES (1, 's', 't', 'ok', 1)")
+    db.commit()
+    db.close()
+    store = Store(path)
+    store.insert([CallRecord(2.0, "s", "t", "s__t", "denied", 0.1, principal="h1", decision="deny", policy_rule="r")])
+    rows = list(store.calls())
+    store.close()
+    assert [r["outcome"] for r in rows] == ["ok", "denied"]
+    assert rows[1]["principal"] == "h1" and rows[1]["decision"] == "deny" and rows[0]["decision"] is None

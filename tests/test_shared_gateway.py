@@ -513,3 +513,27 @@ async def test_cli_checks_tokens_and_purges_as_an_admin(shared: Shared) -> None:
     assert purged.returncode == 0, purged.stderr
     refused = await anyio.to_thread.run_sync(lambda: mcpopt("cache", "purge", "--url", shared.url, "--token", bob))
     assert refused.returncode == 1 and "may this credential use it" in refused.stderr  # bob does not even see it
+
+
+async def test_a_2026_client_gets_the_same_policy(shared: Shared) -> None:
+    """A stateless 2026-07-28 client (no fast path: the SDK dispatches it) is the same principal."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {shared.token('bob')}"}, timeout=30.0)
+    async with Client(streamable_http_client(shared.url, http_client=http), mode="auto") as client:
+        assert client.protocol_version == "2026-07-28"
+        tools = [t.name for t in (await client.list_tools()).tools]
+        assert tools and all(n.startswith(("time__", "mcpopt__")) for n in tools), tools
+        assert not (await client.call_tool("time__get_current_time", {"timezone": "UTC"})).is_error
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("everything__echo", {"message": "x"})
+        assert refused.value.code == POLICY_DENIED
+
+
+async def test_stdio_stays_the_trusted_local_user(shared: Shared) -> None:
+    """The same config served over stdio: no credential, everything listed and callable."""
+    from conftest import gateway_client
+
+    async with gateway_client(shared.config, mode="legacy") as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"everything__echo", "time__get_current_time", "mcpopt__cache_purge"} <= names
+        assert not (await client.call_tool("everything__echo", {"message": "local"})).is_error
+        assert not (await client.call_tool("mcpopt__cache_purge", {})).is_error

@@ -184,7 +184,7 @@ async def _stdio_paths(calls: int, warmup: int, peers: bool, tmp: Path) -> list[
     return results
 
 
-async def _http_paths(calls: int, warmup: int, peers: bool, tmp: Path) -> list[PathResult]:
+async def _http_paths(calls: int, warmup: int, peers: bool, tmp: Path, auth: bool = False) -> list[PathResult]:
     results: list[PathResult] = []
     node = shutil.which("node") or "node"
     up_port = free_port()
@@ -199,6 +199,9 @@ async def _http_paths(calls: int, warmup: int, peers: bool, tmp: Path) -> list[P
                 background([*_mcpopt_cmd(), "serve", "-c", cfg, "-t", "http", "--port", str(gw_port)])
             )
             await wait_port(gw_port)
+            if auth:
+                results += await _auth_paths(stack, tmp, up_url, f"http://127.0.0.1:{gw_port}/mcp", calls, warmup)
+                targets = [t for t in targets if t[0] != "mcpopt"]
             if peers and FASTMCP_PY.exists():
                 fm_port = free_port()
                 script = tmp / "fastmcp_proxy.py"
@@ -217,7 +220,49 @@ async def _http_paths(calls: int, warmup: int, peers: bool, tmp: Path) -> list[P
                     results.append(summarize("http", label, samples, errors))
                 except Exception as exc:  # noqa: BLE001
                     results.append(summarize("http", label, [], calls, note=f"failed: {type(exc).__name__}"))
-    return results
+    order = ["direct", "mcpopt", "mcpopt+auth", "fastmcp-proxy"]
+    return sorted(results, key=lambda r: order.index(r.path) if r.path in order else len(order))
+
+
+async def _auth_paths(
+    stack: contextlib.AsyncExitStack, tmp: Path, up_url: str, plain_url: str, calls: int, warmup: int
+) -> list[PathResult]:
+    """`mcpopt` and `mcpopt+auth` (bearer JWT, policy rule, rate limit) measured alternately:
+    `ROUNDS` rounds of `calls / ROUNDS` calls on each, so drifts of a shared machine hit both."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    from mcpopt.bench.auth import Signer, auth_config, serve_jwks
+
+    signer = Signer()
+    issuer = stack.enter_context(serve_jwks(signer))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    cfg = _write(tmp, "http-auth.json", {"mcpServers": {"everything": {"url": up_url}}, "gateway": auth_config(issuer)})
+    await stack.enter_async_context(background([*_mcpopt_cmd(), "serve", "-c", cfg, "-t", "http", "--port", str(port)]))
+    await wait_port(port)
+    token = signer.token(issuer, url, scope="mcp:tools")
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+    plain = await stack.enter_async_context(Client(plain_url, mode="legacy"))
+    authed = await stack.enter_async_context(Client(streamable_http_client(url, http_client=http), mode="legacy"))
+    clients = {"mcpopt": plain, "mcpopt+auth": authed}
+    samples: dict[str, list[float]] = {k: [] for k in clients}
+    errors = dict.fromkeys(clients, 0)
+    per_round = max(1, calls // ROUNDS)
+    for i in range(ROUNDS):
+        for label, client in clients.items():
+
+            def one(c: Client = client) -> Awaitable[Any]:
+                return c.call_tool("everything__echo", {"message": "bench"})
+
+            got, bad = await measure(one, per_round, warmup if i == 0 else 5, _ok_echo)
+            samples[label] += got
+            errors[label] += bad
+    return [summarize("http", label, samples[label], errors[label]) for label in clients]
+
+
+ROUNDS = 10
+"""Rounds of alternation between the paths compared with `--auth`."""
 
 
 def _ok_time(result: Any) -> bool:
@@ -228,18 +273,27 @@ def _ok_echo(result: Any) -> bool:
     return not result.is_error and "bench" in result.content[0].text
 
 
-async def run_overhead(calls: int, warmup: int, transports: list[str], peers: bool, as_json: bool) -> None:
+async def run_overhead(
+    calls: int, warmup: int, transports: list[str], peers: bool, as_json: bool, auth: bool = False
+) -> None:
+    """Run the paths and print the table; `auth` adds the `mcpopt+auth` HTTP path (alternated with
+    `mcpopt`) and the in-process cost of authentication, policy and rate limits (`mcpopt.bench.auth`)."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         results: list[PathResult] = []
         if "stdio" in transports:
             results += await _stdio_paths(calls, warmup, peers, tmp)
         if "http" in transports:
-            results += await _http_paths(calls, warmup, peers, tmp)
-    report(results, as_json)
+            results += await _http_paths(calls, warmup, peers, tmp, auth=auth)
+    costs: list[dict[str, Any]] = []
+    if auth:
+        from mcpopt.bench.auth import in_process_costs
+
+        costs = await in_process_costs()
+    report(results, as_json, costs)
 
 
-def report(results: list[PathResult], as_json: bool) -> None:
+def report(results: list[PathResult], as_json: bool, costs: list[dict[str, Any]] | None = None) -> None:
     direct = {r.transport: r.p50_ms for r in results if r.path == "direct"}
     rows = []
     for r in results:
@@ -247,7 +301,7 @@ def report(results: list[PathResult], as_json: bool) -> None:
         d["p50_added_ms"] = r.p50_ms - direct.get(r.transport, float("nan"))
         rows.append(d)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"paths": rows, "auth_costs": costs} if costs else rows, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -267,3 +321,10 @@ def report(results: list[PathResult], as_json: bool) -> None:
             f"{d['p50_added_ms']:+.2f}" + (f" {d['note']}" if d["note"] else ""),
         )
     Console().print(table)
+    if costs:
+        extra = Table(title="authentication, policy and rate limits in process (us per request or call)")
+        for col in ("what", "p50 us", "p95 us", "p99 us", "runs"):
+            extra.add_column(col, justify="left" if col == "what" else "right")
+        for c in costs:
+            extra.add_row(c["what"], f"{c['p50_us']:.1f}", f"{c['p95_us']:.1f}", f"{c['p99_us']:.1f}", str(c["runs"]))
+        Console().print(extra)

@@ -16,13 +16,20 @@ def bench_overhead(
     warmup: int = typer.Option(50, "--warmup"),
     transports: str = typer.Option("stdio,http", "--transports", help="stdio, http or both"),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also measure FastMCP's proxy."),
+    auth: bool = typer.Option(
+        False, "--auth", help="Also HTTP with authentication on (JWT, policy, rate limit) and its cost in process."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """tools/call latency: direct vs through mcpopt vs through FastMCP's proxy, in one run."""
     from mcpopt.bench.overhead import run_overhead
 
     install_reaper()
-    run(run_overhead(calls=calls, warmup=warmup, transports=transports.split(","), peers=peers, as_json=as_json))
+    run(
+        run_overhead(
+            calls=calls, warmup=warmup, transports=transports.split(","), peers=peers, as_json=as_json, auth=auth
+        )
+    )
 
 
 @bench_app.command("cache")
