@@ -324,3 +324,13 @@ def test_an_older_telemetry_file_gets_the_audit_columns(tmp_path: Path) -> None:
     store.close()
     assert [r["outcome"] for r in rows] == ["ok", "denied"]
     assert rows[1]["principal"] == "h1" and rows[1]["decision"] == "deny" and rows[0]["decision"] is None
+
+
+def test_the_shared_gateway_example_loads() -> None:
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "examples" / "shared-gateway.yaml")
+    g = cfg.gateway
+    assert g.auth.enabled and g.auth.resource == "https://mcp.example.com/mcp"
+    assert [r.name for r in g.policy.rules] == ["platform-team", "engineers", "ci"] and g.limits.any
+    assert cfg.mcpServers["time"].isolation == "shared" and cfg.mcpServers["everything"].isolation == "auto"

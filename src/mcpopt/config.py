@@ -1038,7 +1038,7 @@ def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any]
     for name, server in config.mcpServers.items():
         if path is not None and server.cwd and not os.path.isabs(server.cwd):
             server.cwd = str(base / server.cwd)
-        for header, file in server.header_files.items():
+        for header, file in server.header_files.items() if not server.disabled else ():
             server.headers[header] = _read_secret(
                 base / os.path.expanduser(file), shown, f"mcpServers.{name}.header_files.{header}"
             )
