@@ -292,3 +292,60 @@ def test_cli_new_key_prints_a_key_and_its_hash_line() -> None:
     hashed = subprocess.run([MCPOPT, "auth", "hash-key"], input=key + "\n", capture_output=True, text=True)
     assert hashed.stdout.strip() == hash_key(key)
     assert len(ApiKeys([("line", line)])) == 1
+
+
+async def test_an_unreachable_authorization_server_is_503_not_401() -> None:
+    from mcpopt.auth.asgi import AuthMiddleware
+    from mcpopt.auth.errors import AuthUnavailable
+
+    cfg = load_config(data={"gateway": {"auth": {"issuer": f"http://127.0.0.1:{free_port()}"}}})
+    auth = Authenticator(cfg.gateway.auth, RESOURCE)
+    _, key = rsa_jwk("k")
+    token = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, key, algorithm="RS256", headers={"kid": "k"})
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate(f"Bearer {token}")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("an unchecked request must not reach the app")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    mw = AuthMiddleware(app, cfg.gateway.auth, RESOURCE, authenticator=auth)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/mcp",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+    }
+    await mw(scope, None, send)
+    start = sent[0]
+    assert start["status"] == 503 and (b"retry-after", b"5") in start["headers"]
+    assert not any(k == b"www-authenticate" for k, _ in start["headers"])
+    await auth.aclose()
+
+
+async def test_metadata_route_methods() -> None:
+    from mcpopt.auth.asgi import AuthMiddleware
+
+    cfg = load_config(data={"gateway": {"auth": {"issuer": "http://127.0.0.1:1"}}})
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("metadata is answered by the middleware")
+
+    mw = AuthMiddleware(app, cfg.gateway.auth, RESOURCE)
+    for method, status in (("GET", 200), ("OPTIONS", 204), ("POST", 405)):
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any], out: list[dict[str, Any]] = sent) -> None:
+            out.append(message)
+
+        path = "/.well-known/oauth-protected-resource/mcp"
+        await mw({"type": "http", "method": method, "path": path, "headers": []}, None, send)
+        assert sent[0]["status"] == status, method
+        if method == "GET":
+            assert (b"access-control-allow-origin", b"*") in sent[0]["headers"]
+            assert b'"resource":"' + RESOURCE.encode() + b'"' in sent[1]["body"]
+    await mw.authenticator.aclose()

@@ -126,6 +126,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
                     {"name": "ci", "match": {"api_keys": ["ci-bot"]}, "servers": ["time", "hdr"]},
                 ],
                 "default": {"name": "team", "servers": ["everything", "hdr"]},
+                "tool_scopes": {"everything__get-sum": ["mcp:admin"]},
             },
             "telemetry": {"data_dir": str(base / "telemetry")},
             "call_timeout_ms": 30000,
@@ -537,3 +538,28 @@ async def test_stdio_stays_the_trusted_local_user(shared: Shared) -> None:
         assert {"everything__echo", "time__get_current_time", "mcpopt__cache_purge"} <= names
         assert not (await client.call_tool("everything__echo", {"message": "local"})).is_error
         assert not (await client.call_tool("mcpopt__cache_purge", {})).is_error
+
+
+async def test_a_tool_needing_a_scope_the_token_lacks_gets_403_insufficient_scope(shared: Shared) -> None:
+    erin = shared.token("erin")  # mcp:tools only
+    async with bearer_client(shared.url, erin) as client:
+        assert "everything__get-sum" not in {t.name for t in (await client.list_tools()).tools}
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("everything__get-sum", {"a": 1, "b": 2})
+        assert refused.value.code == POLICY_DENIED and "mcp:admin" in refused.value.message
+    init = await raw_post(shared.url, initialize_body(), {"Authorization": f"Bearer {erin}"})
+    auth = {"Authorization": f"Bearer {erin}", "Mcp-Session-Id": init.headers["mcp-session-id"]}
+    await raw_post(shared.url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, auth)
+    call = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": "everything__get-sum", "arguments": {"a": 1, "b": 2}},
+    }
+    resp = await raw_post(shared.url, call, auth)
+    assert resp.status_code == 403
+    params = challenge_params(resp.headers["www-authenticate"])
+    assert params["error"] == "insufficient_scope" and params["scope"] == "mcp:admin"
+    assert resp.json()["error"]["data"]["requiredScopes"] == ["mcp:admin"]
+    async with bearer_client(shared.url, shared.token("alice")) as client:  # has mcp:admin
+        assert "3" in text_of(await client.call_tool("everything__get-sum", {"a": 1, "b": 2}))

@@ -8,7 +8,9 @@ It wraps the gateway's HTTP app (the `tools/call` fast path and the SDK's Stream
   API key>` or `X-API-Key`): without one, or with one that does not verify, the answer is 401
   with `WWW-Authenticate: Bearer resource_metadata="...", scope="..."` (plus
   `error="invalid_token"` and a description when a credential was sent, RFC 6750 §3.1); a valid
-  one lacking `auth.required_scopes` gets 403 `error="insufficient_scope"`.
+  one lacking `auth.required_scopes` gets 403 `error="insufficient_scope"`. When the authorization
+  server cannot be reached to check a credential, the answer is 503 with `Retry-After` (not 401:
+  the token may be valid, and a client must not be sent to fetch another).
 - `public_paths` (exact paths) are served without a credential; one that is sent is still
   checked and, if valid, attached (so such a route can show more to an authenticated caller).
 - An authenticated request goes on with `scope["mcpopt.principal"]` (the `Principal`) and
@@ -32,7 +34,7 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorizat
 from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 
-from mcpopt.auth.errors import AuthError, InsufficientScope
+from mcpopt.auth.errors import AuthError, AuthUnavailable, InsufficientScope
 from mcpopt.auth.metadata import challenge, metadata_paths, metadata_url, protected_resource_metadata
 from mcpopt.auth.principal import Principal
 from mcpopt.auth.tokens import Authenticator
@@ -166,6 +168,17 @@ class AuthMiddleware:
         scope["auth"] = entry[2]
 
     async def _refuse(self, send: Send, exc: AuthError | InsufficientScope) -> None:
+        if isinstance(exc, AuthUnavailable):
+            body = orjson.dumps({"error": exc.error, "error_description": exc.description})
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(exc.retry_after_s).encode()),
+                (b"cache-control", b"no-store"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
         error: str | None
         if isinstance(exc, InsufficientScope):
             status, error, scopes = 403, exc.error, exc.scopes

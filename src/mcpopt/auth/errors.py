@@ -29,6 +29,18 @@ class AuthError(McpoptError):
         self.description = description
 
 
+class AuthUnavailable(AuthError):
+    """The credential cannot be checked now: the authorization server (metadata, keys,
+    introspection) is unreachable (HTTP 503 with `Retry-After`, no challenge: the client's token
+    may well be valid, so it must not be sent to get another)."""
+
+    status = 503
+    retry_after_s = 5
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, error="temporarily_unavailable")
+
+
 class InsufficientScope(McpoptError):
     """The credential is valid but lacks scopes (HTTP 403, `error="insufficient_scope"`).
 

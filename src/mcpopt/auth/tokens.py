@@ -36,7 +36,7 @@ import httpx2
 import jwt
 from jwt import PyJWK, PyJWKSet
 
-from mcpopt.auth.errors import AuthError
+from mcpopt.auth.errors import AuthError, AuthUnavailable
 from mcpopt.auth.principal import Principal, principal_from_claims
 from mcpopt.config import AuthSettings
 from mcpopt.errors import ConfigError
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 10_000
 """Verified tokens (and introspection answers) kept, oldest dropped first: bounds memory at ~10-20 MB."""
+FAILED_RETRY_S = 5.0
+"""After a failed key-set fetch, the next one is tried after at most this long (seconds)."""
 MAX_TOKEN_BYTES = 16_384
 """Longer bearer values are refused before any parsing (no IdP issues such tokens)."""
 
@@ -64,11 +66,15 @@ class AuthorizationServerMetadata:
         AuthError: the metadata cannot be fetched (the request is refused, not served blindly).
     """
 
+    RETRY_S = 5.0
+    """After a failed discovery, requests are refused at once for this long (no IdP hammering)."""
+
     def __init__(self, issuer: str, http: httpx2.AsyncClient) -> None:
         self.issuer = issuer
         self.http = http
         self.doc: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
+        self._failed_at = -1e18
 
     def _candidates(self) -> list[str]:
         from urllib.parse import urlsplit
@@ -88,6 +94,8 @@ class AuthorizationServerMetadata:
         async with self._lock:
             if self.doc is not None:
                 return self.doc
+            if time.monotonic() - self._failed_at < self.RETRY_S:
+                raise AuthUnavailable(f"the gateway cannot reach its authorization server's metadata ({self.issuer})")
             errors = []
             for url in dict.fromkeys(self._candidates()):
                 try:
@@ -103,8 +111,9 @@ class AuthorizationServerMetadata:
                     self.doc = doc
                     return doc
                 errors.append(f"{url}: issuer mismatch")
+            self._failed_at = time.monotonic()
             logger.warning("authorization server metadata of %s not found (%s)", self.issuer, "; ".join(errors))
-            raise AuthError(f"the gateway cannot reach its authorization server's metadata ({self.issuer})")
+            raise AuthUnavailable(f"the gateway cannot reach its authorization server's metadata ({self.issuer})")
 
 
 class JwksCache:
@@ -131,6 +140,7 @@ class JwksCache:
         self._attempted_at = -1e18
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        self._failing = False
         self.fetches = 0
 
     async def key(self, kid: str | None, alg: str) -> PyJWK:
@@ -141,12 +151,16 @@ class JwksCache:
         """
         found = self._lookup(kid)
         now = time.monotonic()
-        if found is None and now - self._attempted_at >= self.min_refresh_s:
+        # After a failed fetch, try again sooner (the IdP may be back), still never in a tight loop.
+        interval = min(self.min_refresh_s, FAILED_RETRY_S) if self._failing else self.min_refresh_s
+        if found is None and now - self._attempted_at >= interval:
             await self._refresh(now)
             found = self._lookup(kid)
         elif found is not None and now - self._fetched_at > self.max_age_s and self._background is None:
             self._background = asyncio.ensure_future(self._refresh_in_background())
         if found is None:
+            if self._failing:  # the set could not be fetched: the key may exist, the token may be fine
+                raise AuthUnavailable("the gateway cannot fetch its authorization server's signing keys")
             raise AuthError(f"the token's signing key (kid {kid!r}) is not in the issuer's key set")
         if found.algorithm_name and found.algorithm_name != alg and found._jwk_data.get("alg"):  # noqa: SLF001
             raise AuthError(f"the token's algorithm {alg} does not match its key's ({found.algorithm_name})")
@@ -162,8 +176,8 @@ class JwksCache:
     async def _refresh_in_background(self) -> None:
         try:
             await self._refresh(time.monotonic())
-        except AuthError:
-            pass  # stale keys keep serving; the failure was logged
+        except AuthError:  # AuthUnavailable: stale keys keep serving; the failure was logged
+            pass
         finally:
             self._background = None
 
@@ -172,15 +186,21 @@ class JwksCache:
             if self._attempted_at >= now:  # another request fetched while this one waited
                 return
             self._attempted_at = time.monotonic()
-            uri = self._uri if isinstance(self._uri, str) else await self._uri()
+            try:
+                uri = self._uri if isinstance(self._uri, str) else await self._uri()
+            except AuthUnavailable:
+                self._failing = True
+                raise
             self.fetches += 1
             try:
                 resp = await self.http.get(uri)
                 resp.raise_for_status()
                 keyset = PyJWKSet.from_dict(resp.json())
             except (httpx2.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
+                self._failing = True
                 logger.warning("fetching the key set %s failed: %s", uri, exc)
-                raise AuthError("the gateway cannot fetch its authorization server's signing keys") from None
+                raise AuthUnavailable("the gateway cannot fetch its authorization server's signing keys") from None
+            self._failing = False
             keys: dict[str, PyJWK] = {}
             anonymous: list[PyJWK] = []
             for k in keyset.keys:
@@ -233,7 +253,7 @@ class Introspector:
             answer = resp.json()
         except (httpx2.HTTPError, ValueError) as exc:
             logger.warning("token introspection at %s failed: %s", endpoint, exc)
-            raise AuthError("the gateway cannot check the token (introspection failed)") from None
+            raise AuthUnavailable("the gateway cannot check the token (introspection failed)") from None
         if not isinstance(answer, dict) or answer.get("active") is not True:
             self._remember(digest, now + self.settings.negative_cache_s, None)
             raise AuthError("the token is not active (revoked, expired or unknown)")
