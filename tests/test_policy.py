@@ -334,3 +334,32 @@ def test_the_shared_gateway_example_loads() -> None:
     assert g.auth.enabled and g.auth.resource == "https://mcp.example.com/mcp"
     assert [r.name for r in g.policy.rules] == ["platform-team", "engineers", "ci"] and g.limits.any
     assert cfg.mcpServers["time"].isolation == "shared" and cfg.mcpServers["everything"].isolation == "auto"
+
+
+async def test_session_isolation_without_auth_keeps_each_clients_roots(tmp_path: Path) -> None:
+    """`isolation: session` on an unauthenticated HTTP front: each client session its own upstream
+    session (server-everything caches roots per session)."""
+    import mcp_types as types
+    from mcp import Client
+
+    from conftest import everything_entry, popen_gateway, text_of, wait_http, write_config
+
+    cfg = write_config(tmp_path / "s.yaml", {"everything": {**everything_entry(), "isolation": "session"}})
+    port = free_port()
+
+    def roots(uri: str) -> Any:
+        async def callback(_context: Any) -> types.ListRootsResult:
+            return types.ListRootsResult(roots=[types.Root(uri=uri, name=uri.rsplit("/", 1)[1])])
+
+        return callback
+
+    with popen_gateway(cfg, "-t", "http", "--port", str(port)) as proc:
+        wait_http(port, proc, timeout=60)
+        url = f"http://127.0.0.1:{port}/mcp"
+        one = Client(url, mode="legacy", list_roots_callback=roots("file:///srv/one"))
+        two = Client(url, mode="legacy", list_roots_callback=roots("file:///srv/two"))
+        async with one as a, two as b:
+            first = text_of(await a.call_tool("everything__get-roots-list", {}))
+            second = text_of(await b.call_tool("everything__get-roots-list", {}))
+    assert "file:///srv/one" in first and "file:///srv/two" not in first, first
+    assert "file:///srv/two" in second and "file:///srv/one" not in second, second
