@@ -1128,6 +1128,9 @@ gateway:
   # telemetry: {level: standard}          # minimal | standard | detailed; enabled: false records nothing
   # shaping: {max_result_bytes: 65536}    # cut huge results; the whole stays readable as a resource
   # workflows: {files: [workflows/*.yaml]}  # more workflow files; the journal: workflows.journal.path
+  # auth: {issuer: https://idp.example.com, resource: https://mcp.example.com/mcp}   # a shared gateway:
+  # policy: {rules: [...]}                # who may use what; limits: {per_principal: ["120/minute"]}
+  #                                       # (see examples/shared-gateway.yaml)
 
 # workflows:                              # each is served as the tool workflow__<name>
 #   now_and_log:
