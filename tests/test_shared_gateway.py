@@ -53,6 +53,7 @@ pytestmark = [
 ]
 
 HEADER_SERVER = Path(__file__).resolve().parent / "fixtures" / "header_server.py"
+TS_CLIENT = Path(__file__).resolve().parent / "fixtures" / "ts_client.mjs"
 UPSTREAM_SECRET = "upstream-secret-7f3a9c"
 CLIENTS = [
     {"client_id": "alice", "client_secret": "alice-pw", "scope": "mcp:tools mcp:admin", "groups": ["ops"]},
@@ -563,3 +564,20 @@ async def test_a_tool_needing_a_scope_the_token_lacks_gets_403_insufficient_scop
     assert resp.json()["error"]["data"]["requiredScopes"] == ["mcp:admin"]
     async with bearer_client(shared.url, shared.token("alice")) as client:  # has mcp:admin
         assert "3" in text_of(await client.call_tool("everything__get-sum", {"a": 1, "b": 2}))
+
+
+async def test_the_typescript_sdk_client_authenticates_and_is_served(shared: Shared) -> None:
+    """npm `@modelcontextprotocol/sdk`: ClientCredentialsProvider + StreamableHTTPClientTransport."""
+    from idp import node
+
+    script = TS_CLIENT
+    command = [node(), str(script), shared.url, shared.idp.issuer, "bob", "bob-pw", "time__get_current_time"]
+    command.append(json.dumps({"timezone": "UTC"}))
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(command, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    upstream = [n for n in answer["tools"] if not n.startswith("mcpopt__")]
+    assert upstream and all(n.startswith("time__") for n in upstream)  # bob's policy, for this client too
+    assert not answer["result"].get("isError") and "UTC" in json.dumps(answer["result"])
