@@ -5,7 +5,7 @@ Python SDK client.
 One gateway process for the module, over real servers: server-everything (stdio, isolated per
 principal), mcp-server-time (stdio) and an HTTP upstream that records every header it receives.
 Principals (oidc-provider clients): alice (group ops: admin), bob (time only), carol (3 calls a
-minute), dave (time only, code mode on), erin (default rule), noscope (a token without the
+minute), dave (time only, code mode on), erin and frank (default rule), noscope (a token without the
 required scope); plus an API key `ci-bot`.
 """
 
@@ -61,6 +61,7 @@ CLIENTS = [
     {"client_id": "carol", "client_secret": "carol-pw", "scope": "mcp:tools"},
     {"client_id": "dave", "client_secret": "dave-pw", "scope": "mcp:tools"},
     {"client_id": "erin", "client_secret": "erin-pw", "scope": "mcp:tools"},
+    {"client_id": "frank", "client_secret": "frank-pw", "scope": "mcp:tools"},
     {"client_id": "noscope", "client_secret": "noscope-pw", "scope": "profile"},
     {"client_id": "brief", "client_secret": "brief-pw", "scope": "mcp:tools", "ttl": 1},
 ]
@@ -581,3 +582,31 @@ async def test_the_typescript_sdk_client_authenticates_and_is_served(shared: Sha
     upstream = [n for n in answer["tools"] if not n.startswith("mcpopt__")]
     assert upstream and all(n.startswith("time__") for n in upstream)  # bob's policy, for this client too
     assert not answer["result"].get("isError") and "UTC" in json.dumps(answer["result"])
+
+
+async def test_changed_roots_reach_only_the_owners_session(shared: Shared) -> None:
+    """`notifications/roots/list_changed` goes to the client's own upstream session, which asks its
+    client again (between calls: on the client's own connection) -- and no one else's."""
+    current = {"uri": "file:///work/v1"}
+
+    async def frank_roots(_context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri=current["uri"], name="work")])
+
+    async def erin_roots(_context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri="file:///home/erin", name="erin")])
+
+    frank = bearer_client(shared.url, shared.token("frank"), list_roots_callback=frank_roots)
+    erin = bearer_client(shared.url, shared.token("erin"), list_roots_callback=erin_roots)
+    async with frank as a, erin as e:
+        assert "file:///work/v1" in text_of(await a.call_tool("everything__get-roots-list", {}))
+        current["uri"] = "file:///work/v2"
+        await a.session.send_roots_list_changed()
+        seen = ""
+        for _ in range(100):  # the server re-asks asynchronously; the loop is a guard, not a verdict
+            seen = text_of(await a.call_tool("everything__get-roots-list", {}))
+            if "v2" in seen:
+                break
+            await anyio.sleep(0.1)
+        assert "file:///work/v2" in seen and "v1" not in seen, seen
+        other = text_of(await e.call_tool("everything__get-roots-list", {}))
+        assert "file:///home/erin" in other and "/work/" not in other, other

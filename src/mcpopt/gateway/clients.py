@@ -66,6 +66,8 @@ class Clients:
         self._subscriptions: dict[str, weakref.WeakSet[Connection]] = {}
         self._owners: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         """The owner key of a connection's isolated sessions, noted when it subscribes."""
+        self._owner_conns: dict[str, weakref.ref[Connection]] = {}
+        """Owner key -> its latest connection: where an isolated session's requests go between calls."""
         self._callers: dict[str, list[Caller]] = {name: [] for name in servers}
 
     # ---- connections ----------------------------------------------------------------------
@@ -81,6 +83,22 @@ class Clients:
             if conn.session_id == session_id:
                 return conn
         return None
+
+    def note_owner(self, owner: str, conn: Connection | None) -> None:
+        """Remember `conn` as `owner`'s latest connection (cheap when unchanged)."""
+        if conn is None:
+            return
+        ref = self._owner_conns.get(owner)
+        if ref is not None and ref() is conn:
+            return
+        if len(self._owner_conns) > 4 * len(self.connections) + 64:  # forget owners whose connections are gone
+            self._owner_conns = {k: r for k, r in self._owner_conns.items() if r() is not None}
+        self._owner_conns[owner] = weakref.ref(conn)
+
+    def owner_connection(self, owner: str) -> Connection | None:
+        """The latest live connection of `owner`, if any."""
+        ref = self._owner_conns.get(owner)
+        return ref() if ref is not None else None
 
     def log_level(self, conn: Connection | None) -> str:
         """A handshake-era connection's `logging/setLevel` (default: debug, everything)."""

@@ -65,6 +65,7 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
             on_completion=handlers.complete,  # type: ignore[arg-type]  # raw dicts: the SDK sieves them per era
             on_set_logging_level=handlers.set_level,
             on_subscriptions_listen=handlers.listen,
+            on_roots_list_changed=handlers.roots_changed,
         )
     # The SDK's per-message OpenTelemetry middleware is replaced by mcpopt's own (cheaper) fast
     # path; telemetry comes back as a pipeline filter. `faults.guard` comes first: a failure inside
@@ -385,6 +386,19 @@ class ProtocolHandlers:
             return {"completion": {"values": [], "hasMore": False}}
         return await gw.forward(link_of(ctx), route.server, "completion/complete", forward_params(raw))
 
+    async def roots_changed(self, ctx: Any, params: types.NotificationParams | None) -> None:
+        """A client's `notifications/roots/list_changed`: passed on to the upstream sessions that
+        hold its roots -- its own isolated sessions, and the shared ones (whose callers it may be)."""
+        gw = self.gateway
+        for name, shared in gw.upstreams.items():
+            pool: Any = shared
+            if name in gw.isolated:
+                owner = self._owner(ctx, name)
+                if owner:
+                    pool = gw.isolated[name].peek(owner)
+            if pool is not None:
+                await _roots_changed_upstream(pool)
+
     async def set_level(self, ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
         gw = self.gateway
         gw.clients.set_log_level(ctx.session._connection, params.level)  # noqa: SLF001
@@ -401,6 +415,14 @@ class ProtocolHandlers:
                 with contextlib.suppress(Exception):
                     await up.request("logging/setLevel", {"level": params.level})
         return types.EmptyResult()
+
+
+async def _roots_changed_upstream(pool: Any) -> None:
+    for up in pool.upstreams:
+        session = up.session
+        if session is not None and up.state == "ready" and not up.modern:
+            with contextlib.suppress(Exception):
+                await session.send_roots_list_changed()
 
 
 def _progress_relay(ctx: Any, token: Any) -> Callable[[float, float | None, str | None], Awaitable[None]]:

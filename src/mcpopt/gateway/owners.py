@@ -23,7 +23,7 @@ from mcp_types import INVALID_PARAMS
 from mcpopt.catalog import Namer
 from mcpopt.config import Config
 from mcpopt.gateway.clients import Clients
-from mcpopt.gateway.eras import ask_client
+from mcpopt.gateway.eras import MODERN, ask_client
 from mcpopt.upstream.server import CatalogKind
 
 
@@ -72,6 +72,14 @@ class OwnerListener:
                 continue
             try:
                 return await ask_client(caller.requests, request)
+            except MCPError as exc:
+                return exc.error
+        # Between calls (e.g. the server re-asks roots after `roots/list_changed`): the owner's own
+        # latest connection, when it has a channel for server-to-client requests.
+        conn = self.clients.owner_connection(self.owner)
+        if conn is not None and conn.protocol_version not in MODERN and conn.has_standalone_channel:
+            try:
+                return await ask_client(conn.outbound, request)
             except MCPError as exc:
                 return exc.error
         return types.ErrorData(

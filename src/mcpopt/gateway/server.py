@@ -496,6 +496,8 @@ class Gateway:
             principal=principal,
         )
         owner = self.owner_of(route.server, principal, link.session_id) if self.isolated else ""
+        if owner:
+            self.clients.note_owner(owner, link.connection)
         key = caller_key(route.server, owner)
         callers = self.clients.callers_of(key)
         callers.append(caller)  # where this upstream's requests and logs go meanwhile
@@ -583,6 +585,8 @@ class Gateway:
             raise MCPError.from_error_data(refusal.to_error_data())
         params, token, caller = self._prepare(params, link, up)
         owner = self.owner_of(server, link.principal, link.session_id) if self.isolated else ""
+        if owner:
+            self.clients.note_owner(owner, link.connection)
         with self.clients.calling(caller_key(server, owner), caller):
             try:
                 pool = await self.pool_for(server, owner)
