@@ -348,8 +348,8 @@ class ServerConfig(_Strict):
     a secret); the value is stripped of surrounding whitespace and never logged or shown."""
     isolation: Literal["auto", "shared", "principal", "session"] = "auto"
     """Whose calls share an upstream session: `shared` (everyone: one session per replica), `principal`
-    (one session per authenticated principal), `session` (one per client session). `auto`: `principal`
-    when `gateway.auth` is on, else `shared`."""
+    (one session per authenticated principal), `session` (one per client session; a 2026-07-28 client has
+    no session and is isolated per principal). `auto`: `principal` when `gateway.auth` is on, else `shared`."""
     isolation_max_sessions: int = Field(32, ge=1)
     """Isolated upstream sessions of this server kept at once; the least recently used idle one is closed
     to make room, and a call finding every one busy is rejected with a clear error."""

@@ -120,6 +120,9 @@ class AuthMiddleware:
         if kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
+        if kind == "websocket":  # MCP has no WebSocket transport here; never an unchecked way in
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if kind != "http":
             await self.app(scope, receive, send)
             return

@@ -282,7 +282,8 @@ class ProtocolHandlers:
         gw = self.gateway
         if not gw.isolated:
             return ""
-        return gw.owner_of(server, principal_of_ctx(ctx), session_id_of(ctx.session._connection))  # noqa: SLF001
+        conn = ctx.session._connection  # noqa: SLF001
+        return gw.owner_of(server, principal_of_ctx(ctx), session_id_of(conn), ctx.protocol_version)
 
     def _check_server(self, ctx: Any, server: str, what: str) -> None:
         if not self.gateway.may_use_server(principal_of_ctx(ctx), server):

@@ -221,13 +221,16 @@ class Gateway:
         for sessions in self.isolated.values():
             await sessions.aclose()
 
-    def owner_of(self, server: str, principal: Any, session_id: str) -> str:
+    def owner_of(self, server: str, principal: Any, session_id: str, version: str = "") -> str:
         """The owner key of a call to `server`: "" (the shared pool), a principal's key, or a
-        client session id, per the server's `isolation` (see `mcpopt.gateway.owners`)."""
+        client session id, per the server's `isolation` (see `mcpopt.gateway.owners`).
+
+        A 2026-07-28 request belongs to no session (each is its own exchange), so in `session` mode
+        it is isolated per principal instead (shared for the local user)."""
         mode = self.isolation.get(server, "shared")
         if mode == "shared":
             return ""
-        if mode == "principal":
+        if mode == "principal" or version in MODERN:
             return principal.key if principal is not None else ""
         return session_id
 
@@ -495,8 +498,9 @@ class Gateway:
             session_id=link.session_id,
             principal=principal,
         )
-        owner = self.owner_of(route.server, principal, link.session_id) if self.isolated else ""
+        owner = self.owner_of(route.server, principal, link.session_id, link.version) if self.isolated else ""
         if owner:
+            call.attrs["owner"] = owner  # the terminal sends it to that owner's session
             self.clients.note_owner(owner, link.connection)
         key = caller_key(route.server, owner)
         callers = self.clients.callers_of(key)
@@ -520,12 +524,10 @@ class Gateway:
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
         """The pipeline's terminal: send the call to its upstream (the caller's own session when
         the server is isolated)."""
-        server = call.server
-        if server in self.isolated:
-            owner = self.owner_of(server, call.principal, call.session_id)
-            if owner:
-                return await (await self.isolated[server].get(owner)).call(call)
-        return await self.upstreams[server].call(call)
+        owner = call.attrs.get("owner")
+        if owner:
+            return await (await self.isolated[call.server].get(owner)).call(call)
+        return await self.upstreams[call.server].call(call)
 
     def _prepare(
         self, params: Mapping[str, Any], link: ClientLink, up: ServerPool, **updates: Any
@@ -584,7 +586,7 @@ class Gateway:
             )
             raise MCPError.from_error_data(refusal.to_error_data())
         params, token, caller = self._prepare(params, link, up)
-        owner = self.owner_of(server, link.principal, link.session_id) if self.isolated else ""
+        owner = self.owner_of(server, link.principal, link.session_id, link.version) if self.isolated else ""
         if owner:
             self.clients.note_owner(owner, link.connection)
         with self.clients.calling(caller_key(server, owner), caller):
