@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
@@ -25,6 +26,9 @@ from mcpopt.config import Config
 from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.eras import MODERN, ask_client
 from mcpopt.upstream.server import CatalogKind
+
+ASK_WAIT_S = 10.0
+"""How long an isolated session's request waits for its owner to be reachable (seconds)."""
 
 
 def isolation_modes(config: Config) -> dict[str, str]:
@@ -67,23 +71,34 @@ class OwnerListener:
         await self.clients.log(self.key, params.level, data, broadcast=False)
 
     async def client_request(self, server: str, request: types.InputRequest) -> Any:
+        """Ask the owner: on a call of its in flight, else on its latest connection's own channel;
+        when neither is there yet but the owner is a handshake-era client (its stream may still be
+        opening), wait up to `ASK_WAIT_S`."""
+        deadline = anyio.current_time() + ASK_WAIT_S
+        while True:
+            channel = self._channel()
+            if channel is not None:
+                try:
+                    return await ask_client(channel, request)
+                except MCPError as exc:
+                    return exc.error
+            conn = self.clients.owner_connection(self.owner)
+            reachable = conn is not None and conn.protocol_version not in MODERN  # a 2026-07-28 client never is
+            if not reachable or anyio.current_time() >= deadline:
+                return types.ErrorData(
+                    code=INVALID_PARAMS,
+                    message=f"no client of this session can answer {request.method} for MCP server '{server}' "
+                    "(no call in flight, no open stream)",
+                )
+            await anyio.sleep(0.05)
+
+    def _channel(self) -> Any:
         for caller in reversed(self.clients.callers(self.key)):
-            if caller.modern or caller.requests is None:
-                continue
-            try:
-                return await ask_client(caller.requests, request)
-            except MCPError as exc:
-                return exc.error
+            if not caller.modern and caller.requests is not None:
+                return caller.requests
         # Between calls (e.g. the server re-asks roots after `roots/list_changed`): the owner's own
         # latest connection, when it has a channel for server-to-client requests.
         conn = self.clients.owner_connection(self.owner)
         if conn is not None and conn.protocol_version not in MODERN and conn.has_standalone_channel:
-            try:
-                return await ask_client(conn.outbound, request)
-            except MCPError as exc:
-                return exc.error
-        return types.ErrorData(
-            code=INVALID_PARAMS,
-            message=f"no call of this session's client is in flight to answer {request.method} "
-            f"for MCP server '{server}'",
-        )
+            return conn.outbound
+        return None
