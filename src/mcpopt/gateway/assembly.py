@@ -73,6 +73,8 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
 
     # ---- who may call what, how often (issue 10) -------------------------------------------
     access: list[Filter] = []
+    if not g.auth.enabled and g.policy.rules:
+        logger.warning("gateway.policy has rules but gateway.auth is off: every caller is the trusted local user")
     if g.auth.enabled:
         gw.policy = Policy(g.policy, f"{g.name}{g.separator}", code_tool=f"{g.name}{g.separator}execute_code")
         access.append(PolicyFilter(gw.policy))
