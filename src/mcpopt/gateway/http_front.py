@@ -463,9 +463,9 @@ def _refusal_status(exc: MCPError, metadata_url: str | None) -> tuple[int, list[
     `insufficient_scope` challenge for a tool whose scopes the token lacks (the MCP authorization
     spec's step-up signal); 200 otherwise (the JSON-RPC error says the rest)."""
     data = exc.error.data if isinstance(exc.error.data, dict) else {}
-    if exc.error.code == RATE_LIMITED:
-        retry = data.get("retryAfterSeconds")
-        return 429, [(b"retry-after", str(int(retry) if isinstance(retry, (int, float)) else 1).encode())]
+    retry = data.get("retryAfterSeconds")
+    if exc.error.code == RATE_LIMITED and isinstance(retry, (int, float)) and "scope" in data:  # the gateway's own
+        return 429, [(b"retry-after", str(max(1, int(retry))).encode())]
     if exc.error.code == POLICY_DENIED and data.get("requiredScopes") and metadata_url:
         value = challenge(metadata_url, list(data["requiredScopes"]), "insufficient_scope", exc.error.message)
         return 403, [(b"www-authenticate", value.encode("latin-1", "replace"))]
