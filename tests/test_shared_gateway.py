@@ -454,7 +454,7 @@ async def test_every_call_and_refusal_is_in_the_exported_audit_trail(shared: Sha
             for _ in range(4):
                 await client.call_tool("time__get_current_time", {"timezone": "UTC"})
     out = shared.data_dir / "export.jsonl"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     rows: list[dict[str, Any]] = []
     command = [MCPOPT, "telemetry", "export", "-c", str(shared.config), "-o", str(out)]
     while time.monotonic() < deadline:  # telemetry is written in batches by a background thread
