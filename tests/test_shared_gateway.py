@@ -91,20 +91,36 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     base = tmp_path_factory.mktemp("shared")
     key, _ = rsa_jwk("idp-key")
     idp = Idp(base, free_port(), CLIENTS, [key])
-    idp.start()
     hport = free_port()
     header_log = base / "upstream-headers.jsonl"
-    upstream = subprocess.Popen(
-        [sys.executable, str(HEADER_SERVER), str(hport), str(header_log)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    upstream: subprocess.Popen[bytes] | None = None
+    try:
+        idp.start()
+        upstream = subprocess.Popen(
+            [sys.executable, str(HEADER_SERVER), str(hport), str(header_log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        cfg, api_key = shared_config(base, idp, hport)
+        port = free_port()
+        wait_port(hport, upstream)
+        with popen_gateway(cfg, "-t", "http", "--port", str(port)) as proc:
+            wait_http(port, proc, timeout=60)
+            yield Shared(f"http://127.0.0.1:{port}/mcp", idp, header_log, base / "telemetry", cfg, api_key, proc)
+    finally:  # nothing this fixture started outlives it, whatever failed
+        if upstream is not None:
+            upstream.terminate()
+            upstream.wait(10)
+        idp.stop()
+
+
+def shared_config(base: Path, idp: Idp, hport: int) -> tuple[Path, str]:
+    """The shared gateway's config (and the API key it accepts): see the module docstring."""
     secret_file = base / "upstream-token"
     secret_file.write_text(f"Bearer {UPSTREAM_SECRET}\n", encoding="utf-8")
     api_key = new_key()
     keys = base / "api-keys.txt"
     keys.write_text(f"ci-bot {hash_key(api_key)} mcp:tools\n", encoding="utf-8")
-    port = free_port()
     cfg = write_config(
         base / "shared.yaml",
         {
@@ -134,17 +150,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
             "call_timeout_ms": 30000,
         },
     )
-    try:
-        wait_port(hport, upstream)
-        with popen_gateway(cfg, "-t", "http", "--port", str(port)) as proc:
-            wait_http(port, proc, timeout=60)
-            yield Shared(f"http://127.0.0.1:{port}/mcp", idp, header_log, base / "telemetry", cfg, api_key, proc)
-    finally:
-        upstream.terminate()
-        upstream.wait(10)
-        if upstream.stderr:
-            upstream.stderr.close()
-        idp.stop()
+    return cfg, api_key
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
