@@ -366,3 +366,20 @@ async def test_session_isolation_without_auth_keeps_each_clients_roots(tmp_path:
             second = text_of(await b.call_tool("everything__get-roots-list", {}))
     assert "file:///srv/one" in first and "file:///srv/two" not in first, first
     assert "file:///srv/two" in second and "file:///srv/one" not in second, second
+
+
+def test_a_principal_survives_a_journal_round_trip() -> None:
+    """What the workflow journal stores (`principal_json`) comes back as the same principal."""
+    import json
+
+    from mcpopt.gateway.assembly import build_gateway
+    from mcpopt.workflows.service import principal_json
+
+    gw = build_gateway(load_config(data={"mcpServers": {}}))
+    alice = Principal(
+        "alice", "jwt", issuer="https://idp", groups=frozenset({"ops"}), scopes=frozenset({"a", "b"}), claims={"x": 1}
+    )
+    back = gw.restore_principal(json.loads(json.dumps(principal_json(alice))))
+    assert back == alice and back.key == alice.key and back.claims == {"x": 1}
+    with pytest.raises(ValueError):
+        gw.restore_principal({"nobody": 1})

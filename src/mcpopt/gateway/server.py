@@ -42,6 +42,7 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, INVALID_PARAMS, LOG_LEVEL_ME
 
 from mcpopt.api import Caller, ClientLink, ToolHandler
 from mcpopt.auth.policy import Decision, Policy, PolicyDenied
+from mcpopt.auth.principal import Principal
 from mcpopt.catalog import GatewayCatalog, Namer, build_catalog
 from mcpopt.config import Config
 from mcpopt.errors import GatewayError
@@ -270,6 +271,22 @@ class Gateway:
             return True
         route = self.catalog.tool_routes.get(name)
         return policy.visible(principal, name, route.server if route is not None else None, exposure)
+
+    def restore_principal(self, data: Mapping[str, Any]) -> Principal:
+        """A principal from its JSON form (`dataclasses.asdict`, sets as lists), e.g. a workflow
+        run's starter read back from the journal: policy and limits then apply to it as before.
+
+        Raises:
+            ValueError: `data` is not a principal's fields.
+        """
+        fields = dict(data)
+        for key in ("groups", "scopes"):
+            fields[key] = frozenset(fields.get(key) or ())
+        fields["claims"] = dict(fields.get("claims") or {})
+        try:
+            return Principal(**fields)
+        except TypeError as exc:
+            raise ValueError(f"not a principal: {exc}") from None
 
     def may_use_server(self, principal: Any, server: str) -> bool:
         """True when `principal` may see and use `server`'s prompts and resources."""
