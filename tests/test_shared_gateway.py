@@ -370,12 +370,19 @@ async def test_code_mode_only_where_granted_and_its_calls_obey_the_policy(shared
 
 async def test_search_results_show_only_what_the_principal_may_call(shared: Shared) -> None:
     async with bearer_client(shared.url, shared.token("bob")) as client:
-        found = await client.call_tool("mcpopt__search_tools", {"query": "echo a message back", "k": 10})
+        found = await client.call_tool("mcpopt__search_tools", {"query": "current time in a timezone", "k": 10})
         lines = [ln for ln in text_of(found).splitlines() if ln.strip()]
-        assert lines and all(ln.startswith(("time__", "mcpopt__")) for ln in lines), lines
+        assert any(ln.startswith("time__get_current_time") for ln in lines), lines
+        assert all(ln.startswith(("time__", "mcpopt__")) for ln in lines), lines
         assert not any(ln.startswith(("mcpopt__cache_purge", "mcpopt__run_performance")) for ln in lines)
+        # What only another server has is not found for bob (and its schema does not exist for him).
+        echo = text_of(await client.call_tool("mcpopt__search_tools", {"query": "echo a message back", "k": 10}))
+        assert "everything__" not in echo and "hdr__" not in echo, echo
         with pytest.raises(MCPError):
             await client.call_tool("mcpopt__get_tool_schema", {"name": "everything__echo"})
+    async with bearer_client(shared.url, shared.token("erin")) as client:  # the same search, another grant
+        echo = text_of(await client.call_tool("mcpopt__search_tools", {"query": "echo a message back", "k": 10}))
+        assert "everything__echo" in echo, echo
 
 
 # ---- rate limits -----------------------------------------------------------------------------
