@@ -148,6 +148,7 @@ def shared_config(base: Path, idp: Idp, hport: int) -> tuple[Path, str]:
             },
             "telemetry": {"data_dir": str(base / "telemetry")},
             "call_timeout_ms": 30000,
+            "code_mode": {"timeout_ms": 60000},  # a loaded machine must not turn a verdict into a timeout
         },
     )
     return cfg, api_key
@@ -360,6 +361,8 @@ async def test_code_mode_only_where_granted_and_its_calls_obey_the_policy(shared
             await bob.call_tool("mcpopt__execute_code", {"code": code})
         assert refused.value.code == POLICY_DENIED and "code mode" in refused.value.message
     async with bearer_client(shared.url, shared.token("dave")) as dave:
+        # dave's own time session first (its process start is no part of the sandbox's time limit).
+        assert not (await dave.call_tool("time__get_current_time", {"timezone": "UTC"})).is_error
         ok = await dave.call_tool("mcpopt__execute_code", {"code": code})
         assert not ok.is_error and "UTC" in text_of(ok)
         sneaky = await dave.call_tool(
