@@ -626,3 +626,15 @@ async def test_changed_roots_reach_only_the_owners_session(shared: Shared) -> No
         assert "file:///work/v2" in seen and "v1" not in seen, seen
         other = text_of(await e.call_tool("everything__get-roots-list", {}))
         assert "file:///home/erin" in other and "/work/" not in other, other
+
+
+async def test_healthz_details_only_for_an_admin_principal(shared: Shared) -> None:
+    """The edge shows per-server details on /healthz to a principal whose policy grants admin."""
+    port = shared.url.split(":")[2].split("/")[0]
+    bodies = {}
+    for who in ("alice", "bob"):
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {shared.token(who)}"}) as http:
+            bodies[who] = (await http.get(f"http://127.0.0.1:{port}/healthz")).json()
+    assert isinstance(bodies["alice"]["servers"], list)  # ops: admin
+    assert {r["server"] for r in bodies["alice"]["servers"]} == {"everything", "time", "hdr"}
+    assert set(bodies["bob"]["servers"]) == {"total", "ready", "not_ready"}  # a summary, no names
