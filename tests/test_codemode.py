@@ -74,6 +74,15 @@ async def code(gateway: Gateway) -> Any:
     await tool.aclose()
 
 
+@pytest.fixture(scope="module")
+async def stateless(gateway: Gateway) -> Any:
+    """Code mode without sessions: every execution starts from a fresh namespace."""
+    settings = CodeModeSettings(timeout_ms=20_000, max_output_bytes=4000, sessions={"enabled": False})
+    tool = CodeModeTool(gateway, settings)
+    yield tool
+    await tool.aclose()
+
+
 def text(result: dict[str, Any]) -> str:
     return "".join(b.get("text", "") for b in result["content"])
 
@@ -228,10 +237,11 @@ async def test_tool_errors_are_runtime_errors_in_the_sandbox(code: CodeModeTool)
     assert bad_args.get("isError") and "TypeError" in text(bad_args) and "'b'" in text(bad_args)
 
 
-async def test_each_execution_has_a_fresh_namespace(code: CodeModeTool) -> None:
-    assert not (await run(code, "leftover = 41\nleftover + 1")).get("isError")
-    again = await run(code, "leftover")
+async def test_without_sessions_each_execution_has_a_fresh_namespace(stateless: CodeModeTool) -> None:
+    assert not (await run(stateless, "leftover = 41\nleftover + 1")).get("isError")
+    again = await run(stateless, "leftover")
     assert again.get("isError") and "NameError" in text(again)
+    assert "session" not in again["_meta"][META_KEY]
 
 
 async def test_output_is_capped_with_a_marker(code: CodeModeTool) -> None:
@@ -291,12 +301,13 @@ async def test_wasm_calls_tools_with_the_full_stdlib(gateway: Gateway, code: Cod
 
 
 @wasm
-async def test_wasm_fresh_namespace_errors_and_scratch(code: CodeModeTool) -> None:
-    assert not (await run(code, "leftover = 1\nopen('/tmp/s.txt', 'w').write('x')", backend="wasm")).get("isError")
-    again = await run(code, "import os\nprint(os.listdir('/tmp'))\nleftover", backend="wasm")
+async def test_wasm_fresh_namespace_errors_and_scratch(stateless: CodeModeTool) -> None:
+    source = "leftover = 1\nopen('/tmp/s.txt', 'w').write('x')"
+    assert not (await run(stateless, source, backend="wasm")).get("isError")
+    again = await run(stateless, "import os\nprint(os.listdir('/tmp'))\nleftover", backend="wasm")
     assert again.get("isError") and "[]" in text(again) and "NameError" in text(again)
     caught = await run(
-        code,
+        stateless,
         "try:\n    await tools.filesystem.read_text_file(path='/nope')\nexcept RuntimeError as e:\n    print('caught')",
         backend="wasm",
     )

@@ -1,8 +1,11 @@
-"""Code mode security: hostile code is contained with a clear error, on both backends, and the
-gateway (and the sandbox) work normally right after.
+"""Code mode security, layer 1 alone: hostile code is contained with a clear error, on both
+backends, and the gateway (and the sandbox) work normally right after.
 
-Each test runs on `monty` and `wasm`; the wasm tests share one warm Deno process for the module
-(the time and memory tests kill it; it restarts in the background).
+The second layer (bubblewrap, seccomp, rlimits, cgroups) is switched off here
+(`isolation.mode: off`), so every verdict is layer 1's own: monty's interpreter, and Pyodide
+in Deno with deny-all permissions. tests/test_codemode_isolation.py proves layer 2 with layer 1
+switched off. Each test runs on `monty` and `wasm`; the wasm tests share one warm Deno process
+for the module (the time and memory tests kill it; it restarts in the background).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ BACKENDS = [
     "monty",
     pytest.param("wasm", marks=pytest.mark.skipif(not HAVE_WASM, reason="npm pyodide not installed")),
 ]
-SETTINGS = CodeModeSettings(timeout_ms=2000, memory_mb=128, max_tool_calls=3, max_output_bytes=2000)
+SETTINGS = CodeModeSettings(
+    timeout_ms=2000, memory_mb=128, max_tool_calls=3, max_output_bytes=2000, isolation={"mode": "off"}
+)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +217,7 @@ async def test_memory_bomb(code: CodeModeTool, gateway: Gateway, backend: str) -
 @pytest.mark.skipif(not HAVE_WASM, reason="npm pyodide not installed")
 async def test_wasm_past_the_import_guard_deno_permissions_hold(code: CodeModeTool, gateway: Gateway) -> None:
     """Even with the import guard switched off, Deno denies files, environment, processes and network."""
-    prefix = "del globals()['__mcpopt_sandbox__']\nimport js\n"
+    prefix = "globals().pop('__mcpopt_sandbox__', None)\nimport js\n"
     for call in (
         "js.Deno.readTextFileSync('/etc/passwd')",
         "js.Deno.env.get('HOME')",
@@ -223,6 +228,11 @@ async def test_wasm_past_the_import_guard_deno_permissions_hold(code: CodeModeTo
         body = await contained(code, gateway, prefix + call, "wasm", "NotCapable", "PermissionDenied", "Requires")
         assert "root:" not in body
     assert _read("/tmp/mcpopt-deno-escape.txt") is None
+
+
+async def test_layer_2_is_off_in_this_module(code: CodeModeTool) -> None:
+    result, _ = await run(code, "1", "monty")
+    assert result["_meta"][META_KEY]["layers"]["layer2"]["active"] is False
 
 
 @pytest.mark.skipif(not HAVE_WASM, reason="npm pyodide not installed")

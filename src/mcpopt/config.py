@@ -29,6 +29,98 @@ from mcpopt.workflow_model import Workflow, WorkflowError, load_workflow_file
 
 
 # ---- settings of the plugins (code mode, the optimizer) ------------------------------------
+class IsolationSettings(BaseModel):
+    """`gateway.code_mode.isolation`: the second sandbox layer (see `mcpopt.codemode.isolation`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "bwrap", "off"] = "auto"
+    """auto: bubblewrap when it works on this machine (else layer 1 alone, with a warning);
+    bwrap: required (a sandbox that cannot get it fails with SandboxUnavailable); off: layer 1 only."""
+    bwrap: str | None = None
+    """The bubblewrap binary (default: `bwrap` on PATH)."""
+    cpu_s: int = Field(3600, gt=0)
+    """CPU seconds one sandbox process may use in its lifetime (RLIMIT_CPU); then it is killed
+    (a monty worker is replaced; a wasm session loses its interpreter). Wall time per call is
+    `timeout_ms`."""
+    open_files: int = Field(256, ge=16)
+    """Open file descriptors per sandbox process (RLIMIT_NOFILE)."""
+    processes: int = Field(64, ge=8)
+    """Tasks (threads included) per sandbox process: RLIMIT_NPROC of its private uid (root
+    only) and the pids cgroup. Deno runs ~7 threads, a monty worker 2."""
+    scratch_mb: int = Field(64, gt=0)
+    """Size of the sandbox process's writable `/scratch` (a tmpfs, MB); also its largest file (RLIMIT_FSIZE)."""
+    cgroups: bool = True
+    """Bound memory and tasks with cgroups when the gateway may create them."""
+
+
+class SessionSettings(BaseModel):
+    """`gateway.code_mode.sessions`: variables, helpers and scratch files kept across calls.
+
+    A code session belongs to one client session (the MCP session of a handshake-era client),
+    else to the caller's principal (2026-07-28 clients have no session), and to one backend.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """false: every execution starts from a fresh namespace (the stateless code mode)."""
+    ttl_s: float = Field(1800.0, gt=0)
+    """A session unused this long (seconds) is dropped."""
+    max_sessions: int = Field(64, ge=1)
+    """Sessions kept at once (both backends); past it the least recently used is evicted."""
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Serialized state kept in all (monty snapshots + scratch files, bytes); LRU eviction past it."""
+    max_session_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """One session's serialized state (bytes); a bigger one is not kept (the next call says so)."""
+    max_interpreters: int = Field(4, ge=1)
+    """Live wasm interpreters (one Deno process each, ~150 MB resident + growth); LRU eviction past it."""
+    secret: str | None = None
+    """Key that signs stored state (HMAC-SHA256), the same on every replica sharing a store
+    (default: a random key kept in `<data dir>/codemode.key`)."""
+
+
+class SkillSettings(BaseModel):
+    """`gateway.code_mode.skills`: functions code saves with `save_skill` and imports later."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    path: str | None = None
+    """The SQLite file (default `<data dir>/skills.db`, the telemetry data dir)."""
+    max_per_principal: int = Field(200, ge=1)
+    max_code_bytes: int = Field(20_000, ge=100)
+
+
+PrivateKind = Literal["email", "phone", "card", "iban", "ssn", "ipv4", "secret"]
+_DEFAULT_KINDS: tuple[PrivateKind, ...] = ("email", "phone", "card", "iban", "ssn", "secret")
+
+
+class PrivateDataSettings(BaseModel):
+    """`gateway.code_mode.private_data`: values kept out of the model (opt-in per tool or field).
+
+    Results of the tools matched here reach the sandbox with private values replaced by tokens
+    (`[EMAIL_1]`); what the code prints is therefore tokenized too. When code passes a token to
+    a tool (anywhere in its arguments), the gateway puts the real value back. The mapping lives
+    in the gateway's memory only and dies with the code session.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tools: list[str] = Field(default_factory=list)
+    """Tool names or globs (gateway names, e.g. `memory__*`) whose results are scanned for `kinds`."""
+    fields: dict[str, list[str]] = Field(default_factory=dict)
+    """Tool glob -> keys whose string values are private as a whole (e.g. `{"crm__*": ["email", "phone"]}`)."""
+    kinds: list[PrivateKind] = Field(default_factory=lambda: list(_DEFAULT_KINDS))
+    """Patterns looked for in the results of `tools`."""
+    restore_to: list[str] = Field(default_factory=lambda: ["*"])
+    """Tools (globs) that may receive restored values; a token sent elsewhere fails the call."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tools or self.fields)
+
+
 class CodeModeSettings(BaseModel):
     """`gateway.code_mode`: the `execute_code` tool's sandbox and its limits."""
 
@@ -51,6 +143,14 @@ class CodeModeSettings(BaseModel):
     """Folder of the npm package `pyodide` (default: `node_modules/pyodide` of the project or the cwd)."""
     deno: str | None = None
     """The Deno binary (default: the one of the PyPI package `deno`, else `deno` on PATH)."""
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
+    """Code sessions: what one call defines is there in the next (see `mcpopt.codemode.sessions`)."""
+    skills: SkillSettings = Field(default_factory=SkillSettings)
+    """Skills: functions saved with `save_skill`, per principal (see `mcpopt.codemode.skills`)."""
+    private_data: PrivateDataSettings = Field(default_factory=PrivateDataSettings)
+    """Private data kept out of the model (see `mcpopt.codemode.private`)."""
+    isolation: IsolationSettings = Field(default_factory=IsolationSettings)
+    """The second sandbox layer (see `mcpopt.codemode.isolation`)."""
 
 
 Level = Literal["conservative", "moderate", "aggressive"]

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import mcpopt.cli.workflows  # noqa: F401 - registers `mcpopt workflows`
-from mcpopt.cli import auth, bench, cache, eval, optimize, serve, telemetry, tools  # noqa: F401 - they register commands
+from mcpopt.cli import (  # noqa: F401 - they register commands
+    auth,
+    bench,
+    cache,
+    capabilities,
+    eval,
+    optimize,
+    serve,
+    skills,
+    telemetry,
+    tools,
+)
 from mcpopt.cli.common import app
 
 

@@ -9,11 +9,13 @@
 //   <- {"op":"init","bootstrap":"<python source>"}   once, first; the bootstrap defines
 //                                                      `_mcpopt_run(prelude, code, max_output, call)`
 //   -> {"op":"ready","ms":<load time in ms>}
-//   <- {"op":"run","id":N,"prelude":"...","code":"...","max_output":<bytes>}
+//   <- {"op":"run","id":N,"prelude":"...","code":"...","max_output":<bytes>,"keep":<bool>,"skills":<bool>}
+//        keep: run in the interpreter's one session namespace (a code session), not a fresh one;
+//        skills: define `save_skill` (requests come back in the result's "skills")
 //   -> {"op":"call","run":N,"id":K,"name":"<gateway tool name>","arguments":{...}}   (0..n times)
 //   <- {"op":"reply","id":K,"ok":true,"value":<any>} | {"op":"reply","id":K,"ok":false,"error":"..."}
 //   -> {"op":"done","id":N,"result":"<JSON text made by the bootstrap>"}
-// The runner exits when stdin closes. One run at a time; each gets a fresh Python namespace.
+// The runner exits when stdin closes. One run at a time.
 
 const pyodideDir = Deno.args[0];
 const encoder = new TextEncoder();
@@ -101,7 +103,7 @@ function callTool(runId) {
 await readLoop(async (msg) => {
   let result;
   try {
-    result = await runner(msg.prelude, msg.code, msg.max_output, callTool(msg.id));
+    result = await runner(msg.prelude, msg.code, msg.max_output, callTool(msg.id), !!msg.keep, !!msg.skills);
   } catch (err) {
     result = JSON.stringify({ ok: false, error_type: "SandboxError", error: String(err?.message ?? err) });
   }

@@ -19,18 +19,31 @@ The settings model (`CodeModeSettings`) lives in `mcpopt.config` with the rest o
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from mcpopt.config import CodeModeSettings
+from mcpopt.config import (
+    CodeModeSettings,
+    IsolationSettings,
+    PrivateDataSettings,
+    SessionSettings,
+    SkillSettings,
+)
 
 __all__ = [
     "CappedText",
     "CodeModeSettings",
+    "CodeSession",
     "Execution",
+    "IsolationSettings",
+    "PrivateDataSettings",
     "SandboxBackend",
     "SandboxUnavailable",
+    "SessionSettings",
+    "SkillSaver",
+    "SkillSettings",
     "ToolBridge",
     "ToolCallError",
     "jsonable",
@@ -39,6 +52,9 @@ __all__ = [
 
 ToolBridge = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """`async (gateway tool name, arguments) -> the value the sandbox sees`."""
+SkillSaver = Callable[[str, str | None, str | None], str]
+"""`(name, code or None, docstring or None) -> message` behind the sandbox's `save_skill`;
+raises ValueError (its message is what the code sees) when the skill cannot be saved."""
 
 
 class ToolCallError(RuntimeError):
@@ -66,6 +82,16 @@ class Execution:
         tool_calls: tool calls made through the bridge (counted by the caller of the backend).
         duration_ms: wall time of the execution (ms).
         backend: the backend's name.
+        snapshot: a stateful backend's serialized session state after this execution (monty),
+            None when there is nothing new to keep.
+        files: the session's scratch files after this execution (monty; relative path -> bytes).
+        keep: False when the session's state must not be kept (a limit left it in an unknown
+            state, or its interpreter died): the session keeps its state from before this call
+            (monty) or is lost (wasm).
+        skills: `save_skill` requests made by the code: `(name, code or None, docstring or None)`.
+        notes: what the gateway adds for the model (a lost session, a skill saved...).
+        session: the code session's `_meta` (`CodeSession.meta`), None without sessions.
+        layers: the sandbox layers the execution ran in (`SandboxBackend.layers`).
     """
 
     ok: bool
@@ -78,6 +104,13 @@ class Execution:
     tool_calls: int = 0
     duration_ms: float = 0.0
     backend: str = ""
+    snapshot: bytes | None = None
+    files: dict[str, bytes] | None = None
+    keep: bool = True
+    skills: list[tuple[str, str | None, str | None]] | None = None
+    notes: list[str] = field(default_factory=list)
+    session: dict[str, Any] | None = None
+    layers: dict[str, Any] | None = None
 
 
 class CappedText:
@@ -107,28 +140,115 @@ class CappedText:
         return "".join(self.parts)
 
 
+_MAX_CELLS = 64
+_MAX_CELL_BYTES = 256 * 1024
+
+
+@dataclass(eq=False)
+class CodeSession:
+    """One code session as one call sees it.
+
+    Attributes:
+        key: the session key (`session_key`).
+        principal, backend, keyed_by: whose, where, and how it is keyed (`scope_of`).
+        calls: executions run in it (this one included, once it has run).
+        new: no earlier state was found for this call (a fresh namespace).
+        lost: why an earlier session of this key is gone, when that is known.
+        snapshot, files: the stored state (monty) this call starts from.
+        cells: sources of the cells run in it so far (newest last).
+        vault: its private-data token mapping (a `mcpopt.codemode.private.TokenVault`; memory
+            only, never stored; dies with the session).
+        size: bytes of its stored state.
+    """
+
+    key: str
+    principal: str
+    backend: str
+    keyed_by: str
+    created: float = field(default_factory=time.time)
+    last_used: float = 0.0
+    calls: int = 0
+    new: bool = True
+    lost: str | None = None
+    snapshot: bytes | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    cells: list[str] = field(default_factory=list)
+    vault: Any = None
+    size: int = 0
+
+    def meta(self) -> dict[str, Any]:
+        """What the result's `_meta` says about the session."""
+        out: dict[str, Any] = {
+            "id": self.key[:12],
+            "keyed_by": self.keyed_by,
+            "new": self.new,
+            "calls": self.calls,
+            "bytes": self.size,
+        }
+        if self.lost:
+            out["lost"] = self.lost
+        return out
+
+    def add_cell(self, code: str) -> None:
+        self.cells.append(code)
+        del self.cells[:-_MAX_CELLS]
+        while len(self.cells) > 1 and sum(len(c) for c in self.cells) > _MAX_CELL_BYTES:
+            del self.cells[0]
+
+
 class SandboxBackend(abc.ABC):
     """A way to run model-written Python under limits. Instances are reused across executions
-    (one per gateway); each execution gets a fresh namespace.
+    (one per gateway); each execution gets a fresh namespace, or its code session's.
+
+    Attributes:
+        name: `monty` or `wasm`.
+        live_state: True when a session's state lives in a process of this backend (wasm: one
+            interpreter per session) rather than in a snapshot the session manager stores (monty).
     """
 
     name: str = ""
+    live_state: bool = False
 
     @abc.abstractmethod
-    async def execute(self, code: str, prelude: str, bridge: ToolBridge, settings: CodeModeSettings) -> Execution:
-        """Run `prelude` then `code` in one fresh namespace, under `settings`' limits.
+    async def execute(
+        self,
+        code: str,
+        prelude: str,
+        bridge: ToolBridge,
+        settings: CodeModeSettings,
+        session: CodeSession | None = None,
+        save_skill: SkillSaver | None = None,
+    ) -> Execution:
+        """Run `prelude` then `code` in a fresh namespace (no `session`) or the session's, under
+        `settings`' limits.
 
         Args:
             code: the model's Python source (top-level `await` allowed).
             prelude: Python source defining `tools` (see `stubs.ToolNamespaces.prelude`).
-            bridge: how `__mcp_call__(name, arguments)` reaches the gateway.
+            bridge: how `__mcp_call__(name, arguments)` (and `save_skill`) reach the gateway.
             settings: timeout_ms, memory_mb, max_output_bytes apply here.
+            session: the code session (its `snapshot` and `files` as stored, or its key for a
+                live interpreter); the returned `Execution` carries what to keep.
+            save_skill: what the sandbox's `save_skill(fn_or_name, code=None, docstring=None)`
+                calls (None: `save_skill` is not defined).
 
         Returns: the `Execution` (never raises for what the code does).
 
         Raises:
             SandboxUnavailable: the runtime is missing or cannot start.
         """
+
+    def holds(self, key: str) -> bool:
+        """A live-state backend: whether the session `key` still has its interpreter."""
+        return False
+
+    async def drop_session(self, key: str) -> None:
+        """Free what a session holds in this backend (a live interpreter); no-op otherwise."""
+        return None
+
+    def layers(self) -> dict[str, Any]:
+        """The sandbox layers this backend's executions run in (for `_meta` and `mcpopt capabilities`)."""
+        return {}
 
     async def start(self) -> None:
         """Warm the backend up (optional; `execute` starts it when needed)."""

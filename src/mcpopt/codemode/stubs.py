@@ -300,12 +300,14 @@ class ToolNamespaces:
         stub = self.by_name.get(gateway_name)
         return None if stub is None else stub.path
 
-    def prelude(self, code: str | None = None) -> str:
+    def prelude(self, code: str | None = None, *, keep: bool = False) -> str:
         """Python source defining `tools` with one async method per tool.
 
         Args:
             code: when given and it only uses `tools.<name>` attribute access, only those
                 namespaces are defined (a smaller prelude for large catalogs); otherwise all.
+            keep: a code session: keep the session's `tools` object (and the namespaces earlier
+                calls defined, which helpers from those calls may use) and (re)define these.
         """
         names = list(self.namespaces)
         if code is not None:
@@ -313,7 +315,11 @@ class ToolNamespaces:
             other_uses = len(re.findall(r"\btools\b", code)) - len(re.findall(r"\btools\s*\.", code))
             if other_uses == 0:
                 names = [n for n in names if n in used]
-        out = ["class _McpoptTools:\n    pass\n", "tools = _McpoptTools()\n"]
+        out = ["class _McpoptTools:\n    pass\n"]
+        if keep:
+            out.append("try:\n    tools\nexcept NameError:\n    tools = _McpoptTools()\n")
+        else:
+            out.append("tools = _McpoptTools()\n")
         for ns in names:
             chunk = self._chunks.get(ns)
             if chunk is None:

@@ -40,6 +40,9 @@ Exposure = Literal["full", "search", "code"]
 EXPOSURES: tuple[Exposure, ...] = ("full", "search", "code")
 Handler = Callable[[dict[str, Any], "ClientLink"], Awaitable[dict[str, Any]]]
 LineFormat = Callable[["ToolDoc"], str]
+SearchSource = Callable[[str, int, "ClientLink"], list[str]]
+"""More `search_tools` result lines beside the tools: `(query, k, link) -> lines` (e.g. code mode's
+skills of the caller: `CodeModeTool.search_lines`). Called on every search; keep it quick."""
 
 MAX_K = 50
 """Most results one `search_tools` call returns."""
@@ -196,6 +199,13 @@ class SearchTools:
         }
         self._own_server = f"{cfg.name} (gateway)"
         self._own_stale = False
+        self.sources: list[SearchSource] = []
+        """Extra result sources (`add_source`), listed after the tools."""
+
+    def add_source(self, source: SearchSource) -> None:
+        """List `source`'s lines after the tools in every `search_tools` result (see `SearchSource`)."""
+        if source not in self.sources:
+            self.sources.append(source)
 
     # ---- what a client sees ----
     def listed(self, exposure: Exposure, extra: Sequence[types.Tool] = ()) -> list[types.Tool]:
@@ -378,9 +388,15 @@ class SearchTools:
             size = len(self.index) if self.index is not None else 0
             ranked = self.search(query, max(k, size), prefer=prefer)
             hits = [h for h in ranked if self.gateway.may_call(link.principal, h.doc.name)][:k]
-        if not hits:
+        lines = [self.line_format(h.doc) for h in hits]
+        for source in self.sources:
+            try:
+                lines.extend(source(query, k, link))
+            except Exception as exc:  # noqa: BLE001 - an extra source never breaks tool search
+                logger.warning("search_tools source %r failed: %s", source, exc)
+        if not lines:
             return _text("No tool matches; try other words (what the tool does, not how).")
-        return _text("\n".join(self.line_format(h.doc) for h in hits))
+        return _text("\n".join(lines))
 
     def _definition(self, name: str) -> types.Tool | None:
         for tool in self.gateway.catalog.tools:

@@ -113,6 +113,7 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     gw.discovery = SearchTools(gw, pins=g.always_visible, default_k=g.search_k, schema_extra=gw.code_mode.stub_for)
     for tool in gw.discovery.tools:
         gw.add_tool(tool, gw.discovery.handlers[tool.name], listed=False)
+    gw.discovery.add_source(gw.code_mode.search_lines)  # the caller's skills, beside the tools
     if gw.discovery.eager and filters is None:
         # Search results break ties toward the servers a session already used: every call tells.
         gw.pipeline.set_filters([gw.discovery.record_use, *gw.pipeline.filters])
