@@ -16,9 +16,9 @@ async def _report(cfg: Config) -> dict[str, Any]:
     import asyncio
 
     from mcpopt.codemode.capabilities import sandbox_report, upstream_rows
-    from mcpopt.gateway.server import Gateway
+    from mcpopt.gateway.assembly import build_gateway
 
-    gateway = Gateway(cfg)
+    gateway = build_gateway(cfg)
     async with gateway.running():
         rows = upstream_rows(gateway)
     sandboxes = await asyncio.to_thread(sandbox_report, cfg.gateway.code_mode)
