@@ -8,8 +8,16 @@ execution; the other folders are read-only. On top of that, the code's own `impo
 subprocess, ctypes, socket, multiprocessing, threading, signal, js and pyodide is refused
 with an ImportError, and the process functions of `os` raise OSError.
 
-One warm Deno process per backend (loading Pyodide takes ~2 s, once); each execution gets a
-fresh Python namespace. Tool calls cross stdin/stdout as JSON lines (see pyodide_runner.js).
+Stateless executions share one warm Deno process (loading Pyodide takes ~2 s, once) and get a
+fresh Python namespace each. A code session gets a Deno process of its own -- its live
+interpreter, whose one namespace, imports and in-memory `/tmp` persist across the session's
+calls (cells are named `<cell-N>` in tracebacks); a spare process keeps loading in the
+background so a new session rarely waits. Tool calls cross stdin/stdout as JSON lines (see
+pyodide_runner.js).
+
+Layer 2 (`isolation`): each Deno process runs inside bubblewrap with seccomp, rlimits and
+cgroups (`mcpopt.codemode.isolation`); the memory watcher then sums the process tree (bwrap and
+its Deno child).
 Limits:
 - wall time: past `timeout_ms` the process is killed (and restarted on the next execution);
 - memory: the process's resident memory is watched (every 50 ms); past its size after loading
