@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import MCPOPT, ROOT, everything_entry, gateway_client, memory_entry, time_entry, write_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
