@@ -21,7 +21,7 @@ async def test_the_report_matches_what_the_servers_declare(tmp_path: Path) -> No
         {"time": time_entry(), "everything": everything_entry(), "memory": memory_entry(tmp_path / "m.jsonl")},
         {"telemetry": {"data_dir": str(tmp_path / "data")}},
     )
-    res = subprocess.run(
+    res = subprocess.run(  # noqa: ASYNC221 - the CLI's own process, run to completion
         [MCPOPT, "capabilities", "-c", str(config), "--json"],
         capture_output=True,
         text=True,

@@ -68,9 +68,9 @@ def main() -> None:
             f"{s['tool_calls']:>11} {s['upstream_bytes_read']:>11,} {s['ms_p50']:>8.1f} {s['ms_p95']:>8.1f}"
         )
     ratio = report["ratio"]
+    opened = report["with_sessions"]["open_ms_p50"], report["without_sessions"]["open_ms_p50"]
     print(
-        f"opening a new conversation's session (untimed above): with sessions "
-        f"{report['with_sessions']['open_ms_p50']:.1f} ms, without {report['without_sessions']['open_ms_p50']:.1f} ms (p50)"
+        f"opening a new conversation (untimed above): {opened[0]:.1f} ms with sessions, {opened[1]:.1f} without (p50)"
     )
     print(f"without / with sessions: {ratio['tokens']}x the tokens, {ratio['wall_p50']}x the wall time (p50)")
     print("last call's output:", report["with_sessions"]["output"][-1].strip())

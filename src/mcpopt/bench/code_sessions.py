@@ -126,7 +126,8 @@ async def compare(gateway: GatewayAPI, folder: Path, *, rounds: int = 5, backend
 
     Returns: `{log, definitions_tokens, with_sessions, without_sessions, ratio}`, each way with
     tokens (arguments, results, total), tool calls, upstream bytes read, wall ms p50/p95, and
-    its last output; `open_ms_p50` is the untimed opening call's p50. Raises AssertionError when a way does not do the task right.
+    its last output; `open_ms_p50` is the untimed opening call's p50. Raises AssertionError when a
+    way does not do the task right.
     """
     log = folder / "orders.log"
     expected = make_order_log(log)
