@@ -17,7 +17,7 @@ import pytest
 from mcp import Client
 from mcp_types.version import LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
-from conftest import MCPOPT, ROOT, everything_entry, filesystem_entry, free_port, wait_http, write_config
+from conftest import MCPOPT, ROOT, everything_entry, filesystem_entry, free_port, memory_entry, wait_http, write_config
 from mcpopt.api import ClientLink, no_progress
 from mcpopt.codemode.sandbox import CodeModeSettings
 from mcpopt.codemode.tool import META_KEY, CodeModeTool
@@ -349,3 +349,21 @@ async def test_two_real_clients_over_http_have_their_own_sessions(tmp_path: Path
             proc.wait(5)
         if proc.stderr:
             proc.stderr.close()
+
+
+async def test_the_three_call_scenario_reads_once_and_costs_fewer_tokens_with_sessions(tmp_path: Path) -> None:
+    """examples/scenarios/code_sessions.py's task, one round each way: behaviour only (no timings)."""
+    from mcpopt.bench.code_sessions import compare
+
+    folder = tmp_path  # already absolute
+    servers = {
+        "filesystem": filesystem_entry(folder),
+        "memory": {**memory_entry(folder / "memory.jsonl"), "max_concurrency": 1},
+    }
+    gw = build_gateway(load_config(data={"mcpServers": servers, "gateway": {"call_timeout_ms": 30000}}))
+    async with gw.running():
+        report = await compare(gw, folder, rounds=1)
+    with_s, without = report["with_sessions"], report["without_sessions"]
+    assert (with_s["log_reads"], with_s["tool_calls"]) == (1, 2)
+    assert (without["log_reads"], without["tool_calls"]) == (3, 4)
+    assert with_s["total"] < without["total"] and with_s["output"][-1] == without["output"][-1]
