@@ -367,3 +367,6 @@ async def test_the_three_call_scenario_reads_once_and_costs_fewer_tokens_with_se
     assert (with_s["log_reads"], with_s["tool_calls"]) == (1, 2)
     assert (without["log_reads"], without["tool_calls"]) == (3, 4)
     assert with_s["total"] < without["total"] and with_s["output"][-1] == without["output"][-1]
+    through = report["through_the_model"]
+    assert (through["log_reads"], through["tool_calls"]) == (1, 2)
+    assert through["total"] > 10 * with_s["total"] and through["output"][-1] == with_s["output"][-1]

@@ -1,7 +1,7 @@
 """A multi-step data task in three execute_code calls: tokens and wall time with code sessions vs without.
 
 Starts a gateway in-process over server-filesystem and server-memory (from node_modules), writes
-a ~1 MB order log into a temporary folder, and does the task (look -> filter -> store) both ways,
+a ~1 MB order log into a temporary folder, and does the task (look -> filter -> store) three ways,
 alternating, after a warm-up round (see `mcpopt.bench.code_sessions`).
 
     python examples/scenarios/code_sessions.py [--rounds N] [--backend monty|wasm] [--json]
@@ -61,18 +61,20 @@ def main() -> None:
         f"{'':>18} {'tokens':>8} {'(code':>7} {'results)':>9} {'tool calls':>11} {'bytes read':>11} "
         f"{'p50 ms':>8} {'p95 ms':>8}"
     )
-    for way in ("with_sessions", "without_sessions"):
+    for way in ("with_sessions", "without_sessions", "through_the_model"):
         s = report[way]
         print(
             f"{way.replace('_', ' '):>18} {s['total']:>8,} {s['arguments']:>7,} {s['results']:>9,} "
             f"{s['tool_calls']:>11} {s['upstream_bytes_read']:>11,} {s['ms_p50']:>8.1f} {s['ms_p95']:>8.1f}"
         )
-    ratio = report["ratio"]
     opened = report["with_sessions"]["open_ms_p50"], report["without_sessions"]["open_ms_p50"]
     print(
         f"opening a new conversation (untimed above): {opened[0]:.1f} ms with sessions, {opened[1]:.1f} without (p50)"
     )
-    print(f"without / with sessions: {ratio['tokens']}x the tokens, {ratio['wall_p50']}x the wall time (p50)")
+    for way, ratio in report["ratio"].items():
+        print(
+            f"{way.replace('_', ' ')} / with sessions: {ratio['tokens']}x the tokens, {ratio['wall_p50']}x the wall time"
+        )
     print("last call's output:", report["with_sessions"]["output"][-1].strip())
 
 

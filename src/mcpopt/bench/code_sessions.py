@@ -9,9 +9,11 @@ Task (what an agent does step by step, reading each step's output before writing
 
 - **With sessions** (`gateway.code_mode.sessions.enabled: true`): call 2 uses the `lines` and
   `kinds` call 1 left, call 3 the `groups` of call 2; the log is read once.
-- **Without sessions**: nothing survives a call, so each call must redo the earlier steps --
-  its code carries them again and the log is read again (the alternative, passing the data
-  back through the model, would put the whole log in its context).
+- **Without sessions, redoing**: nothing survives a call, so each call redoes the earlier
+  steps -- its code carries them again and the log is read again;
+- **Without sessions, through the model**: each call prints what the next one needs (the
+  ERROR lines, then the groups) and the model copies it into the next call's code (with
+  `max_output_bytes` raised to 200 KB so the ERROR lines fit in one output).
 
 Both ways are real calls through the gateway. Tokens counted are what enters the model's
 context: the code of each call (arguments) and what each call returns (results), with the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -52,14 +55,16 @@ for line in lines:
         kinds[reason] = kinds.get(reason, 0) + 1
 """
 LOOK_PRINT = 'print(len(lines), "lines; ERROR by reason:", sorted(kinds.items(), key=lambda kv: -kv[1]))\n'
+FILTER_TOP = "top = max(kinds, key=lambda k: kinds[k])\n"
 FILTER = """\
-top = max(kinds, key=lambda k: kinds[k])
 groups = {}
 for line in lines:
     if " ERROR " in line and "reason=" + top in line:
         groups.setdefault(line.split()[2], []).append(line.split("order=")[1].split()[0])
 """
 FILTER_PRINT = "print(top, {service: len(orders) for service, orders in sorted(groups.items())})\n"
+ERRORS_PRINT = 'import json\nprint(json.dumps([line for line in lines if " ERROR " in line]))\n'
+GROUPS_PRINT = "import json\nprint(json.dumps(groups))\n"
 STORE = """\
 stored = await tools.{mem}.create_entities(entities=[
     {{"name": {prefix!r} + "-" + service, "entityType": "incident",
@@ -101,13 +106,33 @@ def make_order_log(path: Path, size_bytes: int = 1_000_000, errors: int = 240, s
     return {"lines": len(lines), "kinds": kinds, "top": top, "groups": groups, "bytes": path.stat().st_size}
 
 
-def steps(fs: str, mem: str, log: str, prefix: str, *, sessions: bool) -> list[str]:
-    """The code of the three calls: with sessions each step alone; without, each redoes the earlier ones."""
+WAYS = ("with_sessions", "without_sessions", "through_the_model")
+
+
+def step(way: str, k: int, fs: str, mem: str, log: str, prefix: str, seen: list[str]) -> str:
+    """The code of call `k` (0..2) one way, written after reading the outputs `seen` so far:
+
+    - `with_sessions`: each step alone, on what the session kept;
+    - `without_sessions`: each call redoes the earlier steps (the log is read again);
+    - `through_the_model`: no sessions; each call prints what the next needs, and the next
+      call's code carries it (the model copies it from the output it read).
+    """
     look = LOOK.format(fs=fs, log=log)
     store = STORE.format(mem=mem, prefix=prefix)
-    if sessions:
-        return [look + LOOK_PRINT, FILTER + FILTER_PRINT, store]
-    return [look + LOOK_PRINT, look + FILTER + FILTER_PRINT, look + FILTER + store]
+    if way == "with_sessions":
+        return [look + LOOK_PRINT, FILTER_TOP + FILTER + FILTER_PRINT, store][k]
+    if way == "without_sessions":
+        return [look + LOOK_PRINT, look + FILTER_TOP + FILTER + FILTER_PRINT, look + FILTER_TOP + FILTER + store][k]
+    if k == 0:
+        return look + LOOK_PRINT + ERRORS_PRINT
+    if k == 1:
+        summary, errors = seen[0].strip().splitlines()[:2]
+        top = re.search(r"\('(\w+)', \d+\)", summary)
+        assert top is not None, summary
+        return f"lines = {errors}\ntop = {top.group(1)!r}\n" + FILTER + GROUPS_PRINT
+    top = re.search(r"^top = '(\w+)'$", step(way, 1, fs, mem, log, prefix, seen), re.M)
+    assert top is not None
+    return f"top = {top.group(1)!r}\ngroups = {seen[1].strip().splitlines()[-1]}\n" + store
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -124,18 +149,20 @@ async def compare(gateway: GatewayAPI, folder: Path, *, rounds: int = 5, backend
         rounds: measured rounds per way.
         backend: the code-mode backend.
 
-    Returns: `{log, definitions_tokens, with_sessions, without_sessions, ratio}`, each way with
+    Returns: `{log, definitions_tokens, with_sessions, without_sessions, through_the_model, ratio}`
+    (ratio: each other way against `with_sessions`), each way with
     tokens (arguments, results, total), tool calls, upstream bytes read, wall ms p50/p95, and
     its last output; `open_ms_p50` is the untimed opening call's p50. Raises AssertionError when a
     way does not do the task right.
     """
     log = folder / "orders.log"
     expected = make_order_log(log)
+    stateless = CodeModeSettings(backend=backend, timeout_ms=60_000, sessions={"enabled": False})
     ways = {
         "with_sessions": CodeModeTool(gateway, CodeModeSettings(backend=backend, timeout_ms=60_000)),
-        "without_sessions": CodeModeTool(
-            gateway, CodeModeSettings(backend=backend, timeout_ms=60_000, sessions={"enabled": False})
-        ),
+        "without_sessions": CodeModeTool(gateway, stateless),
+        # What it prints must fit what comes back (24 KB of ERROR lines): a larger output cap.
+        "through_the_model": CodeModeTool(gateway, stateless.model_copy(update={"max_output_bytes": 200_000})),
     }
     ns = ways["with_sessions"].namespaces
     fs = next(s.namespace for s in ns.by_name.values() if s.attr == "read_text_file")
@@ -149,23 +176,27 @@ async def compare(gateway: GatewayAPI, folder: Path, *, rounds: int = 5, backend
     stats: dict[str, dict[str, Any]] = {w: {"ms": []} for w in ways}
     try:
         for r in range(rounds + 1):
-            for way in list(ways) if r % 2 == 0 else list(reversed(ways)):
+            order = list(ways)[r % len(ways) :] + list(ways)[: r % len(ways)]  # rotate who goes first
+            for way in order:
                 tool = ways[way]
                 link = ClientLink(
                     LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress, session_id=f"{way}-{r}"
                 )
-                codes = steps(fs, mem, str(log), f"{way}-{r}", sessions=way == "with_sessions")
                 # Open the conversation's session first (a new wasm session starts its interpreter):
                 # the three calls are timed as they run in a conversation that is under way.
                 t_open = time.perf_counter()
                 assert not (await tool.handler({"code": "None"}, link)).get("isError")
                 open_ms = (time.perf_counter() - t_open) * 1000
                 t0 = time.perf_counter()
-                results = [await tool.handler({"code": code}, link) for code in codes]
+                codes: list[str] = []
+                results: list[dict[str, Any]] = []
+                texts: list[str] = []
+                for k in range(3):
+                    codes.append(step(way, k, fs, mem, str(log), f"{way}-{r}", texts))
+                    results.append(await tool.handler({"code": codes[-1]}, link))
+                    texts.append(result_text(results[-1]))
+                    assert not results[-1].get("isError"), f"{way}: {texts[-1]}"
                 ms = (time.perf_counter() - t0) * 1000
-                texts = [result_text(x) for x in results]
-                for x, body in zip(results, texts, strict=True):
-                    assert not x.get("isError"), f"{way}: {body}"
                 want = f"{len(expected['groups'])} incidents stored for {expected['top']}"
                 assert texts[-1].strip() == want, f"{way}: {texts[-1]!r} != {want!r}"
                 if r == 0:
@@ -191,8 +222,10 @@ async def compare(gateway: GatewayAPI, folder: Path, *, rounds: int = 5, backend
         s["ms"] = [round(v, 1) for v in s["ms"]]
         s["open_ms_p50"] = round(statistics.median(s.pop("open_ms")), 1)
         out[way] = s
+    base = stats["with_sessions"]
     out["ratio"] = {
-        "tokens": round(stats["without_sessions"]["total"] / stats["with_sessions"]["total"], 2),
-        "wall_p50": round(stats["without_sessions"]["ms_p50"] / stats["with_sessions"]["ms_p50"], 2),
+        way: {"tokens": round(s["total"] / base["total"], 2), "wall_p50": round(s["ms_p50"] / base["ms_p50"], 2)}
+        for way, s in stats.items()
+        if way != "with_sessions"
     }
     return out
