@@ -72,9 +72,8 @@ def main() -> None:
         f"opening a new conversation (untimed above): {opened[0]:.1f} ms with sessions, {opened[1]:.1f} without (p50)"
     )
     for way, ratio in report["ratio"].items():
-        print(
-            f"{way.replace('_', ' ')} / with sessions: {ratio['tokens']}x the tokens, {ratio['wall_p50']}x the wall time"
-        )
+        name = way.replace("_", " ")
+        print(f"{name} / with sessions: {ratio['tokens']}x the tokens, {ratio['wall_p50']}x the wall time")
     print("last call's output:", report["with_sessions"]["output"][-1].strip())
 
 
