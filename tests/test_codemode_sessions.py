@@ -370,3 +370,16 @@ async def test_the_three_call_scenario_reads_once_and_costs_fewer_tokens_with_se
     through = report["through_the_model"]
     assert (through["log_reads"], through["tool_calls"]) == (1, 2)
     assert through["total"] > 10 * with_s["total"] and through["output"][-1] == with_s["output"][-1]
+
+
+def test_bad_code_mode_settings_name_their_key() -> None:
+    from mcpopt.errors import ConfigError
+
+    for key, value, where in (
+        ("sessions", {"ttl_s": -1}, "gateway.code_mode.sessions.ttl_s"),
+        ("isolation", {"mode": "docker"}, "gateway.code_mode.isolation.mode"),
+        ("private_data", {"kinds": ["dna"]}, "gateway.code_mode.private_data.kinds"),
+        ("skills", {"max_per_principal": 0}, "gateway.code_mode.skills.max_per_principal"),
+    ):
+        with pytest.raises(ConfigError, match=f"key '{where}"):
+            load_config(data={"mcpServers": {}, "gateway": {"code_mode": {key: value}}})

@@ -1224,6 +1224,7 @@ gateway:
     initial_backoff_ms: 500
     max_backoff_ms: 30000
   # exposure: full                        # full | search (search_tools + call_tool) | code (execute_code)
+  # code_mode: {sessions: {ttl_s: 1800}, private_data: {tools: ["crm__*"]}, isolation: {mode: auto}}
   # cache: {redis_url: redis://127.0.0.1:6379/0}    # L2 shared by gateway processes
   # telemetry: {level: standard}          # minimal | standard | detailed; enabled: false records nothing
   # shaping: {max_result_bytes: 65536}    # cut huge results; the whole stays readable as a resource
