@@ -68,10 +68,10 @@ _MAGIC = b"MCPCS1"
 
 def principal_of(link: ClientLink) -> str:
     """The caller's principal as a string: `link.principal` (its `id`, `subject`, `sub` or
-    `name`, else `str()`), else the auth partition (`partition:<hash>` of the Authorization
+    `name`, else `str()`; one with `is_local` true counts as none), else the auth partition (`partition:<hash>` of the Authorization
     header) when there is one, else `local` (the stdio front's one user)."""
     p = link.principal
-    if p is None:
+    if p is None or getattr(p, "is_local", False) is True:
         return f"partition:{link.partition}" if link.partition else "local"
     if isinstance(p, str):
         return p
