@@ -68,8 +68,9 @@ _MAGIC = b"MCPCS1"
 
 def principal_of(link: ClientLink) -> str:
     """The caller's principal as a string: `link.principal` (its `id`, `subject`, `sub` or
-    `name`, else `str()`; one with `is_local` true counts as none), else the auth partition (`partition:<hash>` of the Authorization
-    header) when there is one, else `local` (the stdio front's one user)."""
+    `name`, else `str()`; one with `is_local` true counts as none), else the auth partition
+    (`partition:<hash>` of the Authorization header) when there is one, else `local` (the stdio
+    front's one user)."""
     p = link.principal
     if p is None or getattr(p, "is_local", False) is True:
         return f"partition:{link.partition}" if link.partition else "local"
