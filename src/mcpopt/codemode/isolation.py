@@ -50,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -377,6 +378,8 @@ class Isolation:
     def _private_dir(self) -> str:
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="mcpopt-sandbox-")
+            # Removed by `close`, or at exit / garbage collection when a gateway stops without it.
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
             program = seccomp_program()
             if program is None:
                 raise OSError(f"no seccomp filter for {platform.machine()}")

@@ -39,6 +39,7 @@ import shutil
 import stat
 import tempfile
 import time
+import weakref
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,6 +81,7 @@ class MontyBackend(SandboxBackend):
         self._pool: Any = None
         self._start_lock = asyncio.Lock()
         self._scratch = tempfile.mkdtemp(prefix="mcpopt-codemode-scratch-")
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)  # at GC, or at exit at the latest
         self.isolation: Isolation | None = None
 
     def _memory_bytes(self) -> int:
@@ -134,9 +136,6 @@ class MontyBackend(SandboxBackend):
         if self.isolation is not None:
             self.isolation.close()
             self.isolation = None
-
-    def __del__(self) -> None:
-        shutil.rmtree(self._scratch, ignore_errors=True)
 
     def layer2_command(self, argv: list[str]) -> tuple[list[str], dict[str, str]]:
         """`argv` wrapped in exactly the layer 2 the pool's workers get (same rlimits, cgroup and
