@@ -76,6 +76,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 REQUEST_CANCELLED = -32800
 """The SDK's 2025-era answer to a request cancelled by the client (`mcp.server.streamable_http`)."""
+ASK_DRAIN_S = 30.0
+"""How long a call's response waits for the client's answers to requests carried on its stream."""
 PING_S = 15.0
 """sse_starlette's default ping interval: a long call's stream is kept alive as on the SDK's path."""
 _STREAM_BUFFER = 16
@@ -260,6 +262,10 @@ class _Exchange:
         self.pump: asyncio.Task[None] | None = None
         self.pinger: asyncio.Task[None] | None = None
         self.what = "tools/call"
+        self.asking = 0
+        """Server-to-client requests carried on this call's stream and not yet answered."""
+        self.answered = asyncio.Event()
+        self.answered.set()
 
     async def run(self, gateway: Gateway, params: Mapping[str, Any], partition: str) -> None:
         conn = self.conn
@@ -301,6 +307,11 @@ class _Exchange:
             timer.cancel()
             if self.pinger is not None:
                 self.pinger.cancel()
+        if self.asking:
+            # A request the upstream sent on this call's stream (e.g. roots/list) is still out: the
+            # stream ends with the response, so the response waits for its answer (bounded).
+            with anyio.move_on_after(ASK_DRAIN_S):
+                await self.answered.wait()
         await self._unroute()
         await self._finish(message, status, headers)
 
@@ -332,10 +343,17 @@ class _Exchange:
         outbound = self.conn.outbound
         if not isinstance(outbound, JSONRPCDispatcher) or self.done:
             return await outbound.send_raw_request(method, params, opts)
-        async with self.lock:
-            await self._start_sse()
-        self._route()
-        return await outbound.send_raw_request(method, params, opts, _related_request_id=self.rid)
+        self.asking += 1
+        self.answered.clear()
+        try:
+            async with self.lock:
+                await self._start_sse()
+            self._route()
+            return await outbound.send_raw_request(method, params, opts, _related_request_id=self.rid)
+        finally:
+            self.asking -= 1
+            if not self.asking:
+                self.answered.set()
 
     # ---- the wire ------------------------------------------------------------------------
     async def _start_sse(self) -> None:

@@ -76,7 +76,7 @@ class OwnerListener:
         opening), wait up to `ASK_WAIT_S`."""
         deadline = anyio.current_time() + ASK_WAIT_S
         while True:
-            channel = self._channel()
+            channel = self._channel(request.method)
             if channel is not None:
                 try:
                     return await ask_client(channel, request)
@@ -92,13 +92,20 @@ class OwnerListener:
                 )
             await anyio.sleep(0.05)
 
-    def _channel(self) -> Any:
+    def _channel(self, method: str) -> Any:
+        conn = self.clients.owner_connection(self.owner)
+        standalone = (
+            conn.outbound
+            if conn is not None and conn.protocol_version not in MODERN and conn.has_standalone_channel
+            else None
+        )
+        if method == "roots/list" and standalone is not None:
+            # Roots are the client's, not a call's: asked on the client's own channel rather than on
+            # the stream of whatever call is in flight (which may end before the answer comes).
+            return standalone
         for caller in reversed(self.clients.callers(self.key)):
             if not caller.modern and caller.requests is not None:
                 return caller.requests
         # Between calls (e.g. the server re-asks roots after `roots/list_changed`): the owner's own
         # latest connection, when it has a channel for server-to-client requests.
-        conn = self.clients.owner_connection(self.owner)
-        if conn is not None and conn.protocol_version not in MODERN and conn.has_standalone_channel:
-            return conn.outbound
-        return None
+        return standalone
