@@ -51,7 +51,7 @@ BAD_FILES = [
         "gateway.separator",
         "expected 1-8 characters",
     ),
-    ("bad.json", '{"mcpServers": {"a": {"command": "x"}},}', "line 1", "valid JSON"),
+    ("bad.json", '{"mcpServers": {"a": {"command": "x"}}', "line 1", "valid JSON"),
 ]
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcpopt.errors import ConfigError
+from mcpopt.hosts.layouts import AskFn, normalize, parse_json
 from mcpopt.workflow_model import NAME as WORKFLOW_NAME
 from mcpopt.workflow_model import Workflow, WorkflowError, load_workflow_file
 
@@ -946,6 +947,10 @@ class Config(BaseSettings):
     from `gateway.workflows.files`."""
     source: str = Field("", exclude=True)
     """The file this config came from ("" when built in code)."""
+    layout: str = Field("mcpopt", exclude=True)
+    """The file's layout: `mcpopt` (`mcpServers`), `vscode` (`servers`), `vscode-settings` (`mcp.servers`)."""
+    notes: list[str] = Field(default_factory=list, exclude=True)
+    """Info lines from loading (the keys mcpopt ignored); the CLI prints them on stderr."""
 
     @field_validator("mcpServers")
     @classmethod
@@ -1024,7 +1029,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(shown, "", f"cannot read the file ({exc.strerror})") from None
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text) if text.strip() else {}
+            data = parse_json(text)
         else:
             data = yaml.safe_load(text) or {}
     except json.JSONDecodeError as exc:
@@ -1041,34 +1046,6 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand(value: Any, key: str, file: str, config_dir: str) -> Any:
-    """Expand `${VAR}` / `${VAR:-default}` in string values; `${CONFIG_DIR}` is the file's folder.
-
-    Raises:
-        ConfigError: a variable is not set and has no default.
-    """
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name == "CONFIG_DIR":
-                return config_dir
-            got = os.environ.get(name, default)
-            if got is None:
-                raise ConfigError(file, key, f"environment variable {name} is not set (use ${{{name}:-default}})")
-            return got
-
-        return _VAR.sub(sub, value) if "${" in value else value
-    if isinstance(value, dict):
-        return {k: _expand(v, f"{key}.{k}", file, config_dir) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, f"{key}[{i}]", file, config_dir) for i, v in enumerate(value)]
-    return value
-
-
 def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
@@ -1081,20 +1058,22 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts)
 
 
-def _first_error(exc: ValidationError, file: str) -> ConfigError:
-    err = exc.errors(include_url=False)[0]
-    key = _key_path(tuple(err["loc"]))
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling; see `mcpopt init` for every key)"
-    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-        msg = f"{msg} (got {err['input']!r})"
-    more = len(exc.errors()) - 1
-    if more:
-        msg += f" [+{more} more problem{'s' if more > 1 else ''}]"
-    return ConfigError(file, key, msg)
+def _problems(exc: ValidationError, servers_key: str = "mcpServers") -> list[tuple[str, str]]:
+    """Every validation error as `(key path, expected)`, key paths as the file spells them."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        key = _key_path(tuple(err["loc"]))
+        if servers_key != "mcpServers" and (key == "mcpServers" or key.startswith("mcpServers.")):
+            key = servers_key + key[len("mcpServers") :]
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see `mcpopt init` for every key)"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        out.append((key, msg))
+    return out
 
 
 def default_data_dir() -> Path:
@@ -1103,37 +1082,49 @@ def default_data_dir() -> Path:
     return Path(base) / "mcpopt"
 
 
-def load_config(path: str | os.PathLike[str] | None = None, data: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    data: dict[str, Any] | None = None,
+    *,
+    ask: AskFn | None = None,
+) -> Config:
     """Load and validate a config file (YAML or JSON) with `MCPOPT_*` overrides.
+
+    The file may be mcpopt's own or any MCP host's as it is (Claude Desktop, Cursor, VS Code's
+    `mcp.json` or `settings.json`, Windsurf, Claude Code): see `mcpopt.hosts.layouts`. Keys mcpopt
+    does not use are ignored and reported in `Config.notes` (one line).
 
     Args:
         path: the file; `.json` is parsed as JSON, anything else as YAML (a superset).
         data: an already-parsed mapping, used instead of reading `path` (tests, embedding).
+        ask: asks the user for a VS Code `${input:id}` that `MCPOPT_INPUT_<ID>` does not give
+            (`mcpopt.hosts.layouts.terminal_ask` on a terminal); None never asks.
 
     Returns:
         The validated `Config`; relative `cwd` values resolve against the file's folder.
 
     Raises:
-        ConfigError: the file is missing or unreadable, not YAML/JSON, or a key is invalid.
+        ConfigError: the file is missing or unreadable, not YAML/JSON, or keys are invalid; one
+            error lists every problem found (`ConfigError.problems`).
     """
     shown = str(path) if path is not None else ""
     raw = data if data is not None else (_read_file(Path(path)) if path is not None else {})
     config_dir = str(Path(path).resolve().parent) if path is not None else os.getcwd()
-    servers = raw.get("mcpServers")
-    if isinstance(servers, dict):
-        raw = {
-            **raw,
-            "mcpServers": {
-                name: _expand(entry, f"mcpServers.{name}", shown, config_dir) for name, entry in servers.items()
-            },
-        }
+    layout = normalize(raw, file=shown, config_dir=config_dir, ask=ask)
+    problems = list(layout.problems)
+    config: Config | None = None
     try:
-        config = Config(**raw)
+        config = Config(**layout.data)
     except ValidationError as exc:
-        raise _first_error(exc, shown or "(environment)") from None
+        problems.extend(_problems(exc, layout.servers_key))
     except (TypeError, ValueError) as exc:  # pydantic-settings: malformed MCPOPT_* JSON values
         raise ConfigError(shown or "(environment)", "MCPOPT_*", f"valid values ({exc})") from None
+    if problems or config is None:
+        raise ConfigError.many(shown or "(environment)", problems or [("", "invalid configuration")])
     config.source = shown
+    config.layout = layout.layout
+    note = layout.info_line(shown)
+    config.notes = [note] if note else []
     base = Path(path).resolve().parent if path is not None else Path.cwd()
     for name, server in config.mcpServers.items():
         if path is not None and server.cwd and not os.path.isabs(server.cwd):

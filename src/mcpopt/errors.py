@@ -21,6 +21,9 @@ POLICY_DENIED = -32014
 """The caller's policy does not grant the call (`mcpopt.auth.policy.PolicyDenied`)."""
 RATE_LIMITED = -32015
 """A rate limit or quota refused the call (`mcpopt.auth.ratelimit.RateLimited`)."""
+CONFIG_INVALID = -32016
+"""`mcpopt serve` over stdio could not load its config file: every request is answered with this
+code and the config error (file, key paths, what was expected) until the client disconnects."""
 
 
 class McpoptError(Exception):
@@ -30,16 +33,37 @@ class McpoptError(Exception):
 class ConfigError(McpoptError):
     """A configuration file or environment override is invalid.
 
-    `str(err)` is one message naming the file, the key path and what was expected.
+    `str(err)` is one line naming the file, then every problem with its key path and what was
+    expected: `config error: f.yaml: key 'a.b': msg` for one problem, `config error: f.yaml:
+    2 problems: (1) key 'a.b': msg; (2) key 'c': msg` for more.
+
+    Attributes:
+        file: the file ("" when built in code, "(environment)" for `MCPOPT_*` values).
+        key: the key path of the first problem ("" for the file as a whole).
+        expected: what was expected there (the first problem's message).
+        problems: every problem as `(key path, message)`, in file order.
     """
 
-    def __init__(self, file: str, key: str, expected: str) -> None:
+    def __init__(self, file: str, key: str, expected: str, *, problems: list[tuple[str, str]] | None = None) -> None:
         self.file = file
-        self.key = key
-        self.expected = expected
+        self.problems = problems if problems else [(key, expected)]
+        self.key, self.expected = self.problems[0]
         where = f"{file}: " if file else ""
-        key_part = f"key '{key}': " if key else ""
-        super().__init__(f"config error: {where}{key_part}{expected}")
+        if len(self.problems) == 1:
+            text = _problem(*self.problems[0])
+        else:
+            listed = "; ".join(f"({i}) {_problem(k, m)}" for i, (k, m) in enumerate(self.problems, 1))
+            text = f"{len(self.problems)} problems: {listed}"
+        super().__init__(f"config error: {where}{text}")
+
+    @classmethod
+    def many(cls, file: str, problems: list[tuple[str, str]]) -> ConfigError:
+        """One error listing every `(key path, message)` problem (at least one)."""
+        return cls(file, problems[0][0], problems[0][1], problems=problems)
+
+
+def _problem(key: str, message: str) -> str:
+    return f"key '{key}': {message}" if key else message
 
 
 class GatewayError(McpoptError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mcpopt.cli.clients  # noqa: F401 - import, install, uninstall
 import mcpopt.cli.workflows  # noqa: F401 - registers `mcpopt workflows`
 from mcpopt.cli import (  # noqa: F401 - they register commands
     auth,

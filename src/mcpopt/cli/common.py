@@ -18,6 +18,7 @@ from rich.console import Console
 
 from mcpopt.config import Config, load_config
 from mcpopt.errors import ConfigError, McpoptError
+from mcpopt.hosts.layouts import terminal_ask
 from mcpopt.upstream.process import children
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="mcpopt: an optimizing MCP gateway.")
@@ -34,11 +35,21 @@ ConfigOpt = typer.Option("mcpopt.yaml", "--config", "-c", help="Config file (YAM
 
 
 def load(path: str) -> Config:
+    """Load a config for a command: a bad file is one red line on stderr and exit code 2; the
+    info line about ignored keys goes to stderr; VS Code inputs may be asked on the terminal."""
     try:
-        return load_config(path)
+        cfg = load_config(path, ask=terminal_ask)
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
+    print_notes(cfg)
+    return cfg
+
+
+def print_notes(cfg: Config) -> None:
+    """The config's info lines (ignored keys), on stderr."""
+    for note in cfg.notes:
+        err.print(f"info: {note}", highlight=False, style="dim")
 
 
 def setup_logging(level: str) -> None:

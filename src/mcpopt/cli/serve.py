@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import typer
 
-from mcpopt.cli.common import ConfigOpt, app, err, install_reaper, load, run, setup_logging
-from mcpopt.config import STARTER_CONFIG, Config
+from mcpopt.cli.common import ConfigOpt, app, err, install_reaper, load, print_notes, run, setup_logging
+from mcpopt.config import STARTER_CONFIG, Config, load_config
+from mcpopt.errors import CONFIG_INVALID, ConfigError
+from mcpopt.hosts.layouts import terminal_ask
 from mcpopt.upstream.process import children
 
 
@@ -39,12 +42,25 @@ def serve(
         help="Serve a non-loopback --host without gateway.auth (anyone who can connect may call every tool).",
     ),
 ) -> None:
-    """Serve the gateway over stdio or Streamable HTTP (at /mcp)."""
-    cfg = load(config)
-    setup_logging(cfg.gateway.log_level)
+    """Serve the gateway over stdio or Streamable HTTP (at /mcp).
+
+    A bad config file is reported on stderr and exits with code 2. Over stdio, when a client
+    launched the gateway (stdin is not a terminal), the gateway first answers that client's every
+    request (`initialize` included) with error -32016 carrying the same message, until the client
+    disconnects: clients that show only "Connection closed" for a server that exits show this.
+    """
     if transport not in ("stdio", "http"):
         err.print(f"[red]--transport: expected stdio or http (got {transport!r})[/red]")
         raise typer.Exit(2)
+    try:
+        cfg = load_config(config, ask=terminal_ask)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        if transport == "stdio" and not sys.stdin.isatty():
+            _answer_config_error(exc)
+        raise typer.Exit(2) from None
+    print_notes(cfg)
+    setup_logging(cfg.gateway.log_level)
     if transport == "http":
         from mcpopt.gateway.edge import auth_enabled, bind_refusal, is_loopback
 
@@ -60,6 +76,30 @@ def serve(
             )
     install_reaper()
     run(_serve(cfg, transport, host, port))
+
+
+def _answer_config_error(exc: ConfigError) -> None:
+    """Answer every JSON-RPC request on stdin with `CONFIG_INVALID` and the config error, until EOF.
+
+    The error's `data` is `{"file": str, "problems": [{"key": str, "expected": str}, ...]}`.
+    """
+    import orjson
+
+    error = {
+        "code": CONFIG_INVALID,
+        "message": str(exc),
+        "data": {"file": exc.file, "problems": [{"key": k, "expected": m} for k, m in exc.problems]},
+    }
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        for item in msg if isinstance(msg, list) else [msg]:
+            if isinstance(item, dict) and "method" in item and "id" in item:
+                out.write(orjson.dumps({"jsonrpc": "2.0", "id": item["id"], "error": error}) + b"\n")
+                out.flush()
 
 
 async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
