@@ -20,7 +20,7 @@ from conftest import MCPOPT, ROOT, fake_entry, text_of, time_entry
 from mcpopt.config import ServerConfig, load_config
 from mcpopt.errors import ConfigError
 from mcpopt.hosts.install import BACKUP_SUFFIX, RECORD_SUFFIX, is_mcpopt
-from mcpopt.hosts.layouts import SERVER_KEYS, input_env_name
+from mcpopt.layouts import SERVER_KEYS, input_env_name
 
 CLAUDE_DESKTOP = {
     "globalShortcut": "Ctrl+Space",

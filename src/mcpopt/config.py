@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcpopt.errors import ConfigError
-from mcpopt.hosts.layouts import AskFn, normalize, parse_json
+from mcpopt.layouts import AskFn, normalize, parse_json
 from mcpopt.workflow_model import NAME as WORKFLOW_NAME
 from mcpopt.workflow_model import Workflow, WorkflowError, load_workflow_file
 
@@ -1091,14 +1091,14 @@ def load_config(
     """Load and validate a config file (YAML or JSON) with `MCPOPT_*` overrides.
 
     The file may be mcpopt's own or any MCP host's as it is (Claude Desktop, Cursor, VS Code's
-    `mcp.json` or `settings.json`, Windsurf, Claude Code): see `mcpopt.hosts.layouts`. Keys mcpopt
+    `mcp.json` or `settings.json`, Windsurf, Claude Code): see `mcpopt.layouts`. Keys mcpopt
     does not use are ignored and reported in `Config.notes` (one line).
 
     Args:
         path: the file; `.json` is parsed as JSON, anything else as YAML (a superset).
         data: an already-parsed mapping, used instead of reading `path` (tests, embedding).
         ask: asks the user for a VS Code `${input:id}` that `MCPOPT_INPUT_<ID>` does not give
-            (`mcpopt.hosts.layouts.terminal_ask` on a terminal); None never asks.
+            (`mcpopt.layouts.terminal_ask` on a terminal); None never asks.
 
     Returns:
         The validated `Config`; relative `cwd` values resolve against the file's folder.

@@ -19,8 +19,8 @@ from mcpopt.hosts.install import (
     render,
     uninstall,
 )
-from mcpopt.hosts.layouts import normalize
 from mcpopt.hosts.locations import HOSTS, host
+from mcpopt.layouts import normalize
 
 ClientsOpt = typer.Option(None, "--client", help=f"Only this host (repeatable): {', '.join(HOSTS)}.")
 

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mcpopt.config import Config, load_config
 from mcpopt.errors import ConfigError, McpoptError
-from mcpopt.hosts.layouts import terminal_ask
+from mcpopt.layouts import terminal_ask
 from mcpopt.upstream.process import children
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="mcpopt: an optimizing MCP gateway.")

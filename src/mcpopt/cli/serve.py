@@ -13,7 +13,7 @@ import typer
 from mcpopt.cli.common import ConfigOpt, app, err, install_reaper, load, print_notes, run, setup_logging
 from mcpopt.config import STARTER_CONFIG, Config, load_config
 from mcpopt.errors import CONFIG_INVALID, ConfigError
-from mcpopt.hosts.layouts import terminal_ask
+from mcpopt.layouts import terminal_ask
 from mcpopt.upstream.process import children
 
 

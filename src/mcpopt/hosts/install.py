@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from mcpopt.errors import ConfigError, McpoptError
-from mcpopt.hosts.layouts import input_env_name, parse_json
 from mcpopt.hosts.locations import HOSTS, Host
+from mcpopt.layouts import input_env_name, parse_json
 
 BACKUP_SUFFIX = ".mcpopt-backup"
 RECORD_SUFFIX = ".mcpopt-install.json"
