@@ -41,6 +41,28 @@ from mcpopt.gateway.tasks import TASK_METHODS, TaskIdParams, TaskUpdateParams, c
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX
 
 INSTRUCTIONS = "mcpopt gateway: the tools, prompts and resources of several MCP servers, by server."
+LIST_CHANGED = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+"""The gateway sends tools, prompts and resources `list_changed`: advertised on every front."""
+
+
+class GatewayServer(Server[Any]):
+    """The SDK's low-level `Server`, whose default initialization options advertise `listChanged`.
+
+    The Streamable HTTP session manager builds each session's `InitializeResult` from
+    `create_initialization_options()` with no arguments, which says `listChanged: false`: clients
+    that refresh their lists only when the server advertises it (the TypeScript SDK's
+    `listChanged` option) never did over HTTP (issue 11, failure 1).
+    """
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> Any:
+        return super().create_initialization_options(
+            notification_options or LIST_CHANGED, experimental_capabilities, extensions
+        )
 
 
 def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
@@ -49,7 +71,7 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
     handlers = ProtocolHandlers(gateway)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
-        server: Server[Any] = Server(
+        server: Server[Any] = GatewayServer(
             gateway.config.gateway.name,
             version=VERSION,
             instructions=INSTRUCTIONS,
@@ -75,10 +97,7 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
     for method in TASK_METHODS:
         params_type = TaskUpdateParams if method == "tasks/update" else TaskIdParams
         server.add_request_handler(method, params_type, handlers.task_request)
-    options = server.create_initialization_options(
-        NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
-    )
-    return server, options
+    return server, server.create_initialization_options()
 
 
 def principal_of_ctx(ctx: Any) -> Principal | None:
