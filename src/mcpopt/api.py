@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import mcp_types as types
@@ -66,6 +66,83 @@ class ClientLink:
     session_id: str = ""
     principal: Any = None
     progress_token: Any = None
+
+
+NESTED_PROGRESS_TOKEN = "mcpopt-nested"
+"""The progress token of a call a gateway tool makes: any token works, as its relay is fixed."""
+
+
+def nested_call(
+    name: str, arguments: dict[str, Any], link: ClientLink, progress: ProgressFn | None = None
+) -> tuple[dict[str, Any], ClientLink]:
+    """The params and link of a `tools/call` a gateway tool makes for the client behind `link`.
+
+    The nested call asks its upstream for progress when there is somewhere to send it: `progress`
+    (e.g. a `ProgressSum` part), else the client's own token (`client_progress(link)`); without
+    either it asks for none. Issue 11, failure 4: progress was lost through `call_tool` and `batch`.
+
+    Returns:
+        `({"name", "arguments", "_meta"?}, link)` for `GatewayAPI.call_tool`.
+    """
+    target = progress or client_progress(link)
+    params: dict[str, Any] = {"name": name, "arguments": arguments}
+    if target is None:
+        return params, replace(link, progress_token=None)
+    params["_meta"] = {"progressToken": NESTED_PROGRESS_TOKEN}
+    return params, replace(link, relay=lambda _token: target, progress_token=None)
+
+
+def client_progress(link: ClientLink) -> ProgressFn | None:
+    """The relay of the progress token of the call a gateway tool is handling (None: the client
+    asked for none)."""
+    return link.relay(link.progress_token) if link.progress_token is not None else None
+
+
+class ProgressSum:
+    """Several nested calls' progress as one stream on the client's progress token.
+
+    Each part reports `(progress, total, message)` as MCP does; its fraction done is
+    `progress / total` (0 while it gives no total), and 1 once `done(i)`. The client sees
+    `progress = sum of fractions` (strictly increasing: a report that would not raise it is not
+    sent, as the spec requires progress to increase), with `total = parts` when the number of parts
+    is known (`mcpopt__batch`) and no total otherwise (code mode, whose calls are not known
+    beforehand). Messages name the part: `"<label>: <message>"`.
+
+    Args:
+        send: the client's relay (`ClientLink.progress`).
+        parts: how many parts there are (None: unknown, parts are added as they start).
+    """
+
+    def __init__(self, send: ProgressFn, parts: int | None = None) -> None:
+        self._send = send
+        self._parts = parts
+        self._fractions: list[float] = [0.0] * (parts or 0)
+        self._sent = 0.0
+
+    def part(self, index: int | None, label: str) -> tuple[int, ProgressFn]:
+        """The relay of part `index` (a new part when None); returns `(index, relay)`."""
+        if index is None:
+            index = len(self._fractions)
+            self._fractions.append(0.0)
+
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            if total:
+                self._fractions[index] = max(self._fractions[index], min(progress / total, 1.0))
+            await self._report(f"{label}: {message}" if message else label)
+
+        return index, relay
+
+    async def done(self, index: int, label: str) -> None:
+        """Part `index` finished (with a result or an error)."""
+        self._fractions[index] = 1.0
+        await self._report(f"{label}: done")
+
+    async def _report(self, message: str) -> None:
+        value = round(sum(self._fractions), 6)
+        if value <= self._sent:
+            return
+        self._sent = value
+        await self._send(value, float(self._parts) if self._parts else None, message)
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ import orjson
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
+from mcpopt.api import ProgressSum, client_progress, nested_call
 from mcpopt.codemode.private import PrivateDataError, TokenVault
 from mcpopt.codemode.sandbox import (
     CodeModeSettings,
@@ -366,6 +367,10 @@ class CodeModeTool:
         calls = 0
         over_limit: list[str] = []
         limit = asyncio.Semaphore(8)
+        # The client's progress token (if any) follows the execution: each tool call's own
+        # progress and its completion move it (no total: the calls are not known beforehand).
+        client = client_progress(link)
+        combined = ProgressSum(client) if client is not None else None
 
         async def bridge(name: str, arguments: dict[str, Any]) -> Any:
             nonlocal calls
@@ -391,13 +396,18 @@ class CodeModeTool:
                     arguments = vault.restore_arguments(name, arguments)
                 except PrivateDataError as exc:
                     raise ToolCallError(f"{where} was not called: {exc}") from None
+            part, relay = combined.part(None, where) if combined is not None else (0, None)
+            params, nested = nested_call(name, arguments, link, relay)
             async with limit:
                 try:
-                    result = await self.gateway.call_tool({"name": name, "arguments": arguments}, link)
+                    result = await self.gateway.call_tool(params, nested)
                 except MCPError as exc:
                     raise ToolCallError(_private(vault, name, f"{where} failed: {exc.error.message}")) from None
                 except Exception as exc:  # noqa: BLE001 - the sandbox sees every failure the same way
                     raise ToolCallError(_private(vault, name, f"{where} failed: {type(exc).__name__}: {exc}")) from None
+                finally:
+                    if combined is not None:
+                        await combined.done(part, where)
             result = self._unshaped(result)
             if result.get("isError"):
                 raise ToolCallError(_private(vault, name, f"{where} failed: {_error_text(result)}"))

@@ -26,6 +26,8 @@ from cachetools import LRUCache
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
+from mcpopt.api import nested_call
+
 if TYPE_CHECKING:
     # The index (numpy, the embedding model, the dictionary) loads on the first catalog sync, not
     # when the gateway imports this module (issue 17: idle RSS).
@@ -437,4 +439,5 @@ class SearchTools:
         if name in self.handlers:
             return await self.handlers[name](args, link)
         self.note_use(link.session_id, name)
-        return await self.gateway.call_tool({"name": name, "arguments": args}, link)
+        params, nested = nested_call(name, args, link)
+        return await self.gateway.call_tool(params, nested)

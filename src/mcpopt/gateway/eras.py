@@ -10,6 +10,7 @@ top-level keys only, so they cost a few dict operations per call.
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -179,7 +180,12 @@ async def ask_client(channel: Any, request: types.InputRequest) -> types.InputRe
         MCPError: the client answered with an error (or cannot be reached).
     """
     data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
-    raw = await channel.send_raw_request(data["method"], data.get("params"), None)
+    params = data.get("params")
+    if data["method"] == "elicitation/create" and isinstance(params, dict) and params.get("mode") == "url":
+        # A 2026-07-28 upstream's URL elicitation has no `elicitationId` (removed in that revision);
+        # handshake-era clients require one (2025-11-25): mint an opaque, unique one.
+        params.setdefault("elicitationId", f"mcpopt-{uuid.uuid4().hex}")
+    raw = await channel.send_raw_request(data["method"], params, None)
     result_type = INPUT_RESULT_TYPES[data["method"]]
     if data["method"] == "sampling/createMessage" and isinstance(raw.get("content"), list):
         result_type = types.CreateMessageResultWithTools

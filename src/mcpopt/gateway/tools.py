@@ -17,6 +17,8 @@ import mcp_types as types
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
+from mcpopt.api import ProgressSum, client_progress, nested_call
+
 if TYPE_CHECKING:
     from mcpopt.api import ClientLink, GatewayAPI, ToolHandler
     from mcpopt.pipeline.cache import CoalesceFilter
@@ -35,6 +37,11 @@ def _text_result(payload: Any, *, is_error: bool = False) -> dict[str, Any]:
     if is_error:
         result["isError"] = True
     return result
+
+
+def _label(index: int, item: Any) -> str:
+    name = item.get("name") if isinstance(item, dict) else None
+    return f"[{index}] {name}" if isinstance(name, str) else f"[{index}]"
 
 
 class GatewayTools:
@@ -116,8 +123,19 @@ class GatewayTools:
         if len(calls) > cfg.max_calls:
             raise MCPError(code=INVALID_PARAMS, message=f"batch: at most {cfg.max_calls} calls (got {len(calls)})")
         limit = asyncio.Semaphore(cfg.concurrency)
+        # The client's progress token (if any) follows the whole batch: each call's own progress
+        # and its completion move it (total = the number of calls).
+        client = client_progress(link)
+        combined = ProgressSum(client, len(calls)) if client is not None else None
 
         async def one(index: int, item: Any) -> dict[str, Any]:
+            try:
+                return await run(index, item)
+            finally:
+                if combined is not None:
+                    await combined.done(index, _label(index, item))
+
+        async def run(index: int, item: Any) -> dict[str, Any]:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 return {"index": index, "ok": False, "error": {"code": INVALID_PARAMS, "message": "needs 'name'"}}
             name = item["name"]
@@ -128,10 +146,11 @@ class GatewayTools:
                     "ok": False,
                     "error": {"code": INVALID_PARAMS, "message": "a batch cannot contain a batch"},
                 }
-            params = {"name": name, "arguments": item.get("arguments") or {}}
+            relay = combined.part(index, _label(index, item))[1] if combined is not None else None
+            params, nested = nested_call(name, item.get("arguments") or {}, link, relay)
             async with limit:
                 try:
-                    result = await self.gateway.call_tool(params, link)
+                    result = await self.gateway.call_tool(params, nested)
                 except MCPError as exc:
                     return {
                         "index": index,
