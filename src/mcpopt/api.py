@@ -154,6 +154,9 @@ class Caller:
     notify: Callable[..., Awaitable[None]] | None
     log_level: str | None
     """The lowest level of log messages this client wants (None: none)."""
+    ask: Callable[[types.InputRequest], Awaitable[types.InputResponse | types.ErrorData]] | None = None
+    """How this call answers its upstream's server-to-client requests when the client cannot take
+    them itself (a 2026-07-28 client: `mcpopt.gateway.bridge`); None: send them to `requests`."""
 
 
 def session_id_of(conn: Connection | None) -> str:

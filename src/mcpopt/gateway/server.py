@@ -40,12 +40,13 @@ from mcp.server.subscriptions import (
 from mcp.shared.exceptions import MCPError
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, INVALID_PARAMS, LOG_LEVEL_META_KEY
 
-from mcpopt.api import Caller, ClientLink, ToolHandler
+from mcpopt.api import Caller, ClientLink, ProgressFn, ToolHandler
 from mcpopt.auth.policy import Decision, Policy, PolicyDenied
 from mcpopt.auth.principal import Principal
 from mcpopt.catalog import GatewayCatalog, Namer, build_catalog
 from mcpopt.config import Config
 from mcpopt.errors import GatewayError
+from mcpopt.gateway.bridge import InputBridge, ParkedCall, bridged_state
 from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.eras import (
     ENVELOPE_KEYS,
@@ -182,6 +183,8 @@ class Gateway:
         """Run after the upstreams stopped, in reverse order of registration."""
         self.list_tools: Callable[[str], list[types.Tool]] = lambda exposure: self.catalog.tools + self.own.tools
         """`tools/list` of a connection in an exposure mode (discovery replaces this)."""
+        self.bridge = InputBridge(g.call_timeout_ms / 1000)
+        """2026-07-28 clients' calls to handshake-era upstreams that ask them something (SEP-2322)."""
         self.authenticator: Any = None
         """The HTTP front's `mcpopt.auth.tokens.Authenticator` once it serves with auth (status, metrics)."""
         self.limiter: Any = None
@@ -386,6 +389,7 @@ class Gateway:
                     for up in self.upstreams.values():
                         await up.stop()
         finally:
+            self.bridge.close()
             for hook in reversed(self.on_stop):
                 try:
                     await hook()
@@ -450,8 +454,12 @@ class Gateway:
         await self.clients.log(server, params.level, data)
 
     async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
-        """Relay an upstream's sampling / elicitation / roots request to the client calling it."""
+        """Relay an upstream's sampling / elicitation / roots request to the client calling it: on a
+        handshake-era client's connection, or, for a 2026-07-28 client, into the call's next
+        `InputRequiredResult` (`mcpopt.gateway.bridge`). The latest call in flight is asked."""
         for caller in reversed(self.clients.callers(server)):
+            if caller.ask is not None:
+                return await caller.ask(request)
             if caller.modern or caller.requests is None:
                 continue
             try:
@@ -520,6 +528,8 @@ class Gateway:
             call.attrs["owner"] = owner  # the terminal sends it to that owner's session
             self.clients.note_owner(owner, link.connection)
         key = caller_key(route.server, owner)
+        if caller.modern and (not up.modern or bridged_state(params) is not None):
+            return await self._bridged_call(params, link, call, key, token, caller)
         callers = self.clients.callers_of(key)
         callers.append(caller)  # where this upstream's requests and logs go meanwhile
         try:
@@ -536,6 +546,56 @@ class Gateway:
             callers.remove(caller)
             if owner and not callers:
                 self.clients.drop_callers(key)
+        return envelope(link.version, result, self.stamp)
+
+    async def _bridged_call(
+        self, params: Mapping[str, Any], link: ClientLink, call: ToolCall, key: str, token: Any, caller: Caller
+    ) -> dict[str, Any]:
+        """A 2026-07-28 client's `tools/call` to a handshake-era upstream, or the repeat of one that
+        asked it something (`mcpopt.gateway.bridge`).
+
+        Args:
+            call: the pipeline call as `call_tool` prepared it (its progress relay is replaced).
+            key: where the upstream's requests are looked up (`caller_key(server, owner)`).
+        """
+        relay = link.relay(token) if token is not None else None
+        target = f"tools/call {call.name}"
+        state = bridged_state(params)
+        if state is not None:
+            result = await self.bridge.resume(
+                state,
+                params.get("inputResponses"),
+                partition=link.partition,
+                target=target,
+                relay=relay,
+                notify=link.notify,
+            )
+        else:
+
+            async def run(parked: ParkedCall) -> dict[str, Any]:
+                call.on_progress = parked.progress if relay is not None else None
+                bridged = dataclasses.replace(caller, ask=parked.ask, notify=parked.send)
+                callers = self.clients.callers_of(key)
+                callers.append(bridged)  # the upstream's requests go to `parked.ask` meanwhile
+                try:
+                    return await self.pipeline(call)
+                except GatewayError as exc:
+                    raise MCPError.from_error_data(exc.to_error_data()) from None
+                finally:
+                    callers.remove(bridged)
+                    if call.attrs.get("owner") and not callers:
+                        self.clients.drop_callers(key)
+
+            result = await self.bridge.start(
+                run,
+                partition=link.partition,
+                target=target,
+                capabilities=client_capabilities(link, params.get("_meta")),
+                relay=relay,
+                notify=link.notify,
+            )
+        if result.get("resultType") == "task":
+            result = self.task_ids.created(call.server, result)
         return envelope(link.version, result, self.stamp)
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
@@ -602,20 +662,44 @@ class Gateway:
                 server=server,
             )
             raise MCPError.from_error_data(refusal.to_error_data())
+        original = params
         params, token, caller = self._prepare(params, link, up)
         owner = self.owner_of(server, link.principal, link.session_id, link.version) if self.isolated else ""
         if owner:
             self.clients.note_owner(owner, link.connection)
-        with self.clients.calling(caller_key(server, owner), caller):
-            try:
-                pool = await self.pool_for(server, owner)
-                result = await pool.request(
-                    method, params, on_progress=link.relay(token) if token is not None else None
-                )
-                if result.get("resultType") == "input_required" and not caller.modern:
-                    result = await drive_input_required(caller, up.name, pool.request, method, params, result)
-            except GatewayError as exc:
-                raise MCPError.from_error_data(exc.to_error_data()) from None
+        relay = link.relay(token) if token is not None else None
+
+        async def run(progress: ProgressFn | None, caller: Caller) -> dict[str, Any]:
+            with self.clients.calling(caller_key(server, owner), caller):
+                try:
+                    pool = await self.pool_for(server, owner)
+                    result = await pool.request(method, params, on_progress=progress)
+                    if result.get("resultType") == "input_required" and not caller.modern:
+                        result = await drive_input_required(caller, up.name, pool.request, method, params, result)
+                    return result
+                except GatewayError as exc:
+                    raise MCPError.from_error_data(exc.to_error_data()) from None
+
+        target = f"{method} {server}"
+        if caller.modern and (state := bridged_state(original)) is not None:
+            result = await self.bridge.resume(
+                state, original.get("inputResponses"), partition=link.partition, target=target, relay=relay,
+                notify=link.notify,
+            )  # fmt: skip
+        elif caller.modern and not up.modern:
+            result = await self.bridge.start(
+                lambda parked: run(
+                    parked.progress if relay is not None else None,
+                    dataclasses.replace(caller, ask=parked.ask, notify=parked.send),
+                ),
+                partition=link.partition,
+                target=target,
+                capabilities=client_capabilities(link, original.get("_meta")),
+                relay=relay,
+                notify=link.notify,
+            )
+        else:
+            result = await run(relay, caller)
         if link.version not in MODERN:
             # The SDK's sieve drops later-revision fields, but a modern upstream's serverInfo
             # stamp in `_meta` is ours to drop.

@@ -52,6 +52,11 @@ class FastChannel:
         self._next = 0
         self._pending: dict[str, _Pending] = {}
         self._closed = False
+        self.on_log: Callable[[Any], Awaitable[None]] | None = None
+        """Takes `notifications/message` params while calls are in flight (set by the `Upstream`).
+        Through the SDK's session a log message would be handled after the response that follows it
+        on the pipe, too late for the call it belongs to; here every call in flight awaits its relay
+        before it returns, as it awaits its progress relays."""
 
     # ---- called by the transport's reader ------------------------------------------------
     def offer(self, msg: Any) -> bool:
@@ -74,6 +79,12 @@ class FastChannel:
                 else:
                     result = msg.get("result")
                     entry.future.set_result(result if isinstance(result, dict) else {})
+            return True
+        if msg.get("method") == "notifications/message" and self.on_log is not None and self._pending:
+            log_relay = asyncio.get_running_loop().create_task(_safe(self.on_log(msg.get("params"))))
+            for waiting in self._pending.values():
+                waiting.relays = [t for t in waiting.relays if not t.done()]
+                waiting.relays.append(log_relay)
             return True
         if msg.get("method") == "notifications/progress":
             params = msg.get("params")

@@ -386,6 +386,10 @@ class HttpFastChannel:
         self.session_id: str | None = None
         self._inject: Callable[[Any], Awaitable[None]] | None = None
         self._on_dead: Callable[[], None] | None = None
+        self.on_log: Callable[[Any], Awaitable[None]] | None = None
+        """Takes `notifications/message` params from a request's own stream (set by the
+        `Upstream`): awaited before the response that follows, so a call's log messages reach its
+        client before its result (through the SDK they would be handled after it)."""
 
     @classmethod
     def create(cls, url: str, http: Any) -> HttpFastChannel | None:
@@ -861,6 +865,10 @@ class HttpFastChannel:
                     with contextlib.suppress(Exception):
                         await on_progress(params.get("progress", 0), params.get("total"), params.get("message"))
                     return None
+            if self.on_log is not None and msg.get("method") == "notifications/message" and "id" not in msg:
+                with contextlib.suppress(Exception):
+                    await self.on_log(msg.get("params"))
+                return None
         if self._inject is not None:
             await self._inject(msg)
         return None

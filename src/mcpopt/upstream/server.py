@@ -40,6 +40,8 @@ State = Literal["idle", "starting", "ready", "down", "stopped"]
 CatalogKind = Literal["tools", "resources", "prompts"]
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 
+LISTEN_ACK_S = 5.0
+"""How long a subscription waits for a 2026-07-28 server to acknowledge the re-opened listen stream."""
 _LIST_PAGE_CAP = 1000
 """Pages followed per list before giving up: a server whose cursor never ends cannot hang startup."""
 
@@ -118,6 +120,9 @@ class Upstream:
         self.replicas = 1
         """How many replicas the pool has (errors name "replica 2 of 3" when more than one)."""
         self._relisten = anyio.Event()
+        self._listening: frozenset[str] | None = None
+        """The resource URIs of the open `subscriptions/listen` stream (None: none is open)."""
+        self._listen_opened = anyio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- status -------------------------------------------------------------------------
@@ -245,6 +250,8 @@ class Upstream:
             fast = getattr(write_stream, "fast", None)
             if fast is not None and hasattr(fast, "bind"):
                 fast = fast.bind(session)  # an HTTP side channel learns the negotiated session (or declines)
+            if fast is not None and hasattr(fast, "on_log"):
+                fast.on_log = self._on_log_raw
             self._fast = fast
             self.started_at = time.time()
             await self._refresh({"tools", "resources", "prompts"})
@@ -382,12 +389,20 @@ class Upstream:
 
     # ---- subscriptions ------------------------------------------------------------------
     async def subscribe(self, uri: str) -> None:
-        """Subscribe to updates of an upstream resource (`resources/subscribe`, or listen)."""
+        """Subscribe to updates of an upstream resource (`resources/subscribe`, or listen).
+
+        On a 2026-07-28 session the listen stream is re-opened with the new URI set, and this
+        returns once the server acknowledged it (at most `LISTEN_ACK_S` later): an update right
+        after the subscription must not be lost in between.
+        """
         self.subscriptions.add(uri)
-        if self._modern:
-            self._relisten.set()  # 2026-07-28: the listen stream is re-opened with the new URI set
-        else:
+        if not self._modern:
             await self.request("resources/subscribe", {"uri": uri})
+            return
+        self._relisten.set()
+        with anyio.move_on_after(LISTEN_ACK_S):
+            while self._listening is not None and uri not in self._listening:
+                await self._listen_opened.wait()
 
     async def unsubscribe(self, uri: str) -> None:
         self.subscriptions.discard(uri)
@@ -402,8 +417,6 @@ class Upstream:
         One stream per upstream carries list_changed for tools, prompts and resources, plus
         the subscribed resource URIs; it is re-opened when that set changes.
         """
-        from mcp.client.subscriptions import ResourceUpdated, listen
-        from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ToolsListChanged
 
         caps = session.server_capabilities or types.ServerCapabilities()
         wants_lists = bool(
@@ -413,6 +426,18 @@ class Upstream:
         )
         if not wants_lists:
             return
+        self._listening = frozenset()
+        try:
+            await self._listen_forever(session, caps)
+        finally:
+            self._listening = None
+            self._listen_opened.set()
+            self._listen_opened = anyio.Event()
+
+    async def _listen_forever(self, session: ClientSession, caps: types.ServerCapabilities) -> None:
+        from mcp.client.subscriptions import ResourceUpdated, listen
+        from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ToolsListChanged
+
         while True:
             self._relisten = anyio.Event()
             relisten = self._relisten
@@ -424,6 +449,9 @@ class Upstream:
                     resources_list_changed=bool(caps.resources and caps.resources.list_changed),
                     resource_subscriptions=sorted(self.subscriptions),
                 ) as subscription:
+                    self._listening = frozenset(self.subscriptions)
+                    self._listen_opened.set()
+                    self._listen_opened = anyio.Event()
                     async with anyio.create_task_group() as tg:
 
                         async def _restart(event: anyio.Event) -> None:
@@ -466,6 +494,15 @@ class Upstream:
 
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         await self.listener.log_message(self.name, params)
+
+    async def _on_log_raw(self, params: Any) -> None:
+        """A log message the fast channel took off the wire (raw params)."""
+        try:
+            parsed = types.LoggingMessageNotificationParams.model_validate(params or {}, by_name=False)
+        except ValueError:
+            logger.debug("upstream %r: invalid log message %.200r", self.name, params)
+            return
+        await self.listener.log_message(self.name, parsed)
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, Exception):
