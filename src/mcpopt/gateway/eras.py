@@ -240,3 +240,24 @@ async def drive_input_required(
         return raw
 
     return await run_input_required_driver(parsed, dispatch=dispatch, retry=retry)
+
+
+HANDSHAKE_ONLY = (
+    "via server-initiated requests is unavailable on 2026-07-28",  # FastMCP 4.1: ctx.elicit / ctx.sample
+    "no back-channel for server-initiated requests",  # the mcp SDK's NoBackChannelError
+)
+"""What servers say when a tool asks its client mid-call on a 2026-07-28 connection, which has no
+channel for server-initiated requests (issue 11, failure 3)."""
+
+
+def asks_the_handshake_way(result: Mapping[str, Any] | None = None, error: MCPError | None = None) -> bool:
+    """True when a 2026-07-28 upstream's tool result (`isError`) or JSON-RPC error says the tool
+    needed a server-initiated request (sampling, elicitation, roots) that era cannot carry."""
+    if error is not None:
+        text = error.error.message
+    elif result is not None and result.get("isError"):
+        content = result.get("content")
+        text = " ".join(c.get("text", "") for c in content if isinstance(c, dict)) if isinstance(content, list) else ""
+    else:
+        return False
+    return any(phrase in text for phrase in HANDSHAKE_ONLY)

@@ -234,7 +234,7 @@ class ProtocolHandlers:
         gw = self.gateway
         route = gw.catalog.prompt_routes.get(params.name)
         if route is None:
-            raise unknown("prompt", params.name, gw.upstreams)
+            raise unknown("prompt", params.name, gw.upstreams, gw.known_names, gw.namer)
         out = forward_params(ctx.params, name=route.name)
         return await gw.forward(link_of(ctx), route.server, "prompts/get", out)
 
@@ -390,7 +390,7 @@ class ProtocolHandlers:
         if isinstance(ref, types.PromptReference):
             route = gw.catalog.prompt_routes.get(ref.name)
             if route is None:
-                raise unknown("prompt", ref.name, gw.upstreams)
+                raise unknown("prompt", ref.name, gw.upstreams, gw.known_names, gw.namer)
             raw["ref"] = {**raw["ref"], "name": route.name}
         else:
             found = gw.namer.resolve_uri(ref.uri)

@@ -45,13 +45,14 @@ from mcpopt.auth.policy import Decision, Policy, PolicyDenied
 from mcpopt.auth.principal import Principal
 from mcpopt.catalog import GatewayCatalog, Namer, build_catalog
 from mcpopt.config import Config
-from mcpopt.errors import GatewayError
+from mcpopt.errors import UPSTREAM_UNAVAILABLE, GatewayError
 from mcpopt.gateway.bridge import InputBridge, ParkedCall, bridged_state
 from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.eras import (
     ENVELOPE_KEYS,
     MODERN,
     ask_client,
+    asks_the_handshake_way,
     client_capabilities,
     drive_input_required,
     envelope,
@@ -183,6 +184,10 @@ class Gateway:
         """Run after the upstreams stopped, in reverse order of registration."""
         self.list_tools: Callable[[str], list[types.Tool]] = lambda exposure: self.catalog.tools + self.own.tools
         """`tools/list` of a connection in an exposure mode (discovery replaces this)."""
+        self.known_names: dict[str, str] = {}
+        """Tool and prompt names -> the server that listed them last, also while it is down."""
+        self.handshake_only: set[str] = set()
+        """`protocol: auto` servers switched to the handshake era at run time (`_fall_back_to_handshake`)."""
         self.bridge = InputBridge(g.call_timeout_ms / 1000)
         """2026-07-28 clients' calls to handshake-era upstreams that ask them something (SEP-2322)."""
         self.authenticator: Any = None
@@ -208,6 +213,8 @@ class Gateway:
 
         def make(owner: str) -> ServerPool:
             cfg = single_replica(self.upstreams[server].cfg)
+            if server in self.handshake_only:
+                cfg = cfg.model_copy(update={"protocol": "legacy"})
             listener = OwnerListener(server, owner, self.clients, self.namer)
             return ServerPool(
                 server,
@@ -426,6 +433,14 @@ class Gateway:
     async def catalog_changed(self, server: str, kinds: set[CatalogKind]) -> None:
         old = self.catalog
         self.catalog = build_catalog(self.namer, self.upstreams)
+        up = self.upstreams.get(server)
+        if up is not None and up.state == "ready":
+            # What a ready server lists is what it serves; a server that went down keeps its names
+            # here, so calls to them say "unavailable", not "unknown" (`unknown`).
+            self.known_names = {n: s for n, s in self.known_names.items() if s != server}
+        for routes in (self.catalog.tool_routes, self.catalog.prompt_routes):
+            for name, route in routes.items():
+                self.known_names[name] = route.server
         for listener in self.catalog_listeners:
             await listener(self.catalog, server, kinds)
         changed: list[str] = []
@@ -498,7 +513,7 @@ class Gateway:
         if route is None:
             own = self.own.handlers.get(name)
             if own is None:
-                raise unknown("tool", name, self.upstreams)
+                raise unknown("tool", name, self.upstreams, self.known_names, self.namer)
             if self.policy is not None:
                 principal = link.principal
                 decision = self.policy.check_tool(principal, name, None, self.exposure_for(link.connection, principal))
@@ -542,10 +557,17 @@ class Gateway:
                 result = self.task_ids.created(route.server, result)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
+        except MCPError as exc:
+            if not (up.modern and up.cfg.protocol == "auto" and asks_the_handshake_way(error=exc)):
+                raise
+            result = None
         finally:
             callers.remove(caller)
             if owner and not callers:
                 self.clients.drop_callers(key)
+        if result is None or (result.get("isError") and up.modern and up.cfg.protocol == "auto"):
+            if result is None or asks_the_handshake_way(result):
+                return await self._fall_back_to_handshake(params, link, route.server, name, call.info.idempotent)
         return envelope(link.version, result, self.stamp)
 
     async def _bridged_call(
@@ -596,6 +618,48 @@ class Gateway:
             )
         if result.get("resultType") == "task":
             result = self.task_ids.created(call.server, result)
+        return envelope(link.version, result, self.stamp)
+
+    async def _fall_back_to_handshake(
+        self, params: Mapping[str, Any], link: ClientLink, server: str, name: str, repeatable: bool
+    ) -> dict[str, Any]:
+        """A `protocol: auto` upstream answered 2026-07-28 but its tool asked the handshake way.
+
+        The rule (issue 11, failure 3): the server is reconnected with the handshake for the rest
+        of the gateway's life (once; a warning says so and how to start it that way), and the call
+        is repeated there if repeating is safe (read-only or idempotent); otherwise the client is
+        told to call again, as the first attempt may have done part of its work. A server that
+        does not accept the handshake either gets an error saying what it must do instead.
+        """
+        up = self.upstreams[server]
+        fix = f"set `protocol: legacy` on mcpServers.{server}"
+        self.handshake_only.add(server)  # isolated sessions opened from now on negotiate the handshake
+        sessions = self.isolated.get(server)
+        for pool in list(sessions.pools.values()) if sessions is not None else []:
+            await pool.use_handshake()
+        if await up.use_handshake():
+            logger.warning(
+                "MCP server %r asks its clients with server-initiated requests, which 2026-07-28 connections "
+                "cannot carry: it now uses the handshake era (%s to start it that way)",
+                server,
+                fix,
+            )
+            if repeatable:
+                return await self.call_tool(params, link)
+            text = (
+                f"MCP server '{server}' asked its client with a server-initiated request (sampling, elicitation "
+                f"or roots), which its 2026-07-28 connection cannot carry. mcpopt has reconnected it with the "
+                f"handshake era: call '{name}' again. It was not repeated automatically because it is not "
+                f"marked read-only or idempotent and may have done part of its work. To avoid this, {fix}."
+            )
+        else:
+            text = (
+                f"MCP server '{server}' asked its client with a server-initiated request (sampling, elicitation "
+                f"or roots), which 2026-07-28 connections cannot carry, and it did not come back with the "
+                f"handshake era ({up.state}: {up.last_error or 'no error reported'}). The server must ask with "
+                f"an InputRequiredResult (SEP-2322) on 2026-07-28, or accept the initialize handshake."
+            )
+        result = {"content": [{"type": "text", "text": text}], "isError": True}
         return envelope(link.version, result, self.stamp)
 
     async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
@@ -726,14 +790,42 @@ def startup_stages(config: Config, names: list[str]) -> list[list[str]]:
     return [[n for n in names if (level(n), servers[n].priority) == key] for key in keys]
 
 
-def unknown(kind: str, name: str, upstreams: Mapping[str, ServerPool]) -> MCPError:
-    """The error for a name no upstream serves; names the server when it looks like a down one's."""
-    down = [n for n, up in upstreams.items() if up.state != "ready"]
-    hint = ""
-    for server in down:
-        if name.startswith(server):
-            up = upstreams[server]
-            why = f": {up.last_error}" if up.last_error else ""
-            hint = f" (MCP server '{server}' is {up.state}{why})"
-            break
-    return MCPError(code=INVALID_PARAMS, message=f"Unknown {kind}: {name}{hint}")
+def unknown(
+    kind: str,
+    name: str,
+    upstreams: Mapping[str, ServerPool],
+    known: Mapping[str, str] | None = None,
+    namer: Namer | None = None,
+) -> MCPError:
+    """The error for a name no ready upstream serves.
+
+    A name that belongs to a server which is not ready -- one it listed before it went down
+    (`known`: name -> server), or one carrying the prefix of a server that never started -- is
+    that server being unavailable, not a misspelt name: UPSTREAM_UNAVAILABLE (-32010) naming the
+    server and its state (`data: {"server", "state"}`), to be retried (issue 11, failure 6). Any
+    other name is INVALID_PARAMS (-32602) `Unknown tool: <name>`.
+    """
+    server = (known or {}).get(name)
+    if server is None or server not in upstreams:
+        server = next(
+            (
+                s
+                for s, up in upstreams.items()
+                if up.state != "ready"
+                and not up.catalog.tools
+                and (prefix := namer.name(s, "") if namer is not None else f"{s}__")
+                and name.startswith(prefix)
+            ),
+            None,
+        )
+    up = upstreams.get(server) if server is not None else None
+    if up is not None and up.state != "ready":
+        why = f"; last error: {up.last_error}" if up.last_error else ""
+        when = "when it is ready again" if up.state in ("down", "starting") else "once it is started"
+        return MCPError(
+            code=UPSTREAM_UNAVAILABLE,
+            message=f"MCP server '{server}' is {up.state} (restarts so far: {up.restarts}): {kind} '{name}' "
+            f"can be called {when}{why}",
+            data={"server": server, "state": up.state},
+        )
+    return MCPError(code=INVALID_PARAMS, message=f"Unknown {kind}: {name}")

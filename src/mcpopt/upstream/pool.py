@@ -282,6 +282,21 @@ class ServerPool:
         for r in self.replicas:
             await r.target.stop()
 
+    async def use_handshake(self) -> bool:
+        """Reconnect every replica with the initialize handshake (see `Upstream.use_handshake`) and
+        wait (up to `startup_timeout_ms`) for one to be ready again.
+
+        Returns:
+            True when a replica is ready and speaks the handshake era.
+        """
+        ups = [r.target for r in self.replicas if r.target.use_handshake()]
+        with anyio.move_on_after(self.cfg.startup_timeout_ms / 1000):
+            async with anyio.create_task_group() as tg:
+                for up in ups:
+                    if up.switched is not None:
+                        tg.start_soon(up.switched.wait)
+        return self.state == "ready" and not self.modern
+
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until every replica's first connection attempt settled (up to `timeout_s`
         seconds, in parallel); True if some replica is ready. A lazy, unstarted pool returns

@@ -119,6 +119,11 @@ class Upstream:
         """1-based replica number when this session is one of a `ServerPool`'s replicas (0: none)."""
         self.replicas = 1
         """How many replicas the pool has (errors name "replica 2 of 3" when more than one)."""
+        self.protocol = cfg.protocol
+        """`auto` or `legacy`: how the next connection negotiates (`use_handshake` switches to legacy)."""
+        self.switched: anyio.Event | None = None
+        """Set once the first connection attempt after `use_handshake` settled (ready or failed)."""
+        self._reconnect = False
         self._relisten = anyio.Event()
         self._listening: frozenset[str] | None = None
         """The resource URIs of the open `subscriptions/listen` stream (None: none is open)."""
@@ -170,6 +175,7 @@ class Upstream:
                     self.state = "ready"
                     self.last_error = None
                     self._ready.set()
+                    self._settle_switch()
                     await self.listener.catalog_changed(self.name, {"tools", "resources", "prompts"})
                     assert self._closed is not None
                     async with anyio.create_task_group() as tg:
@@ -183,7 +189,7 @@ class Upstream:
                             tg.start_soon(self._listen_loop, self._session)
                         await self._closed.wait()
                         tg.cancel_scope.cancel()
-                    if not self._stop.is_set():
+                    if not self._stop.is_set() and not self._reconnect:
                         self.last_error = "connection closed (the server exited or closed its output)"
             except Exception as exc:  # noqa: BLE001 - any failure of one upstream stays contained here
                 self.last_error = _describe(exc) + self._stderr_hint()
@@ -191,6 +197,8 @@ class Upstream:
                     logger.debug("upstream %r while stopping: %s", self.name, self.last_error)
                 else:
                     logger.warning("upstream %r: %s", self.name, self.last_error)
+                if not self._reconnect:
+                    self._settle_switch()
             finally:
                 was_ready = self.state == "ready"
                 self._session = None
@@ -200,6 +208,11 @@ class Upstream:
                 self._ready.set()
             if self._stop.is_set():
                 break
+            if self._reconnect:
+                # A reconnect on purpose (`use_handshake`): no backoff, no restart counted, and the
+                # tools stay listed (the new session re-lists them).
+                self._reconnect = False
+                continue
             if was_ready:
                 self.catalog = Catalog()
                 with contextlib.suppress(Exception):
@@ -216,6 +229,29 @@ class Upstream:
 
     async def stop(self) -> None:
         self._stop.set()
+        self._settle_switch()
+
+    def _settle_switch(self) -> None:
+        """A connection attempt after `use_handshake` concluded (or the upstream stops)."""
+        if self.switched is not None:
+            self.switched.set()
+
+    def use_handshake(self) -> bool:
+        """Reconnect with the initialize handshake from now on (for this process's lifetime).
+
+        For a server that answers 2026-07-28 but asks its client with server-initiated requests,
+        which that era cannot carry (issue 11, failure 3). The session in use closes at once
+        (calls in flight on it fail as on a restart) and a handshake-era one opens without
+        backoff. Returns False when this session already uses the handshake.
+        """
+        if self.protocol == "legacy" and not self._modern:
+            return False
+        self.protocol = "legacy"
+        self.switched = anyio.Event()
+        if self._closed is not None and self.state == "ready":
+            self._reconnect = True
+            self._closed.set()
+        return True
 
     async def _connect(self, stack: AsyncExitStack) -> None:
         self.stderr.lines.clear()
@@ -234,7 +270,7 @@ class Upstream:
         )
         await stack.enter_async_context(session)
         with anyio.fail_after(self.cfg.startup_timeout_ms / 1000):
-            if self.cfg.protocol == "legacy":
+            if self.protocol == "legacy":
                 await session.initialize()
             else:
                 await negotiate_auto(session)
