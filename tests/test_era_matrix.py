@@ -184,7 +184,17 @@ async def elicitation_url(side: Side, up: str) -> None:
         text = await _call(side, "everything__trigger-url-elicitation", {"url": "https://example.com/py"})
         assert "completed the URL elicitation" in text
     else:
+        before = len(side.rec.notes)
         assert await _call(side, f"{up}__ask_url", {"url": "https://example.com/py"}) == "accept"
+        if side.era == "legacy" and up == "legacy":
+            # The upstream's completion notice reaches the client that got the elicitation.
+            await side.rec.until(
+                lambda: any(
+                    isinstance(n, types.ElicitCompleteNotification) and n.params.elicitation_id == "interop-1"
+                    for n in side.rec.notes[before:]
+                ),
+                "notifications/elicitation/complete",
+            )
 
 
 async def roots(side: Side, up: str) -> None:

@@ -190,3 +190,13 @@ class Clients:
         for conn in list(self.connections):
             if conn.protocol_version not in MODERN and level_at_least(level, self.log_level(conn)):
                 await notify(conn, "notifications/message", data)
+
+    async def notify_callers_or_all(self, server: str, method: str, params: dict[str, Any] | None) -> None:
+        """A notification from `server` to the handshake-era client whose call to it is in flight,
+        else to every handshake-era connection (2026-07-28 callers are skipped)."""
+        for caller in reversed(self._callers.get(server) or []):
+            if not caller.modern and caller.notify is not None:
+                with contextlib.suppress(Exception):
+                    await caller.notify(method, params)
+                return
+        await self.broadcast(method, params)

@@ -468,6 +468,14 @@ class Gateway:
         data["logger"] = f"{server}/{data['logger']}" if data.get("logger") else server
         await self.clients.log(server, params.level, data)
 
+    async def elicitation_complete(self, server: str, elicitation_id: str) -> None:
+        """Pass a handshake-era upstream's `notifications/elicitation/complete` on: to the client whose
+        call is in flight, else to every handshake-era connection (an id a client does not know is
+        ignored, as the spec says). 2026-07-28 clients have no such notification: none is sent."""
+        await self.clients.notify_callers_or_all(
+            server, "notifications/elicitation/complete", {"elicitationId": elicitation_id}
+        )
+
     async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
         """Relay an upstream's sampling / elicitation / roots request to the client calling it: on a
         handshake-era client's connection, or, for a 2026-07-28 client, into the call's next

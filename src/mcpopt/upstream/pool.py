@@ -885,6 +885,9 @@ class _ReplicaListener:
     async def client_request(self, server: str, request: types.InputRequest) -> types.InputResponse | types.ErrorData:
         return await self.pool.listener.client_request(server, request)
 
+    async def elicitation_complete(self, server: str, elicitation_id: str) -> None:
+        await self.pool.listener.elicitation_complete(server, elicitation_id)
+
 
 def _snap(catalog: Catalog) -> tuple[list[Any], ...]:
     return (list(catalog.tools), list(catalog.resources), list(catalog.templates), list(catalog.prompts))

@@ -59,6 +59,10 @@ class UpstreamListener(Protocol):
         """Forward a server-to-client request (sampling, elicitation, roots) to a connected client."""
         ...
 
+    async def elicitation_complete(self, server: str, elicitation_id: str) -> None:
+        """A URL-mode elicitation finished out of band (2025-11-25 `notifications/elicitation/complete`)."""
+        ...
+
 
 @dataclass
 class Catalog:
@@ -553,6 +557,8 @@ class Upstream:
             await self._spawn_refresh({"prompts"})
         elif isinstance(root, types.ResourceUpdatedNotification):
             await self.listener.resource_updated(self.name, str(root.params.uri))
+        elif isinstance(root, types.ElicitCompleteNotification):
+            await self.listener.elicitation_complete(self.name, root.params.elicitation_id)
 
     async def _spawn_refresh(self, kinds: set[CatalogKind]) -> None:
         # Re-listing is a request to the same server: it must not run inside the dispatcher's
