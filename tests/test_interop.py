@@ -131,6 +131,69 @@ async def test_bridge_refuses_an_unknown_state(tmp_path: Path) -> None:
         assert "requestState" in info.value.error.message
 
 
+def _interop_legacy(tmp_path: Path, **gateway: Any) -> Path:
+    entry = {"command": os.sys.executable, "args": [str(FIXTURES / "interop_server.py")], "protocol": "legacy"}
+    return write_config(tmp_path / "gw.yaml", {"legacy": entry}, gateway or None)
+
+
+async def test_bridge_rounds_on_the_wire(tmp_path: Path) -> None:
+    """Driven by hand: the first answer is an InputRequiredResult carrying the upstream's own
+    request; the repeat with its answer and the gateway's requestState completes the call."""
+    async with gateway_client(_interop_legacy(tmp_path), mode="auto", elicitation_callback=_elicit) as client:
+        first = await client.session.call_tool(
+            "legacy__ask_elicitation", {"question": "Colour?"}, allow_input_required=True
+        )
+        assert isinstance(first, types.InputRequiredResult), first
+        assert first.request_state and first.request_state.startswith("mcpopt-ir:")
+        [(key, request)] = first.input_requests.items()
+        assert isinstance(request, types.ElicitRequest) and request.params.message == "Colour?"
+        answer = types.ElicitResult(action="accept", content={"answer": "blue"})
+        done = await client.session.call_tool(
+            "legacy__ask_elicitation",
+            {"question": "Colour?"},
+            input_responses={key: answer},
+            request_state=first.request_state,
+            allow_input_required=True,
+        )
+        assert isinstance(done, types.CallToolResult) and text_of(done) == "blue", done
+
+
+async def test_bridge_forgets_a_call_nobody_answers(tmp_path: Path) -> None:
+    """A parked call waits `call_timeout_ms` for the client's next round, then its upstream request
+    is answered with an error and its state is refused; the server keeps serving."""
+    config = _interop_legacy(tmp_path, call_timeout_ms=1500)
+    async with gateway_client(config, mode="auto", list_roots_callback=_roots) as client:
+        first = await client.session.call_tool("legacy__ask_roots", {}, allow_input_required=True)
+        assert isinstance(first, types.InputRequiredResult)
+        [key] = first.input_requests
+        await anyio.sleep(1.5)  # the gateway's own timeout, as configured above
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    await client.session.call_tool(
+                        "legacy__ask_roots",
+                        {},
+                        input_responses={key: types.ListRootsResult(roots=[])},
+                        request_state=first.request_state,
+                        allow_input_required=True,
+                    )
+                except MCPError as exc:
+                    assert exc.error.code == -32602 and "expired" in exc.error.message
+                    break
+                await anyio.sleep(0.2)
+        progress = await client.call_tool("legacy__progress", {"steps": 1})
+        assert text_of(progress) == "done"
+
+
+async def test_bridge_respects_declared_capabilities(tmp_path: Path) -> None:
+    """A 2026-07-28 client that declared no elicitation is not sent one: the upstream's request is
+    answered with an error at once, as a handshake-era client without the capability would."""
+    async with gateway_client(_interop_legacy(tmp_path), mode="auto") as client:
+        with pytest.raises(MCPError) as info:
+            await client.call_tool("legacy__ask_elicitation", {"question": "?"})
+        assert "did not declare the elicitation capability" in info.value.error.message
+
+
 # ---- 3 ----------------------------------------------------------------------------------------------
 def _fastmcp_config(tmp_path: Path) -> tuple[Path, Path]:
     if not FASTMCP_PY.is_file():
