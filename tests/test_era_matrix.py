@@ -35,7 +35,7 @@ from conftest import (
     write_config,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore::mcp.MCPDeprecationWarning")]
 
 FIXTURE = str(Path(__file__).resolve().parent / "fixtures" / "interop_server.py")
 MODERN = "2026-07-28"
