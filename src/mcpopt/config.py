@@ -1178,7 +1178,8 @@ def _load_workflow_files(config: Config, shown: str, base: Path) -> None:
 
 STARTER_CONFIG = """\
 # mcpopt configuration. The `mcpServers` block is the one Claude Desktop, Cursor and
-# VS Code use: paste yours here unchanged. mcpopt's own keys sit beside the standard ones.
+# VS Code use: paste yours here unchanged (or let `mcpopt import` write this file from the
+# hosts' own files). mcpopt's own keys sit beside the standard ones.
 # Any key can be overridden from the environment: MCPOPT_GATEWAY__SEPARATOR=. and so on.
 
 mcpServers:
