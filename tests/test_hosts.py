@@ -17,10 +17,10 @@ import yaml
 from mcp import Client, StdioServerParameters
 
 from conftest import MCPOPT, ROOT, fake_entry, text_of, time_entry
-from mcpopt.config import ServerConfig, load_config
+from mcpopt.config import Config, ServerConfig, load_config
 from mcpopt.errors import ConfigError
 from mcpopt.hosts.install import BACKUP_SUFFIX, RECORD_SUFFIX, is_mcpopt
-from mcpopt.layouts import SERVER_KEYS, input_env_name
+from mcpopt.layouts import CONFIG_KEYS, SERVER_KEYS, input_env_name
 
 CLAUDE_DESKTOP = {
     "globalShortcut": "Ctrl+Space",
@@ -58,6 +58,12 @@ def _run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> sub
 def test_server_keys_match_server_config() -> None:
     """The layout reader passes on exactly the keys `ServerConfig` knows."""
     assert set(ServerConfig.model_fields) == SERVER_KEYS
+
+
+def test_top_level_keys_match_config() -> None:
+    """mcpopt's own sections pass through the layout reader; everything else at the top is a host's."""
+    own = set(Config.model_fields) - {"mcpServers", "source", "layout", "notes"}
+    assert own == set(CONFIG_KEYS)
 
 
 def test_claude_desktop_file_with_app_settings_loads(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ SERVER_KEYS = frozenset(
         "prefix", "timeout_ms", "startup_timeout_ms", "protocol", "disabled", "description", "replicas", "urls",
         "routing", "cache", "read_only_tools", "idempotent_tools", "breaker", "retry", "adaptive_timeout",
         "max_concurrency", "max_queue", "health_check", "depends_on", "priority", "lazy", "idle_timeout_ms",
+        "idempotency_keys",
     }
 )  # fmt: skip
 """Keys of a server entry passed on to `ServerConfig` (kept in step with it by a test)."""
@@ -59,7 +60,10 @@ HOST_SERVER_KEYS = frozenset(
 )  # fmt: skip
 """Keys hosts put in server entries that mcpopt does not use (ignored with the info line)."""
 
-TOP_KEYS = frozenset({"mcpServers", "servers", "inputs", "gateway"})
+CONFIG_KEYS = ("gateway", "workflows")
+"""mcpopt's own top-level sections, passed on to `mcpopt.config.Config` as they are (kept in step
+with it by a test)."""
+TOP_KEYS = frozenset({"mcpServers", "servers", "inputs", *CONFIG_KEYS})
 _SILENT_TOP = frozenset({"$schema"})
 _INPUT_ENV_PREFIX = "MCPOPT_INPUT_"
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
@@ -132,8 +136,8 @@ def normalize(
     for key, value in raw.items():
         if key in ("mcpServers", "servers"):
             blocks.append((key, value))
-        elif key == "gateway":
-            out.data["gateway"] = value
+        elif key in CONFIG_KEYS:
+            out.data[key] = value
         elif key == "inputs" or key in _SILENT_TOP:
             continue
         elif key == "mcp" and isinstance(value, Mapping) and "servers" in value:
