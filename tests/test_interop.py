@@ -337,5 +337,5 @@ def test_config_error_reaches_the_typescript_client(tmp_path: Path) -> None:
     )
     first = json.loads(proc.stdout.splitlines()[0])
     assert first["step"] == "connect" and not first["ok"], first
-    assert "-32014" in first["detail"] and str(path) in first["detail"], first["detail"]
+    assert str(CONFIG_INVALID) in first["detail"] and str(path) in first["detail"], first["detail"]
     assert "mcpServers.a.args" in first["detail"], first["detail"]
