@@ -14,6 +14,7 @@ says reaches another owner.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -74,6 +75,9 @@ class OwnerListener:
         """Ask the owner: on a call of its in flight, else on its latest connection's own channel;
         when neither is there yet but the owner is a handshake-era client (its stream may still be
         opening), wait up to `ASK_WAIT_S`."""
+        for caller in reversed(self.clients.callers(self.key)):
+            if caller.ask is not None:  # a 2026-07-28 client's call: asked in its next round (gateway.bridge)
+                return await caller.ask(request)
         deadline = anyio.current_time() + ASK_WAIT_S
         while True:
             channel = self._channel(request.method)
@@ -91,6 +95,14 @@ class OwnerListener:
                     "(no call in flight, no open stream)",
                 )
             await anyio.sleep(0.05)
+
+    async def elicitation_complete(self, server: str, elicitation_id: str) -> None:
+        """To the owner's handshake-era call in flight only (never to other owners' connections)."""
+        for caller in reversed(self.clients.callers(self.key)):
+            if not caller.modern and caller.notify is not None:
+                with contextlib.suppress(Exception):
+                    await caller.notify("notifications/elicitation/complete", {"elicitationId": elicitation_id})
+                return
 
     def _channel(self, method: str) -> Any:
         conn = self.clients.owner_connection(self.owner)
