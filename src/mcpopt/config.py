@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcpopt.errors import ConfigError
-from mcpopt.layouts import AskFn, normalize, parse_json
+from mcpopt.layouts import AskFn, Normalized, normalize, parse_json
 from mcpopt.workflow_model import NAME as WORKFLOW_NAME
 from mcpopt.workflow_model import Workflow, WorkflowError, load_workflow_file
 
@@ -1082,6 +1083,22 @@ def default_data_dir() -> Path:
     return Path(base) / "mcpopt"
 
 
+def read_layout(
+    raw: Mapping[str, Any], *, file: str = "", config_dir: str | None = None, ask: AskFn | None = None
+) -> Normalized:
+    """A host's (or mcpopt's) config mapping in mcpopt's shape (`mcpopt.layouts.normalize`), with the
+    keys mcpopt uses taken from the models themselves: `ServerConfig`'s fields in server entries,
+    `Config`'s sections at the top (a new setting needs no second list)."""
+    return normalize(
+        raw,
+        file=file,
+        config_dir=config_dir,
+        ask=ask,
+        server_keys=frozenset(ServerConfig.model_fields),
+        sections=frozenset(Config.model_fields) - {"mcpServers", "source", "layout", "notes"},
+    )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     data: dict[str, Any] | None = None,
@@ -1110,7 +1127,7 @@ def load_config(
     shown = str(path) if path is not None else ""
     raw = data if data is not None else (_read_file(Path(path)) if path is not None else {})
     config_dir = str(Path(path).resolve().parent) if path is not None else os.getcwd()
-    layout = normalize(raw, file=shown, config_dir=config_dir, ask=ask)
+    layout = read_layout(raw, file=shown, config_dir=config_dir, ask=ask)
     problems = list(layout.problems)
     config: Config | None = None
     try:

@@ -38,19 +38,6 @@ Problem = tuple[str, str]
 AskFn = Callable[[dict[str, Any]], "str | None"]
 """`ask(input_declaration) -> value or None`: asks the user for a VS Code-style input."""
 
-SERVER_KEYS = frozenset(
-    {
-        # standard
-        "command", "args", "env", "cwd", "url", "headers", "type", "transport",
-        # mcpopt's own (see `mcpopt.config.ServerConfig`)
-        "prefix", "timeout_ms", "startup_timeout_ms", "protocol", "disabled", "description", "replicas", "urls",
-        "routing", "cache", "read_only_tools", "idempotent_tools", "breaker", "retry", "adaptive_timeout",
-        "max_concurrency", "max_queue", "health_check", "depends_on", "priority", "lazy", "idle_timeout_ms",
-        "idempotency_keys",
-    }
-)  # fmt: skip
-"""Keys of a server entry passed on to `ServerConfig` (kept in step with it by a test)."""
-
 HOST_SERVER_KEYS = frozenset(
     {
         "dev", "sandbox", "sandboxEnabled", "gallery", "version", "disabledTools", "alwaysAllow", "autoApprove",
@@ -60,10 +47,8 @@ HOST_SERVER_KEYS = frozenset(
 )  # fmt: skip
 """Keys hosts put in server entries that mcpopt does not use (ignored with the info line)."""
 
-CONFIG_KEYS = ("gateway", "workflows")
-"""mcpopt's own top-level sections, passed on to `mcpopt.config.Config` as they are (kept in step
-with it by a test)."""
-TOP_KEYS = frozenset({"mcpServers", "servers", "inputs", *CONFIG_KEYS})
+STANDARD_SERVER_KEYS = frozenset({"command", "args", "env", "cwd", "url", "headers", "type", "transport"})
+"""The standard keys of a server entry (every host's; mcpopt's own come from `ServerConfig`)."""
 _SILENT_TOP = frozenset({"$schema"})
 _INPUT_ENV_PREFIX = "MCPOPT_INPUT_"
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
@@ -114,11 +99,17 @@ def normalize(
     config_dir: str | None = None,
     environ: Mapping[str, str] | None = None,
     ask: AskFn | None = None,
+    server_keys: frozenset[str] = STANDARD_SERVER_KEYS,
+    sections: frozenset[str] = frozenset({"gateway"}),
 ) -> Normalized:
     """Bring a host's config mapping into mcpopt's shape, collecting every problem.
 
     Args:
         raw: the parsed file (a mapping).
+        server_keys: the keys of a server entry mcpopt uses (`mcpopt.config` passes
+            `ServerConfig`'s fields), passed on as they are; others are a host's.
+        sections: mcpopt's own top-level sections besides `mcpServers` (`gateway`, `workflows`: the
+            other fields of `mcpopt.config.Config`), passed on as they are.
         file: the file's path, for `${workspaceFolder}` and messages ("" when built in code).
         config_dir: the folder `${CONFIG_DIR}` and relative `envFile` paths resolve against
             (default: the file's folder, else the working directory).
@@ -136,7 +127,7 @@ def normalize(
     for key, value in raw.items():
         if key in ("mcpServers", "servers"):
             blocks.append((key, value))
-        elif key in CONFIG_KEYS:
+        elif key in sections:
             out.data[key] = value
         elif key == "inputs" or key in _SILENT_TOP:
             continue
@@ -144,7 +135,7 @@ def normalize(
             blocks.append(("mcp.servers", value["servers"]))
             inputs = value.get("inputs", inputs)
             out.ignored.extend(f"mcp.{k}" for k in value if k not in ("servers", "inputs"))
-        elif (near := _near(key, TOP_KEYS)) is not None:
+        elif (near := _near(key, frozenset({"mcpServers", "servers", "inputs", *sections}))) is not None:
             out.problems.append((key, f"unknown key (did you mean '{near}'?)"))
         else:
             out.ignored.append(key)
@@ -163,7 +154,7 @@ def normalize(
             if name in servers:
                 out.problems.append((where, "a server of this name is defined twice ('mcpServers' and 'servers')"))
                 continue
-            servers[name] = _server(entry, where, base, variables, out)
+            servers[name] = _server(entry, where, base, variables, out, server_keys | STANDARD_SERVER_KEYS)
     out.data["mcpServers"] = servers
     return out
 
@@ -309,14 +300,16 @@ class _Variables:
         return answer
 
 
-def _server(entry: Any, where: str, base: str, variables: _Variables, out: Normalized) -> Any:
+def _server(
+    entry: Any, where: str, base: str, variables: _Variables, out: Normalized, server_keys: frozenset[str]
+) -> Any:
     """One server entry: host keys mapped or dropped, `envFile` read, variables expanded."""
     if not isinstance(entry, Mapping):
         return entry  # `ServerConfig` validation names what was expected
     kept: dict[str, Any] = {}
     env_file: Any = None
     for key, value in entry.items():
-        if key in SERVER_KEYS:
+        if key in server_keys:
             kept[key] = value
         elif key == "serverUrl":  # Windsurf's name for `url`
             if "url" in entry:
@@ -327,7 +320,7 @@ def _server(entry: Any, where: str, base: str, variables: _Variables, out: Norma
             env_file = value
         elif key in HOST_SERVER_KEYS:
             out.ignored.append(f"{where}.{key}")
-        elif (near := _near(key, SERVER_KEYS)) is not None:
+        elif (near := _near(key, server_keys)) is not None:
             out.problems.append((f"{where}.{key}", f"unknown key (did you mean '{near}'?)"))
         else:
             out.ignored.append(f"{where}.{key}")

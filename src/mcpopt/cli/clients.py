@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mcpopt.cli.common import app, err, out
-from mcpopt.config import _read_file, load_config
+from mcpopt.config import _read_file, load_config, read_layout
 from mcpopt.errors import ConfigError
 from mcpopt.hosts.install import (
     InstallError,
@@ -20,7 +20,6 @@ from mcpopt.hosts.install import (
     uninstall,
 )
 from mcpopt.hosts.locations import HOSTS, host
-from mcpopt.layouts import normalize
 
 ClientsOpt = typer.Option(None, "--client", help=f"Only this host (repeatable): {', '.join(HOSTS)}.")
 
@@ -105,7 +104,7 @@ def install_cmd(
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
-    served = set(normalize(raw, file=str(config)).data.get("mcpServers", {}))
+    served = set(read_layout(raw, file=str(config)).data.get("mcpServers", {}))
     try:
         report = install(h, config, name=name, file=target, served=served, input_ids=input_ids_of(raw))
     except (ConfigError, InstallError) as exc:
