@@ -67,6 +67,19 @@ async def serve_stdio(gateway: Gateway) -> None:
     def answer(message: dict[str, Any]) -> None:
         corked.write(orjson.dumps(message) + b"\n")
 
+    def take(line: bytes) -> bool:
+        # A `tools/call` the fast path serves, taken in the pipe's data callback (one event-loop hop
+        # less than the reader task); anything else, or any doubt, goes the reader's way below.
+        if b'"tools/call"' not in line or fast.full or corked.over(high_water):
+            return False
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(obj, dict) and wire.request_id_problem(obj) is None and fast.offer(obj)
+
+    lines.take = take
+
     async def pump_in() -> None:
         async with read_send:
             while True:

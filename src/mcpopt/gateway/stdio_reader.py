@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,9 @@ class LineReader(asyncio.Protocol):
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self.take: Callable[[bytes], bool] | None = None
+        """Offered each complete line while no line waits ahead of it (order is kept); True when it
+        took the line -- the stdio front's `tools/call` fast path, served without waking the reader."""
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,7 +85,7 @@ class LineReader(asyncio.Protocol):
                 self._push(Oversized(bytes(buf[start : start + HEAD_BYTES])))
             else:
                 line = bytes(buf[start:nl])
-                if line.strip():
+                if line.strip() and not (self.take is not None and not self._lines and self.take(line)):
                     self._push(line)
             start = nl + 1
             self._scanned = start
