@@ -457,6 +457,11 @@ class ServerConfig(_Strict):
     to make room, and a call finding every one busy is rejected with a clear error."""
     isolation_idle_ms: int = Field(300_000, ge=1_000)
     """An isolated upstream session unused for this long is closed (its process too, for stdio)."""
+    # ---- resource watch (see README, "Upstream resource watch") ----
+    max_rss_mb: float | None = Field(None, gt=0)
+    """Restart a stdio replica whose process tree's RSS stays above this many MiB for
+    `gateway.watch.limit_samples` samples in a row (None: never). Calls in flight get
+    `gateway.watch.drain_s` to finish first; new calls wait for the restarted session."""
 
     @field_validator("type", "transport")
     @classmethod
@@ -876,6 +881,31 @@ class LimitsSettings(_Strict):
         return self.enabled and bool(self.global_ or self.per_tool or self.per_principal or self.per_principal_tool)
 
 
+class WatchSettings(_Strict):
+    """`gateway.watch`: CPU, memory, open descriptors and children of every stdio upstream process.
+
+    The growth alert fires (warning `rss_growth`) when a replica's RSS grew by more than
+    `growth_warning_mb` MiB *and* more than `growth_warning_pct` percent over the last
+    `growth_window_s` seconds. Both, so that a small server doubling from 20 to 40 MiB and a large
+    one moving by a few percent stay quiet. The defaults are this project's judgment (a healthy
+    server's RSS settles within minutes of its warm-up; a steady +64 MiB and +50% in 5 minutes is a
+    leak's signature), not a published standard: tune them to your servers.
+    """
+
+    enabled: bool = True
+    interval_s: float = Field(5.0, ge=0.05)
+    """Seconds between two samples (each sample reads /proc for every upstream process tree, off the
+    event loop)."""
+    growth_window_s: float = Field(300.0, gt=0)
+    growth_warning_mb: float = Field(64.0, ge=0)
+    growth_warning_pct: float = Field(50.0, ge=0)
+    limit_samples: int = Field(2, ge=1)
+    """Consecutive samples above a server's `max_rss_mb` before it is restarted (one spike is not a leak)."""
+    drain_s: float = Field(10.0, ge=0)
+    """How long a restart at `max_rss_mb` waits for the replica's calls in flight to finish; calls still
+    running then fail with an error naming the server and the reason (they are not retried)."""
+
+
 class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
@@ -919,6 +949,8 @@ class GatewaySettings(_Strict):
     """Who may see and call what (applies when `auth` is on)."""
     limits: LimitsSettings = Field(default_factory=lambda: LimitsSettings())
     """Rate limits and quotas: global, per tool, per principal."""
+    watch: WatchSettings = Field(default_factory=lambda: WatchSettings())
+    """The upstream resource watch: sampling interval, memory-growth alert, restart at `max_rss_mb`."""
 
     @field_validator("separator")
     @classmethod

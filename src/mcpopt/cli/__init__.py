@@ -13,6 +13,7 @@ from mcpopt.cli import (  # noqa: F401 - they register commands
     optimize,
     serve,
     skills,
+    status,
     telemetry,
     tools,
 )

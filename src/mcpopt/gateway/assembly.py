@@ -41,6 +41,7 @@ from mcpopt.pipeline.cache import CacheFilter, CoalesceFilter
 from mcpopt.pipeline.rules import RulesFilter, RuleStore, default_rules_path
 from mcpopt.pipeline.shaping import ResultStore, ShapingFilter
 from mcpopt.upstream.server import CatalogKind
+from mcpopt.upstream.watch import ResourceWatch
 from mcpopt.workflows.service import WorkflowService
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     gw.coalescer = CoalesceFilter()
     gw.results = ResultStore(g.shaping.keep_results)
     gw.rules = RulesFilter(RuleStore(default_rules_path(config)))
+    # CPU, RSS, fds and children of every stdio replica; restarts at `max_rss_mb` (off the request path).
+    gw.watch = ResourceWatch(g.watch, lambda: gw.upstreams)
 
     def server_tools(server: str) -> list[str]:
         up = gw.upstreams.get(server)
@@ -154,11 +157,13 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     async def index() -> None:
         await gw.discovery.on_catalog(gw.catalog)
 
-    gw.on_start += [gw.cache.start, gw.telemetry.start]
+    gw.on_start += [gw.cache.start, gw.telemetry.start, gw.watch.start]
     gw.on_ready += [warm, index, extensions]
+    # The resource watch stops before the upstreams do (no restart at max_rss_mb while stopping).
+    gw.on_stopping.append(gw.watch.stop)
     # Stop hooks run in reverse: code mode first (pydantic-monty's pool must close before the
-    # process exits), then telemetry (flushes its sinks), then the cache.
-    gw.on_stop += [gw.cache.close, gw.telemetry.stop, gw.code_mode.aclose]
+    # process exits), then telemetry (flushes its sinks), then the cache; the watch, if the start failed.
+    gw.on_stop += [gw.cache.close, gw.telemetry.stop, gw.code_mode.aclose, gw.watch.stop]
 
     # ---- what clients talk to -------------------------------------------------------------
     gw.server, gw.init_options = build_server(gw)

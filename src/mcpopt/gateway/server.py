@@ -194,6 +194,8 @@ class Gateway:
         """The HTTP front's `mcpopt.auth.tokens.Authenticator` once it serves with auth (status, metrics)."""
         self.limiter: Any = None
         """The `mcpopt.auth.ratelimit.RateLimiter` when `gateway.limits` names limits (status, metrics)."""
+        self.watch: Any = None
+        """The `mcpopt.upstream.watch.ResourceWatch` (CPU, RSS, fds, children per stdio replica)."""
         self.policy: Policy | None = None
         """Who may call and see what; attached by the assembly when `gateway.auth` is on (None: the
         trusted local user only, everything allowed)."""
@@ -346,7 +348,10 @@ class Gateway:
         await self.bus.publish(_EVENTS["notifications/tools/list_changed"])
 
     def status(self) -> list[dict[str, Any]]:
-        """One row per upstream: server, state, transport, protocol, counts, restarts, last error."""
+        """One row per upstream: server, state, transport, protocol, counts, restarts, last error, and
+        `processes` (per sampled stdio replica: `ResourceWatch.usage()` plus `replica`; [] without a
+        watch) with `rss_restarts` (restarts at `max_rss_mb`)."""
+        watch = self.watch
         return [
             {
                 "server": name,
@@ -359,6 +364,8 @@ class Gateway:
                 "prompts": len(up.catalog.prompts),
                 "restarts": up.restarts,
                 "error": up.last_error,
+                "processes": watch.replicas(name) if watch is not None else [],
+                "rss_restarts": watch.rss_restarts.get(name, 0) if watch is not None else 0,
             }
             for name, up in self.upstreams.items()
         ]

@@ -10,6 +10,10 @@ Rules (defaults from issue 5, configurable in `telemetry`):
 - `latency_anomaly` / `error_anomaly` per tool: warning while its EWMA detector is flagged
   (`mcpopt.monitor.anomaly`): it fires on a sudden shift long before a threshold would.
 - `upstream_down` per server: critical while the server's state is "down".
+- `rss_growth` per stdio replica: warning while the resource watch (`mcpopt.upstream.watch`) sees its
+  RSS grown by more than `gateway.watch.growth_warning_mb` MiB and `growth_warning_pct` percent over
+  `growth_window_s` (defaults 64 MiB, 50%, 300 s; see `WatchSettings` for where they come from).
+  Scope: the server, or "server#k" for replica k of several.
 
 De-duplication: an alert is one (scope, metric) pair. An event is emitted only when its
 severity changes: it fires (or escalates/de-escalates) once, and when the condition clears a
@@ -46,8 +50,8 @@ class AlertEvent:
     Attributes:
         ts: Unix seconds. status: "firing" or "resolved". severity: "warning" or "critical"
             (for `resolved`, the severity it had). scope: "server/tool" or "server".
-        metric: latency_p95, error_rate, latency_anomaly, error_anomaly, upstream_down.
-        value / threshold: ms for latency, 0..1 for rates, z-score for anomalies.
+        metric: latency_p95, error_rate, latency_anomaly, error_anomaly, upstream_down, rss_growth.
+        value / threshold: ms for latency, 0..1 for rates, z-score for anomalies, MiB of growth.
     """
 
     ts: float
@@ -164,6 +168,20 @@ class AlertManager:
                     1.0,
                     f"MCP server '{row['server']}' is down{why}",
                 )
+            reps = row.get("replicas") or ()
+            for rep in reps:
+                use = rep.get("resources")
+                if use and use.get("rss_growth_alert"):
+                    scope = row["server"] if len(reps) == 1 else f"{row['server']}#{rep['replica']}"
+                    grown = use["rss_growth_bytes"] / (1024 * 1024)
+                    seen[(scope, "rss_growth")] = (
+                        "warning",
+                        round(grown, 1),
+                        float(use.get("growth_warning_mb", 0.0)),
+                        f"MCP server '{scope}': memory grew by {grown:.0f} MiB (+{use['rss_growth_pct']:.0f}%) to "
+                        f"{use['rss_bytes'] / (1024 * 1024):.0f} MiB over {use['rss_growth_window_s']:.0f} s "
+                        f"(pid {use['pid']})",
+                    )
         return self._transition(seen, now)
 
     def _transition(self, seen: dict[tuple[str, str], tuple[str, float, float, str]], now: float) -> list[AlertEvent]:

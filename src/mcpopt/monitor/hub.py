@@ -283,7 +283,9 @@ class Telemetry:
         return out
 
     def upstream_health(self) -> list[dict[str, Any]]:
-        """Per server: state, restarts, last error, and per replica its state and breaker.
+        """Per server: state, restarts, `rss_restarts` (at `max_rss_mb`), last error, and per replica
+        its state, breaker and `resources` (`ResourceWatch.usage()`: pid, cpu_percent, cpu_seconds,
+        rss_bytes, open_fds, children, rss growth; None for HTTP replicas or before the first sample).
 
         Works with a plain `Upstream` (one replica, breaker "closed") and with a `ServerPool`
         (its `stats()` rows).
@@ -292,6 +294,7 @@ class Telemetry:
         if gw is None:
             return []
         rows = []
+        watch = getattr(gw, "watch", None)
         for name, up in gw.upstreams.items():
             stats = getattr(up, "stats", None)
             if callable(stats):
@@ -307,11 +310,15 @@ class Telemetry:
                 ]
             else:
                 replicas = [{"replica": 1, "state": up.state, "breaker": "closed", "inflight": None, "ewma_ms": None}]
+            if watch is not None:
+                for i, rep in enumerate(replicas):
+                    rep["resources"] = watch.usage(name, i)
             rows.append(
                 {
                     "server": name,
                     "state": up.state,
                     "restarts": getattr(up, "restarts", 0),
+                    "rss_restarts": watch.rss_restarts.get(name, 0) if watch is not None else 0,
                     "error": getattr(up, "last_error", None),
                     "replicas": replicas,
                 }
@@ -323,7 +330,8 @@ class Telemetry:
 
         Returns:
             `{now, level, enabled, overall, tools, servers (with health), timeline, alerts
-            (active), recent_alerts, cache, telemetry: {records, dropped, sinks}}`; latencies
+            (active), recent_alerts, cache, telemetry: {records, dropped, sinks}, watch (the resource
+            watch's `stats()`: interval, samples, restarts at max_rss_mb, or None)}`; latencies
             in ms, rates 0..1; see `Monitor.summary` for the per-scope keys.
         """
         summary = self.monitor.summary()
@@ -369,4 +377,5 @@ class Telemetry:
                 "sqlite_path": str(self.sqlite_path) if self.sqlite is not None else None,
                 "pid": os.getpid(),
             },
+            "watch": watch.stats() if (watch := getattr(self.gateway, "watch", None)) is not None else None,
         }

@@ -14,6 +14,11 @@ Read at scrape time from live state (no cost per call):
 - `mcpopt_inflight_calls`: calls inside the telemetry filter now.
 - `mcpopt_upstream_up{server,replica}`: 1 when the replica's session is ready.
 - `mcpopt_breaker_state{server,replica}`: 0 closed, 1 half-open, 2 open.
+- Per stdio replica's process tree, from the resource watch (`gateway.watch`):
+  `mcpopt_upstream_cpu_seconds_total{server,replica}`, `mcpopt_upstream_cpu_percent{server,replica}`
+  (100 = one core), `mcpopt_upstream_rss_bytes{server,replica}`, `mcpopt_upstream_open_fds{server,replica}`,
+  `mcpopt_upstream_child_processes{server,replica}`, `mcpopt_upstream_rss_growth_bytes{server,replica}`
+  (over `growth_window_s`); `mcpopt_upstream_rss_restarts_total{server}`: restarts at `max_rss_mb`.
 - `mcpopt_alerts_active{severity}`, `mcpopt_grade{server,tool}` (A=4 ... F=0; overall as
   server="", tool="").
 - `mcpopt_telemetry_dropped_total{sink}`: records a full queue dropped (`sink="pipeline"` is the
@@ -233,6 +238,7 @@ class _LiveCollector(Collector):
                 breaker.add_metric((row["server"], str(rep["replica"])), BREAKER.get(rep["breaker"], 0))
         yield up
         yield breaker
+        yield from _resource_metrics(hub.upstream_health())
         dropped = CounterMetricFamily(
             "mcpopt_telemetry_dropped", "Telemetry records dropped by a full queue", labels=("sink",)
         )
@@ -254,6 +260,42 @@ class _LiveCollector(Collector):
             grade.add_metric((t["server"], t["tool"]), GRADE_VALUE[t["grade"]])
         yield grade
         yield from _access_metrics(hub.access_stats())
+
+
+_RESOURCE_GAUGES = (
+    ("cpu_percent", "mcpopt_upstream_cpu_percent", "CPU use of the upstream's process tree, percent of one core"),
+    ("rss_bytes", "mcpopt_upstream_rss_bytes", "Resident memory of the upstream's process tree (sum), bytes"),
+    ("open_fds", "mcpopt_upstream_open_fds", "File descriptors open in the upstream's process tree"),
+    ("children", "mcpopt_upstream_child_processes", "Descendant processes of the upstream"),
+    ("rss_growth_bytes", "mcpopt_upstream_rss_growth_bytes", "RSS growth over gateway.watch.growth_window_s, bytes"),
+)
+
+
+def _resource_metrics(rows: list[dict[str, Any]]) -> Iterator[Any]:
+    """The resource watch's figures per stdio replica (see the module docstring)."""
+    labels = ("server", "replica")
+    cpu = CounterMetricFamily(
+        "mcpopt_upstream_cpu_seconds", "CPU seconds of the upstream's process tree", labels=labels
+    )
+    gauges = [(key, GaugeMetricFamily(name, doc, labels=labels)) for key, name, doc in _RESOURCE_GAUGES]
+    restarts = CounterMetricFamily(
+        "mcpopt_upstream_rss_restarts", "Upstream restarts at max_rss_mb", labels=("server",)
+    )
+    for row in rows:
+        restarts.add_metric((row["server"],), row.get("rss_restarts", 0))
+        for rep in row["replicas"]:
+            use = rep.get("resources")
+            if not use:
+                continue
+            key = (row["server"], str(rep["replica"]))
+            cpu.add_metric(key, use["cpu_seconds"])
+            for field, family in gauges:
+                if use.get(field) is not None:
+                    family.add_metric(key, use[field])
+    yield cpu
+    for _, family in gauges:
+        yield family
+    yield restarts
 
 
 def _access_metrics(stats: dict[str, Any]) -> Iterator[Any]:

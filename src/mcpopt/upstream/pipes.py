@@ -91,6 +91,8 @@ class PipeWriter:
         self._closed = False
         self.fast: Any = None
         """A `FastChannel` on the same pipe, when the transport offers one."""
+        self.pid: int | None = None
+        """The process at the other end of the pipe (the stdio transport sets it; the resource watch reads it)."""
 
     async def send(self, item: SessionMessage, /) -> None:
         if self._closed or self._writer.is_closing():

@@ -137,6 +137,7 @@ class ServerPool:
             old = self.replicas[i].target
             if old is not None:
                 up.restarts = old.restarts
+                up.rss_restarts = old.rss_restarts
             relay.up = up
             self.replicas[i].target = up
         self._gen_started = False
@@ -281,6 +282,25 @@ class ServerPool:
         self._start.set()
         for r in self.replicas:
             await r.target.stop()
+
+    async def recycle(self, index: int, reason: str, drain_s: float) -> bool:
+        """Restart replica `index` (0-based) gracefully: it takes no new calls (other replicas do,
+        or callers wait for its next session), its calls in flight get up to `drain_s` seconds to
+        finish, then its session closes and a new one starts at once. Calls still in flight then fail
+        with `UpstreamClosed` naming the server and `reason`, and are not retried (never doubled).
+
+        Returns:
+            False when the replica had no ready session to restart.
+        """
+        r = self.replicas[index]
+        up = r.target
+        if not up.begin_recycle(reason):
+            return False
+        with anyio.move_on_after(drain_s):
+            while r.inflight > 0 and r.target is up:
+                await anyio.sleep(0.05)  # (inflight is a plain counter: polled, bounded by drain_s)
+        up.finish_recycle()
+        return True
 
     async def use_handshake(self) -> bool:
         """Reconnect every replica with the initialize handshake (see `Upstream.use_handshake`) and

@@ -5,8 +5,16 @@ Every stdio upstream is started in its own session (process group) with
 - a normal shutdown closes its stdin, waits, then SIGTERMs and SIGKILLs the whole group
   (the MCP lifecycle's shutdown order, spec 2025-11-25 basic/lifecycle#shutdown);
 - if the gateway itself is killed (even by SIGKILL), the kernel kills the direct child, and
-  the child's own stdin reaches EOF, which MCP servers treat as the end of the session.
+  the child's own stdin reaches EOF, which MCP servers treat as the end of the session;
+- and the rest of each group (grandchildren: `npx` -> `node`, a server's workers), plus any
+  descendant the resource watch saw leave its group, is killed by the watchdog (`_watchdog.py`):
+  a tiny process, started with the first upstream, that reads the list of groups on a pipe from
+  the gateway and acts on that pipe's EOF, which the kernel delivers however the gateway died.
 `ChildRegistry` remembers every live group so a signal handler can reap them all.
+
+Why not `PR_SET_CHILD_SUBREAPER` on the gateway: orphans would then be re-parented to the gateway,
+whose asyncio child watcher waits only for its own children, so they would linger as zombies; and
+a subreaper that is itself SIGKILLed hands its orphans on to init anyway.
 """
 
 from __future__ import annotations
@@ -17,8 +25,10 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +45,120 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 
 
 class ChildRegistry:
-    """The process groups of every live upstream child, for reaping on any exit path."""
+    """The process groups of every live upstream child, for reaping on any exit path.
 
-    def __init__(self) -> None:
+    Args:
+        watchdog: start the watchdog process (`_watchdog.py`) with the first group, so the groups
+            die with the gateway even when it is SIGKILLed.
+    """
+
+    def __init__(self, watchdog: bool = True) -> None:
         self._pgids: set[int] = set()
+        self._escaped: dict[int, str] = {}
+        self._owner: dict[int, int] = {}
+        """escaped pid -> the process group (upstream) it descends from."""
+        self._watchdog_enabled = watchdog
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def add(self, pgid: int) -> None:
         self._pgids.add(pgid)
+        self._tell(f"g {pgid}")
 
     def discard(self, pgid: int) -> None:
-        self._pgids.discard(pgid)
+        if pgid in self._pgids:
+            self._pgids.discard(pgid)
+            self._tell(f"-g {pgid}")
+
+    def track_escaped(self, pid: int, starttime: str, owner: int) -> None:
+        """Remember a descendant of upstream group `owner` that left it (it called setsid): it is
+        killed with that upstream's group, and by the watchdog."""
+        self._owner[pid] = owner
+        if self._escaped.get(pid) != starttime:
+            self._escaped[pid] = starttime
+            self._tell(f"p {pid} {starttime}")
+
+    def forget_escaped(self, pid: int) -> None:
+        self._owner.pop(pid, None)
+        if self._escaped.pop(pid, None) is not None:
+            self._tell(f"-p {pid}")
+
+    def kill_escaped(self, owner: int, sig: int = signal.SIGKILL) -> None:
+        """Signal the tracked descendants of group `owner` that left it (the group's own stop)."""
+        for pid, group in list(self._owner.items()):
+            if group == owner:
+                if _starttime(pid) == self._escaped.get(pid):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
+                self.forget_escaped(pid)
+
+    @property
+    def escaped(self) -> dict[int, str]:
+        """pid -> starttime of the descendants tracked outside the groups."""
+        return dict(self._escaped)
+
+    @property
+    def watchdog_pid(self) -> int | None:
+        return self._watchdog.pid if self._watchdog is not None else None
+
+    def _tell(self, line: str) -> None:
+        """One line to the watchdog (started on first use). A few bytes into a pipe the watchdog
+        drains at once: the write does not block."""
+        if not self._watchdog_enabled or not sys.platform.startswith("linux"):
+            return
+        dog = self._watchdog
+        if dog is None or dog.poll() is not None:
+            dog = self._watchdog = self._start_watchdog()
+            if dog is None:
+                return
+        assert dog.stdin is not None
+        try:
+            dog.stdin.write(line.encode() + b"\n")
+            dog.stdin.flush()
+        except OSError as exc:
+            logger.warning("upstream watchdog: cannot write to it (%s); restarting it", exc)
+            self._watchdog = None
+
+    def _start_watchdog(self) -> subprocess.Popen[bytes] | None:
+        try:
+            dog = subprocess.Popen(  # noqa: S603 - our own script, with our own interpreter
+                [sys.executable, str(Path(__file__).with_name("_watchdog.py"))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # signals for the gateway's group (Ctrl-C) are not for it
+                close_fds=True,
+            )
+        except OSError as exc:
+            logger.warning("upstream watchdog could not start (%s): grandchildren may outlive a killed gateway", exc)
+            self._watchdog_enabled = False
+            return None
+        assert dog.stdin is not None
+        # Re-send what an earlier watchdog knew (it may have been killed).
+        lines = [f"g {g}" for g in self._pgids] + [f"p {p} {t}" for p, t in self._escaped.items()]
+        if lines:
+            dog.stdin.write(("\n".join(lines) + "\n").encode())
+            dog.stdin.flush()
+        return dog
 
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every remembered process group (synchronous; safe in signal handlers and atexit)."""
         for pgid in list(self._pgids):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, sig)
+        for pid, started in list(self._escaped.items()):
+            if _starttime(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
         if sig == signal.SIGKILL:
             self._pgids.clear()
+            self._escaped.clear()
+            self._owner.clear()
+
+
+def _starttime(pid: int) -> str | None:
+    from mcpopt.upstream._watchdog import starttime
+
+    return starttime(pid)
 
 
 children = ChildRegistry()
@@ -103,6 +209,7 @@ async def stop(proc: asyncio.subprocess.Process, grace_s: float = 2.0) -> None:
         # Descendants that ignored SIGTERM (or outlived the leader) go too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        children.kill_escaped(proc.pid)
         children.discard(proc.pid)
 
 

@@ -133,6 +133,15 @@ class Upstream:
         """The resource URIs of the open `subscriptions/listen` stream (None: none is open)."""
         self._listen_opened = anyio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.pid: int | None = None
+        """The stdio server's process id while its session is open (None for HTTP/SSE or when down)."""
+        self.rss_restarts = 0
+        """Restarts made by the resource watch at `max_rss_mb` (also counted in `restarts`)."""
+        self._recycle: tuple[anyio.Event, str] | None = None
+        """While a restart on purpose drains: the session's close event and the reason."""
+        self._recycling = False
+        self._recycle_note: str | None = None
+        """Why the last session was restarted on purpose, quoted to calls it cut off (until the next is ready)."""
 
     # ---- status -------------------------------------------------------------------------
     @property
@@ -178,6 +187,7 @@ class Upstream:
                     connected_at = time.monotonic()
                     self.state = "ready"
                     self.last_error = None
+                    self._recycle_note = None
                     self._ready.set()
                     self._settle_switch()
                     await self.listener.catalog_changed(self.name, {"tools", "resources", "prompts"})
@@ -208,14 +218,20 @@ class Upstream:
                 self._session = None
                 self._send_raw = None
                 self._fast = None
+                self.pid = None
                 self.state = "stopped" if self._stop.is_set() else "down"
-                self._ready.set()
+                if not self._recycling:
+                    self._ready.set()  # (a restart on purpose keeps callers waiting for the next session)
+            recycled, self._recycling, self._recycle = self._recycling, False, None
             if self._stop.is_set():
                 break
             if self._reconnect:
-                # A reconnect on purpose (`use_handshake`): no backoff, no restart counted, and the
-                # tools stay listed (the new session re-lists them).
+                # A reconnect on purpose (`use_handshake`, or a restart at `max_rss_mb`): no backoff,
+                # and the tools stay listed (the new session re-lists them).
                 self._reconnect = False
+                if recycled:
+                    self.restarts += 1
+                    self.rss_restarts += 1
                 continue
             if was_ready:
                 self.catalog = Catalog()
@@ -234,6 +250,37 @@ class Upstream:
     async def stop(self) -> None:
         self._stop.set()
         self._settle_switch()
+        self._ready.set()  # nobody waits for a session that will not come
+
+    def begin_recycle(self, reason: str) -> bool:
+        """Start a restart on purpose (the resource watch's, at `max_rss_mb`): from now on the
+        session takes no new requests (`state` "starting"; a pool routes elsewhere or lets callers
+        wait for the next session), while requests in flight go on. `finish_recycle` closes it.
+
+        Returns:
+            False when there is no ready session to restart.
+        """
+        if self.state != "ready" or self._closed is None or self._closed.is_set() or self._stop.is_set():
+            return False
+        self._recycle = (self._closed, reason)
+        self._recycling = True
+        self._recycle_note = reason
+        self._ready = anyio.Event()
+        self.state = "starting"
+        return True
+
+    def finish_recycle(self) -> None:
+        """Close the session `begin_recycle` marked and open a new one at once (no backoff).
+
+        Requests still in flight fail with `UpstreamClosed` naming the server and the reason; they
+        are not retried (whether a write ran is unknown). No-op when that session already ended.
+        """
+        if self._recycle is None:
+            return
+        closed = self._recycle[0]
+        if closed is self._closed and not closed.is_set():
+            self._reconnect = True
+            closed.set()
 
     def _settle_switch(self) -> None:
         """A connection attempt after `use_handshake` concluded (or the upstream stops)."""
@@ -262,6 +309,7 @@ class Upstream:
         closed = anyio.Event()
         self._closed = closed
         read_stream, write_stream = await stack.enter_async_context(open_transport(self.name, self.cfg, self.stderr))
+        self.pid = getattr(write_stream, "pid", None)
         session = ClientSession(
             _ClosingReadStream(read_stream, closed),
             write_stream,
@@ -420,6 +468,12 @@ class Upstream:
     def _translate(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
         if exc.code == REQUEST_TIMEOUT:
             return UpstreamTimeout(f"{self.label} did not answer {method} within {timeout_s:g} s", server=self.name)
+        if exc.code == CONNECTION_CLOSED and self._recycle_note:
+            return UpstreamClosed(
+                f"{self.label} was restarted by mcpopt during {method} ({self._recycle_note}); the call was cut "
+                "off and not retried (whether it took effect is unknown)",
+                server=self.name,
+            )
         if exc.code == CONNECTION_CLOSED:
             return UpstreamClosed(
                 f"{self.label} closed the connection during {method} (it crashed or was stopped)",

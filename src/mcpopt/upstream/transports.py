@@ -60,6 +60,7 @@ async def stdio_transport(server: str, cfg: ServerConfig, stderr: StderrTail) ->
     write_send = PipeWriter(corked)
     channel = FastChannel(corked)
     write_send.fast = channel  # the gateway's forwarding side channel (see fastpath)
+    write_send.pid = proc.pid  # for the resource watch (`Upstream.pid`)
     validate = types.jsonrpc_message_adapter.validate_python
 
     sink = lines.install(proc, channel.offer)  # side-channel responses settle in the pipe's callback
