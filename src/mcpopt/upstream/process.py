@@ -161,7 +161,8 @@ def _starttime(pid: int) -> str | None:
     return starttime(pid)
 
 
-children = ChildRegistry()
+children = ChildRegistry(watchdog=os.environ.get("MCPOPT_WATCHDOG", "1") != "0")
+"""The gateway's registry (`MCPOPT_WATCHDOG=0` runs without the watchdog: tests show what it prevents)."""
 
 
 async def spawn(

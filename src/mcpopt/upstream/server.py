@@ -435,6 +435,8 @@ class Upstream:
                 legacy = {**legacy, "_meta": {k: v for k, v in meta.items() if k != CLIENT_CAPABILITIES_META_KEY}}
             try:
                 return await fast.request(method, legacy, timeout, on_progress)
+            except MCPError as exc:
+                raise self._cut_off(exc, method, timeout) from None
             except TimeoutError:
                 raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
             except ChannelClosed:
@@ -450,6 +452,8 @@ class Upstream:
         if fast is not None:
             try:
                 return await fast.request(method, data["params"], timeout, on_progress)
+            except MCPError as exc:
+                raise self._cut_off(exc, method, timeout) from None
             except TimeoutError:
                 raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
             except ChannelClosed:
@@ -464,6 +468,14 @@ class Upstream:
     async def call(self, call: Any) -> dict[str, Any]:
         """Send a pipeline `ToolCall` (the single-replica terminal; `ServerPool` routes replicas)."""
         return await self.request("tools/call", call.params, on_progress=call.on_progress)
+
+    def _cut_off(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
+        """A JSON-RPC error the server itself sent: passed on as it is, except the "Connection closed"
+        an SDK server answers its requests in flight with when its stdin closes during a restart on
+        purpose (`begin_recycle`), which is the gateway's doing and says so."""
+        if exc.code == CONNECTION_CLOSED and self._recycle_note:
+            return self._translate(exc, method, timeout_s)
+        return exc
 
     def _translate(self, exc: MCPError, method: str, timeout_s: float) -> Exception:
         if exc.code == REQUEST_TIMEOUT:

@@ -1,0 +1,284 @@
+"""The upstream resource watch, through a real gateway (`mcpopt serve -t http`) and a real MCP server
+that leaks memory on demand (tests/fixtures/leak_server.py):
+
+- its process's RSS, CPU, fds and children show in `/healthz`, `/metrics`, `/dashboard/data`,
+  `get_performance_status` and `mcpopt status`; its growth raises the `rss_growth` alert;
+- past `max_rss_mb` the gateway restarts it gracefully: a write in flight is cut off with an error
+  naming the server and the reason and is not retried (it ran once), and the gateway keeps serving;
+- an upstream's grandchildren (in its process group, and one that left it with setsid) die with a
+  SIGKILLed gateway -- and, as the control shows, they would not without the watchdog.
+
+Verdicts wait on conditions with generous timeouts; nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import psutil
+import pytest
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+
+from conftest import MCPOPT, ROOT, alive, describe, free_port, poll, text_of, wait_dead, wait_http, write_config
+
+LEAK = str(Path(__file__).resolve().parent / "fixtures" / "leak_server.py")
+MIB = 1024 * 1024
+LIMIT_MB = 400
+"""The leak server starts near 50 MiB (Python + the mcp SDK); 400 leaves room for the growth step."""
+
+pytestmark = pytest.mark.anyio
+
+
+def leak_entry(**extra: Any) -> dict[str, Any]:
+    return {"command": sys.executable, "args": [LEAK], **extra}
+
+
+@contextlib.contextmanager
+def http_gateway(config: Path, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    log = (config.parent / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [MCPOPT, "serve", "-c", str(config), "-t", "http", "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,  # the gateway's log, kept for a failing test's report (tmp_path)
+        cwd=str(ROOT),
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        wait_http(port, proc)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+            proc.kill()
+        proc.wait(10)
+        log.close()
+
+
+async def healthz(port: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        resp = await http.get(f"http://127.0.0.1:{port}/healthz")
+        return resp.json()
+
+
+async def leak_row(port: int) -> dict[str, Any]:
+    body = await healthz(port)
+    return next(r for r in body["servers"] if r["server"] == "leak")
+
+
+async def call(client: Client, name: str, args: dict[str, Any]) -> str:
+    result = await client.call_tool(name, args)
+    assert not result.is_error, text_of(result)
+    return text_of(result)
+
+
+async def test_leak_is_reported_alerted_and_restarted_at_the_limit(tmp_path: Path) -> None:
+    log = tmp_path / "leak.log"
+    config = write_config(
+        tmp_path / "leak.yaml",
+        {"leak": leak_entry(max_rss_mb=LIMIT_MB, env={"LEAK_LOG": str(log)})},
+        {
+            "watch": {
+                "interval_s": 0.2,
+                "growth_window_s": 600,
+                "growth_warning_mb": 40,
+                "growth_warning_pct": 30,
+                "limit_samples": 2,
+                "drain_s": 1,
+            },
+            "telemetry": {"alert_interval_ms": 200},
+        },
+    )
+    with http_gateway(config) as (_proc, port):
+        first = await poll(lambda: _sampled(port), timeout=30)
+        assert first, "the watch never sampled the leak server"
+        pid0, base = first["pid"], first["rss_bytes"]
+        assert base < (LIMIT_MB - 200) * MIB, f"the leak server starts too big for this test: {base / MIB:.0f} MiB"
+        assert first["max_rss_bytes"] == LIMIT_MB * MIB
+        assert psutil.Process(pid0).cmdline()[-1] == LEAK
+
+        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+            # ---- growth: reported everywhere, and alerted ------------------------------------------
+            assert (await call(client, "leak__leak", {"mb": 120})).split() == [str(pid0), "120"]
+
+            async def grown() -> dict[str, Any] | None:
+                use = await _sampled(port)
+                return use if use and use["rss_bytes"] >= base + 100 * MIB and use["rss_growth_alert"] else None
+
+            use = await poll(grown, timeout=30)
+            assert use, f"growth not reported: {await _sampled(port)}"
+            assert use["rss_growth_bytes"] >= 100 * MIB and use["pid"] == pid0
+            assert use["open_fds"] >= 3 and use["children"] == 0 and use["cpu_seconds"] > 0
+
+            async def alert() -> dict[str, Any] | None:
+                status = json.loads(await call(client, "mcpopt__get_performance_status", {}))
+                return next((a for a in status["alerts"] if a["metric"] == "rss_growth"), None)
+
+            fired = await poll(alert, timeout=30)
+            assert fired and fired["scope"] == "leak" and fired["severity"] == "warning", fired
+            assert "memory grew by" in fired["message"] and str(pid0) in fired["message"]
+
+            status = json.loads(await call(client, "mcpopt__get_performance_status", {}))
+            server = next(s for s in status["servers"] if s["server"] == "leak")
+            assert server["health"]["replicas"][0]["resources"]["pid"] == pid0
+            assert status["watch"]["samples"] > 0
+
+            async with httpx.AsyncClient(timeout=10) as http:
+                metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                data = (await http.get(f"http://127.0.0.1:{port}/dashboard/data")).json()
+            rss = _metric(metrics, 'mcpopt_upstream_rss_bytes{replica="1",server="leak"}')
+            assert rss >= base + 100 * MIB
+            assert _metric(metrics, 'mcpopt_upstream_cpu_seconds_total{replica="1",server="leak"}') > 0
+            assert _metric(metrics, 'mcpopt_upstream_child_processes{replica="1",server="leak"}') == 0
+            assert _metric(metrics, 'mcpopt_upstream_rss_restarts_total{server="leak"}') == 0
+            dash = next(s for s in data["servers"] if s["server"] == "leak")
+            assert dash["health"]["replicas"][0]["resources"]["rss_bytes"] >= base + 100 * MIB
+
+            cli = await anyio.to_thread.run_sync(_status_cli, port)
+            assert cli.returncode == 0, cli.stderr
+            assert re.search(rf"leak\s.*\s{pid0}\s", cli.stdout), cli.stdout
+
+            # ---- the limit: a graceful restart; the write in flight is cut off, not repeated ------
+            held: dict[str, Any] = {}
+
+            async def hold() -> None:
+                try:
+                    held["result"] = await client.call_tool("leak__hold", {"seconds": 120})
+                except MCPError as exc:
+                    held["error"] = str(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                assert await poll(lambda: _alines(log), timeout=30), "hold never reached the server"
+                await call(client, "leak__leak", {"mb": LIMIT_MB})
+
+            message = held.get("error") or text_of(held["result"])
+            assert "error" in held or held["result"].is_error, message
+            assert "MCP server 'leak'" in message and "restarted by mcpopt" in message, message
+            assert "max_rss_mb" in message, message
+            assert _lines(log) == [f"hold {pid0}"], "the cut-off write must not be retried"
+
+            async def restarted() -> dict[str, Any] | None:
+                row = await leak_row(port)
+                procs = row["processes"]
+                if row["rss_restarts"] == 1 and row["state"] == "ready" and procs and procs[0]["pid"] != pid0:
+                    return row
+                return None
+
+            row = await poll(restarted, timeout=60)
+            assert row, f"no restart at the limit: {await leak_row(port)}"
+            assert row["restarts"] >= 1
+            assert not psutil.pid_exists(pid0) or psutil.Process(pid0).status() == psutil.STATUS_ZOMBIE
+
+            # ---- and it keeps serving, from a fresh process ----------------------------------------
+            pid1, kept = (await call(client, "leak__pid", {})).split()
+            assert int(pid1) == row["processes"][0]["pid"] and kept == "0"
+            async with httpx.AsyncClient(timeout=10) as http:
+                metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert _metric(metrics, 'mcpopt_upstream_rss_restarts_total{server="leak"}') == 1
+            status = json.loads(await call(client, "mcpopt__get_performance_status", {}))
+            (event,) = status["watch"]["recent_restarts"]
+            assert event["server"] == "leak" and event["pid"] == pid0 and event["rss_bytes"] > LIMIT_MB * MIB
+
+
+async def _sampled(port: int) -> dict[str, Any] | None:
+    row = await leak_row(port)
+    return row["processes"][0] if row["processes"] else None
+
+
+async def _alines(path: Path) -> list[str]:
+    return _lines(path)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def _status_cli(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MCPOPT, "status", "--url", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+# ---- grandchildren and a SIGKILLed gateway ----------------------------------------------------
+def _grandchildren(gateway: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for p in gateway.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.cmdline()[-1:] == ["leak-grandchild"]:
+                out.append(p)
+    return out
+
+
+async def _kill_gateway_with_grandchildren(tmp_path: Path, env: dict[str, str]) -> list[psutil.Process]:
+    """SIGKILL a gateway whose upstream has two grandchildren (one setsid'd), once the watch has seen
+    both; returns every process of its tree, the server itself already dead."""
+    config = write_config(
+        tmp_path / "grand.yaml",
+        {"leak": leak_entry(env={"SPAWN_GRANDCHILDREN": "1", "LEAK_LOG": str(tmp_path / "log")})},
+        {"watch": {"interval_s": 0.2}},
+    )
+    with http_gateway(config, env) as (proc, port):
+        gateway = psutil.Process(proc.pid)
+
+        async def both_seen() -> bool:
+            use = await _sampled(port)
+            return bool(use and use["children"] == 2)
+
+        assert await poll(both_seen, timeout=30), await leak_row(port)
+        grand = _grandchildren(gateway)
+        assert len(grand) == 2, describe(gateway.children(recursive=True))
+        tree = gateway.children(recursive=True)
+        server_pid = (await _sampled(port) or {}).get("pid")
+        server = next(p for p in tree if p.pid == server_pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert not wait_dead([server], timeout=10), "PR_SET_PDEATHSIG did not kill the server itself"
+        return tree
+
+
+async def test_grandchildren_die_with_a_sigkilled_gateway(tmp_path: Path) -> None:
+    tree = await _kill_gateway_with_grandchildren(tmp_path, {})
+    left = wait_dead(tree, timeout=15)
+    assert not left, f"survived the gateway: {describe(left)}"
+
+
+async def test_control_without_watchdog_grandchildren_survive(tmp_path: Path) -> None:
+    """The same SIGKILL with the watchdog off (`MCPOPT_WATCHDOG=0`): both grandchildren live on,
+    which is what the previous test proves the watchdog prevents."""
+    tree = await _kill_gateway_with_grandchildren(tmp_path, {"MCPOPT_WATCHDOG": "0"})
+    try:
+        # Nothing else would kill them: with the server already dead, they are orphans for good.
+        marked = [p for p in alive(tree) if p.cmdline()[-1:] == ["leak-grandchild"]]
+        assert len(marked) == 2, describe(tree)
+    finally:
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
