@@ -112,6 +112,8 @@ async def test_dashboard_renders_in_headless_chromium(tmp_path: Path) -> None:
         assert "fake / echo" in html and "time / get_current_time" in html
         assert re.search(r'id="k-hit">75\.0%<', html)  # 9 hits of 12 cacheable calls
         assert "#1 ready / closed" in html  # per-server health and breaker state
+        assert attrs.get("sampled") == "2", attrs  # the upstream processes panel: one row per stdio replica
+        assert re.search(r'<tr data-server="fake"><td>fake</td><td>#1</td><td class="num">\d+</td>', html), html
         assert re.search(r'<span id="status">updated [^<]+</span>', html)
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"

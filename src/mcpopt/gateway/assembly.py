@@ -158,7 +158,8 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
         await gw.discovery.on_catalog(gw.catalog)
 
     gw.on_start += [gw.cache.start, gw.telemetry.start, gw.watch.start]
-    gw.on_ready += [warm, index, extensions]
+    # A first sample of the upstream processes once they run (the loop's own first came before them).
+    gw.on_ready += [warm, index, extensions, gw.watch.sample]
     # The resource watch stops before the upstreams do (no restart at max_rss_mb while stopping).
     gw.on_stopping.append(gw.watch.stop)
     # Stop hooks run in reverse: code mode first (pydantic-monty's pool must close before the

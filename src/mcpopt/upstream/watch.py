@@ -158,6 +158,7 @@ class ResourceWatch:
         self._task: asyncio.Task[None] | None = None
         self._restarting: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock = asyncio.Lock()
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -193,7 +194,14 @@ class ResourceWatch:
         return out
 
     async def sample(self) -> None:
-        """Take one sample of every replica now (the loop calls it; tests may too)."""
+        """Take one sample of every replica now (the loop calls it, and the gateway once its upstreams
+        are ready); no-op with `enabled: false`. Samples never overlap."""
+        if not self.settings.enabled:
+            return
+        async with self._lock:
+            await self._sample()
+
+    async def _sample(self) -> None:
         targets = self._targets()
         pids = [up.pid for _, _, _, up in targets]
         trees = await asyncio.to_thread(sample_trees, pids) if pids else {}
