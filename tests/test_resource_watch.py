@@ -282,3 +282,54 @@ async def test_control_without_watchdog_grandchildren_survive(tmp_path: Path) ->
         for p in tree:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+# ---- replicas: only the one over the limit restarts; the others serve meanwhile ----------------
+async def test_only_the_replica_over_the_limit_restarts(tmp_path: Path) -> None:
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from mcpopt.api import ClientLink, no_progress
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+
+    cfg = load_config(
+        data={
+            "mcpServers": {"leak": leak_entry(replicas=2, max_rss_mb=LIMIT_MB, env={"LEAK_LOG": str(tmp_path / "l")})},
+            "gateway": {"watch": {"interval_s": 0.2, "drain_s": 5}, "telemetry": {"data_dir": str(tmp_path)}},
+        }
+    )
+    gw = build_gateway(cfg)
+    link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
+
+    async def call_tool(name: str, args: dict[str, Any], replica: int | None = None) -> str:
+        params: dict[str, Any] = {"name": name, "arguments": args}
+        if replica is not None:
+            params["_meta"] = {"mcpopt/replica": replica}
+        result = await gw.call_tool(params, link)
+        assert not result.get("isError"), result
+        return str(result["content"][0]["text"])
+
+    async with gw.running():
+        rows = gw.watch.replicas("leak")  # sampled once the upstreams were ready
+        assert [r["replica"] for r in rows] == [1, 2], rows
+        pids = {r["replica"]: r["pid"] for r in rows}
+        assert (await call_tool("leak__leak", {"mb": LIMIT_MB}, replica=1)).split() == [str(pids[1]), str(LIMIT_MB)]
+
+        served: list[str] = []
+
+        async def restarted() -> bool:
+            # Calls keep being answered while replica 1 drains and restarts (by replica 2, or the new 1).
+            served.append(await call_tool("leak__pid", {}))
+            now = {r["replica"]: r["pid"] for r in gw.watch.replicas("leak")}
+            pool = gw.upstreams["leak"]
+            return gw.watch.rss_restarts.get("leak") == 1 and now.get(1) not in (None, pids[1]) and pool.state == "ready"
+
+        assert await poll(restarted, timeout=60, interval=0.1), gw.watch.stats()
+        now = {r["replica"]: r["pid"] for r in gw.watch.replicas("leak")}
+        assert now[2] == pids[2], "replica 2 was under the limit and must not restart"
+        assert gw.upstreams["leak"].upstreams[1].rss_restarts == 0
+        assert gw.upstreams["leak"].upstreams[0].rss_restarts == 1
+        # Every call made meanwhile was answered (`call_tool` asserts it), by one of the live processes.
+        assert served and all(s.split()[0] in {str(p) for p in (*pids.values(), now[1])} for s in served), served
+        row = next(r for r in gw.status() if r["server"] == "leak")
+        assert row["rss_restarts"] == 1 and {p["replica"] for p in row["processes"]} == {1, 2}
