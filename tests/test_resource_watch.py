@@ -321,8 +321,8 @@ async def test_only_the_replica_over_the_limit_restarts(tmp_path: Path) -> None:
             # Calls keep being answered while replica 1 drains and restarts (by replica 2, or the new 1).
             served.append(await call_tool("leak__pid", {}))
             now = {r["replica"]: r["pid"] for r in gw.watch.replicas("leak")}
-            pool = gw.upstreams["leak"]
-            return gw.watch.rss_restarts.get("leak") == 1 and now.get(1) not in (None, pids[1]) and pool.state == "ready"
+            ready = gw.upstreams["leak"].state == "ready"
+            return gw.watch.rss_restarts.get("leak") == 1 and now.get(1) not in (None, pids[1]) and ready
 
         assert await poll(restarted, timeout=60, interval=0.1), gw.watch.stats()
         now = {r["replica"]: r["pid"] for r in gw.watch.replicas("leak")}
