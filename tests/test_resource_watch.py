@@ -333,3 +333,69 @@ async def test_only_the_replica_over_the_limit_restarts(tmp_path: Path) -> None:
         assert served and all(s.split()[0] in {str(p) for p in (*pids.values(), now[1])} for s in served), served
         row = next(r for r in gw.status() if r["server"] == "leak")
         assert row["rss_restarts"] == 1 and {p["replica"] for p in row["processes"]} == {1, 2}
+
+
+# ---- the parts, on real processes and real rows --------------------------------------------------
+TREE = """
+import os, subprocess, sys, time
+files = [open(os.devnull) for _ in range(20)]
+sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+kids = [subprocess.Popen(sleeper, start_new_session=s) for s in (False, True)]
+sum(i * i for i in range(3_000_000))  # some CPU time of its own
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sample_trees_reads_a_real_process_tree() -> None:
+    from mcpopt.upstream.watch import sample_trees
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TREE], stdout=subprocess.PIPE, start_new_session=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        leader = psutil.Process(proc.pid)
+        kids = leader.children()
+        assert len(kids) == 2
+        tree = sample_trees([proc.pid, 2**22 + 12345])[proc.pid]  # an absent pid is skipped
+        assert tree.children == 2
+        assert tree.open_fds >= 20 + 3  # its 20 files and stdio, plus the children's own
+        assert tree.rss_bytes > leader.memory_info().rss  # the children's RSS is included
+        assert tree.cpu_seconds > 0
+        (escaped,) = tree.escaped  # the setsid child, which killpg would miss
+        assert escaped[0] in {k.pid for k in kids} and os.getpgid(escaped[0]) == escaped[0]
+    finally:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait(10)
+
+
+def test_rss_growth_alert_fires_once_and_resolves() -> None:
+    from mcpopt.config import TelemetrySettings
+    from mcpopt.monitor.alerts import AlertManager
+
+    def rows(alert: bool, replicas: int = 1) -> list[dict[str, Any]]:
+        use = {
+            "pid": 42,
+            "rss_bytes": 300 * MIB,
+            "rss_growth_bytes": 200 * MIB,
+            "rss_growth_pct": 200.0,
+            "rss_growth_window_s": 60.0,
+            "rss_growth_alert": alert,
+            "growth_warning_mb": 64.0,
+        }
+        reps = [{"replica": i + 1, "state": "ready", "resources": use if i == 0 else None} for i in range(replicas)]
+        return [{"server": "leak", "state": "ready", "replicas": reps}]
+
+    alerts = AlertManager(TelemetrySettings())
+    (fired,) = alerts.evaluate({}, 1000.0, rows(True))
+    assert (fired.status, fired.severity, fired.scope, fired.metric) == ("firing", "warning", "leak", "rss_growth")
+    assert fired.value == 200.0 and fired.threshold == 64.0
+    assert "memory grew by 200 MiB (+200%) to 300 MiB over 60 s (pid 42)" in fired.message
+    assert alerts.evaluate({}, 1001.0, rows(True)) == []  # de-duplicated while it lasts
+    (resolved,) = alerts.evaluate({}, 1002.0, rows(False))
+    assert resolved.status == "resolved" and resolved.metric == "rss_growth"
+    (multi,) = AlertManager(TelemetrySettings()).evaluate({}, 1000.0, rows(True, replicas=3))
+    assert multi.scope == "leak#1"  # replica k of several
