@@ -399,3 +399,59 @@ def test_rss_growth_alert_fires_once_and_resolves() -> None:
     assert resolved.status == "resolved" and resolved.metric == "rss_growth"
     (multi,) = AlertManager(TelemetrySettings()).evaluate({}, 1000.0, rows(True, replicas=3))
     assert multi.scope == "leak#1"  # replica k of several
+
+
+# ---- the graceful path: the call in flight finishes, a new call waits for the fresh process ---------
+async def test_restart_drains_the_call_in_flight_and_new_calls_wait(tmp_path: Path) -> None:
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from mcpopt.api import ClientLink, no_progress
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+
+    log, release = tmp_path / "log", tmp_path / "release"
+    cfg = load_config(
+        data={
+            "mcpServers": {"leak": leak_entry(max_rss_mb=LIMIT_MB, env={"LEAK_LOG": str(log)})},
+            # drain_s far longer than the test needs: the drain ends when the call in flight does.
+            "gateway": {"watch": {"interval_s": 0.2, "drain_s": 300}, "telemetry": {"data_dir": str(tmp_path)}},
+        }
+    )
+    gw = build_gateway(cfg)
+    link = ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress)
+
+    async def call_tool(name: str, args: dict[str, Any]) -> str:
+        result = await gw.call_tool({"name": name, "arguments": args}, link)
+        assert not result.get("isError"), result
+        return str(result["content"][0]["text"])
+
+    async with gw.running():
+        (row,) = gw.watch.replicas("leak")
+        pid0 = row["pid"]
+        up = gw.upstreams["leak"].upstreams[0]
+        got: dict[str, str] = {}
+
+        async def into(key: str, name: str, args: dict[str, Any]) -> None:
+            got[key] = await call_tool(name, args)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(into, "hold", "leak__hold", {"seconds": 300, "release": str(release)})
+            assert await poll(lambda: _alines(log), timeout=30)
+            await call_tool("leak__leak", {"mb": LIMIT_MB})
+
+            async def draining() -> bool:
+                return up.state == "starting" and up.pid == pid0  # no new calls; the old process runs
+
+            assert await poll(draining, timeout=60, interval=0.05), (up.state, gw.watch.stats())
+            tg.start_soon(into, "pid", "leak__pid", {})
+
+            async def waiting() -> bool:
+                return gw.upstreams["leak"].busy == 2  # the hold, and the new call waiting inside the pool
+
+            assert await poll(waiting, timeout=30, interval=0.05)
+            assert "pid" not in got and up.pid == pid0  # not answered: the only replica takes no new calls
+            release.write_text("go", encoding="utf-8")
+        assert got["hold"] == "held"  # the call in flight finished normally (not cut off)
+        pid1, kept = got["pid"].split()
+        assert int(pid1) != pid0 and kept == "0"  # the waiting call went to the fresh process
+        assert gw.watch.rss_restarts == {"leak": 1} and _lines(log) == [f"hold {pid0}"]
