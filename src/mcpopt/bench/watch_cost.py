@@ -37,14 +37,14 @@ def main(trees: int = 5, rounds: int = 50) -> str:
     cpu.sort()
     wall.sort()
 
-    def p(xs: list[float], q: float) -> float:
+    def pct(xs: list[float], q: float) -> float:
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{len(psutil.pids())} processes on the machine, {trees} upstream trees, {rounds} samples (load {load}): "
-        f"CPU p50 {p(cpu, 0.5):.2f} ms p99 {p(cpu, 0.99):.2f} ms; wall p50 {p(wall, 0.5):.2f} ms "
-        f"p99 {p(wall, 0.99):.2f} ms per sample"
+        f"CPU p50 {pct(cpu, 0.5):.2f} ms p99 {pct(cpu, 0.99):.2f} ms; wall p50 {pct(wall, 0.5):.2f} ms "
+        f"p99 {pct(wall, 0.99):.2f} ms per sample"
     )
 
 
