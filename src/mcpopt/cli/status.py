@@ -94,6 +94,20 @@ def status(
                 str(use["open_fds"]),
                 str(use["children"]),
             )
+        iso = row.get("isolated_processes")
+        if iso:
+            procs.add_row(
+                row["server"],
+                f"isolated x{iso['sessions']}",
+                "",
+                "",
+                f"{iso['cpu_seconds']:.2f}",
+                _mib(iso["rss_bytes"]),
+                f"{iso['growth_alerts']} growing",
+                "",
+                str(iso["open_fds"]),
+                str(iso["children"]),
+            )
     out.print(table)
     if procs.row_count:
         out.print(procs)

@@ -68,7 +68,7 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
     gw.results = ResultStore(g.shaping.keep_results)
     gw.rules = RulesFilter(RuleStore(default_rules_path(config)))
     # CPU, RSS, fds and children of every stdio replica; restarts at `max_rss_mb` (off the request path).
-    gw.watch = ResourceWatch(g.watch, lambda: gw.upstreams)
+    gw.watch = ResourceWatch(g.watch, lambda: gw.upstreams, isolated=lambda: gw.isolated)
 
     def server_tools(server: str) -> list[str]:
         up = gw.upstreams.get(server)

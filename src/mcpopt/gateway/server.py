@@ -350,7 +350,8 @@ class Gateway:
     def status(self) -> list[dict[str, Any]]:
         """One row per upstream: server, state, transport, protocol, counts, restarts, last error, and
         `processes` (per sampled stdio replica: `ResourceWatch.usage()` plus `replica`; [] without a
-        watch) with `rss_restarts` (restarts at `max_rss_mb`)."""
+        watch) with `rss_restarts` (restarts at `max_rss_mb`) and `isolated_processes` (per-owner sessions,
+        summed: `ResourceWatch.isolated_usage()`, or None)."""
         watch = self.watch
         return [
             {
@@ -366,6 +367,7 @@ class Gateway:
                 "error": up.last_error,
                 "processes": watch.replicas(name) if watch is not None else [],
                 "rss_restarts": watch.rss_restarts.get(name, 0) if watch is not None else 0,
+                "isolated_processes": watch.isolated_usage(name) if watch is not None else None,
             }
             for name, up in self.upstreams.items()
         ]

@@ -13,7 +13,8 @@ Rules (defaults from issue 5, configurable in `telemetry`):
 - `rss_growth` per stdio replica: warning while the resource watch (`mcpopt.upstream.watch`) sees its
   RSS grown by more than `gateway.watch.growth_warning_mb` MiB and `growth_warning_pct` percent over
   `growth_window_s` (defaults 64 MiB, 50%, 300 s; see `WatchSettings` for where they come from).
-  Scope: the server, or "server#k" for replica k of several.
+  Scope: the server, "server#k" for replica k of several, or "server (isolated)" for its per-owner
+  sessions (value: how many of them grow).
 
 De-duplication: an alert is one (scope, metric) pair. An event is emitted only when its
 severity changes: it fires (or escalates/de-escalates) once, and when the condition clears a
@@ -167,6 +168,17 @@ class AlertManager:
                     0.0,
                     1.0,
                     f"MCP server '{row['server']}' is down{why}",
+                )
+            iso = row.get("isolated_processes")
+            if iso and iso.get("growth_alerts"):
+                scope = f"{row['server']} (isolated)"
+                seen[(scope, "rss_growth")] = (
+                    "warning",
+                    float(iso["growth_alerts"]),
+                    1.0,
+                    f"MCP server '{row['server']}': {iso['growth_alerts']} of its {iso['sessions']} isolated "
+                    f"session(s) grew past the memory-growth thresholds (largest RSS "
+                    f"{iso['largest_rss_bytes'] / (1024 * 1024):.0f} MiB)",
                 )
             reps = row.get("replicas") or ()
             for rep in reps:

@@ -319,6 +319,7 @@ class Telemetry:
                     "state": up.state,
                     "restarts": getattr(up, "restarts", 0),
                     "rss_restarts": watch.rss_restarts.get(name, 0) if watch is not None else 0,
+                    "isolated_processes": watch.isolated_usage(name) if watch is not None else None,
                     "error": getattr(up, "last_error", None),
                     "replicas": replicas,
                 }

@@ -18,7 +18,9 @@ Read at scrape time from live state (no cost per call):
   `mcpopt_upstream_cpu_seconds_total{server,replica}`, `mcpopt_upstream_cpu_percent{server,replica}`
   (100 = one core), `mcpopt_upstream_rss_bytes{server,replica}`, `mcpopt_upstream_open_fds{server,replica}`,
   `mcpopt_upstream_child_processes{server,replica}`, `mcpopt_upstream_rss_growth_bytes{server,replica}`
-  (over `growth_window_s`); `mcpopt_upstream_rss_restarts_total{server}`: restarts at `max_rss_mb`.
+  (over `growth_window_s`); `mcpopt_upstream_rss_restarts_total{server}`: restarts at `max_rss_mb`;
+  `mcpopt_isolated_sessions_rss_bytes{server}`, `mcpopt_isolated_sessions_cpu_seconds_total{server}`: the
+  per-owner isolated sessions' processes, summed per server (owners are not labels).
 - `mcpopt_alerts_active{severity}`, `mcpopt_grade{server,tool}` (A=4 ... F=0; overall as
   server="", tool="").
 - `mcpopt_telemetry_dropped_total{sink}`: records a full queue dropped (`sink="pipeline"` is the
@@ -281,8 +283,18 @@ def _resource_metrics(rows: list[dict[str, Any]]) -> Iterator[Any]:
     restarts = CounterMetricFamily(
         "mcpopt_upstream_rss_restarts", "Upstream restarts at max_rss_mb", labels=("server",)
     )
+    iso_rss = GaugeMetricFamily(
+        "mcpopt_isolated_sessions_rss_bytes", "RSS of a server's isolated sessions, summed", labels=("server",)
+    )
+    iso_cpu = CounterMetricFamily(
+        "mcpopt_isolated_sessions_cpu_seconds", "CPU seconds of a server's open isolated sessions", labels=("server",)
+    )
     for row in rows:
         restarts.add_metric((row["server"],), row.get("rss_restarts", 0))
+        iso = row.get("isolated_processes")
+        if iso:
+            iso_rss.add_metric((row["server"],), iso["rss_bytes"])
+            iso_cpu.add_metric((row["server"],), iso["cpu_seconds"])
         for rep in row["replicas"]:
             use = rep.get("resources")
             if not use:
@@ -296,6 +308,8 @@ def _resource_metrics(rows: list[dict[str, Any]]) -> Iterator[Any]:
     for _, family in gauges:
         yield family
     yield restarts
+    yield iso_rss
+    yield iso_cpu
 
 
 def _access_metrics(stats: dict[str, Any]) -> Iterator[Any]:

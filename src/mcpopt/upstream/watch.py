@@ -137,6 +137,8 @@ class ResourceWatch:
         pools: returns the gateway's server name -> `ServerPool` mapping (read at every sample, so
             servers started or replaced later are watched too).
         clock: monotonic seconds (tests may pass another).
+        isolated: returns server name -> `IsolatedSessions` (per-owner pools of one replica): they
+            are watched and limited too, and reported summed per server (owners are not named).
     """
 
     def __init__(
@@ -144,11 +146,14 @@ class ResourceWatch:
         settings: WatchSettings,
         pools: Callable[[], Mapping[str, Any]],
         clock: Callable[[], float] = time.monotonic,
+        isolated: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.pools = pools
+        self.isolated = isolated
         self.clock = clock
-        self._tracks: dict[tuple[str, int], _Track] = {}
+        self._tracks: dict[tuple[str, int | str], _Track] = {}
+        """(server, replica index) of the shared pools; (server, "isolated:<n>") of per-owner sessions."""
         self.rss_restarts: dict[str, int] = {}
         """Restarts at `max_rss_mb`, per server."""
         self.events: deque[dict[str, Any]] = deque(maxlen=50)
@@ -156,7 +161,7 @@ class ResourceWatch:
         self.samples = 0
         """Samples taken since start (every replica once per sample)."""
         self._task: asyncio.Task[None] | None = None
-        self._restarting: set[tuple[str, int]] = set()
+        self._restarting: set[tuple[str, int | str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
 
@@ -184,13 +189,20 @@ class ResourceWatch:
             await asyncio.sleep(self.settings.interval_s)
 
     # ---- sampling -----------------------------------------------------------------------
-    def _targets(self) -> list[tuple[str, int, Any, Any]]:
-        """(server, replica index 0-based, pool, upstream) of every stdio replica with a process."""
-        out = []
+    def _targets(self) -> list[tuple[str, int | str, int, Any, Any]]:
+        """(server, track key, replica index in its pool, pool, upstream) of every stdio replica with a
+        process: the shared pools' replicas, then the isolated sessions' (keyed by the pool's identity,
+        which lasts as long as the owner's session does)."""
+        out: list[tuple[str, int | str, int, Any, Any]] = []
         for name, pool in list(self.pools().items()):
             for i, up in enumerate(getattr(pool, "upstreams", ())):
                 if getattr(up, "pid", None):
-                    out.append((name, i, pool, up))
+                    out.append((name, i, i, pool, up))
+        for name, sessions in list((self.isolated() if self.isolated else {}).items()):
+            for pool in list(getattr(sessions, "pools", {}).values()):
+                for i, up in enumerate(getattr(pool, "upstreams", ())):
+                    if getattr(up, "pid", None):
+                        out.append((name, f"isolated:{id(pool)}:{i}", i, pool, up))
         return out
 
     async def sample(self) -> None:
@@ -203,15 +215,15 @@ class ResourceWatch:
 
     async def _sample(self) -> None:
         targets = self._targets()
-        pids = [up.pid for _, _, _, up in targets]
+        pids = [up.pid for *_, up in targets]
         trees = await asyncio.to_thread(sample_trees, pids) if pids else {}
         now = self.clock()
-        live: set[tuple[str, int]] = set()
-        for name, i, pool, up in targets:
+        live: set[tuple[str, int | str]] = set()
+        for name, slot, i, pool, up in targets:
             tree = trees.get(up.pid)
             if tree is None:
                 continue
-            key = (name, i)
+            key = (name, slot)
             live.add(key)
             track = self._tracks.get(key)
             if track is None or track.pid != tree.pid:
@@ -219,7 +231,7 @@ class ResourceWatch:
             self._update(track, tree, now)
             for pid, started in tree.escaped:
                 process.children.track_escaped(pid, started, tree.pid)
-            self._check_limit(name, i, pool, up, track)
+            self._check_limit(key, i, pool, up, track)
         for key in [k for k in self._tracks if k not in live]:
             del self._tracks[key]  # a replica that is down or gone: its figures are not current
         for pid, started in process.children.escaped.items():
@@ -239,7 +251,7 @@ class ResourceWatch:
         while len(hist) > 1 and hist[1][0] <= now - window:
             hist.popleft()  # keep one sample at or before the window's start: the baseline
 
-    def _check_limit(self, name: str, i: int, pool: Any, up: Any, track: _Track) -> None:
+    def _check_limit(self, key: tuple[str, int | str], i: int, pool: Any, up: Any, track: _Track) -> None:
         limit_mb = getattr(up.cfg, "max_rss_mb", None)
         sample = track.sample
         if not limit_mb or sample is None:
@@ -249,15 +261,17 @@ class ResourceWatch:
             track.over = 0
             return
         track.over += 1
-        key = (name, i)
         if track.over < self.settings.limit_samples or key in self._restarting:
             return
         self._restarting.add(key)
-        task = asyncio.get_running_loop().create_task(self._restart(name, i, pool, up, sample, limit))
+        task = asyncio.get_running_loop().create_task(self._restart(key, i, pool, up, sample, limit))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self, name: str, i: int, pool: Any, up: Any, sample: TreeSample, limit: int) -> None:
+    async def _restart(
+        self, key: tuple[str, int | str], i: int, pool: Any, up: Any, sample: TreeSample, limit: int
+    ) -> None:
+        name, slot = key
         reason = (
             f"its memory (RSS {sample.rss_bytes / MIB:.0f} MiB) exceeded max_rss_mb {limit / MIB:g} "
             f"for {self.settings.limit_samples} sample(s)"
@@ -270,7 +284,7 @@ class ResourceWatch:
                     {
                         "ts": time.time(),
                         "server": name,
-                        "replica": i + 1,
+                        "replica": i + 1 if isinstance(slot, int) else "isolated",
                         "pid": sample.pid,
                         "rss_bytes": sample.rss_bytes,
                         "limit_bytes": limit,
@@ -278,8 +292,8 @@ class ResourceWatch:
                     }
                 )
         finally:
-            self._restarting.discard((name, i))
-            self._tracks.pop((name, i), None)
+            self._restarting.discard(key)
+            self._tracks.pop(key, None)
 
     # ---- reading ------------------------------------------------------------------------
     def usage(self, server: str, replica: int) -> dict[str, Any] | None:
@@ -291,7 +305,9 @@ class ResourceWatch:
             max_rss_bytes
             (None: no limit), sampled_at (Unix s)}`.
         """
-        track = self._tracks.get((server, replica))
+        return self._usage(self._tracks.get((server, replica)), server)
+
+    def _usage(self, track: _Track | None, server: str) -> dict[str, Any] | None:
         if track is None or track.sample is None:
             return None
         s = track.sample
@@ -318,11 +334,32 @@ class ResourceWatch:
 
     def replicas(self, server: str) -> list[dict[str, Any]]:
         """`usage()` of every sampled replica of `server`, each with `replica` (1-based) added."""
-        return [
-            {"replica": i + 1, **row}
-            for (name, i) in sorted(self._tracks)
-            if name == server and (row := self.usage(name, i)) is not None
+        shared = sorted(i for (name, i) in self._tracks if name == server and isinstance(i, int))
+        return [{"replica": i + 1, **row} for i in shared if (row := self.usage(server, i)) is not None]
+
+    def isolated_usage(self, server: str) -> dict[str, Any] | None:
+        """The per-owner isolated sessions of `server`, summed (None when it has none sampled).
+
+        Returns:
+            `{sessions, cpu_seconds, rss_bytes, open_fds, children, largest_rss_bytes (the largest one's),
+            growth_alerts (how many are growing past the alert thresholds)}`.
+        """
+        rows = [
+            row
+            for (name, slot), track in self._tracks.items()
+            if name == server and isinstance(slot, str) and (row := self._usage(track, server)) is not None
         ]
+        if not rows:
+            return None
+        return {
+            "sessions": len(rows),
+            "cpu_seconds": round(sum(r["cpu_seconds"] for r in rows), 3),
+            "rss_bytes": sum(r["rss_bytes"] for r in rows),
+            "open_fds": sum(r["open_fds"] for r in rows),
+            "children": sum(r["children"] for r in rows),
+            "largest_rss_bytes": max(r["rss_bytes"] for r in rows),
+            "growth_alerts": sum(1 for r in rows if r["rss_growth_alert"]),
+        }
 
     def _limit_mb(self, server: str) -> float | None:
         pool = self.pools().get(server)
