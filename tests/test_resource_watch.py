@@ -455,3 +455,55 @@ async def test_restart_drains_the_call_in_flight_and_new_calls_wait(tmp_path: Pa
         pid1, kept = got["pid"].split()
         assert int(pid1) != pid0 and kept == "0"  # the waiting call went to the fresh process
         assert gw.watch.rss_restarts == {"leak": 1} and _lines(log) == [f"hold {pid0}"]
+
+
+# ---- isolated sessions: watched and limited like replicas, reported summed -------------------------
+async def test_isolated_sessions_are_watched_and_restarted_at_the_limit(tmp_path: Path) -> None:
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from mcpopt.api import ClientLink, no_progress
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+
+    entry = leak_entry(max_rss_mb=LIMIT_MB, isolation="session", env={"LEAK_LOG": str(tmp_path / "l")})
+    cfg = load_config(
+        data={
+            "mcpServers": {"leak": entry},
+            "gateway": {"watch": {"interval_s": 0.2}, "telemetry": {"data_dir": str(tmp_path)}},
+        }
+    )
+    gw = build_gateway(cfg)
+
+    def link(session: str) -> ClientLink:
+        return ClientLink(LATEST_HANDSHAKE_VERSION, None, None, None, lambda _t: no_progress, session_id=session)
+
+    async def call_tool(session: str, name: str, args: dict[str, Any]) -> str:
+        result = await gw.call_tool({"name": name, "arguments": args}, link(session))
+        assert not result.get("isError"), result
+        return str(result["content"][0]["text"])
+
+    async with gw.running():
+        (shared,) = gw.watch.replicas("leak")
+        pid_a = int((await call_tool("a", "leak__pid", {})).split()[0])
+        pid_b = int((await call_tool("b", "leak__pid", {})).split()[0])
+        assert len({shared["pid"], pid_a, pid_b}) == 3  # one process per client session, plus the shared one
+
+        async def both() -> dict[str, Any] | None:
+            iso = gw.watch.isolated_usage("leak")
+            return iso if iso and iso["sessions"] == 2 else None
+
+        iso = await poll(both, timeout=30)
+        assert iso and iso["rss_bytes"] > 0 and iso["cpu_seconds"] > 0, gw.watch.isolated_usage("leak")
+        await call_tool("a", "leak__leak", {"mb": LIMIT_MB})
+
+        async def restarted() -> bool:
+            return gw.watch.rss_restarts.get("leak") == 1
+
+        assert await poll(restarted, timeout=60), gw.watch.stats()
+        (event,) = gw.watch.stats()["recent_restarts"]
+        assert event["pid"] == pid_a and event["replica"] == "isolated"
+        new_a = int((await call_tool("a", "leak__pid", {})).split()[0])  # session a is served by a fresh process
+        assert new_a not in (pid_a, pid_b) and int((await call_tool("b", "leak__pid", {})).split()[0]) == pid_b
+        assert gw.watch.replicas("leak")[0]["pid"] == shared["pid"]  # the shared replica was not touched
+        row = next(r for r in gw.status() if r["server"] == "leak")
+        assert row["isolated_processes"]["sessions"] >= 1 and row["rss_restarts"] == 1
