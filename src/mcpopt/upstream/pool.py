@@ -296,10 +296,12 @@ class ServerPool:
         up = r.target
         if not up.begin_recycle(reason):
             return False
-        with anyio.move_on_after(drain_s):
-            while r.inflight > 0 and r.target is up:
-                await anyio.sleep(0.05)  # (inflight is a plain counter: polled, bounded by drain_s)
-        up.finish_recycle()
+        try:
+            with anyio.move_on_after(drain_s):
+                while r.inflight > 0 and r.target is up:
+                    await anyio.sleep(0.05)  # (inflight is a plain counter: polled, bounded by drain_s)
+        finally:
+            up.finish_recycle()  # also when cancelled: a replica must never stay out of rotation
         return True
 
     async def use_handshake(self) -> bool:
