@@ -1247,6 +1247,7 @@ mcpServers:
     # replicas: 3                         # copies of this command; routing.strategy: least_inflight (default)
     # retry: {attempts: 3}                # only read-only / idempotent calls, or calls that never got through
     # lazy: true                          # start on first use; idle_timeout_ms: 600000 stops it when idle
+    # max_rss_mb: 1024                    # restart it (gracefully) when its process tree stays above this RSS
 
   # everything:                           # a Streamable HTTP server
   #   url: http://127.0.0.1:3001/mcp
@@ -1268,6 +1269,7 @@ gateway:
   # code_mode: {sessions: {ttl_s: 1800}, private_data: {tools: ["crm__*"]}, isolation: {mode: auto}}
   # cache: {redis_url: redis://127.0.0.1:6379/0}    # L2 shared by gateway processes
   # telemetry: {level: standard}          # minimal | standard | detailed; enabled: false records nothing
+  # watch: {interval_s: 5, growth_warning_mb: 64}   # CPU/RSS/fds/children per upstream process; rss_growth alert
   # shaping: {max_result_bytes: 65536}    # cut huge results; the whole stays readable as a resource
   # workflows: {files: [workflows/*.yaml]}  # more workflow files; the journal: workflows.journal.path
   # auth: {issuer: https://idp.example.com, resource: https://mcp.example.com/mcp}   # a shared gateway:
