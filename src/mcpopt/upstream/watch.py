@@ -12,7 +12,7 @@ replica it keeps:
 - `open_fds`: file descriptors open in the tree (files, pipes, sockets: what `ulimit -n` counts);
 - `children`: descendant processes;
 - `rss_growth_bytes` / `rss_growth_pct`: RSS now minus RSS at the oldest sample inside
-  `growth_window_s` (since the process started, if it is younger); `rss_growth_alert` is true when
+  `growth_window_s` (since its handshake completed, if it is younger); `rss_growth_alert` is true when
   both exceed `growth_warning_mb` / `growth_warning_pct` (the `rss_growth` alert reads it).
 
 A server with `max_rss_mb` is restarted gracefully (`ServerPool.recycle`) once its RSS stayed
@@ -113,6 +113,13 @@ def sample_trees(pids: list[int]) -> dict[int, TreeSample]:
     return out
 
 
+def _watchable(up: Any) -> bool:
+    """A replica with a process whose session is open: from the end of its handshake (so the growth
+    baseline is the initialized server, not the interpreter still importing) until it closes, a
+    restart's drain included."""
+    return bool(getattr(up, "pid", None)) and getattr(up, "session", None) is not None
+
+
 @dataclass
 class _Track:
     """What the watch remembers of one replica between samples."""
@@ -196,12 +203,12 @@ class ResourceWatch:
         out: list[tuple[str, int | str, int, Any, Any]] = []
         for name, pool in list(self.pools().items()):
             for i, up in enumerate(getattr(pool, "upstreams", ())):
-                if getattr(up, "pid", None):
+                if _watchable(up):
                     out.append((name, i, i, pool, up))
         for name, sessions in list((self.isolated() if self.isolated else {}).items()):
             for pool in list(getattr(sessions, "pools", {}).values()):
                 for i, up in enumerate(getattr(pool, "upstreams", ())):
-                    if getattr(up, "pid", None):
+                    if _watchable(up):
                         out.append((name, f"isolated:{id(pool)}:{i}", i, pool, up))
         return out
 
