@@ -109,3 +109,5 @@ class UpstreamTimeout(GatewayError):
 
 class UpstreamClosed(GatewayError):
     code = UPSTREAM_CLOSED
+    restarted = False
+    """True when mcpopt itself restarted the server (at `max_rss_mb`), cutting the call off."""

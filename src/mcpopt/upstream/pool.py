@@ -767,7 +767,13 @@ class ServerPool:
         except MCPError:
             verdict = True  # the server answered (with a JSON-RPC error)
             raise
-        except (UpstreamClosed, UpstreamTimeout, UpstreamUnavailable) as exc:
+        except UpstreamClosed as exc:
+            if exc.restarted:
+                raise  # cut off by the gateway's own restart (`recycle`): not the server's failure
+            verdict = False
+            r.last_error = str(exc)
+            raise
+        except (UpstreamTimeout, UpstreamUnavailable) as exc:
             verdict = False
             r.last_error = str(exc)
             if isinstance(exc, UpstreamTimeout):

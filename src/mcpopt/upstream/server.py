@@ -481,11 +481,13 @@ class Upstream:
         if exc.code == REQUEST_TIMEOUT:
             return UpstreamTimeout(f"{self.label} did not answer {method} within {timeout_s:g} s", server=self.name)
         if exc.code == CONNECTION_CLOSED and self._recycle_note:
-            return UpstreamClosed(
+            cut = UpstreamClosed(
                 f"{self.label} was restarted by mcpopt during {method} ({self._recycle_note}); the call was cut "
                 "off and not retried (whether it took effect is unknown)",
                 server=self.name,
             )
+            cut.restarted = True  # the gateway's doing: the replica's circuit breaker does not count it
+            return cut
         if exc.code == CONNECTION_CLOSED:
             return UpstreamClosed(
                 f"{self.label} closed the connection during {method} (it crashed or was stopped)",
