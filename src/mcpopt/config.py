@@ -918,6 +918,12 @@ class GatewaySettings(_Strict):
     restart: RestartPolicy = Field(default_factory=lambda: RestartPolicy())
     page_size: int = Field(0, ge=0)
     """Page size for the gateway's own list results; 0 sends each list whole."""
+    list_ttl_ms: int = Field(60_000, ge=0)
+    """SEP-2549 `ttlMs` on the gateway's list results to 2026-07-28 clients: how long a client may
+    reuse a list without asking again (ms; 0: always ask). The gateway also tells them of every
+    change on their `subscriptions/listen` stream, which evicts the client's copy at once. The
+    `cacheScope` is `private` when `gateway.auth` is on or `exposure_clients` is set (lists then
+    differ by caller), else `public`."""
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
     shaping: ShapingSettings = Field(default_factory=lambda: ShapingSettings())
@@ -1260,6 +1266,7 @@ gateway:
   prefix_tools: true                      # false: serve names unprefixed (collisions: first server wins)
   call_timeout_ms: 60000                  # default upstream timeout per call
   page_size: 0                            # 0 = lists are sent whole; N = paginate the gateway's lists
+  list_ttl_ms: 60000                      # ttlMs on lists to 2026-07-28 clients (they also hear list_changed)
   log_level: warning
   restart:                                # crashed upstreams restart with exponential backoff
     enabled: true

@@ -27,6 +27,7 @@ from mcpopt import wire
 from mcpopt.api import ClientLink, session_id_of
 from mcpopt.errors import ConfigError
 from mcpopt.gateway import faults
+from mcpopt.gateway.lists import LIST_METHODS
 from mcpopt.gateway.server import Gateway
 from mcpopt.gateway.stdio_reader import LineReader, Oversized, recover_id
 from mcpopt.monitor.dashboard import routes as dashboard_routes
@@ -185,6 +186,8 @@ class FastFront:
             self.inflight[rid] = task
             task.add_done_callback(partial(self._done, rid))
             return True
+        if method in LIST_METHODS and "id" in msg:
+            return self._prepared_list(msg)
         if method == "notifications/cancelled":
             params = msg.get("params")
             target = params.get("requestId") if isinstance(params, dict) else None
@@ -193,6 +196,22 @@ class FastFront:
                 found.cancel()
                 return True
         return False
+
+    def _prepared_list(self, msg: dict[str, Any]) -> bool:
+        """Answer a handshake-era list request from the prepared lists (`mcpopt.gateway.lists`):
+        the id spliced into the prepared bytes. False (the SDK answers, and prepares it) when there
+        is none yet, or before the handshake."""
+        conn = self.gateway.clients.latest
+        if conn is None or not conn.initialize_accepted or conn.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return False
+        if msg["id"] in self.inflight:
+            return False  # a duplicate id: the SDK answers it as the protocol says
+        data = self.gateway.prepared_list(msg, conn)
+        if data is None:
+            return False
+        with contextlib.suppress(Exception):
+            self.writer.write_now(data + b"\n")
+        return True
 
     def _done(self, rid: Any, _task: asyncio.Task[None]) -> None:
         self.inflight.pop(rid, None)

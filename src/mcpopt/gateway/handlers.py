@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import mcp_types as types
 from mcp.server import Server
+from mcp.server.caching import CacheHint
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions
@@ -36,6 +37,7 @@ from mcpopt.catalog import Route
 from mcpopt.errors import GatewayError, UnknownTarget
 from mcpopt.gateway import faults
 from mcpopt.gateway.eras import MODERN, client_capabilities, forward_params, resource_error, resource_not_found
+from mcpopt.gateway.lists import LIST_METHODS, request_cursor
 from mcpopt.gateway.server import VERSION, Gateway, unknown
 from mcpopt.gateway.tasks import TASK_METHODS, TaskIdParams, TaskUpdateParams, check_request
 from mcpopt.pipeline.shaping import RESULT_URI_PREFIX
@@ -93,11 +95,21 @@ def build_server(gateway: Gateway) -> tuple[Server[Any], Any]:
     # path; telemetry comes back as a pipeline filter. `faults.guard` comes first: a failure inside
     # the gateway is -32602/-32603 for that request, never the SDK's code 0 with Python text.
     server.middleware = [faults.guard, handlers.middleware]
+    server.cache_hints = list_cache_hints(gateway)
     server.get_tool_input_schema = handlers.tool_input_schema
     for method in TASK_METHODS:
         params_type = TaskUpdateParams if method == "tasks/update" else TaskIdParams
         server.add_request_handler(method, params_type, handlers.task_request)
     return server, server.create_initialization_options()
+
+
+def list_cache_hints(gateway: Gateway) -> dict[str, CacheHint]:
+    """SEP-2549 hints for the list methods (`gateway.list_ttl_ms`; see its docstring for the scope).
+    The SDK's runner puts them on 2026-07-28 results only (the per-era sieve drops them otherwise)."""
+    g = gateway.config.gateway
+    scope: Literal["public", "private"] = "private" if g.auth.enabled or g.exposure_clients else "public"
+    hint = CacheHint(ttl_ms=g.list_ttl_ms, scope=scope)
+    return dict.fromkeys(LIST_METHODS, hint)
 
 
 def principal_of_ctx(ctx: Any) -> Principal | None:
@@ -146,9 +158,34 @@ class ProtocolHandlers:
 
     async def middleware(self, ctx: ServerRequestContext[Any, Any], call_next: Callable[..., Awaitable[Any]]) -> Any:
         self.gateway.clients.seen(ctx.session._connection)  # noqa: SLF001 - the SDK's per-connection object
-        if ctx.method == "tools/call":
+        method = ctx.method
+        if method == "tools/call":
             return await self.gateway.call_tool(ctx.params, link_of(ctx))
+        if method in LIST_METHODS:
+            return await self._prepared(ctx, method, call_next)
         return await call_next(ctx)
+
+    async def _prepared(self, ctx: ServerRequestContext[Any, Any], method: str, call_next: Callable[..., Any]) -> Any:
+        """A list from the prepared lists, else built by the SDK's path (handler, cache hints, era
+        sieve, `serverInfo` stamp) and kept: the wire dict `call_next` returns is what the client
+        gets, and what the fronts' fast paths splice request ids into (`mcpopt.gateway.lists`)."""
+        gw = self.gateway
+        ok, cursor = request_cursor(ctx.params)
+        if not ok and ctx.protocol_version in MODERN and isinstance(ctx.params, dict):
+            cursor = ctx.params.get("cursor")  # the envelope is in `_meta`; the SDK checked it
+            ok = cursor is None or isinstance(cursor, str)
+        if not ok or (method in ("tools/list", "prompts/list") and gw.lazy_pending()):
+            return await call_next(ctx)
+        conn = ctx.session._connection  # noqa: SLF001
+        key = gw.list_key(method, ctx.protocol_version, conn, principal_of_ctx(ctx), cursor)
+        entry = gw.lists.get(key)
+        if entry is not None:
+            return entry.wire
+        generation = gw.lists.generation
+        wire = await call_next(ctx)
+        if isinstance(wire, dict):
+            gw.lists.put(key, generation, wire)
+        return wire
 
     def tool_input_schema(self, name: str) -> Mapping[str, Any] | None:
         """The input schema of an upstream tool by gateway name (None for the gateway's own tools,

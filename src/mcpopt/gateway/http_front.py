@@ -66,6 +66,7 @@ from mcpopt.auth.metadata import challenge
 from mcpopt.errors import POLICY_DENIED, RATE_LIMITED
 from mcpopt.gateway import faults
 from mcpopt.gateway.edge import BODY_SCOPE_KEY, MESSAGE_SCOPE_KEY
+from mcpopt.gateway.lists import LIST_METHODS
 from mcpopt.gateway.server import Gateway
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,13 @@ class HttpFront:
                 msg = None
             again = _replay([body], False, None, receive)
         call = _fast_call(msg)
+        if call is None and isinstance(msg, dict) and msg.get("method") in LIST_METHODS:
+            if str(msg.get("id")) not in transport._request_streams:  # noqa: SLF001 - else a duplicate id: the SDK's
+                data = self.gateway.prepared_list(msg, conn, principal_of(scope))
+                if data is not None:
+                    await _json_answer(send, sid, data)
+                    _touch(transport, idle)
+                    return
         if call is None:
             if isinstance(msg, dict) and msg.get("method") == "notifications/cancelled" and "id" not in msg:
                 params = msg.get("params")
@@ -560,6 +568,24 @@ def _replay(chunks: list[bytes], more: bool, trailing: dict[str, Any] | None, re
         return await receive()
 
     return replay
+
+
+async def _json_answer(send: Send, sid: bytes, data: bytes) -> None:
+    """200 with one JSON-RPC response as `application/json` (the client accepts it: checked before)."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"mcp-session-id", sid),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _touch(transport: Any, idle: Any) -> None:
+    """A request answered here keeps the session alive, as one through the SDK's transport would."""
+    timeout = transport._idle_timeout  # noqa: SLF001
+    if idle is not None and timeout is not None and not transport._requests_in_flight:  # noqa: SLF001
+        idle.deadline = anyio.current_time() + timeout
 
 
 async def _accepted(send: Send, sid: bytes) -> None:

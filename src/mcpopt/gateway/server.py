@@ -58,6 +58,7 @@ from mcpopt.gateway.eras import (
     envelope,
     modern_forwarded,
 )
+from mcpopt.gateway.lists import LIST_METHODS, ListKey, PreparedLists, request_cursor, response
 from mcpopt.gateway.owners import OwnerListener, caller_key, isolation_modes
 from mcpopt.gateway.tasks import TaskIds
 from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
@@ -144,7 +145,10 @@ class Gateway:
         self.config = config
         g = config.gateway
         self.namer = Namer(config)
-        self.catalog = GatewayCatalog()
+        self.lists = PreparedLists()
+        """Prepared list responses (`mcpopt.gateway.lists`), dropped whenever what they show may change."""
+        self._catalog = GatewayCatalog()
+        self._policy: Policy | None = None
         self.upstreams: dict[str, ServerPool] = {
             name: ServerPool(
                 name,
@@ -196,9 +200,6 @@ class Gateway:
         """The `mcpopt.auth.ratelimit.RateLimiter` when `gateway.limits` names limits (status, metrics)."""
         self.watch: Any = None
         """The `mcpopt.upstream.watch.ResourceWatch` (CPU, RSS, fds, children per stdio replica)."""
-        self.policy: Policy | None = None
-        """Who may call and see what; attached by the assembly when `gateway.auth` is on (None: the
-        trusted local user only, everything allowed)."""
         self.isolation = isolation_modes(config)
         """Server -> `shared` | `principal` | `session`: whose calls share an upstream session."""
         self.isolated: dict[str, IsolatedSessions] = {
@@ -208,6 +209,68 @@ class Gateway:
         }
         """Per-owner upstream sessions of the servers not in `shared` mode."""
         self.on_stop.append(self._close_isolated)
+
+    # ---- what lists show (each change drops the prepared lists) --------------------------
+    @property
+    def catalog(self) -> GatewayCatalog:
+        """The aggregated catalog (a snapshot, swapped whole on change)."""
+        return self._catalog
+
+    @catalog.setter
+    def catalog(self, catalog: GatewayCatalog) -> None:
+        self._catalog = catalog
+        self.lists.drop()
+
+    @property
+    def policy(self) -> Policy | None:
+        """Who may call and see what; attached by the assembly when `gateway.auth` is on (None: the
+        trusted local user only, everything allowed). Replacing it drops the prepared lists."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy | None) -> None:
+        self._policy = policy
+        self.lists.drop()
+
+    def list_key(self, method: str, version: str, conn: Any, principal: Any, cursor: str | None) -> ListKey:
+        """What a list result depends on besides the catalog (`mcpopt.gateway.lists.ListKey`): the
+        exposure mode (tools/list only) and the policy grant, as the identity of the rules the
+        principal matched (and its scopes when `policy.tool_scopes` decides visibility too)."""
+        exposure = self.exposure_for(conn, principal) if method == "tools/list" else ""
+        grant_key: Any = None
+        policy = self._policy
+        if policy is not None:
+            grant = policy.grant(principal)
+            if grant.everything:
+                grant_key = "*"
+            else:
+                scopes = principal.scopes if policy.tool_scopes and principal is not None else None
+                grant_key = (tuple(id(rule) for _, rule in grant.rules), scopes)
+        return (method, version, exposure, grant_key, cursor)
+
+    def lazy_pending(self) -> bool:
+        """A `lazy` server was never started: the next tools/prompts listing starts it (`start_lazy`)."""
+        return any(
+            up.lazy and up.state == "idle" and not up.catalog.tools and not up.catalog.prompts
+            for up in self.upstreams.values()
+        )
+
+    def prepared_list(self, msg: Mapping[str, Any], conn: Any, principal: Any = None) -> bytes | None:
+        """The whole JSON-RPC response to a handshake-era list request on an initialized connection,
+        from the prepared lists; None when there is none (the SDK's path then builds and keeps it)
+        or the request is anything the SDK must judge (an invalid id or params)."""
+        method = msg.get("method")
+        if method not in LIST_METHODS or msg.get("jsonrpc") != "2.0":
+            return None
+        rid = msg.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+            return None
+        ok, cursor = request_cursor(msg.get("params"))
+        if not ok or (method in ("tools/list", "prompts/list") and self.lazy_pending()):
+            return None
+        assert isinstance(method, str)
+        entry = self.lists.get(self.list_key(method, conn.protocol_version, conn, principal, cursor))
+        return response(rid, entry) if entry is not None else None
 
     # ---- whose upstream session --------------------------------------------------------
     def _owner_pool_factory(self, server: str) -> Callable[[str], ServerPool]:
@@ -336,12 +399,15 @@ class Gateway:
 
     def add_tool(self, tool: types.Tool, handler: ToolHandler, *, listed: bool = True) -> None:
         self.own.add(tool, handler, listed=listed)
+        self.lists.drop()
 
     def remove_tool(self, name: str) -> None:
         self.own.remove(name)
+        self.lists.drop()
 
     async def tools_changed(self) -> None:
         """The gateway's own tools changed: tell the listeners (search re-indexes) and every client."""
+        self.lists.drop()
         for listener in self.own_tools_listeners:
             await listener()
         await self.clients.broadcast("notifications/tools/list_changed", None)
