@@ -23,7 +23,7 @@ import httpx2
 import psutil
 import pytest
 
-from conftest import fake_entry, free_port, popen_gateway, time_entry, wait_http, write_config
+from conftest import fake_entry, free_port, gateway_client, popen_gateway, time_entry, wait_http, write_config
 from mcpopt.auth.policy import Policy
 from mcpopt.auth.tokens import hash_key, new_key
 from mcpopt.config import load_config
@@ -113,6 +113,7 @@ def test_stdio_lists_repeat_exactly_and_follow_changes(stdio_gateway: Stdio) -> 
     gw = stdio_gateway
     first = gw.request("tools/list")
     assert {"time__get_current_time", "fake__echo"} <= set(_names(first))
+    assert "ttlMs" not in first and "cacheScope" not in first  # 2026-07-28 vocabulary only
     for _ in range(3):  # the first answer was built by the SDK's path; these come prepared
         assert gw.request("tools/list") == first
     for method in ("prompts/list", "resources/list", "resources/templates/list"):
@@ -148,6 +149,22 @@ def test_stdio_upstream_restart_drops_the_prepared_list(stdio_gateway: Stdio) ->
         gw.wait_note("notifications/tools/list_changed")  # back after the restart
         down = gw.request("tools/list")
     assert down == full
+
+
+@pytest.mark.anyio
+async def test_a_2026_client_gets_cache_hints_on_every_list(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "gw.yaml", {"time": time_entry()}, {"list_ttl_ms": 1234})
+    async with gateway_client(cfg, mode="auto") as client:
+        assert client.protocol_version == "2026-07-28"
+        for result in (
+            await client.list_tools(),
+            await client.list_tools(cache_mode="bypass"),  # the second one prepared
+            await client.list_prompts(),
+            await client.list_resources(),
+            await client.list_resource_templates(),
+        ):
+            assert (result.ttl_ms, result.cache_scope) == (1234, "public")
+        assert {t.name for t in (await client.list_tools(cache_mode="bypass")).tools} >= {"time__get_current_time"}
 
 
 # ---- HTTP: principals ----------------------------------------------------------------------

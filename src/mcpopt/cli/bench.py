@@ -136,3 +136,37 @@ def bench_telemetry_cmd(
             )
         out.print(table)
     raise typer.Exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+@bench_app.command("growth")
+def bench_growth_cmd(
+    servers: str = typer.Option("1,5,10,20", "--servers", help="Upstream server counts, comma-separated."),
+    clients: str = typer.Option("1,10,100,1000", "--clients", help="Client (session) counts, comma-separated."),
+    rate: float = typer.Option(
+        200.0, "--rate", help="Total tools/call rate offered (calls/s), spread over the clients."
+    ),
+    seconds: float = typer.Option(3.0, "--seconds", help="Seconds of calls per step (at least two calls per client)."),
+    list_requests: int = typer.Option(200, "--lists", help="Timed tools/list requests per server count."),
+    png: str = typer.Option("", "--png", help="Write the curves to this PNG (needs matplotlib: mcpopt[bench])."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run."""
+    from pathlib import Path
+
+    from mcpopt.bench.growth import plot, report, run_growth
+
+    install_reaper()
+    result = run(
+        run_growth(
+            [int(x) for x in servers.split(",")],
+            [int(x) for x in clients.split(",")],
+            rate=rate,
+            seconds=seconds,
+            list_requests=list_requests,
+        )
+    )
+    report(result, as_json)
+    if png:
+        plot(result, Path(png))
+        if not as_json:
+            out.print(f"curves written to {png}")

@@ -1,0 +1,500 @@
+"""`mcpopt bench growth`: how the gateway's costs grow with servers and clients (issue 17, item 6).
+
+One run, one workload, side by side: for each number of upstream servers (default 1, 5, 10, 20
+stdio servers: server-everything, mcp-server-time, mcp-server-git, server-filesystem and
+server-memory in turn, so the catalog grows as a real deployment's does) a fresh
+`mcpopt serve -t http` is started, and then:
+
+- **lists**: one handshake-era session asks `tools/list` `list_requests` times: the first answer
+  (built) and the p50/p99 of the rest, wall time from a lean client, plus the gateway's CPU per
+  list (psutil, user+sys of the gateway process over the timed requests only);
+- for each number of clients (default 1, 10, 100, 1,000): that many sessions are opened
+  (initialize + initialized, each on its own connection, which is then closed: an idle session
+  holds no socket), the gateway's RSS before and after gives **memory per idle session**; then
+  every client reconnects and calls server-everything's `echo` through the gateway at a fixed
+  total offered rate (`rate` calls/s, spread evenly over the clients, each client at most one call
+  in flight), so the figures show the cost of *more clients*, not of more load: **call p50/p99**
+  (wall, from the client's send to the whole answer), **gateway CPU per call** and the client's
+  own CPU per call (the benchmark process, counted separately).
+
+The client is a minimal HTTP/1.1 keep-alive client on asyncio streams (microseconds per call),
+so the gateway's figures are not hidden behind an SDK client's own ~0.3 ms. Percentiles are
+nearest-rank. The machine's load is printed with the figures: on a shared 2-core machine the
+client, the gateway and the servers compete for the cores.
+
+Memory per session is a difference of resident set sizes, so it counts what Python keeps for a
+session (SDK transport, streams, tasks, the gateway's own records) and not what the allocator
+returns; sessions of one clients step are deleted (HTTP DELETE) before the next step, whose
+figure can therefore reuse freed memory: the largest step is the one to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from mcpopt.bench.overhead import ROOT, SERVERS_PY, _mcpopt_cmd, background, free_port, percentile, wait_port
+
+NODE_MODULES = ROOT / "node_modules" / "@modelcontextprotocol"
+LEGACY = "2025-11-25"
+WORK_TOOL = ("s0__echo", {"message": "growth"})
+"""The workload: server-everything's `echo` on the first server (present at every size)."""
+
+
+def server_entry(i: int, tmp: Path) -> dict[str, Any]:
+    """The i-th upstream of the growing deployment (five kinds in turn; 0 is server-everything)."""
+    kind = i % 5
+    if kind == 0:
+        return {"command": "node", "args": [str(NODE_MODULES / "server-everything" / "dist" / "index.js"), "stdio"]}
+    if kind == 1:
+        return {"command": str(SERVERS_PY / "mcp-server-time"), "args": ["--local-timezone", "UTC"]}
+    if kind == 2:
+        return {"command": str(SERVERS_PY / "mcp-server-git"), "args": ["--repository", str(ROOT)]}
+    if kind == 3:
+        folder = tmp / f"files{i}"
+        folder.mkdir(exist_ok=True)
+        return {"command": "node", "args": [str(NODE_MODULES / "server-filesystem" / "dist" / "index.js"), str(folder)]}
+    memory = tmp / f"memory{i}.jsonl"
+    return {
+        "command": "node",
+        "args": [str(NODE_MODULES / "server-memory" / "dist" / "index.js")],
+        "env": {"MEMORY_FILE_PATH": str(memory)},
+    }
+
+
+def gateway_config(n: int, tmp: Path, max_clients: int) -> Path:
+    room = max_clients + 64
+    data = {
+        "mcpServers": {f"s{i}": server_entry(i, tmp) for i in range(n)},
+        "gateway": {
+            "http": {
+                "max_sessions": room,
+                "max_sessions_per_client": room,  # every benchmark client comes from 127.0.0.1
+                "max_connections": room,
+                "keep_alive_timeout_ms": 120_000,
+            },
+            "telemetry": {"data_dir": str(tmp / "telemetry")},
+        },
+    }
+    path = tmp / f"growth-{n}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+# ---- a lean HTTP/1.1 JSON-RPC client ---------------------------------------------------------
+class HttpError(RuntimeError):
+    pass
+
+
+class LeanSession:
+    """One MCP session over Streamable HTTP (handshake era) on a keep-alive connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sid = ""
+        self.next_id = 0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def close_connection(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+    async def _exchange(self, method: bytes, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self._writer is None:
+            await self.connect()
+        assert self._reader is not None and self._writer is not None
+        head = [
+            method + b" /mcp HTTP/1.1",
+            f"Host: 127.0.0.1:{self.port}".encode(),
+            b"Content-Type: application/json",
+            b"Accept: application/json, text/event-stream",
+            b"Content-Length: " + str(len(body)).encode(),
+        ]
+        if self.sid:
+            head.append(b"Mcp-Session-Id: " + self.sid.encode())
+        self._writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        raw = await self._reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        if "content-length" in headers:
+            data = await self._reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                size = int((await self._reader.readuntil(b"\r\n")).strip(), 16)
+                if size == 0:
+                    await self._reader.readuntil(b"\r\n")
+                    break
+                parts.append((await self._reader.readexactly(size + 2))[:-2])
+            data = b"".join(parts)
+        else:
+            data = b""
+        if headers.get("connection", "").lower() == "close":
+            await self.close_connection()
+        return status, headers, data
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.next_id += 1
+        rid = self.next_id
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            msg["params"] = params
+        status, headers, data = await self._exchange(b"POST", orjson.dumps(msg))
+        if status != 200:
+            raise HttpError(f"{method}: HTTP {status}: {data[:200]!r}")
+        self.sid = headers.get("mcp-session-id", self.sid)
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            for line in data.split(b"\n"):
+                if line.startswith(b"data:"):
+                    answer = orjson.loads(line[5:])
+                    if answer.get("id") == rid:
+                        break
+            else:
+                raise HttpError(f"{method}: no answer in the event stream")
+        else:
+            answer = orjson.loads(data)
+        if "result" not in answer:
+            raise HttpError(f"{method}: {answer.get('error')}")
+        result: dict[str, Any] = answer["result"]
+        return result
+
+    async def open(self) -> None:
+        await self.request(
+            "initialize",
+            {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "mcpopt-growth", "version": "1"}},
+        )
+        await self._exchange(b"POST", b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+
+    async def delete(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._exchange(b"DELETE", b"")
+        await self.close_connection()
+
+
+# ---- measurements ------------------------------------------------------------------------------
+@dataclass
+class ListFigures:
+    servers: int
+    tools: int
+    list_bytes: int
+    first_ms: float
+    p50_ms: float
+    p99_ms: float
+    gateway_cpu_us: float
+    requests: int
+
+
+@dataclass
+class CallFigures:
+    servers: int
+    clients: int
+    calls: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    gateway_cpu_us: float
+    client_cpu_us: float
+    rss_mib: float
+    idle_session_kib: float
+
+
+@dataclass
+class Growth:
+    lists: list[ListFigures] = field(default_factory=list)
+    calls: list[CallFigures] = field(default_factory=list)
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rate: float = 0.0
+    start_rss_mib: dict[int, float] = field(default_factory=dict)
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def _own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _gather_limited(coros: list[Any], limit: int = 32) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(c: Any) -> Any:
+        async with gate:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+async def measure_lists(port: int, proc: psutil.Process, servers: int, requests: int) -> ListFigures:
+    s = LeanSession(port)
+    await s.open()
+    t0 = time.perf_counter()
+    first = await s.request("tools/list")
+    first_ms = (time.perf_counter() - t0) * 1000
+    body = len(orjson.dumps(first))
+    samples: list[float] = []
+    c0 = _cpu(proc)
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        got = await s.request("tools/list")
+        samples.append((time.perf_counter() - t0) * 1000)
+        if len(got["tools"]) != len(first["tools"]):
+            raise HttpError("tools/list changed during the benchmark")
+    cpu_us = (_cpu(proc) - c0) / requests * 1e6
+    await s.delete()
+    samples.sort()
+    return ListFigures(
+        servers,
+        len(first["tools"]),
+        body,
+        first_ms,
+        percentile(samples, 50),
+        percentile(samples, 99),
+        cpu_us,
+        requests,
+    )
+
+
+async def measure_clients(
+    port: int, proc: psutil.Process, servers: int, clients: int, rate: float, seconds: float
+) -> CallFigures:
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    sessions = [LeanSession(port) for _ in range(clients)]
+    await _gather_limited([s.open() for s in sessions])
+    await _gather_limited([s.close_connection() for s in sessions])
+    await asyncio.sleep(0.5)  # let the gateway notice the closed connections
+    rss1 = proc.memory_info().rss
+    idle_kib = (rss1 - rss0) / clients / 1024
+
+    name, args = WORK_TOOL
+    params = {"name": name, "arguments": args}
+    await _gather_limited([s.request("tools/call", params) for s in sessions])  # warm-up, reconnects
+    period = clients / rate  # seconds between one client's calls
+    duration = max(seconds, 2 * period)
+    samples: list[float] = []
+    errors = 0
+
+    async def client(i: int, s: LeanSession, start: float) -> None:
+        nonlocal errors
+        due = start + period * i / clients
+        while due < start + duration:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t0 = time.perf_counter()
+            try:
+                result = await s.request("tools/call", params)
+                if result.get("isError"):
+                    errors += 1
+            except (HttpError, OSError, asyncio.IncompleteReadError):
+                errors += 1
+                continue
+            samples.append((time.perf_counter() - t0) * 1000)
+            due += period
+
+    c0, own0 = _cpu(proc), _own_cpu()
+    start = time.perf_counter() + 0.05
+    await asyncio.gather(*(client(i, s, start) for i, s in enumerate(sessions)))
+    calls = len(samples) + errors
+    gw_cpu = (_cpu(proc) - c0) / max(1, calls) * 1e6
+    own_cpu = (_own_cpu() - own0) / max(1, calls) * 1e6
+    rss = proc.memory_info().rss / 2**20
+    await _gather_limited([s.delete() for s in sessions])
+    samples.sort()
+    return CallFigures(
+        servers,
+        clients,
+        calls,
+        errors,
+        percentile(samples, 50) if samples else float("nan"),
+        percentile(samples, 99) if samples else float("nan"),
+        gw_cpu,
+        own_cpu,
+        rss,
+        idle_kib,
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Path) -> AsyncIterator[tuple[int, psutil.Process]]:
+    port = free_port()
+    async with background([*_mcpopt_cmd(), "serve", "-c", str(config), "-t", "http", "--port", str(port)]) as gw:
+        await wait_port(port, timeout_s=120)
+        yield port, psutil.Process(gw.pid)
+
+
+async def _ready(port: int, timeout_s: float = 120) -> None:
+    """Wait until `/healthz` says every upstream is ready (without listing anything: the first
+    measured `tools/list` is then the one that builds the list)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        head = await reader.read(64)
+        writer.close()
+        if head.startswith(b"HTTP/1.1 200"):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway's servers were not all ready within {timeout_s} s")
+        await asyncio.sleep(0.25)
+
+
+async def run_growth(
+    servers: list[int],
+    clients: list[int],
+    *,
+    rate: float = 200.0,
+    seconds: float = 3.0,
+    list_requests: int = 200,
+) -> Growth:
+    """Run the benchmark (see the module docstring); figures in ms, us of CPU, MiB and KiB."""
+    out = Growth(rate=rate)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for n in servers:
+            async with serving(gateway_config(n, tmp, max(clients))) as (port, proc):
+                await _ready(port)
+                out.start_rss_mib[n] = proc.memory_info().rss / 2**20
+                out.lists.append(await measure_lists(port, proc, n, list_requests))
+                for c in clients:
+                    out.calls.append(await measure_clients(port, proc, n, c, rate, seconds))
+    out.load = os.getloadavg()
+    return out
+
+
+# ---- report ------------------------------------------------------------------------------------
+def report(g: Growth, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(asdict(g), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(160, Console().width))
+    t = Table(title="tools/list through mcpopt (HTTP, lean client)")
+    for col in ("servers", "tools", "KiB", "first ms", "p50 ms", "p99 ms", "gateway CPU us/list"):
+        t.add_column(col, justify="right")
+    for row in g.lists:
+        t.add_row(
+            str(row.servers),
+            str(row.tools),
+            f"{row.list_bytes / 1024:.0f}",
+            f"{row.first_ms:.2f}",
+            f"{row.p50_ms:.3f}",
+            f"{row.p99_ms:.3f}",
+            f"{row.gateway_cpu_us:.0f}",
+        )
+    console.print(t)
+    t = Table(title=f"tools/call s0__echo, {g.rate:.0f} calls/s offered in total")
+    for col in (
+        "servers",
+        "clients",
+        "calls",
+        "errors",
+        "p50 ms",
+        "p99 ms",
+        "p99 / 1 client",
+        "gateway CPU us/call",
+        "client CPU us/call",
+        "gateway RSS MiB",
+        "KiB / idle session",
+    ):
+        t.add_column(col, justify="right")
+    base = {r.servers: r.p99_ms for r in g.calls if r.clients == min(c.clients for c in g.calls)}
+    for call in g.calls:
+        t.add_row(
+            str(call.servers),
+            str(call.clients),
+            str(call.calls),
+            str(call.errors),
+            f"{call.p50_ms:.2f}",
+            f"{call.p99_ms:.2f}",
+            f"{call.p99_ms / base[call.servers]:.2f}x",
+            f"{call.gateway_cpu_us:.0f}",
+            f"{call.client_cpu_us:.0f}",
+            f"{call.rss_mib:.0f}",
+            f"{call.idle_session_kib:.1f}",
+        )
+    console.print(t)
+    starts = ", ".join(f"{n} servers {mib:.0f} MiB" for n, mib in g.start_rss_mib.items())
+    console.print(f"gateway RSS once ready: {starts}")
+    console.print(f"load average at the end: {g.load[0]:.2f} {g.load[1]:.2f} {g.load[2]:.2f} ({os.cpu_count()} cores)")
+
+
+def plot(g: Growth, path: Path) -> None:
+    """A PNG of the curves (matplotlib, Agg backend: `pip install mcpopt[bench]`).
+
+    Raises:
+        RuntimeError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--png needs matplotlib: pip install 'mcpopt[bench]'") from None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    ax = axes[0][0]
+    xs = [r.tools for r in g.lists]
+    ax.plot(xs, [r.first_ms for r in g.lists], "o--", label="first (built)")
+    ax.plot(xs, [r.p50_ms for r in g.lists], "o-", label="p50 (prepared)")
+    ax.plot(xs, [r.p99_ms for r in g.lists], "o-", label="p99 (prepared)")
+    ax.plot(xs, [r.gateway_cpu_us / 1000 for r in g.lists], "s-", label="gateway CPU / list")
+    for r in g.lists:
+        ax.annotate(f"{r.servers} srv", (r.tools, r.p50_ms), textcoords="offset points", xytext=(0, 6), fontsize=8)
+    ax.set(title="tools/list", xlabel="tools listed", ylabel="ms")
+    ax.legend(fontsize=8)
+    by_servers: dict[int, list[CallFigures]] = {}
+    for c in g.calls:
+        by_servers.setdefault(c.servers, []).append(c)
+    panels = [
+        (axes[0][1], "call latency (p50 solid, p99 dashed)", "ms"),
+        (axes[1][0], "gateway CPU per call", "us"),
+        (axes[1][1], "gateway RSS (idle sessions open before calls)", "MiB"),
+    ]
+    for n, rows in by_servers.items():
+        cs = [r.clients for r in rows]
+        (line,) = panels[0][0].plot(cs, [r.p50_ms for r in rows], "o-", label=f"{n} servers")
+        panels[0][0].plot(cs, [r.p99_ms for r in rows], "o--", color=line.get_color())
+        panels[1][0].plot(cs, [r.gateway_cpu_us for r in rows], "o-", label=f"{n} servers")
+        panels[2][0].plot(cs, [r.rss_mib for r in rows], "o-", label=f"{n} servers")
+    for ax, title, unit in panels:
+        ax.set_xscale("log")
+        ax.set(title=title, xlabel="clients", ylabel=unit)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"mcpopt bench growth ({g.rate:.0f} calls/s offered; load {g.load[0]:.1f} on {os.cpu_count()} cores)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
