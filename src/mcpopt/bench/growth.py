@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -90,6 +91,17 @@ def gateway_config(n: int, tmp: Path, max_clients: int) -> Path:
         },
     }
     path = tmp / f"growth-{n}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def catalog_config(n: int, tmp: Path, catalog: Path) -> Path:
+    server = {"command": sys.executable, "args": ["-m", "mcpopt.bench.catalog_server", str(catalog)]}
+    data = {
+        "mcpServers": {f"c{i}": server for i in range(n)},
+        "gateway": {"telemetry": {"data_dir": str(tmp / "telemetry")}},
+    }
+    path = tmp / f"catalog-{n}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
@@ -207,6 +219,8 @@ class ListFigures:
     p99_ms: float
     gateway_cpu_us: float
     requests: int
+    kind: str = "mixed"
+    """`mixed` (the five real servers in turn) or `catalog` (copies of `catalog_server`)."""
 
 
 @dataclass
@@ -260,13 +274,16 @@ async def measure_lists(port: int, proc: psutil.Process, servers: int, requests:
     first_ms = (time.perf_counter() - t0) * 1000
     body = len(orjson.dumps(first))
     samples: list[float] = []
+    # Timed: request sent to the answer's last byte; the client does not parse the answer (a
+    # 200 KiB orjson parse would be most of the figure), it checks its size and id instead.
     c0 = _cpu(proc)
-    for _ in range(requests):
+    for i in range(requests):
+        rid = 1000 + i
         t0 = time.perf_counter()
-        got = await s.request("tools/list")
+        status, _, data = await s._exchange(b"POST", b'{"jsonrpc":"2.0","id":%d,"method":"tools/list"}' % rid)
         samples.append((time.perf_counter() - t0) * 1000)
-        if len(got["tools"]) != len(first["tools"]):
-            raise HttpError("tools/list changed during the benchmark")
+        if status != 200 or b'"id":%d' % rid not in data[:64] or abs(len(data) - body) > 64:
+            raise HttpError(f"tools/list changed during the benchmark (HTTP {status}, {len(data)} bytes)")
     cpu_us = (_cpu(proc) - c0) / requests * 1e6
     await s.delete()
     samples.sort()
@@ -374,8 +391,14 @@ async def run_growth(
     rate: float = 200.0,
     seconds: float = 3.0,
     list_requests: int = 200,
+    catalog: Path | None = None,
+    catalog_servers: list[int] | None = None,
 ) -> Growth:
-    """Run the benchmark (see the module docstring); figures in ms, us of CPU, MiB and KiB."""
+    """Run the benchmark (see the module docstring); figures in ms, us of CPU, MiB and KiB.
+
+    With `catalog` (a LiveMCPBench `tools.json`), lists are also measured in front of
+    `catalog_servers` copies of `mcpopt.bench.catalog_server` (527 real tool definitions each;
+    default 1 and 6 copies: 527 and 3,162 tools)."""
     out = Growth(rate=rate)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -386,6 +409,13 @@ async def run_growth(
                 out.lists.append(await measure_lists(port, proc, n, list_requests))
                 for c in clients:
                     out.calls.append(await measure_clients(port, proc, n, c, rate, seconds))
+        for n in catalog_servers or ([1, 6] if catalog is not None else []):
+            assert catalog is not None
+            async with serving(catalog_config(n, tmp, catalog)) as (port, proc):
+                await _ready(port)
+                row = await measure_lists(port, proc, n, list_requests)
+                row.kind = "catalog"
+                out.lists.append(row)
     out.load = os.getloadavg()
     return out
 
@@ -404,7 +434,7 @@ def report(g: Growth, as_json: bool = False) -> None:
         t.add_column(col, justify="right")
     for row in g.lists:
         t.add_row(
-            str(row.servers),
+            f"{row.servers}" + (" (catalog)" if row.kind == "catalog" else ""),
             str(row.tools),
             f"{row.list_bytes / 1024:.0f}",
             f"{row.first_ms:.2f}",
@@ -464,14 +494,18 @@ def plot(g: Growth, path: Path) -> None:
         raise RuntimeError("--png needs matplotlib: pip install 'mcpopt[bench]'") from None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
-    xs = [r.tools for r in g.lists]
-    ax.plot(xs, [r.first_ms for r in g.lists], "o--", label="first (built)")
-    ax.plot(xs, [r.p50_ms for r in g.lists], "o-", label="p50 (prepared)")
-    ax.plot(xs, [r.p99_ms for r in g.lists], "o-", label="p99 (prepared)")
-    ax.plot(xs, [r.gateway_cpu_us / 1000 for r in g.lists], "s-", label="gateway CPU / list")
-    for r in g.lists:
-        ax.annotate(f"{r.servers} srv", (r.tools, r.p50_ms), textcoords="offset points", xytext=(0, 6), fontsize=8)
-    ax.set(title="tools/list", xlabel="tools listed", ylabel="ms")
+    lists = sorted(g.lists, key=lambda r: r.tools)
+    xs = [r.tools for r in lists]
+    ax.plot(xs, [r.first_ms for r in lists], "o--", label="first (built)")
+    ax.plot(xs, [r.p50_ms for r in lists], "o-", label="p50 (prepared)")
+    ax.plot(xs, [r.p99_ms for r in lists], "o-", label="p99 (prepared)")
+    ax.plot(xs, [r.gateway_cpu_us / 1000 for r in lists], "s-", label="gateway CPU / list")
+    for r in lists:
+        label = f"{r.servers} srv" + (" cat." if r.kind == "catalog" else "")
+        ax.annotate(label, (r.tools, r.p50_ms), textcoords="offset points", xytext=(0, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(title="tools/list (wall from a lean client; CPU in the gateway)", xlabel="tools listed", ylabel="ms")
     ax.legend(fontsize=8)
     by_servers: dict[int, list[CallFigures]] = {}
     for c in g.calls:
@@ -487,6 +521,7 @@ def plot(g: Growth, path: Path) -> None:
         panels[0][0].plot(cs, [r.p99_ms for r in rows], "o--", color=line.get_color())
         panels[1][0].plot(cs, [r.gateway_cpu_us for r in rows], "o-", label=f"{n} servers")
         panels[2][0].plot(cs, [r.rss_mib for r in rows], "o-", label=f"{n} servers")
+    panels[0][0].set_yscale("log")
     for ax, title, unit in panels:
         ax.set_xscale("log")
         ax.set(title=title, xlabel="clients", ylabel=unit)

@@ -148,6 +148,9 @@ def bench_growth_cmd(
     seconds: float = typer.Option(3.0, "--seconds", help="Seconds of calls per step (at least two calls per client)."),
     list_requests: int = typer.Option(200, "--lists", help="Timed tools/list requests per server count."),
     png: str = typer.Option("", "--png", help="Write the curves to this PNG (needs matplotlib: mcpopt[bench])."),
+    catalog: str = typer.Option(
+        "", "--catalog", help="A LiveMCPBench tools.json: also time lists of 527 and 3,162 real tool definitions."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run."""
@@ -163,6 +166,7 @@ def bench_growth_cmd(
             rate=rate,
             seconds=seconds,
             list_requests=list_requests,
+            catalog=Path(catalog) if catalog else None,
         )
     )
     report(result, as_json)

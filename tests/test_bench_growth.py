@@ -1,0 +1,42 @@
+"""`mcpopt bench growth` end to end at its smallest (1 server, 1 and 3 clients): every figure is
+there, no call failed, and the PNG is written. Behaviour only; the figures are not judged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import MCPOPT, ROOT
+from mcpopt.bench.catalog_server import catalog_tools
+
+CATALOG = ROOT.parent / "shared" / "datasets" / "livemcpbench" / "tools.json"
+
+
+def test_growth_runs_and_reports_every_step(tmp_path: Path) -> None:
+    png = tmp_path / "growth.png"
+    args = ["bench", "growth", "--servers", "1", "--clients", "1,3", "--seconds", "0.5", "--rate", "50"]
+    done = subprocess.run(
+        [MCPOPT, *args, "--lists", "5", "--json", "--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    (lists,) = data["lists"]
+    assert lists["servers"] == 1 and lists["tools"] > 10 and lists["requests"] == 5
+    assert [(c["servers"], c["clients"]) for c in data["calls"]] == [(1, 1), (1, 3)]
+    for step in data["calls"]:
+        assert step["errors"] == 0 and step["calls"] >= 2 * step["clients"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not CATALOG.exists(), reason="the LiveMCPBench dataset is not on this machine")
+def test_catalog_server_lists_the_catalogs_tools() -> None:
+    tools = catalog_tools(CATALOG)
+    assert len(tools) == len({t["name"] for t in tools}) == 527
+    assert all("__" in t["name"] and t["inputSchema"] for t in tools)
