@@ -19,15 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import psutil
 import pytest
 
 from conftest import fake_entry, free_port, gateway_client, popen_gateway, time_entry, wait_http, write_config
 from mcpopt.auth.policy import Policy
+from mcpopt.auth.principal import Principal
 from mcpopt.auth.tokens import hash_key, new_key
+from mcpopt.bench.growth import LeanSession
 from mcpopt.config import load_config
 from mcpopt.gateway.assembly import build_gateway
+from mcpopt.gateway.front import serve_http
 from mcpopt.gateway.lists import PreparedLists, request_cursor, response
 
 LEGACY = "2025-11-25"
@@ -287,7 +291,6 @@ def test_request_cursor(params: Any, expected: tuple[bool, str | None]) -> None:
 def test_policy_and_own_tool_changes_drop_and_rekey(tmp_path: Path) -> None:
     cfg_path, _, _ = _http_config(tmp_path)
     gw = build_gateway(load_config(cfg_path))
-    from mcpopt.auth.principal import Principal
 
     def who(key: str) -> Principal:
         return Principal(subject=f"apikey:{key}", kind="api_key", api_key=key)
@@ -303,3 +306,37 @@ def test_policy_and_own_tool_changes_drop_and_rekey(tmp_path: Path) -> None:
     gw.lists.put(keys["alice"], gw.lists.generation, {"tools": []})
     gw.remove_tool("mcpopt__nothing")
     assert len(gw.lists) == 0
+
+
+@pytest.mark.anyio
+async def test_http_fast_path_answers_from_the_prepared_bytes(tmp_path: Path) -> None:
+    # In process, so the counters can be read: the first list is built by the SDK (its SSE answer),
+    # the next ones come from the prepared bytes on the front's fast path (a JSON answer), and a
+    # change of the gateway's own tools makes the next one a build again.
+    cfg = write_config(tmp_path / "gw.yaml", {"time": time_entry()}, {"telemetry": {"data_dir": str(tmp_path)}})
+    gw = build_gateway(load_config(cfg))
+    port = free_port()
+    async with gw.running(), anyio.create_task_group() as tg:
+        ready = anyio.Event()
+        tg.start_soon(serve_http, gw, "127.0.0.1", port, ready)
+        with anyio.fail_after(TIMEOUT):
+            await ready.wait()
+        session = LeanSession(port)
+        await session.open()
+        answers = []
+        for rid in (101, 102, 103):
+            status, headers, body = await session._exchange(
+                b"POST", b'{"jsonrpc":"2.0","id":%d,"method":"tools/list"}' % rid
+            )
+            assert status == 200
+            answers.append((headers["content-type"].split(";")[0], body))
+        assert [kind for kind, _ in answers] == ["text/event-stream", "application/json", "application/json"]
+        built = json.loads(next(line[5:] for line in answers[0][1].split(b"\n") if line.startswith(b"data:")))
+        assert json.loads(answers[1][1]) == {**built, "id": 102}
+        assert json.loads(answers[2][1])["id"] == 103
+        assert (gw.lists.builds, gw.lists.hits) == (1, 2)
+        gw.remove_tool("no-such-tool")  # any change of the gateway's own tools
+        assert (await session.request("tools/list"))["tools"] == built["result"]["tools"]
+        assert gw.lists.builds == 2
+        await session.delete()
+        tg.cancel_scope.cancel()
