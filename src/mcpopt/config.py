@@ -562,7 +562,8 @@ class TelemetrySettings(_Strict):
     """minimal: metrics only; standard: + tool sequences per session and salted argument hashes;
     detailed: + arguments with secrets redacted."""
     data_dir: str | None = None
-    """Where the salt and the SQLite file live (default: `$XDG_DATA_HOME/mcpopt`, else `~/.local/share/mcpopt`)."""
+    """This config's data dir, as `gateway.data_dir` (the older spelling of the same key; see
+    `config_data_dir`): the salt and the SQLite file live there, and so do rules, journal and skills."""
     sqlite_path: str | None = None
     """The SQLite store (default `<data_dir>/telemetry.db`; "" disables it)."""
     retention_days: float = Field(30.0, gt=0)
@@ -910,6 +911,11 @@ class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
     name: str = "mcpopt"
+    """Prefix of the gateway's own tools; also the data-dir id of a config built without a file."""
+    data_dir: str | None = None
+    """This config's data dir: telemetry.db, salt, rules.json, workflow journal, skills.db, code mode's
+    key (default `<XDG data dir>/mcpopt/<config id>`, see `config_data_dir`). Point two configs at one
+    folder to share telemetry, rules and skills."""
     separator: str = "__"
     prefix_tools: bool = True
     """Namespace tools and prompts as `{prefix}{separator}{name}`; per-server `prefix` overrides."""
@@ -958,6 +964,16 @@ class GatewaySettings(_Strict):
     watch: WatchSettings = Field(default_factory=lambda: WatchSettings())
     """The upstream resource watch: sampling interval, memory-growth alert, restart at `max_rss_mb`."""
 
+    @model_validator(mode="after")
+    def _one_data_dir(self) -> GatewaySettings:
+        tel = self.telemetry.data_dir
+        if self.data_dir and tel and Path(self.data_dir).expanduser() != Path(tel).expanduser():
+            raise ValueError(
+                f"gateway.data_dir ({self.data_dir}) and gateway.telemetry.data_dir ({tel}) differ: "
+                "expected one data dir (set gateway.data_dir only)"
+            )
+        return self
+
     @field_validator("separator")
     @classmethod
     def _valid_separator(cls, value: str) -> str:
@@ -986,6 +1002,8 @@ class Config(BaseSettings):
     from `gateway.workflows.files`."""
     source: str = Field("", exclude=True)
     """The file this config came from ("" when built in code)."""
+    source_path: str = Field("", exclude=True)
+    """`source` resolved (symlinks, `..`) when it was loaded: the base of `config_id`."""
     layout: str = Field("mcpopt", exclude=True)
     """The file's layout: `mcpopt` (`mcpServers`), `vscode` (`servers`), `vscode-settings` (`mcp.servers`)."""
     notes: list[str] = Field(default_factory=list, exclude=True)
@@ -1116,9 +1134,37 @@ def _problems(exc: ValidationError, servers_key: str = "mcpServers") -> list[tup
 
 
 def default_data_dir() -> Path:
-    """`$XDG_DATA_HOME/mcpopt`, else `~/.local/share/mcpopt` (the XDG base-directory default)."""
+    """`$XDG_DATA_HOME/mcpopt`, else `~/.local/share/mcpopt` (the XDG base-directory default): the
+    parent of every config's own data dir (`config_data_dir`)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "mcpopt"
+
+
+def config_id(config: Config | None) -> str:
+    """A stable, file-name-safe id of a config: `<file stem>-<8 hex of blake2b(resolved path)>` for a
+    config loaded from a file (`demo-1a2b3c4d`), else `gateway.name` (`mcpopt`) for one built in code
+    or without a config. The same file always gets the same id; two files never share one."""
+    if config is None:
+        return GatewaySettings().name
+    source = config.source_path or (os.path.realpath(config.source) if config.source else "")
+    if source:
+        import hashlib
+
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).stem).strip("-.") or "config"
+        return f"{stem}-{hashlib.blake2b(source.encode(), digest_size=4).hexdigest()}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", config.gateway.name).strip("-.") or "mcpopt"
+
+
+def config_data_dir(config: Config | None) -> Path:
+    """The folder of everything a config keeps between runs (telemetry.db, salt, rules.json,
+    workflows/ journal, skills.db, codemode.key): `gateway.data_dir`, else `gateway.telemetry.data_dir`
+    (the older key), else `<default_data_dir()>/<config_id(config)>`. Every part asks this function,
+    so one config's telemetry, rules and skills are never another's unless both name one folder."""
+    if config is not None:
+        explicit = config.gateway.data_dir or config.gateway.telemetry.data_dir
+        if explicit:
+            return Path(explicit).expanduser()
+    return default_data_dir() / config_id(config)
 
 
 def read_layout(
@@ -1177,6 +1223,7 @@ def load_config(
     if problems or config is None:
         raise ConfigError.many(shown or "(environment)", problems or [("", "invalid configuration")])
     config.source = shown
+    config.source_path = os.path.realpath(path) if path is not None else ""
     config.layout = layout.layout
     note = layout.info_line(shown)
     config.notes = [note] if note else []

@@ -26,16 +26,15 @@ PrincipalOpt = typer.Option("local", "--principal", "-p", help="Whose skills ('l
 def _store(config: str | None) -> SkillStore:
     from mcpopt.codemode.sandbox import CodeModeSettings
     from mcpopt.codemode.skills import SkillStore
-    from mcpopt.config import default_data_dir
+    from mcpopt.config import config_data_dir
 
     if config is None and os.path.exists("mcpopt.yaml"):
         config = "mcpopt.yaml"
-    settings, data_dir = CodeModeSettings(), default_data_dir()
+    settings, data_dir = CodeModeSettings(), config_data_dir(None)
     if config is not None:
         cfg = load(config)
         settings = cfg.gateway.code_mode
-        if cfg.gateway.telemetry.data_dir:
-            data_dir = Path(cfg.gateway.telemetry.data_dir).expanduser()
+        data_dir = config_data_dir(cfg)
     path = Path(settings.skills.path).expanduser() if settings.skills.path else data_dir / "skills.db"
     return SkillStore(path, settings.skills.max_per_principal)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from mcpopt.cli.common import ConfigOpt, app, err, load, out
+from mcpopt.config import TelemetrySettings, default_data_dir
 
 telemetry_app = typer.Typer(no_args_is_help=True, help="Telemetry records: export them.")
 app.add_typer(telemetry_app, name="telemetry")
@@ -15,17 +16,27 @@ app.add_typer(telemetry_app, name="telemetry")
 
 def _telemetry_store(config: str, db: str | None) -> Path:
     """The SQLite store: --db, else the config's `gateway.telemetry` (defaults without a config file)."""
-    from mcpopt.config import TelemetrySettings
+    from mcpopt.config import config_data_dir
     from mcpopt.telemetry.store import store_path
 
     if db:
         return Path(db).expanduser()
-    settings = load(config).gateway.telemetry if Path(config).exists() else TelemetrySettings()
-    path = store_path(settings)
+    cfg = load(config) if Path(config).exists() else None
+    path = store_path(cfg.gateway.telemetry if cfg is not None else TelemetrySettings(), config_data_dir(cfg))
     if path is None:
         err.print('[red]the SQLite store is off (gateway.telemetry.sqlite_path: ""); pass --db FILE[/red]')
         raise typer.Exit(2)
     return path
+
+
+def _hint_shared_store() -> None:
+    """Point at the store every config shared before data dirs were per config (README: data dir)."""
+    old = default_data_dir() / "telemetry.db"
+    if old.exists():
+        err.print(
+            f"telemetry recorded before data dirs were per config is in {old} (all configs mixed): "
+            f"`mcpopt stats --db {old}`, or set gateway.data_dir to {default_data_dir()} to keep using it"
+        )
 
 
 def _times(since: str | None, until: str | None) -> tuple[float | None, float | None]:
@@ -55,6 +66,7 @@ def stats(
         report = stats_report(path, start, end)
     except FileNotFoundError:
         err.print(f"[red]no telemetry database at {path} (serve the gateway with telemetry enabled first)[/red]")
+        _hint_shared_store()
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(report, indent=2))

@@ -550,12 +550,11 @@ def _scrub_value(value: Any, vault: TokenVault, depth: int) -> Any:
 
 
 def _data_dir(gateway: Any) -> Path:
-    """The per-config data dir: `gateway.telemetry.data_dir`, else the XDG default."""
-    from mcpopt.config import default_data_dir
+    """The config's data dir (`mcpopt.config.config_data_dir`)."""
+    from mcpopt.config import Config, config_data_dir
 
-    tel = getattr(gateway.config.gateway, "telemetry", None)
-    data_dir = getattr(tel, "data_dir", None)
-    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+    config = getattr(gateway, "config", None)
+    return config_data_dir(config if isinstance(config, Config) else None)
 
 
 def _secret(settings: CodeModeSettings, data_dir: Path) -> bytes:

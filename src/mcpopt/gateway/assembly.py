@@ -27,7 +27,7 @@ from mcpopt.auth.ratelimit import RateLimiter
 from mcpopt.cache import ResultCache
 from mcpopt.catalog import GatewayCatalog
 from mcpopt.codemode.tool import CodeModeTool
-from mcpopt.config import Config
+from mcpopt.config import Config, config_data_dir
 from mcpopt.discovery.modes import SearchTools
 from mcpopt.gateway.handlers import build_server
 from mcpopt.gateway.server import Gateway
@@ -63,7 +63,7 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
 
     # ---- the parts the pipeline uses ------------------------------------------------------
     gw.cache = ResultCache(g.cache)
-    gw.telemetry = Telemetry(g.telemetry, gw)
+    gw.telemetry = Telemetry(g.telemetry, gw, config_data_dir(config))
     gw.coalescer = CoalesceFilter()
     gw.results = ResultStore(g.shaping.keep_results)
     gw.rules = RulesFilter(RuleStore(default_rules_path(config)))

@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
-from mcpopt.config import TelemetrySettings, default_data_dir
+from mcpopt.config import TelemetrySettings, config_data_dir, default_data_dir
 from mcpopt.monitor.alerts import AlertEvent, WebhookSink
 from mcpopt.monitor.monitor import Monitor
 from mcpopt.telemetry.collector import Pending, TelemetryFilter, UpstreamTimer, build_record
@@ -62,12 +62,18 @@ class Telemetry:
         sinks: the running sinks (SQLite, JSONL, OTLP, webhook).
     """
 
-    def __init__(self, settings: TelemetrySettings | None = None, gateway: Any = None) -> None:
+    def __init__(
+        self, settings: TelemetrySettings | None = None, gateway: Any = None, data_dir: Path | None = None
+    ) -> None:
         self.settings = settings = settings if settings is not None else TelemetrySettings()
         self.gateway = gateway
         self.enabled = settings.enabled
         self.level = settings.level
-        self.data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
+        # The config's data dir (`config_data_dir`) when the gateway builds it; standalone hubs
+        # (benchmarks, tests) fall back to the settings' own key, then the XDG default.
+        if data_dir is None:
+            data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
+        self.data_dir = data_dir
         self.pending: deque[Pending] = deque()
         self.filter = TelemetryFilter(
             self.pending,
@@ -101,14 +107,14 @@ class Telemetry:
 
     @classmethod
     def from_config(cls, config: Any, gateway: Any = None) -> Telemetry:
-        """From a whole `Config` (`config.gateway.telemetry`)."""
-        return cls(config.gateway.telemetry, gateway)
+        """From a whole `Config` (`config.gateway.telemetry`, data dir `config_data_dir(config)`)."""
+        return cls(config.gateway.telemetry, gateway, config_data_dir(config))
 
     # ---- sinks --------------------------------------------------------------------------
     @property
     def sqlite_path(self) -> Path | None:
         """The SQLite store's file (None when disabled with `sqlite_path: ""`)."""
-        return store_path(self.settings)
+        return store_path(self.settings, self.data_dir)
 
     def _make_sinks(self) -> None:
         s = self.settings

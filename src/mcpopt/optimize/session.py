@@ -129,11 +129,10 @@ class OptimizeSession:
         tel = self.config.gateway.telemetry
         if not tel.enabled or tel.sqlite_path == "":
             return None
-        if tel.sqlite_path:
-            return Path(tel.sqlite_path).expanduser()
-        from mcpopt.config import default_data_dir
+        from mcpopt.config import config_data_dir
+        from mcpopt.telemetry.store import store_path
 
-        return (Path(tel.data_dir).expanduser() if tel.data_dir else default_data_dir()) / "telemetry.db"
+        return store_path(tel, config_data_dir(self.config))
 
     async def rows(self, since: float | None = None) -> list[dict[str, Any]]:
         """Telemetry rows since `since` (default: this session's start) from `telemetry_store()`."""

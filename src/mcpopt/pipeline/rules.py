@@ -27,12 +27,13 @@ optimizer compares the arms on live telemetry and promotes the rule (`state: pro
 calls) or rolls it back (`mcpopt.optimize.canary`). Replays measure a rule's whole effect: their
 filter is made with `canary=False`.
 
-`RuleStore` keeps the rules in a JSON file (default `~/.local/share/mcpopt/rules.json`); each
-change bumps `version` and is logged in `history` with its reason, evidence and the rule set
-after it, so any version can be restored (`rollback`). `RulesFilter` re-reads the file when it
-changes (checked at most once a second), so `mcpopt rules enable|disable|rollback` and the loop
-act on a running gateway without a restart. Its place in the pipeline is before the cache (the
-TTL it sets is read by `CacheFilter`): telemetry -> shaping -> rules -> cache -> coalesce -> ...
+`RuleStore` keeps the rules in a JSON file (default `<config data dir>/rules.json`, see
+`mcpopt.config.config_data_dir`); each change bumps `version` and is logged in `history` with its
+reason, evidence and the rule set after it, so any version can be restored (`rollback`).
+`RulesFilter` re-reads the file when it changes (checked at most once a second), so
+`mcpopt rules enable|disable|rollback` and the loop act on a running gateway without a restart.
+Its place in the pipeline is before the cache (the TTL it sets is read by `CacheFilter`):
+telemetry -> shaping -> rules -> cache -> coalesce -> ...
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from mcpopt.config import Level, OptimizationSettings, default_data_dir
+from mcpopt.config import Config, Level, OptimizationSettings, config_data_dir
 from mcpopt.datafiles import private_dir
 from mcpopt.errors import McpoptError, UpstreamTimeout
 from mcpopt.pipeline import Next, ToolCall, ToolResult
@@ -556,12 +557,8 @@ def optimization_settings(config: Any) -> OptimizationSettings:
 
 
 def default_rules_path(config: Any) -> Path:
-    """`optimization.rules_path`, else `<telemetry data_dir>/rules.json` (`~/.local/share/mcpopt`)."""
+    """`optimization.rules_path`, else `<config data dir>/rules.json` (`mcpopt.config.config_data_dir`)."""
     settings = optimization_settings(config)
     if settings.rules_path:
         return Path(settings.rules_path).expanduser()
-    tel = getattr(getattr(config, "gateway", None), "telemetry", None)
-    data_dir = getattr(tel, "data_dir", None)
-    if data_dir:
-        return Path(data_dir).expanduser() / "rules.json"
-    return default_data_dir() / "rules.json"
+    return config_data_dir(config if isinstance(config, Config) else None) / "rules.json"

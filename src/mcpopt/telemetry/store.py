@@ -2,7 +2,7 @@
 
 Queryable with any SQLite client, e.g.::
 
-    sqlite3 ~/.local/share/mcpopt/telemetry.db \
+    sqlite3 ~/.local/share/mcpopt/<config id>/telemetry.db \
       "SELECT server, tool, outcome, total_ms FROM calls ORDER BY ts DESC LIMIT 20"
 
 Columns of `calls` are the fields of `CallRecord` (times in ms, sizes in bytes, `ts` in Unix
@@ -161,12 +161,16 @@ class Store:
         self.db.close()
 
 
-def store_path(settings: TelemetrySettings) -> Path | None:
-    """The SQLite store of these settings: `sqlite_path`, else `<data_dir>/telemetry.db`; None when ""."""
+def store_path(settings: TelemetrySettings, data_dir: Path | None = None) -> Path | None:
+    """The SQLite store of these settings: `sqlite_path`, else `<data_dir>/telemetry.db`; None when "".
+
+    `data_dir` is the config's (`mcpopt.config.config_data_dir`); without it (settings used on their
+    own: benchmarks, tests) `settings.data_dir`, else `default_data_dir()`."""
     path = settings.sqlite_path
     if path == "":
         return None
     if path:
         return Path(path).expanduser()
-    base = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
-    return base / "telemetry.db"
+    if data_dir is None:
+        data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
+    return data_dir / "telemetry.db"
