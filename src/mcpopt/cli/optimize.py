@@ -69,7 +69,9 @@ def scenarios_coverage(
 @app.command()
 def quick(
     config: str = ConfigOpt,
-    rounds: int = typer.Option(3, "--rounds", help="Benchmark rounds per path (direct, gateway)."),
+    rounds: int = typer.Option(
+        20, "--rounds", help="Benchmark rounds, alternating direct and gateway (after a warm-up round of each)."
+    ),
     scenarios: list[str] = ScenariosOpt,
     rules: str | None = RulesPathOpt,
     sandbox: bool = SandboxOpt,

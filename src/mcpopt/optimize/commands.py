@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mcpopt.config import Config
+from mcpopt.monitor.compare import schedule, spread
 from mcpopt.optimize.advisor import advise
 from mcpopt.optimize.analyzer import Analyzer, facts_from_gateway
 from mcpopt.optimize.coverage import coverage_matrix, gateway_tools
@@ -191,6 +192,54 @@ def _recommendations(report: LoopReport, limit: int = 8) -> None:
         out.print(f"- [{f.severity}] {f.title}: {f.recommendation}", highlight=False, markup=False)
 
 
+BENCH_PATHS = ("direct", "gateway")
+"""The paths `quick` compares: `direct` (straight to the upstream session, no pipeline) and
+`gateway` (the whole pipeline), over the same upstream sessions in the same process."""
+
+
+async def bench_paths(runner: Any, scenarios: Sequence[Scenario], rounds: int, progress: Any) -> list[SuiteRun]:
+    """The timed suites of `quick`'s benchmark: one warm-up round of each path (dropped), then
+    `rounds` rounds alternating the paths (`mcpopt.monitor.compare.schedule`)."""
+    timed: list[SuiteRun] = []
+    # One call per step on both paths: batch hints in force would time a whole batch per step.
+    hints, runner.honor_batch_hints = runner.honor_batch_hints, False
+    try:
+        for slot in schedule(BENCH_PATHS, rounds, warmup_rounds=1):
+            label = f"{slot.path} warm-up" if slot.warmup else f"{slot.path} #{slot.round}"
+            suite = await runner.run(scenarios, slot.path, label=label, progress=progress)
+            if not slot.warmup:
+                timed.append(suite)
+    finally:
+        runner.honor_batch_hints = hints
+    return timed
+
+
+def bench_table(suites: Sequence[SuiteRun]) -> dict[str, dict[str, Any]]:
+    """Per gateway tool name: `{direct: spread, gateway: spread, gateway_served: n, added_p50_ms}`;
+    `gateway_served` counts the gateway calls that no server executed (cache hits, coalesced calls):
+    a tool with any is marked, since its gateway figure is not the same work as its direct one."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    served: dict[str, int] = {}
+    for s in suites:
+        for run in s.ran:
+            for step in run.steps:
+                samples.setdefault(step.tool, {}).setdefault(s.mode, []).append(step.ms)
+                if s.mode == "gateway" and not step.upstream:
+                    served[step.tool] = served.get(step.tool, 0) + 1
+    out: dict[str, dict[str, Any]] = {}
+    for tool, by in sorted(samples.items()):
+        row: dict[str, Any] = {mode: _ms(spread(by.get(mode, []))) for mode in BENCH_PATHS}
+        row["gateway_served"] = served.get(tool, 0)
+        d, g = row["direct"]["p50"], row["gateway"]["p50"]
+        row["added_p50_ms"] = round(g - d, 3) if d is not None and g is not None else None
+        out[tool] = row
+    return out
+
+
+def _ms(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}
+
+
 async def quick(
     config: Config, *, rounds: int, scenarios: Sequence[str], rules_path: str | None, sandbox: bool, as_json: bool
 ) -> dict[str, Any]:
@@ -201,21 +250,18 @@ async def quick(
         assert session.runner is not None
         scs = probe_scenarios(session.gateway, session.runner.server_vars)
         scs += load_scenarios(scenario_paths(config, settings, scenarios)) if (scenarios or settings.scenarios) else []
-        bench: list[SuiteRun] = []
-        with progress_bar("benchmark", len(scs) * rounds * 2, as_json) as step:
-            for mode in ("direct", "gateway"):
-                for i in range(rounds):
-                    bench.append(await session.runner.run(scs, mode, label=f"{mode} #{i + 1}", progress=step))
+        with progress_bar("benchmark", len(scs) * (rounds + 1) * len(BENCH_PATHS), as_json) as step:
+            bench = await bench_paths(session.runner, scs, rounds, step)
         loop = session.loop(scs, since=time.time() - window_s)
         with progress_bar("optimize", len(scs) * 8, as_json) as step:
             loop.progress = step
             report = await loop.run_once(apply=True)
-    latencies: dict[str, dict[str, list[float]]] = {}
-    for s in bench:
-        for tool, ms in s.step_latencies().items():
-            latencies.setdefault(tool, {}).setdefault(s.mode, []).extend(ms)
     result: dict[str, Any] = {
-        "benchmark": {tool: {mode: _pcts(v) for mode, v in by.items()} for tool, by in sorted(latencies.items())},
+        "benchmark": bench_table(bench),
+        "benchmark_method": (
+            f"{rounds} rounds alternating direct and gateway (order rotated each round) after one warm-up round "
+            "of each; ms per call, nearest-rank percentiles over every call of a tool in all rounds"
+        ),
         "loop": report.to_dict(),
         "findings": [f.to_dict() for f in (report.analysis.findings if report.analysis else [])],
         "rules_file": str(session.store.path),
@@ -223,27 +269,114 @@ async def quick(
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return result
-    table = Table(title="benchmark (ms per call)")
-    for col in ("tool", "direct p50", "direct p95", "gateway p50", "gateway p95"):
-        table.add_column(col, justify="left" if col == "tool" else "right")
-    for tool, by in result["benchmark"].items():
-        d, g = by.get("direct", {}), by.get("gateway", {})
-        table.add_row(
-            tool, f"{d.get('p50', 0):.1f}", f"{d.get('p95', 0):.1f}", f"{g.get('p50', 0):.1f}", f"{g.get('p95', 0):.1f}"
-        )
-    out.print(table)
-    out.print(_kpi_table("before / after (conservative rules)", [s for s in (report.before, report.after) if s]))
+    out.print(_bench_rich(result["benchmark"], rounds))
+    out.print(bench_verdict(result["benchmark"]), highlight=False)
+    out.print(_kpi_table("scenario KPIs before / after this run's rules", _before_after(report)))
     _print_loop(report)
     _recommendations(report)
     out.print(f"rules: {session.store.path}")
     return result
 
 
-def _pcts(values: list[float]) -> dict[str, float]:
-    from mcpopt.monitor.stats import percentile
+def bench_verdict(rows: dict[str, dict[str, Any]]) -> str:
+    """One line reading `bench_table`: of the tools no gateway call of which was served without a
+    server, how many show direct p50 <= gateway p50, and whether the others' gap is inside the
+    spread (smaller than both paths' interquartile ranges: noise, not a faster gateway)."""
+    fair = {t: r for t, r in rows.items() if not r["gateway_served"] and r["added_p50_ms"] is not None}
+    slower = [t for t, r in fair.items() if r["added_p50_ms"] >= 0]
+    faster = {t: r for t, r in fair.items() if r["added_p50_ms"] < 0}
+    noise = [
+        t for t, r in faster.items() if -r["added_p50_ms"] < min(r["direct"]["iqr"] or 0.0, r["gateway"]["iqr"] or 0.0)
+    ]
+    line = f"direct p50 <= gateway p50 on {len(slower)} of {len(fair)} tools the cache did not serve"
+    if faster:
+        line += f"; on {len(noise)} of the other {len(faster)} the gap is smaller than both paths' p25-p75 range"
+        outside = sorted(set(faster) - set(noise))
+        if outside:
+            line += f" (not: {', '.join(outside)})"
+    return line
 
-    v = sorted(values)
-    return {"n": len(v), "p50": round(percentile(v, 0.5), 3), "p95": round(percentile(v, 0.95), 3)}
+
+def _bench_rich(rows: dict[str, dict[str, Any]], rounds: int) -> Table:
+    from rich import box
+
+    table = Table(
+        title=f"benchmark, ms per call: {rounds} rounds alternating direct / gateway after a warm-up round of each",
+        caption="p50 \\[p25-p75]; p95, p99 in --json. direct: straight to the upstream session; gateway: the whole "
+        "pipeline, same sessions. served: gateway calls no server executed (cache hit, coalesced)",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("tool", "n", "direct", "gateway", "added p50", "served"):
+        if col == "tool":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+
+    def cell(s: dict[str, Any]) -> str:
+        return "-" if s["p50"] is None else f"{s['p50']:.2f} [{s['q1']:.2f}-{s['q3']:.2f}]"
+
+    for tool, r in rows.items():
+        d, g = r["direct"], r["gateway"]
+        table.add_row(
+            tool,
+            str(min(d["n"], g["n"])),
+            cell(d),
+            cell(g),
+            "-" if r["added_p50_ms"] is None else f"{r['added_p50_ms']:+.2f}",
+            f"{r['gateway_served']}/{g['n']}" if r["gateway_served"] else "",
+        )
+    return table
+
+
+def _before_after(report: LoopReport) -> list[SuiteRun]:
+    """The loop's before and after suites, labelled by what they ran: the rules in force, then
+    those plus the rules this run applied (one row when it applied none)."""
+    before, after = report.before, report.after
+    if before is None:
+        return [after] if after is not None else []
+    before.label = "before: the rules in force"
+    if after is None or after is before:
+        before.label += " (this run applied none)"
+        return [before]
+    added = sum(e.kind in ("applied", "would_apply") for e in report.events)
+    removed = sum(e.kind in ("rolled_back", "would_roll_back") for e in report.events)
+    after.label = f"after: + {added} rule(s) validated" + (f", - {removed} rolled back" if removed else "")
+    return [before, after]
+
+
+async def alternate_suites(
+    runner: Any,
+    scenarios: Sequence[Scenario],
+    paths: Mapping[str, tuple[str, list[Any] | None]],
+    set_rules: Callable[[list[Any]], None],
+    warmup: Sequence[Scenario] = (),
+    progress: Any = None,
+) -> list[SuiteRun]:
+    """One `SuiteRun` per path (label -> (runner mode, the rules in force or None)), measured
+    alternately: `warmup` scenarios once on each path first (dropped; read-only probes), then
+    scenario `i` on every path in the order of `paths` rotated by `i` (`monitor.compare.schedule`),
+    so a machine's drift and a scenario's first, cold run reach every path alike."""
+    labels = list(paths)
+    suites = {label: SuiteRun(paths[label][0], label) for label in labels}
+
+    async def turn(label: str, group: Sequence[Scenario], purge: bool) -> SuiteRun:
+        mode, rules = paths[label]
+        if rules is not None:
+            set_rules(rules)
+        return await runner.run(group, mode, label=label, purge_cache=purge)  # type: ignore[no-any-return]
+
+    if warmup:
+        for label in labels:
+            await turn(label, warmup, True)
+    for slot in schedule(labels, len(scenarios), warmup_rounds=0):
+        got = await turn(slot.path, [scenarios[slot.round]], slot.round == 0)
+        suite = suites[slot.path]
+        suite.runs += got.runs
+        suite.traces += got.traces
+        suite.rules = got.rules
+        if progress is not None and slot.path == labels[-1]:
+            progress(slot.round + 1, len(scenarios), scenarios[slot.round].id)
+    return [suites[label] for label in labels]
 
 
 async def analyze(
@@ -270,29 +403,28 @@ async def analyze(
     async with session.open():
         assert session.runner is not None
         runner = session.runner
-        with progress_bar("baseline (direct)", len(scs), quiet) as step:
-            direct = await runner.run(scs, "direct", label="direct", progress=step)
-        with progress_bar("gateway (rules in force)", len(scs), quiet) as step:
-            before = await runner.run(scs, "gateway", label="before", progress=step)
+        in_force = list(session.store.active())
         telemetry = await session.rows(time.time() - window_s)
-        suites = [direct, before]
         loop_report: LoopReport | None = None
+        measured: dict[str, tuple[str, list[Any] | None]] = {
+            "direct": ("direct", None),
+            "before": ("gateway", in_force),
+        }
         if optimize:
             loop = session.loop(scs, since=time.time() - window_s)
             with progress_bar("optimize (validate proposals)", len(scs) * 10, quiet) as step:
                 loop.progress = step
                 loop_report = await loop.run_once(apply=apply)
+            validated = {e.rule for e in loop_report.events if e.kind == "would_apply"}
             rules = session.store.active()
-            rules += [
-                r
-                for r in (loop_report.analysis.proposals() if loop_report.analysis else [])
-                if r.id in {e.rule for e in loop_report.events if e.kind == "would_apply"}
-            ]
-            session.rules_filter.set_rules(rules)
-            with progress_bar("gateway (optimized)", len(scs), quiet) as step:
-                after = await runner.run(scs, "gateway", label="after", progress=step)
-            session.rules_filter.set_rules(session.store.active())
-            suites.append(after)
+            proposals = loop_report.analysis.proposals() if loop_report.analysis else []
+            rules += [r for r in proposals if r.id in validated]
+            measured["after"] = ("gateway", rules)
+        probes = probe_scenarios(session.gateway, runner.server_vars)
+        with progress_bar(" / ".join(measured) + ", alternating", len(scs), quiet) as step:
+            suites = await alternate_suites(runner, scs, measured, session.rules_filter.set_rules, probes, step)
+        session.rules_filter.set_rules(session.store.active())
+        direct, before = suites[0], suites[1]
         analysis = Analyzer(facts_from_gateway(session.gateway)).analyze([*telemetry, *before.traces])
         cov = coverage_matrix(gateway_tools(session.gateway), scs)
         advice = advise(telemetry or before.traces, session.gateway.upstreams)
@@ -309,7 +441,13 @@ async def analyze(
     )
     js, page = write_reports(report, out_dir)
     if not quiet:
-        out.print(_kpi_table("scenario suite", suites))
+        out.print(
+            _kpi_table(
+                "scenario suite, the paths alternating per scenario after a warm-up: direct (no gateway), "
+                "before (gateway, rules in force), after (gateway, + rules validated now)",
+                suites,
+            )
+        )
         if loop_report is not None:
             _print_loop(loop_report)
         for f in analysis.findings[:8]:
@@ -349,7 +487,7 @@ async def optimize(
         if not continuous:
             report = await loop.run_once()
             _print_loop(report)
-            out.print(_kpi_table("before / after", [s for s in (report.before, report.after) if s]))
+            out.print(_kpi_table("scenario KPIs before / after this run's rules", _before_after(report)))
             return report
 
         def show(report: LoopReport) -> None:
