@@ -13,7 +13,8 @@ from mcpopt.cli.common import bench_app, install_reaper, out, run
 @bench_app.command("overhead")
 def bench_overhead(
     calls: int = typer.Option(500, "--calls", "-n", help="Measured calls per path (after warm-up)."),
-    warmup: int = typer.Option(50, "--warmup"),
+    warmup: int = typer.Option(50, "--warmup", help="Untimed calls on each path before the timed rounds."),
+    block: int = typer.Option(10, "--block", help="Timed calls per path per round (paths alternate by rounds)."),
     transports: str = typer.Option("stdio,http", "--transports", help="stdio, http or both"),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also measure FastMCP's proxy."),
     auth: bool = typer.Option(
@@ -21,13 +22,20 @@ def bench_overhead(
     ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """tools/call latency: direct vs through mcpopt vs through FastMCP's proxy, in one run."""
+    """tools/call latency: direct, bare relays (the project's, socat), mcpopt and FastMCP's proxy,
+    alternating in one run; p50/p95/p99 and what each adds over direct and over the relay."""
     from mcpopt.bench.overhead import run_overhead
 
     install_reaper()
     run(
         run_overhead(
-            calls=calls, warmup=warmup, transports=transports.split(","), peers=peers, as_json=as_json, auth=auth
+            calls=calls,
+            warmup=warmup,
+            transports=transports.split(","),
+            peers=peers,
+            as_json=as_json,
+            auth=auth,
+            block=max(1, block),
         )
     )
 
