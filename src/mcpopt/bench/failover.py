@@ -56,7 +56,7 @@ async def bench_failover(
                         "replicas": 3,
                     },
                 },
-                "gateway": {"restart": {"initial_backoff_ms": 100, "max_backoff_ms": 1000}},
+                "gateway": {"restart": {"initial_backoff_ms": 100, "max_backoff_ms": 1000}, "data_dir": d},
             }
         )
         gateway = build_gateway(cfg)

@@ -5,14 +5,16 @@
   own cost is microseconds, so the ratio is the server side's); and cache hits per second: end
   to end from one SDK client, and the gateway's own capacity (in-process `Gateway.call_tool`
   loop, no client in the way).
-- `throughput`: calls/s at concurrency 1, 16, 64 over one client session, direct vs through
+- `throughput`: calls/s at concurrency 1, 16, 64 over one client session per path (all open at
+  once, a warm-up round each, then rounds alternating the paths), direct vs through
   mcpopt vs through a bare byte relay (`mcpopt.bench.relay`), for a fast tool (`get-sum`,
   arguments varied so calls are never coalesced) and a 50 ms tool
   (`trigger-long-running-operation`, duration 0.05 s).
 - `startup`: N stdio servers (server-memory) started in parallel by the gateway vs one after
   another, against the slowest single start.
 
-Percentiles are nearest-rank over the timed calls (after warm-up). The machine has 2 cores:
+Paths compared are measured alternately, after warm-up, with every connection open
+(`mcpopt.monitor.compare`). Percentiles are nearest-rank over the timed calls. The machine has 2 cores:
 the client, the gateway and the server compete for them, which bounds every CPU-heavy figure.
 """
 
@@ -34,6 +36,7 @@ import psutil
 from mcp import Client, StdioServerParameters
 
 from mcpopt.bench.overhead import ROOT, SERVERS_PY, percentile
+from mcpopt.monitor.compare import Slot, run_schedule, schedule
 
 EVERYTHING = ROOT / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
 MEMORY = ROOT / "node_modules" / "@modelcontextprotocol" / "server-memory" / "dist" / "index.js"
@@ -50,7 +53,9 @@ def _everything() -> StdioServerParameters:
 
 def _config(tmp: Path, servers: dict[str, Any], name: str = "bench.json") -> Path:
     path = tmp / name
-    path.write_text(json.dumps({"mcpServers": servers}), encoding="utf-8")
+    # The data dir (telemetry, rules) in the temp folder: a benchmark leaves nothing in the user's.
+    data = {"mcpServers": servers, "gateway": {"data_dir": str(tmp / "data")}}
+    path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
 
@@ -169,42 +174,64 @@ class LineClient:
         return out
 
 
+async def _paired(
+    clients: dict[str, tuple[Any, str]], args: dict[str, Any], calls: int, warmup: int, block: int = 10
+) -> dict[str, list[float]]:
+    """Latency samples (ms) of each path (label -> (open client, tool name)), alternating: `warmup`
+    untimed calls on each, then rounds of `block` calls per path, the order rotated every round."""
+
+    async def turn(slot: Slot) -> list[float]:
+        client, tool = clients[slot.path]
+        if isinstance(client, LineClient):
+            return await client.latency(tool, args, 0 if slot.warmup else block, warmup if slot.warmup else 0)
+        return await _latency(client, tool, args, 0 if slot.warmup else block, warmup if slot.warmup else 0)
+
+    return await run_schedule(schedule(list(clients), max(1, -(-calls // block)), warmup_rounds=1), turn)
+
+
 async def bench_cache(calls: int = 500, warmup: int = 50, seconds: float = 3.0) -> dict[str, Any]:
+    """Cache hits vs direct calls: each pair of paths measured with both connections open,
+    alternating after warm-up (`_paired`), so the comparison is not of a cold path with a warm one."""
     args = {"a": 2, "b": 3}
     with tempfile.TemporaryDirectory() as d:
         cfg = _config(
             Path(d),
             {"everything": {"command": NODE, "args": [str(EVERYTHING), "stdio"], "cache": {"ttl_ms": 600_000}}},
         )
-        async with Client(_everything(), mode="legacy") as direct:
-            direct_ms = await _latency(direct, "get-sum", args, calls, warmup)
-        async with Client(_mcpopt(cfg), mode="legacy") as gw:
-            hit_ms = await _latency(gw, "everything__get-sum", args, calls, warmup)
+        async with Client(_everything(), mode="legacy") as direct, Client(_mcpopt(cfg), mode="legacy") as gw:
+            sdk = await _paired(
+                {"direct": (direct, "get-sum"), "hit": (gw, "everything__get-sum")}, args, calls, warmup
+            )
             e2e_rate = await _rate(gw, "everything__get-sum", args, 16, seconds)
-        async with LineClient(_everything()) as direct_l:
-            lean_direct_ms = await direct_l.latency("get-sum", args, calls, warmup)
-        async with LineClient(_mcpopt(cfg)) as gw_l:
-            lean_hit_ms = await gw_l.latency("everything__get-sum", args, calls, warmup)
+        async with LineClient(_everything()) as direct_l, LineClient(_mcpopt(cfg)) as gw_l:
+            lean = await _paired(
+                {"direct": (direct_l, "get-sum"), "hit": (gw_l, "everything__get-sum")}, args, calls, warmup
+            )
         capacity = await _gateway_capacity(cfg, seconds)
         # The same against a typical Python server (mcp-server-time, the overhead benchmark's).
         time_cmd = str(SERVERS_PY / "mcp-server-time")
         tcfg = _config(Path(d), {"time": {"command": time_cmd, "cache": {"ttl_ms": 600_000}}}, "time.json")
         targs = {"timezone": "UTC"}
-        async with Client(StdioServerParameters(command=time_cmd), mode="legacy") as direct:
-            tdirect_ms = await _latency(direct, "get_current_time", targs, calls, warmup)
-        async with Client(_mcpopt(tcfg), mode="legacy") as gw:
-            thit_ms = await _latency(gw, "time__get_current_time", targs, calls, warmup)
-    d50, h50 = percentile(sorted(direct_ms), 50), percentile(sorted(hit_ms), 50)
+        async with (
+            Client(StdioServerParameters(command=time_cmd), mode="legacy") as direct,
+            Client(_mcpopt(tcfg), mode="legacy") as gw,
+        ):
+            tpaths = {"direct": (direct, "get_current_time"), "hit": (gw, "time__get_current_time")}
+            timed = await _paired(tpaths, targs, calls, warmup)
+
+    def ratio(x: dict[str, list[float]]) -> float:
+        return percentile(sorted(x["hit"]), 50) / percentile(sorted(x["direct"]), 50)
+
     return {
-        "direct": _stats(direct_ms),
-        "cache_hit": _stats(hit_ms),
-        "hit_vs_direct_p50": h50 / d50,
-        "lean_direct": _stats(lean_direct_ms),
-        "lean_cache_hit": _stats(lean_hit_ms),
-        "lean_hit_vs_direct_p50": percentile(sorted(lean_hit_ms), 50) / percentile(sorted(lean_direct_ms), 50),
-        "time_direct": _stats(tdirect_ms),
-        "time_cache_hit": _stats(thit_ms),
-        "time_hit_vs_direct_p50": percentile(sorted(thit_ms), 50) / percentile(sorted(tdirect_ms), 50),
+        "direct": _stats(sdk["direct"]),
+        "cache_hit": _stats(sdk["hit"]),
+        "hit_vs_direct_p50": ratio(sdk),
+        "lean_direct": _stats(lean["direct"]),
+        "lean_cache_hit": _stats(lean["hit"]),
+        "lean_hit_vs_direct_p50": ratio(lean),
+        "time_direct": _stats(timed["direct"]),
+        "time_cache_hit": _stats(timed["hit"]),
+        "time_hit_vs_direct_p50": ratio(timed),
         "hits_per_s_one_client_c16": e2e_rate,
         "hits_per_s_gateway_in_process": capacity,
     }
@@ -257,15 +284,26 @@ async def bench_throughput(seconds: float = 3.0, levels: tuple[int, ...] = (1, 1
         cfg = _config(Path(d), {"everything": {"command": NODE, "args": [str(EVERYTHING), "stdio"]}})
         for label, tool, args, vary in tools:
             for c in levels:
-                rates = {}
-                for path, params, name in (
-                    ("direct", _everything(), tool),
-                    ("relay", _relay(), tool),
-                    ("mcpopt", _mcpopt(cfg), f"everything__{tool}"),
-                ):
-                    async with Client(params, mode="legacy") as client:
-                        await _rate(client, name, args, c, 0.3, vary)
-                        rates[path] = await _rate(client, name, args, c, seconds, vary)
+                paths = {
+                    "direct": (_everything(), tool),
+                    "relay": (_relay(), tool),
+                    "mcpopt": (_mcpopt(cfg), f"everything__{tool}"),
+                }
+                done = dict.fromkeys(paths, 0.0)
+                spent = dict.fromkeys(paths, 0.0)
+                async with contextlib.AsyncExitStack() as stack:
+                    clients = {
+                        k: await stack.enter_async_context(Client(params, mode="legacy"))
+                        for k, (params, _) in paths.items()
+                    }
+                    # A warm-up round of each, then THROUGHPUT_ROUNDS rounds, the order rotated.
+                    for slot in schedule(list(paths), THROUGHPUT_ROUNDS, warmup_rounds=1):
+                        length = 0.3 if slot.warmup else seconds / THROUGHPUT_ROUNDS
+                        rate = await _rate(clients[slot.path], paths[slot.path][1], args, c, length, vary)
+                        if not slot.warmup:
+                            done[slot.path] += rate * length
+                            spent[slot.path] += length
+                rates = {k: done[k] / spent[k] for k in paths}
                 direct_rate = rates["direct"]
                 rows.append(
                     {
@@ -279,6 +317,10 @@ async def bench_throughput(seconds: float = 3.0, levels: tuple[int, ...] = (1, 1
                     }
                 )
     return rows
+
+
+THROUGHPUT_ROUNDS = 3
+"""Rounds per path in `bench_throughput` (each `seconds / THROUGHPUT_ROUNDS` long)."""
 
 
 async def bench_startup(n: int = 20) -> dict[str, Any]:

@@ -112,6 +112,7 @@ def _setup(base: Path) -> Path:
     data = {
         "mcpServers": _servers(base),
         "gateway": {
+            "data_dir": str(base / "data"),
             "telemetry": {"enabled": False},
             "workflows": {"journal": {"path": str(base / "journal.db")}},
         },

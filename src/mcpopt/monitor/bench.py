@@ -2,7 +2,8 @@
 
 Two pipelines share one in-process terminal that answers at once with a small result: one
 without filters, one with `[telemetry.filter, telemetry.timer]` from a running `Telemetry`
-(SQLite sink, Prometheus, monitor all on). Calls alternate between them in blocks; each call
+(SQLite sink, Prometheus, monitor all on). After a warm-up block on each, calls alternate between
+them in blocks, the order rotated every round (`mcpopt.monitor.compare.schedule`); each call
 is timed alone (`perf_counter_ns`); between blocks the background work runs (timed apart) and
 the SQLite writer catches up (untimed). The overhead is p50(with) - p50(without), in us. The
 background work per record (building it, statistics, metrics, handing it to the sinks) runs off
@@ -20,6 +21,7 @@ import time
 from typing import Any
 
 from mcpopt.config import TelemetrySettings
+from mcpopt.monitor.compare import schedule
 from mcpopt.monitor.hub import Telemetry
 from mcpopt.monitor.stats import percentile
 from mcpopt.pipeline import Pipeline, ToolCall, ToolResult
@@ -51,27 +53,35 @@ async def run_telemetry_bench(calls: int = 20_000, level: str = "standard", bloc
             cpu_ns = {id(base): 0, id(with_tel): 0}
             perf = time.perf_counter_ns
             cpu = time.process_time_ns
-            i = 0
-            while i < calls:
-                for pipe, sink in ((base, base_ns), (with_tel, tel_ns)):
-                    p0 = cpu()
-                    for j in range(block):
-                        call = ToolCall(
-                            "bench", "get_time", "bench__get_time", {"name": "get_time", "arguments": {"tz": f"Z{j}"}}
-                        )
-                        call.session_id = "session-1"
-                        t0 = perf()
-                        await pipe(call)
-                        sink.append(perf() - t0)
-                    cpu_ns[id(pipe)] += cpu() - p0
-                i += block
+            pipes = {"without": (base, base_ns), "with": (with_tel, tel_ns)}
+            # One warm-up round of each (dropped), then rounds alternating, the order rotated
+            # (`monitor.compare.schedule`): neither pipeline always runs first or cold.
+            for slot in schedule(list(pipes), max(1, -(-calls // block)), warmup_rounds=1):
+                pipe, sink = pipes[slot.path]
+                got: list[int] = []
+                p0 = cpu()
+                for j in range(block):
+                    call = ToolCall(
+                        "bench", "get_time", "bench__get_time", {"name": "get_time", "arguments": {"tz": f"Z{j}"}}
+                    )
+                    call.session_id = "session-1"
+                    t0 = perf()
+                    await pipe(call)
+                    got.append(perf() - t0)
+                spent = cpu() - p0
                 p0 = cpu()
                 c0 = time.thread_time_ns()
-                bg_n += hub.process_pending()
-                bg_ns += time.thread_time_ns() - c0
+                n = hub.process_pending()
+                background = time.thread_time_ns() - c0
                 for s in hub.sinks:  # steady state: the writer keeps up between blocks
                     await asyncio.to_thread(s.drain, 5.0)
-                cpu_ns[id(with_tel)] += cpu() - p0
+                spent += cpu() - p0
+                if not slot.warmup:
+                    sink.extend(got)
+                    cpu_ns[id(pipe)] += spent
+                    if pipe is with_tel:
+                        bg_n += n
+                        bg_ns += background
             await hub.flush()
         finally:
             await hub.stop()
