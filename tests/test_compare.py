@@ -180,3 +180,26 @@ def test_before_after_labels_say_what_they_measured() -> None:
     events = [LoopEvent("applied", "x", ""), LoopEvent("applied", "y", ""), LoopEvent("rolled_back", "z", "")]
     labels = [s.label for s in _before_after(LoopReport(before=before, after=after, events=events))]
     assert labels == ["before: the rules in force", "after: + 2 rule(s) validated, - 1 rolled back"]
+
+
+async def test_performance_benchmark_tool_compares_with_the_direct_path(tmp_path: Path) -> None:
+    from mcp import Client
+
+    from mcpopt.gateway.assembly import build_gateway
+
+    cfg = load_config(data={"mcpServers": {"time": time_entry()}, "gateway": {"data_dir": str(tmp_path)}})
+    gw = build_gateway(cfg)
+    async with gw.running(), Client(gw.server, mode="legacy") as client:
+        args = {
+            "calls": [{"name": "time__get_current_time", "arguments": {"timezone": "UTC"}}],
+            "iterations": 25,
+            "warmup": 2,
+            "compare_direct": True,
+        }
+        got = (await client.call_tool("mcpopt__run_performance_benchmark", args)).structured_content
+    assert got is not None
+    row = got["results"][0]
+    assert row["errors"] == 0 and row["calls"] == 50
+    assert row["direct"]["n"] == row["gateway"]["n"] == 25
+    assert set(row["added_ms"]) == {"p50", "p99"} and "alternating" in row["method"]
+    assert row["added_ms"]["p50"] == round(row["gateway"]["p50"] - row["direct"]["p50"], 3)

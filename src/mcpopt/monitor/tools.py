@@ -7,7 +7,10 @@
   whole pipeline, `iterations` times each (after `warmup` unmeasured calls), `concurrency` at a
   time, and returns min/avg/p50/p95/p99/max in ms, errors and a grade per tool. Only read-only
   tools unless `allow_writes: true`; at most `MAX_CALLS` tools x `MAX_ITERATIONS` calls, and
-  `DEADLINE_S` seconds in all (partial figures are returned past it).
+  `DEADLINE_S` seconds in all (partial figures are returned past it). With `compare_direct: true`
+  each tool is also called straight on its upstream session (no pipeline), the two paths
+  alternating in rounds after warm-up (`mcpopt.monitor.compare`): both spreads and what the
+  gateway adds (p50, p99).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def register_tools(gateway: GatewayAPI, hub: Telemetry) -> None:
         concurrency = _int(arguments.get("concurrency", 1), 1, MAX_CONCURRENCY, "concurrency", bench_name)
         warmup = _int(arguments.get("warmup", 1), 0, 20, "warmup", bench_name)
         allow_writes = bool(arguments.get("allow_writes", False))
+        compare_direct = bool(arguments.get("compare_direct", False))
         deadline = time.monotonic() + DEADLINE_S
         results = []
         for item in calls:
@@ -87,6 +91,9 @@ def register_tools(gateway: GatewayAPI, hub: Telemetry) -> None:
                 )
                 continue
             params = {"name": name, "arguments": args if isinstance(args, dict) else {}}
+            if compare_direct:
+                results.append(await _compare_one(gateway, link, params, iterations, concurrency, warmup, deadline))
+                continue
             results.append(
                 await _bench_one(gateway, link, params, iterations, concurrency, warmup, deadline, hub.settings.grades)
             )
@@ -115,7 +122,8 @@ def register_tools(gateway: GatewayAPI, hub: Telemetry) -> None:
             name=bench_name,
             description=(
                 "Benchmark tools: call each given tool with the given arguments several times through the gateway "
-                "and return latency percentiles (ms), errors and a grade. Read-only tools only unless allow_writes."
+                "and return latency percentiles (ms), errors and a grade. Read-only tools only unless allow_writes. "
+                "With compare_direct, the direct path (the upstream session, no pipeline) alternates with it."
             ),
             input_schema={
                 "type": "object",
@@ -134,6 +142,12 @@ def register_tools(gateway: GatewayAPI, hub: Telemetry) -> None:
                     "concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY, "default": 1},
                     "warmup": {"type": "integer", "minimum": 0, "maximum": 20, "default": 1},
                     "allow_writes": {"type": "boolean", "default": False},
+                    "compare_direct": {
+                        "type": "boolean",
+                        "default": False,
+                        "description": "also call each tool straight on its upstream session (no pipeline), "
+                        "alternating with the gateway path after warm-up; reports both and what the gateway adds",
+                    },
                 },
                 "required": ["calls"],
             },
@@ -214,4 +228,76 @@ async def _bench_one(
         out["first_error"] = errors[0]
     if total < iterations:
         out["note"] = f"stopped after {DEADLINE_S:g} s"
+    return out
+
+
+COMPARE_ROUNDS = 10
+"""Rounds of `compare_direct`: each round runs `iterations / COMPARE_ROUNDS` calls on each path."""
+
+
+async def _compare_one(
+    gateway: Any, link: Any, params: dict[str, Any], iterations: int, concurrency: int, warmup: int, deadline: float
+) -> dict[str, Any]:
+    """`compare_direct`: the tool through the gateway (`call_tool`, the whole pipeline) and straight
+    on its upstream pool (`ServerPool.call`, what the pipeline's terminal does), `warmup` calls on
+    each, then rounds alternating the two paths with the order rotated (`monitor.compare`).
+
+    Returns `{name, calls, errors, direct: spread, gateway: spread, added_ms: {p50, p99}}` (ms);
+    a cached tool's gateway figures are cache hits, not the same work as its direct calls."""
+    from mcpopt.monitor.compare import added, schedule, spread
+    from mcpopt.pipeline import ToolCall
+    from mcpopt.policy import UNKNOWN
+
+    name = params["name"]
+    route = gateway.catalog.tool_routes[name]
+    info = gateway.catalog.tool_infos.get(name, UNKNOWN)
+    errors: list[str] = []
+
+    async def via_gateway() -> dict[str, Any]:
+        return await gateway.call_tool(dict(params), link)  # type: ignore[no-any-return]
+
+    async def direct() -> dict[str, Any]:
+        upstream = {"name": route.name, "arguments": params["arguments"]}
+        call = ToolCall(route.server, route.name, name, upstream, info=info)
+        return await gateway.upstreams[route.server].call(call)  # type: ignore[no-any-return]
+
+    paths = {"direct": direct, "gateway": via_gateway}
+    samples: dict[str, list[float]] = {"direct": [], "gateway": []}
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(fn: Any, sink: list[float] | None) -> None:
+        async with limit:
+            if time.monotonic() > deadline:
+                return
+            t0 = time.perf_counter()
+            try:
+                result = await fn()
+            except Exception as exc:  # noqa: BLE001 - counted and reported, never raised
+                errors.append(exc.error.message if isinstance(exc, MCPError) else f"{type(exc).__name__}: {exc}")
+                return
+            if result.get("isError"):
+                errors.append("isError: the tool reported an error")
+                return
+            if sink is not None:
+                sink.append((time.perf_counter() - t0) * 1000)
+
+    per_round = max(1, -(-iterations // COMPARE_ROUNDS))
+    for slot in schedule(list(paths), -(-iterations // per_round), warmup_rounds=1 if warmup else 0):
+        sink = None if slot.warmup else samples[slot.path]
+        n = warmup if slot.warmup else min(per_round, iterations - len(samples[slot.path]))
+        await asyncio.gather(*(one(paths[slot.path], sink) for _ in range(n)))
+    d, g = spread(samples["direct"]), spread(samples["gateway"])
+    out: dict[str, Any] = {
+        "name": name,
+        "calls": len(samples["direct"]) + len(samples["gateway"]),
+        "errors": len(errors),
+        "direct": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()},
+        "gateway": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in g.items()},
+        "added_ms": {k: (round(v, 3) if v is not None else None) for k, v in added(g, d).items()},
+        "method": "direct and gateway alternating in rounds (order rotated) after warm-up on each; ms",
+    }
+    if errors:
+        out["first_error"] = errors[0]
+    if d["n"] < iterations or g["n"] < iterations:
+        out["note"] = f"stopped after {DEADLINE_S:g} s" if time.monotonic() > deadline else "some calls failed"
     return out
