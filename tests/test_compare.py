@@ -203,3 +203,24 @@ async def test_performance_benchmark_tool_compares_with_the_direct_path(tmp_path
     assert row["direct"]["n"] == row["gateway"]["n"] == 25
     assert set(row["added_ms"]) == {"p50", "p99"} and "alternating" in row["method"]
     assert row["added_ms"]["p50"] == round(row["gateway"]["p50"] - row["direct"]["p50"], 3)
+
+
+def test_overhead_rows_compare_every_path_with_direct_and_the_relay() -> None:
+    from mcpopt.bench.overhead import rows_of, summarize, targets
+
+    results = [
+        summarize("stdio", "direct", [1.0] * 99 + [3.0], 0),
+        summarize("stdio", "relay", [1.05] * 99 + [3.5], 0),
+        summarize("stdio", "mcpopt", [1.2] * 99 + [4.0], 0),
+        summarize("http", "direct", [2.0] * 100, 0),
+        summarize("http", "mcpopt", [2.5] * 100, 0),
+    ]
+    rows = {(r["transport"], r["path"]): r for r in rows_of(results)}
+    mc = rows[("stdio", "mcpopt")]
+    assert mc["added_vs_direct"] == pytest.approx({"p50": 0.2, "p99": 1.0})
+    assert mc["added_vs_relay"] == pytest.approx({"p50": 0.15, "p99": 0.5})
+    assert "added_vs_relay" not in rows[("stdio", "relay")] and "added_vs_direct" not in rows[("stdio", "direct")]
+    assert "added_vs_relay" not in rows[("http", "mcpopt")]  # no relay measured on that transport
+    (goal,) = targets(list(rows.values()))  # only where a relay was measured
+    assert goal["transport"] == "stdio" and goal["p50_met"] is False and goal["p99_met"] is True
+    assert goal["p50_over_relay_ms"] == pytest.approx(0.15) and goal["p99_over_direct_ms"] == pytest.approx(1.0)
