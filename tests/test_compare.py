@@ -132,7 +132,12 @@ async def test_quick_bench_alternates_after_warm_up_and_marks_cache_served_calls
     # The second identical call of each gateway run is a cache hit: counted, so the reader knows
     # this tool's gateway figure is not the same work as its direct one.
     assert row["gateway_served"] == 3
-    assert "0 tools the cache did not serve" in bench_verdict(table)
+    # Paired: step a of each round (a miss on the gateway) against step a of the same round's direct
+    # run; step b (a cache hit) is left out.
+    assert row["added_paired"]["n"] == 3
+    assert bench_verdict(table, suites) == "no tool the cache did not serve was measured on both paths"
+    row["gateway_served"] = 0  # read as if no call had been served: the verdict counts the pairs
+    assert "all 3 paired differences" in bench_verdict(table, suites)
 
 
 async def test_analyze_alternates_direct_before_after_per_scenario(tmp_path: Path) -> None:

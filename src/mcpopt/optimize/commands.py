@@ -214,10 +214,35 @@ async def bench_paths(runner: Any, scenarios: Sequence[Scenario], rounds: int, p
     return timed
 
 
+def paired_differences(suites: Sequence[SuiteRun]) -> dict[str, list[float]]:
+    """Per gateway tool name, `gateway ms - direct ms` of the same step of the same scenario in the
+    same round (`suites`: one direct and one gateway suite per round, as `bench_paths` returns them);
+    steps the gateway answered without a server (cache hit, coalesced) are left out."""
+    diffs: dict[str, list[float]] = {}
+    n = len(BENCH_PATHS)
+    for i in range(0, len(suites) - n + 1, n):
+        by_mode = {s.mode: s for s in suites[i : i + n]}
+        d_suite, g_suite = by_mode.get("direct"), by_mode.get("gateway")
+        if d_suite is None or g_suite is None:
+            continue
+        for d_run, g_run in zip(d_suite.runs, g_suite.runs, strict=False):
+            if d_run.skipped or g_run.skipped or d_run.scenario.id != g_run.scenario.id:
+                continue
+            for d_step, g_step in zip(d_run.steps, g_run.steps, strict=False):
+                if d_step.id == g_step.id and g_step.upstream:
+                    diffs.setdefault(g_step.tool, []).append(g_step.ms - d_step.ms)
+    return diffs
+
+
 def bench_table(suites: Sequence[SuiteRun]) -> dict[str, dict[str, Any]]:
-    """Per gateway tool name: `{direct: spread, gateway: spread, gateway_served: n, added_p50_ms}`;
-    `gateway_served` counts the gateway calls that no server executed (cache hits, coalesced calls):
-    a tool with any is marked, since its gateway figure is not the same work as its direct one."""
+    """Per gateway tool name: `{direct: spread, gateway: spread, gateway_served: n, added_p50_ms,
+    added_paired: spread}` (ms; `spread` of `mcpopt.monitor.compare`).
+
+    `suites` are `bench_paths`' output, one direct and one gateway suite per round. `added_p50_ms` is
+    gateway p50 - direct p50; `added_paired` is the spread of the paired differences (gateway - direct
+    for the same step of the same scenario in the same round), which a machine's drift between
+    rounds does not reach. `gateway_served` counts gateway calls no server executed (cache hits,
+    coalesced calls): such a tool's gateway figure is not the same work as its direct one."""
     samples: dict[str, dict[str, list[float]]] = {}
     served: dict[str, int] = {}
     for s in suites:
@@ -226,12 +251,14 @@ def bench_table(suites: Sequence[SuiteRun]) -> dict[str, dict[str, Any]]:
                 samples.setdefault(step.tool, {}).setdefault(s.mode, []).append(step.ms)
                 if s.mode == "gateway" and not step.upstream:
                     served[step.tool] = served.get(step.tool, 0) + 1
+    diffs = paired_differences(suites)
     out: dict[str, dict[str, Any]] = {}
     for tool, by in sorted(samples.items()):
         row: dict[str, Any] = {mode: _ms(spread(by.get(mode, []))) for mode in BENCH_PATHS}
         row["gateway_served"] = served.get(tool, 0)
         d, g = row["direct"]["p50"], row["gateway"]["p50"]
         row["added_p50_ms"] = round(g - d, 3) if d is not None and g is not None else None
+        row["added_paired"] = _ms(spread(diffs.get(tool, [])))
         out[tool] = row
     return out
 
@@ -270,7 +297,7 @@ async def quick(
         print(json.dumps(result, indent=2, default=str))
         return result
     out.print(_bench_rich(result["benchmark"], rounds))
-    out.print(bench_verdict(result["benchmark"]), highlight=False)
+    out.print(bench_verdict(result["benchmark"], bench), highlight=False)
     out.print(_kpi_table("scenario KPIs before / after this run's rules", _before_after(report)))
     _print_loop(report)
     _recommendations(report)
@@ -278,23 +305,20 @@ async def quick(
     return result
 
 
-def bench_verdict(rows: dict[str, dict[str, Any]]) -> str:
-    """One line reading `bench_table`: of the tools no gateway call of which was served without a
-    server, how many show direct p50 <= gateway p50, and whether the others' gap is inside the
-    spread (smaller than both paths' interquartile ranges: noise, not a faster gateway)."""
-    fair = {t: r for t, r in rows.items() if not r["gateway_served"] and r["added_p50_ms"] is not None}
-    slower = [t for t, r in fair.items() if r["added_p50_ms"] >= 0]
-    faster = {t: r for t, r in fair.items() if r["added_p50_ms"] < 0}
-    noise = [
-        t for t, r in faster.items() if -r["added_p50_ms"] < min(r["direct"]["iqr"] or 0.0, r["gateway"]["iqr"] or 0.0)
-    ]
-    line = f"direct p50 <= gateway p50 on {len(slower)} of {len(fair)} tools the cache did not serve"
-    if faster:
-        line += f"; on {len(noise)} of the other {len(faster)} the gap is smaller than both paths' p25-p75 range"
-        outside = sorted(set(faster) - set(noise))
-        if outside:
-            line += f" (not: {', '.join(outside)})"
-    return line
+def bench_verdict(rows: dict[str, dict[str, Any]], suites: Sequence[SuiteRun]) -> str:
+    """One line reading `bench_table` over the tools the cache did not serve: on how many the gateway
+    adds >= 0 (median of their paired differences), and the median and p25-p75 of all their paired
+    differences together (the figure a noisy machine moves least)."""
+    fair = {t for t, r in rows.items() if not r["gateway_served"] and r["added_paired"]["n"]}
+    if not fair:
+        return "no tool the cache did not serve was measured on both paths"
+    slower = [t for t in fair if rows[t]["added_paired"]["p50"] >= 0]
+    both = spread(x for t, xs in paired_differences(suites).items() if t in fair for x in xs)
+    return (
+        f"direct <= gateway (median of paired differences) on {len(slower)} of {len(fair)} tools the cache did "
+        f"not serve; all {both['n']} paired differences: the gateway adds {both['p50']:+.3f} ms median "
+        f"[p25 {both['q1']:+.3f}, p75 {both['q3']:+.3f}]"
+    )
 
 
 def _bench_rich(rows: dict[str, dict[str, Any]], rounds: int) -> Table:
@@ -303,10 +327,11 @@ def _bench_rich(rows: dict[str, dict[str, Any]], rounds: int) -> Table:
     table = Table(
         title=f"benchmark, ms per call: {rounds} rounds alternating direct / gateway after a warm-up round of each",
         caption="p50 \\[p25-p75]; p95, p99 in --json. direct: straight to the upstream session; gateway: the whole "
-        "pipeline, same sessions. served: gateway calls no server executed (cache hit, coalesced)",
+        "pipeline, same sessions. added p50: gateway p50 - direct p50; paired: median of gateway - direct for the "
+        "same step in the same round. served: gateway calls no server executed (cache hit, coalesced)",
         box=box.SIMPLE_HEAD,
     )
-    for col in ("tool", "n", "direct", "gateway", "added p50", "served"):
+    for col in ("tool", "n", "direct", "gateway", "added p50", "paired", "served"):
         if col == "tool":
             table.add_column(col, overflow="fold")
         else:
@@ -323,6 +348,7 @@ def _bench_rich(rows: dict[str, dict[str, Any]], rounds: int) -> Table:
             cell(d),
             cell(g),
             "-" if r["added_p50_ms"] is None else f"{r['added_p50_ms']:+.2f}",
+            "-" if r["added_paired"]["p50"] is None else f"{r['added_paired']['p50']:+.2f}",
             f"{r['gateway_served']}/{g['n']}" if r["gateway_served"] else "",
         )
     return table
