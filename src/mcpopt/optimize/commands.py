@@ -285,6 +285,7 @@ async def quick(
             report = await loop.run_once(apply=True)
     result: dict[str, Any] = {
         "benchmark": bench_table(bench),
+        "benchmark_verdict": bench_verdict(bench_table(bench), bench),
         "benchmark_method": (
             f"{rounds} rounds alternating direct and gateway (order rotated each round) after one warm-up round "
             "of each; ms per call, nearest-rank percentiles over every call of a tool in all rounds"
@@ -297,7 +298,7 @@ async def quick(
         print(json.dumps(result, indent=2, default=str))
         return result
     out.print(_bench_rich(result["benchmark"], rounds))
-    out.print(bench_verdict(result["benchmark"], bench), highlight=False)
+    out.print(result["benchmark_verdict"], highlight=False, markup=False)
     out.print(_kpi_table("scenario KPIs before / after this run's rules", _before_after(report)))
     _print_loop(report)
     _recommendations(report)
