@@ -70,7 +70,7 @@ def scenarios_coverage(
 def quick(
     config: str = ConfigOpt,
     rounds: int = typer.Option(
-        20, "--rounds", help="Benchmark rounds, alternating direct and gateway (after a warm-up round of each)."
+        100, "--rounds", help="Benchmark rounds, alternating direct and gateway (after a warm-up round of each)."
     ),
     scenarios: list[str] = ScenariosOpt,
     rules: str | None = RulesPathOpt,
