@@ -105,3 +105,16 @@ async def test_configs_sharing_a_data_dir_see_each_others_telemetry(tmp_path: Pa
 
 def _files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+def test_stats_without_a_store_points_at_the_old_shared_one(tmp_path: Path, xdg: Path) -> None:
+    from mcpopt.cli import app
+
+    (tmp_path / "a").mkdir()
+    a = write_config(tmp_path / "a" / "mcpopt.yaml", {"alpha": time_entry()})
+    res = CliRunner().invoke(app, ["stats", "-c", str(a)])
+    assert res.exit_code == 1 and "before data dirs were per config" not in res.output
+    xdg.mkdir(parents=True)
+    (xdg / "telemetry.db").write_bytes(b"")  # what every config shared before issue 15
+    res = CliRunner().invoke(app, ["stats", "-c", str(a)])
+    assert res.exit_code == 1 and f"--db {xdg / 'telemetry.db'}" in res.output.replace("\n", "")

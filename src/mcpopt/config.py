@@ -1315,6 +1315,7 @@ gateway:
   page_size: 0                            # 0 = lists are sent whole; N = paginate the gateway's lists
   list_ttl_ms: 60000                      # ttlMs on lists to 2026-07-28 clients (they also hear list_changed)
   log_level: warning
+  # data_dir: ~/mcpopt-shared             # telemetry, rules, journal, skills (default: one folder per config file)
   restart:                                # crashed upstreams restart with exponential backoff
     enabled: true
     initial_backoff_ms: 500
