@@ -34,8 +34,8 @@ from mcp import StdioServerParameters
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from mcpopt.bench.lineclient import LineClient  # noqa: E402
 from mcpopt.bench.overhead import SERVERS_PY, CpuMeter, child_matching  # noqa: E402
-from mcpopt.bench.speed import LineClient  # noqa: E402
 from mcpopt.monitor.compare import schedule, spread  # noqa: E402
 
 TIME = str(SERVERS_PY / "mcp-server-time")

@@ -37,6 +37,7 @@ import anyio
 import psutil
 from mcp import Client, StdioServerParameters
 
+from mcpopt.bench.lineclient import LineClient
 from mcpopt.monitor.compare import added, schedule
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -201,7 +202,9 @@ def _relays_stdio(cmd: list[str]) -> list[tuple[str, StdioServerParameters]]:
     return out
 
 
-async def _stdio_paths(calls: int, warmup: int, peers: bool, tmp: Path, block: int) -> list[PathResult]:
+async def _stdio_paths(
+    calls: int, warmup: int, peers: bool, tmp: Path, block: int, client: str = "sdk"
+) -> list[PathResult]:
     time_cmd = str(SERVERS_PY / "mcp-server-time")
     arguments: dict[str, Any] = {"timezone": "UTC"}
     cfg = _write(
@@ -234,14 +237,20 @@ async def _stdio_paths(calls: int, warmup: int, peers: bool, tmp: Path, block: i
         meters: dict[str, CpuMeter] = {}
         taken: set[int] = set()
         for label, params, tool in paths:
-            # Legacy mode: FastMCP's proxy fails the SDK's default auto mode on some servers (see README).
-            client = await stack.enter_async_context(Client(params, mode="legacy"))
-            proc = child_matching(params, taken)
-            meters[label] = CpuMeter(proc if label != "direct" else None)
+            if client == "lean":
+                lean = await stack.enter_async_context(LineClient(params))
 
-            def one(c: Client = client, t: str = tool) -> Awaitable[Any]:
-                return c.call_tool(t, arguments)
+                def one(c: LineClient = lean, t: str = tool) -> Awaitable[Any]:
+                    return c.request("tools/call", {"name": t, "arguments": arguments})
 
+            else:
+                # Legacy mode: FastMCP's proxy fails the SDK's default auto mode on some servers (see README).
+                sdk = await stack.enter_async_context(Client(params, mode="legacy"))
+
+                def one(c: Client = sdk, t: str = tool) -> Awaitable[Any]:  # type: ignore[misc]
+                    return c.call_tool(t, arguments)
+
+            meters[label] = CpuMeter(child_matching(params, taken) if label != "direct" else None)
             turns[label] = one
         return await alternate("stdio", turns, calls, warmup, block, _ok_time, meters)
 
@@ -363,6 +372,8 @@ async def _auth_client(stack: contextlib.AsyncExitStack, tmp: Path, up_url: str)
 
 
 def _ok_time(result: Any) -> bool:
+    if isinstance(result, dict):  # the lean client's raw result
+        return not result.get("isError") and "datetime" in result["content"][0]["text"]
     return not result.is_error and "datetime" in result.content[0].text
 
 
@@ -382,7 +393,14 @@ TARGET_P99_OVER_DIRECT_MS = 1.5
 
 
 async def run_overhead(
-    calls: int, warmup: int, transports: list[str], peers: bool, as_json: bool, auth: bool = False, block: int = BLOCK
+    calls: int,
+    warmup: int,
+    transports: list[str],
+    peers: bool,
+    as_json: bool,
+    auth: bool = False,
+    block: int = BLOCK,
+    client: str = "sdk",
 ) -> None:
     """Run the paths and print the table; `auth` adds the `mcpopt+auth` HTTP path (alternated with
     the others) and the in-process cost of authentication, policy and rate limits (`mcpopt.bench.auth`)."""
@@ -391,7 +409,7 @@ async def run_overhead(
         tmp = Path(d)
         results: list[PathResult] = []
         if "stdio" in transports:
-            results += await _stdio_paths(calls, warmup, peers, tmp, block)
+            results += await _stdio_paths(calls, warmup, peers, tmp, block, client)
         if "http" in transports:
             results += await _http_paths(calls, warmup, peers, tmp, block, auth=auth)
     costs: list[dict[str, Any]] = []
@@ -400,7 +418,7 @@ async def run_overhead(
 
         costs = await in_process_costs()
     load_after = os.getloadavg()
-    report(results, as_json, costs, {"before": load, "after": load_after}, block)
+    report(results, as_json, costs, {"before": load, "after": load_after}, block, client)
 
 
 def rows_of(results: list[PathResult]) -> list[dict[str, Any]]:
@@ -450,13 +468,15 @@ def report(
     costs: list[dict[str, Any]] | None = None,
     load: dict[str, Any] | None = None,
     block: int = BLOCK,
+    client: str = "sdk",
 ) -> None:
     rows = rows_of(results)
     goals = targets(rows)
+    who = "the SDK Client (legacy mode)" if client == "sdk" else "the lean line client over stdio (HTTP: the SDK's)"
     method = (
-        f"all paths' connections open at once; {block} sequential calls per path per round, the order rotated "
-        "every round, after warm-up calls on each; nearest-rank percentiles; CPU: the path's own process "
-        "(user + system) over the timed rounds / its calls"
+        f"client: {who}; all paths' connections open at once; {block} sequential calls per path per round, "
+        "the order rotated every round, after warm-up calls on each; nearest-rank percentiles; CPU: the path's own "
+        "process (user + system) over the timed rounds / its calls"
     )
     if as_json:
         print(

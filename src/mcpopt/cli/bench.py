@@ -15,6 +15,9 @@ def bench_overhead(
     calls: int = typer.Option(500, "--calls", "-n", help="Measured calls per path (after warm-up)."),
     warmup: int = typer.Option(50, "--warmup", help="Untimed calls on each path before the timed rounds."),
     block: int = typer.Option(10, "--block", help="Timed calls per path per round (paths alternate by rounds)."),
+    client: str = typer.Option(
+        "sdk", "--client", help="stdio client: sdk (the SDK's Client) or lean (orjson lines, microseconds per call)."
+    ),
     transports: str = typer.Option("stdio,http", "--transports", help="stdio, http or both"),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also measure FastMCP's proxy."),
     auth: bool = typer.Option(
@@ -26,6 +29,9 @@ def bench_overhead(
     alternating in one run; p50/p95/p99 and what each adds over direct and over the relay."""
     from mcpopt.bench.overhead import run_overhead
 
+    if client not in ("sdk", "lean"):
+        out.print(f"[red]--client: expected sdk or lean (got {client!r})[/red]")
+        raise typer.Exit(2)
     install_reaper()
     run(
         run_overhead(
@@ -36,6 +42,7 @@ def bench_overhead(
             as_json=as_json,
             auth=auth,
             block=max(1, block),
+            client=client,
         )
     )
 
