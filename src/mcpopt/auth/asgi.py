@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
@@ -37,8 +37,10 @@ from starlette.authentication import AuthCredentials
 from mcpopt.auth.errors import AuthError, AuthUnavailable, InsufficientScope
 from mcpopt.auth.metadata import challenge, metadata_paths, metadata_url, protected_resource_metadata
 from mcpopt.auth.principal import Principal
-from mcpopt.auth.tokens import Authenticator
 from mcpopt.config import AuthSettings
+
+if TYPE_CHECKING:
+    from mcpopt.auth.tokens import Authenticator
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,12 @@ class AuthMiddleware:
         self.app = app
         self.settings = settings
         self.resource = resource
-        self.authenticator = authenticator or Authenticator(settings, resource)
+        if authenticator is None:
+            # PyJWT and cryptography's x509 (~3 MiB, ~90 ms to import) load only where auth is on.
+            from mcpopt.auth.tokens import Authenticator
+
+            authenticator = Authenticator(settings, resource)
+        self.authenticator = authenticator
         self.public_paths = frozenset(public_paths)
         self.grant_admin = grant_admin
         self.metadata_url = metadata_url(resource)

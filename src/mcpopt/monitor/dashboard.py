@@ -46,9 +46,10 @@ def routes(hub: Telemetry) -> list[Any]:
 
     out: list[Any] = []
     if hub.prometheus is not None:
-        from mcpopt.monitor.prom import CONTENT_TYPE
 
         async def metrics(request: Request) -> Response:
+            from mcpopt.monitor.exposition import CONTENT_TYPE  # prometheus-client: loaded at the first scrape
+
             hub.process_pending()
             return Response(hub.prometheus.render(), media_type=CONTENT_TYPE)
 
