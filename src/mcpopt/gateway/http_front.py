@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import weakref
@@ -545,6 +546,7 @@ def _secure(settings: Any, ctype: bytes | None, host: bytes | None, origin: byte
     return True
 
 
+@functools.lru_cache(maxsize=64)  # a client sends the same Accept on every POST
 def _accepts_json_and_sse(accept: bytes | None) -> bool:
     """`mcp.server.streamable_http.check_accept_headers`: both JSON and SSE must be acceptable."""
     types = [t.strip().split(";")[0].strip().lower() for t in (accept or b"").decode("latin-1").split(",")]

@@ -372,6 +372,8 @@ class HttpFastChannel:
         headers["content-type"] = "application/json"
         self._static = {k: v for k, v in headers.items() if not k.startswith("mcp-")}
         self._host_header = host_header
+        self._head_cache: tuple[tuple[Any, ...], bytes] | None = None
+        """The last `(key, head without content-length)` built by `_head`."""
         self._idle: list[_Conn] = []
         self._active: set[_Conn] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -475,7 +477,12 @@ class HttpFastChannel:
 
     def _cookies(self) -> bool:
         jar = getattr(getattr(self._http, "cookies", None), "jar", None)
-        return bool(jar is not None and len(jar))
+        if jar is None:
+            return False
+        # `len(jar)` walks every cookie through a generator (~10 us a request); the jar's own
+        # domain table is empty until a first cookie arrives, which is all this asks.
+        table = getattr(jar, "_cookies", None)
+        return bool(table) if isinstance(table, dict) else bool(len(jar))
 
     # ---- requests -------------------------------------------------------------------------
     async def request(
@@ -557,6 +564,16 @@ class HttpFastChannel:
             raise
 
     def _head(self, verb: str, path: str, stamped: Mapping[str, str], length: int | None, **extra: str) -> bytes:
+        if extra or length is None:
+            return self._build_head(verb, path, stamped, length, **extra)
+        # A session's forwarded POSTs differ only in content-length: the rest is built once.
+        key = (verb, path, self.session_id, tuple(stamped.items()))
+        cached = self._head_cache
+        if cached is None or cached[0] != key:
+            cached = self._head_cache = (key, self._build_head(verb, path, stamped, None)[:-2])
+        return b"%scontent-length: %d\r\n\r\n" % (cached[1], length)
+
+    def _build_head(self, verb: str, path: str, stamped: Mapping[str, str], length: int | None, **extra: str) -> bytes:
         lines = [f"{verb} {path} HTTP/1.1", f"host: {self._host_header}"]
         for key, value in self._static.items():
             if key not in extra:
