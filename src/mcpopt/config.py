@@ -658,7 +658,11 @@ class HttpEdgeSettings(_Strict):
     """Sessions one client (its principal when authenticated, else its address) may hold; over it, its
     own least recently used idle session ends."""
     session_idle_timeout_ms: int = Field(600_000, gt=0)
-    """A session without a request in flight (or an open GET stream) for this long ends (404 after)."""
+    """A session without a request in flight (or an open GET stream) for this long ends (404 after).
+    With `gateway.shared.redis_url` it is also the sliding TTL of the session's record in Redis."""
+    drain_timeout_ms: int = Field(30_000, ge=0)
+    """On SIGTERM, `/healthz` answers 503 and new MCP requests 503 (`Retry-After`); requests in
+    flight get this long to finish before the process exits (Kubernetes' default grace is 30 s)."""
 
 
 class StdioEdgeSettings(_Strict):
@@ -907,6 +911,23 @@ class WatchSettings(_Strict):
     running then fail with an error naming the server and the reason (they are not retried)."""
 
 
+class SharedSettings(_Strict):
+    """Shared state for gateway replicas (`gateway.shared`): one Redis for all of them.
+
+    When `redis_url` is set, client sessions (handshake era) are kept there so any replica can serve
+    a session's next request (`mcpopt.gateway.session_store`). The result cache's L2 and the rate-limit
+    counters have their own keys (`cache.redis_url`, `limits.storage`): point them at the same Redis.
+    """
+
+    redis_url: str | None = None
+    """`redis://host:port/db` (env `MCPOPT_GATEWAY__SHARED__REDIS_URL`); None: embedded, no Redis."""
+    replica: str | None = None
+    """This replica's name in telemetry and the `X-Mcpopt-Replica` response header (default
+    `<hostname>:<port>` of `serve -t http`, else `<hostname>:<pid>`)."""
+    key_prefix: str = "mcpopt:"
+    """Namespace of every key and channel in that Redis (several gateways may share one)."""
+
+
 class GatewaySettings(_Strict):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
@@ -960,6 +981,8 @@ class GatewaySettings(_Strict):
     policy: PolicySettings = Field(default_factory=lambda: PolicySettings())
     """Who may see and call what (applies when `auth` is on)."""
     limits: LimitsSettings = Field(default_factory=lambda: LimitsSettings())
+    shared: SharedSettings = Field(default_factory=lambda: SharedSettings())
+    """Shared state for replicas behind a load balancer (Redis)."""
     """Rate limits and quotas: global, per tool, per principal."""
     watch: WatchSettings = Field(default_factory=lambda: WatchSettings())
     """The upstream resource watch: sampling interval, memory-growth alert, restart at `max_rss_mb`."""

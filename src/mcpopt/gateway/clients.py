@@ -131,6 +131,12 @@ class Clients:
         del self._subscriptions[uri]
         return True
 
+    def session_state(self, conn: Connection) -> tuple[str | None, list[str], str]:
+        """What a replica must know of `conn` to serve it: its explicit `logging/setLevel` (None when
+        never set), the URIs it is subscribed to (sorted) and the owner key of those subscriptions."""
+        uris = sorted(uri for uri, subs in self._subscriptions.items() if conn in subs)
+        return self._levels.get(conn), uris, self._owners.get(conn, "")
+
     async def resource_updated(self, uri: str, owner: str | None = None) -> None:
         """Tell the connections subscribed to `uri`; with `owner`, only that owner's (an isolated
         session's update is its owner's alone)."""

@@ -358,8 +358,10 @@ def wrap_http(
     *,
     path: str = "/mcp",
     authenticate: Callable[[ASGIApp], ASGIApp] | None = None,
+    shared_sessions: Callable[[SessionGuard], ASGIApp] | None = None,
 ) -> ASGIApp:
-    """The edge around the HTTP front's app: Host/Origin -> [authenticate] -> JSON-RPC -> sessions -> app.
+    """The edge around the HTTP front's app: Host/Origin -> [authenticate] -> JSON-RPC ->
+    [shared sessions] -> sessions -> app.
 
     Args:
         app: the front (`HttpFront` over the SDK's Starlette app).
@@ -367,11 +369,14 @@ def wrap_http(
         bind_host: the address the server listens on.
         manager: the SDK session manager behind `app` (for `SessionGuard`).
         authenticate: wraps an ASGI app in the authentication layer (sets `scope["mcpopt.principal"]`).
+        shared_sessions: wraps the session guard in the layer that resumes sessions other replicas
+            opened (`mcpopt.gateway.session_store.SharedSessions`).
     """
     http = config.gateway.http
-    inner: ASGIApp = SessionGuard(
+    guard = SessionGuard(
         app, manager, max_sessions=http.max_sessions, max_sessions_per_client=http.max_sessions_per_client, path=path
     )
+    inner: ASGIApp = guard if shared_sessions is None else shared_sessions(guard)
     inner = JsonRpcGuard(inner, path=path, max_body_bytes=http.max_body_bytes)
     if authenticate is not None:
         inner = authenticate(inner)

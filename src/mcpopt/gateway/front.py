@@ -341,6 +341,7 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
     from mcpopt.gateway.edge import health, may_see_details, wrap_http
     from mcpopt.gateway.headers import HeaderNormalizer
     from mcpopt.gateway.http_front import HttpFront
+    from mcpopt.gateway.replica import ReplicaEdge
 
     http = gateway.config.gateway.http
 
@@ -364,7 +365,30 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
     manager = gateway.server._session_manager  # noqa: SLF001 - set by streamable_http_app
     if authenticate is None and gateway.config.gateway.auth.enabled:
         authenticate = auth_layer(gateway, host, port)
-    return HeaderNormalizer(wrap_http(front, gateway.config, host, manager, authenticate=authenticate))
+    closers: list[Any] = []
+    shared_sessions = None
+    shared = gateway.config.gateway.shared
+    if shared.redis_url:
+        from mcpopt.gateway.session_store import SharedSessions
+        from mcpopt.state.redis import RedisStateStore
+
+        store = RedisStateStore(shared.redis_url, prefix=shared.key_prefix)
+        ttl_s = http.session_idle_timeout_ms / 1000
+
+        def shared_sessions(guard: Any) -> Any:
+            layer = SharedSessions(guard, gateway, manager, store, ttl_s=ttl_s, guard=guard)
+            closers.extend([layer.aclose, store.aclose])
+            return layer
+
+    edge = wrap_http(front, gateway.config, host, manager, authenticate=authenticate, shared_sessions=shared_sessions)
+    return ReplicaEdge(HeaderNormalizer(edge), replica_name(gateway, port), closers=closers)
+
+
+def replica_name(gateway: Gateway, port: int | None) -> str:
+    """`gateway.shared.replica`, else `<hostname>:<port>` (`<hostname>:<pid>` without a port)."""
+    import socket
+
+    return gateway.config.gateway.shared.replica or f"{socket.gethostname()}:{port or os.getpid()}"
 
 
 async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event | None = None) -> None:
@@ -377,6 +401,7 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
     import uvicorn
 
     from mcpopt.gateway.http_limits import EdgeLimits, fit_connections, protocol_class, raise_file_limit
+    from mcpopt.gateway.replica import DrainingServer
 
     http = gateway.config.gateway.http
     limits = EdgeLimits(
@@ -396,7 +421,7 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
         http=protocol_class(limits),
         timeout_keep_alive=max(1, round(http.keep_alive_timeout_ms / 1000)),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, http.drain_timeout_ms / 1000)
     if ready is not None:
 
         async def _announce() -> None:
@@ -410,5 +435,6 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
             tg.cancel_scope.cancel()
     else:
         await server.serve()
+    await app.aclose()
     if server.should_exit and not sys.is_finalizing():
         logger.info("HTTP front stopped")

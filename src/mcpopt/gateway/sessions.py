@@ -144,6 +144,10 @@ class SessionGuard:
 
         return watched
 
+    def adopt(self, sid: str, who: str) -> None:
+        """Admit a session opened outside `initialize` (resumed from the shared store) as `who`'s."""
+        self.held.setdefault(sid, _Held(who, last=time.monotonic()))
+
     def _live(self) -> dict[str, Any]:
         return self.manager._server_instances  # noqa: SLF001 - the SDK keeps no public view
 

@@ -1,0 +1,471 @@
+"""Client sessions any replica can serve: handshake-era session records in Redis (sliding TTL).
+
+Behind a round-robin balancer a handshake-era client's next request lands on any replica, and
+the replica that created its session may die. The SDK keeps a session (`Mcp-Session-Id`, its
+transport, its `Connection`) in one process, so another replica would answer 404 "Session not
+found" and the client would have to initialize again. `SharedSessions`, an ASGI layer in front of
+the session guard, keeps a record of each session in the shared store instead:
+
+* **what a record holds**: the negotiated protocol version (hence the era), the client's
+  `initialize` params (capabilities, `clientInfo`), the principal the session is bound to (the
+  SDK's `AuthorizationContext`), its `logging/setLevel`, and its resource subscriptions (with
+  the isolation owner they belong to). Pagination cursors need nothing: the gateway's cursors
+  are offsets into lists every replica builds the same way from the same config.
+* **when it is written**: before the answer to `initialize` reaches the client (so the client's
+  very next request, e.g. `notifications/initialized` on another replica, finds it), and before
+  the answer to a `logging/setLevel`, `resources/subscribe` or `resources/unsubscribe` that
+  changed it; a change is published so replicas holding a copy apply it at once. A client's
+  DELETE removes the record and ends the copies on every replica.
+* **re-hydration**: a request whose session id this replica does not know is looked up (one
+  GET); when a record exists and the request's credential is the one the session is bound to,
+  the replica opens a local session under the same id -- an initialized SDK `Connection` with
+  the recorded version and client params, the log level and subscriptions restored (upstream
+  subscriptions are made again on this replica, in the background) -- and the request is served
+  as if the session had always been here. No 404, no second `initialize`. Without a record
+  (expired, deleted, never existed) or with another credential, the SDK answers 404 as before.
+* **sliding TTL**: the record lives `gateway.http.session_idle_timeout_ms` after the session's
+  last request on any replica; a replica refreshes it (`PEXPIRE`, in the background) at most
+  once per quarter TTL per session, so an ordinary call costs no Redis round trip at all.
+
+Upstream sessions stay per replica (the gateway's pools, opened on demand); a 2026-07-28 client
+has no session and needs none of this (every request carries its own envelope).
+
+Why a store and not an encrypted session id (agentgateway's way): an `Mcp-Session-Id` is fixed
+when the session opens, but a session's log level and subscriptions change later, and a DELETE
+must end the session everywhere; a self-contained id can carry neither. README "Scale-out" has
+the cost per request of both.
+
+Redis down: sessions stay local to the replica that has them (one warning, then one when Redis
+is back); no request fails because of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+from mcp.server.connection import Connection
+from mcp.server.runner import serve_connection
+from mcp.server.streamable_http import StreamableHTTPServerTransport
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp_types import InitializeRequestParams
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+from mcpopt.gateway.clients import LEVELS
+from mcpopt.gateway.edge import MESSAGE_SCOPE_KEY
+from mcpopt.gateway.sessions import SessionGuard, client_key
+from mcpopt.state import StateUnavailable
+from mcpopt.state.redis import RedisStateStore
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+CHANNEL = "sessions"
+"""Pub/sub channel (under the key prefix) on which a changed or deleted session is announced."""
+_STATEFUL = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
+_HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
+
+
+def session_key(session_id: str) -> str:
+    """The store key of a session's record."""
+    return f"session:{session_id}"
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """What any replica needs to serve a handshake-era session (JSON in the store)."""
+
+    protocol_version: str
+    client: dict[str, Any]
+    """The client's `initialize` params (JSON, wire names)."""
+    owner: dict[str, Any] | None = None
+    """The SDK's `AuthorizationContext` the session is bound to (None: unauthenticated)."""
+    log_level: str | None = None
+    subscriptions: list[str] = field(default_factory=list)
+    sub_owner: str = ""
+    """The isolation owner key of the subscriptions ("" for the shared upstream session)."""
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SessionRecord | None:
+        """The record in `raw`, or None when it is not one (a store may be shared: check it all)."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        version, client, owner = data.get("protocol_version"), data.get("client"), data.get("owner")
+        level, subs, sub_owner = data.get("log_level"), data.get("subscriptions", []), data.get("sub_owner", "")
+        if version not in _HANDSHAKE or not isinstance(client, dict):
+            return None
+        if owner is not None and not (isinstance(owner, dict) and set(owner) == {"client_id", "issuer", "subject"}):
+            return None
+        if level is not None and level not in LEVELS:
+            return None
+        if not isinstance(subs, list) or not all(isinstance(u, str) for u in subs) or not isinstance(sub_owner, str):
+            return None
+        return cls(version, client, owner, level, subs, sub_owner)
+
+
+class SharedSessions:
+    """ASGI layer: session records in the shared store, re-hydration on any replica (module doc).
+
+    Args:
+        app: the next layer (the session guard, in front of the MCP endpoint).
+        gateway: the `Gateway` (its `clients` registry: connections, log levels, subscriptions).
+        manager: the SDK's `StreamableHTTPSessionManager` behind `app`.
+        store: the shared store (`gateway.shared.redis_url`).
+        ttl_s: sliding TTL of a record (seconds; the session idle timeout).
+        guard: the `SessionGuard` behind this layer (a re-hydrated session is admitted there).
+        path: the MCP endpoint's path.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        gateway: Any,
+        manager: Any,
+        store: RedisStateStore,
+        *,
+        ttl_s: float,
+        guard: SessionGuard | None = None,
+        path: str = "/mcp",
+    ) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.manager = manager
+        self.store = store
+        self.ttl_s = ttl_s
+        self.guard = guard
+        self.path = path
+        self.token = f"{os.getpid()}:{id(self):x}:{time.time_ns()}"
+        """Who published a change (a replica ignores its own announcements)."""
+        self._saved: dict[str, tuple[bytes, float]] = {}
+        """Session id -> (the record last written or read, when its TTL was last refreshed)."""
+        self._hydrating: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._down = False
+        self.rehydrated = 0
+        """Sessions opened here from a record another replica wrote (for status pages and tests)."""
+
+    # ---- the request path --------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        sid = None
+        for key, value in scope["headers"]:
+            if key == b"mcp-session-id":
+                sid = value.decode("latin-1")
+                break
+        if self._listener is None:
+            self._listener = asyncio.ensure_future(self._listen())
+        method = scope["method"]
+        msg = scope.get(MESSAGE_SCOPE_KEY)
+        if sid is None:
+            if method == "POST" and isinstance(msg, dict) and msg.get("method") == "initialize":
+                return await self.app(scope, receive, self._recording(send, None))
+            return await self.app(scope, receive, send)
+        live = self.manager._server_instances  # noqa: SLF001 - the SDK keeps no public view
+        if sid not in live:
+            await self._rehydrate(sid, scope)
+        else:
+            self._touch(sid)
+        if method == "DELETE":
+            status: list[int] = []
+            await self.app(scope, receive, _status_watch(send, status))
+            if status and status[0] < 400 and sid not in live:
+                await self._drop_everywhere(sid)
+            return
+        if method == "POST" and isinstance(msg, dict) and msg.get("method") in _STATEFUL:
+            return await self.app(scope, receive, self._recording(send, sid))
+        return await self.app(scope, receive, send)
+
+    def _recording(self, send: Send, sid: str | None) -> Send:
+        """`send`, but the session's record is written before the answer's first body bytes go out."""
+        state: dict[str, Any] = {"sid": sid, "done": False, "ok": True}
+
+        async def recording(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["ok"] = message.get("status", 500) < 400
+                if state["sid"] is None:
+                    for key, value in message.get("headers", ()):
+                        if key.lower() == b"mcp-session-id":
+                            state["sid"] = value.decode("latin-1")
+                            break
+            elif not state["done"] and message.get("body") and state["ok"] and state["sid"] is not None:
+                state["done"] = True
+                await self._save(state["sid"])
+            await send(message)
+
+        return recording
+
+    # ---- records -----------------------------------------------------------------------------
+    def record_of(self, sid: str) -> SessionRecord | None:
+        """The record of a session this replica serves, from its live state (None: not one)."""
+        conn = self.gateway.clients.by_session_id(sid)
+        if conn is None or conn.client_params is None or conn.protocol_version not in _HANDSHAKE:
+            return None
+        level, uris, sub_owner = self.gateway.clients.session_state(conn)
+        owner = self.manager._session_owners.get(sid)  # noqa: SLF001
+        client = conn.client_params.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return SessionRecord(conn.protocol_version, client, dict(owner) if owner else None, level, uris, sub_owner)
+
+    async def _save(self, sid: str) -> None:
+        record = self.record_of(sid)
+        if record is None:
+            return
+        raw = record.encode()
+        previous = self._saved.get(sid)
+        if previous is not None and previous[0] == raw:
+            return
+        self._saved[sid] = (raw, time.monotonic())
+        self._prune()
+        try:
+            await self.store.set(session_key(sid), raw, self.ttl_s)
+            if previous is not None:
+                await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+            self._up()
+        except StateUnavailable as exc:
+            self._warn(exc)
+
+    def _touch(self, sid: str) -> None:
+        """Slide the record's TTL, at most once per quarter TTL per session, off the request path."""
+        item = self._saved.get(sid)
+        if item is None:
+            return
+        now = time.monotonic()
+        if now - item[1] < self.ttl_s / 4:
+            return
+        self._saved[sid] = (item[0], now)
+        self._spawn(self._refresh(sid, item[0]))
+
+    async def _refresh(self, sid: str, raw: bytes) -> None:
+        try:
+            if not await self.store.redis.pexpire(self.store.prefix + session_key(sid), int(self.ttl_s * 1000)):
+                # Gone from Redis (flushed, or Redis restarted empty) while the session lives here.
+                await self.store.set(session_key(sid), raw, self.ttl_s)
+            self._up()
+        except Exception as exc:  # noqa: BLE001 - Redis down: the session stays local
+            self._warn(exc)
+
+    def _prune(self) -> None:
+        live = self.manager._server_instances  # noqa: SLF001
+        if len(self._saved) > 2 * len(live) + 64:
+            self._saved = {sid: item for sid, item in self._saved.items() if sid in live}
+
+    async def _drop_everywhere(self, sid: str) -> None:
+        self._saved.pop(sid, None)
+        try:
+            await self.store.delete(session_key(sid))
+            await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token, "deleted": True}))
+        except StateUnavailable as exc:
+            self._warn(exc)
+
+    # ---- re-hydration ------------------------------------------------------------------------
+    async def _rehydrate(self, sid: str, scope: Scope) -> None:
+        pending = self._hydrating.get(sid)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hydrating[sid] = done
+        try:
+            try:
+                raw = await self.store.get(session_key(sid))
+                self._up()
+            except StateUnavailable as exc:
+                self._warn(exc)
+                return
+            record = SessionRecord.decode(raw) if raw is not None else None
+            if record is None:
+                return
+            user = scope.get("user")
+            requestor = authorization_context(user) if isinstance(user, AuthenticatedUser) else None
+            if (dict(requestor) if requestor is not None else None) != record.owner:
+                return  # another credential: the SDK answers 404, as for a session that does not exist
+            if sid in self.manager._server_instances:  # noqa: SLF001
+                return
+            await self._open(sid, record, requestor)
+            assert raw is not None
+            self._saved[sid] = (raw, time.monotonic())
+            self.rehydrated += 1
+            if self.guard is not None:
+                self.guard.adopt(sid, client_key(scope))
+            logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
+        finally:
+            del self._hydrating[sid]
+            done.set_result(None)
+
+    async def _open(self, sid: str, record: SessionRecord, requestor: Any) -> None:
+        """A local SDK session under `sid`, initialized as `record` says (as the SDK's manager opens one)."""
+        manager = self.manager
+        params = InitializeRequestParams.model_validate(record.client, by_name=False)
+        transport = StreamableHTTPServerTransport(
+            mcp_session_id=sid,
+            is_json_response_enabled=manager.json_response,
+            event_store=manager.event_store,
+            security_settings=manager.security_settings,
+            retry_interval=manager.retry_interval,
+            idle_timeout=manager.session_idle_timeout,
+        )
+        manager._server_instances[sid] = transport  # noqa: SLF001
+        if requestor is not None:
+            manager._session_owners[sid] = requestor  # noqa: SLF001
+
+        async def run_server(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            async with transport.connect() as (read_stream, write_stream):
+                try:
+                    idle_scope = transport.idle_scope or anyio.CancelScope()
+                    with idle_scope:
+                        dispatcher: JSONRPCDispatcher[Any] = JSONRPCDispatcher(
+                            read_stream, write_stream, inline_methods=frozenset({"initialize"})
+                        )
+                        conn = Connection.for_loop(dispatcher, session_id=sid)
+                        conn.client_params = params
+                        conn.protocol_version = record.protocol_version
+                        conn.initialized.set()
+                        self._restore(conn, record)
+                        task_status.started()
+                        await serve_connection(
+                            manager.app, dispatcher, connection=conn, lifespan_state=manager._lifespan_state
+                        )
+                except Exception:
+                    logger.exception("resumed MCP session %s crashed", sid[:12])
+                finally:
+                    await manager._discard_session(sid, transport)  # noqa: SLF001
+
+        try:
+            await manager._task_group.start(run_server)  # noqa: SLF001
+        except BaseException:
+            await manager._discard_session(sid, transport)  # noqa: SLF001
+            raise
+
+    def _restore(self, conn: Connection, record: SessionRecord) -> None:
+        clients = self.gateway.clients
+        clients.seen(conn)
+        if record.log_level is not None:
+            clients.set_log_level(conn, record.log_level)
+        for uri in record.subscriptions:
+            clients.subscribe(uri, conn, record.sub_owner)
+        if record.subscriptions:
+            self._spawn(self._subscribe_upstream(record.subscriptions, record.sub_owner))
+
+    async def _subscribe_upstream(self, uris: list[str], owner: str) -> None:
+        """This replica's upstream sessions subscribe too (the creating replica's may be gone)."""
+        gw = self.gateway
+        for uri in uris:
+            route = gw.namer.resolve_uri(uri)
+            if route is None or route.server not in gw.upstreams:
+                continue
+            try:
+                await (await gw.pool_for(route.server, owner)).subscribe(route.name)
+            except Exception as exc:  # noqa: BLE001 - the client still gets what other replicas relay
+                logger.warning("resumed subscription to %s on %s failed: %s", uri, route.server, exc)
+
+    # ---- changes from other replicas ---------------------------------------------------------
+    async def _listen(self) -> None:
+        import redis.asyncio as aioredis
+
+        # Its own connection, without the store's per-command timeout: a subscriber waits.
+        client = aioredis.from_url(self.store.url, socket_connect_timeout=1.0, health_check_interval=30)
+        try:
+            while True:
+                try:
+                    pubsub = client.pubsub()
+                    await pubsub.subscribe(self.store.prefix + CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self._remote_change(message["data"])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - Redis down: retry, sessions stay local meanwhile
+                    self._warn(exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            await client.aclose()
+
+    async def _remote_change(self, data: bytes) -> None:
+        try:
+            note = orjson.loads(data)
+            sid, origin = str(note["sid"]), note.get("from")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        live = self.manager._server_instances  # noqa: SLF001
+        if origin == self.token or sid not in live:
+            return
+        conn = self.gateway.clients.by_session_id(sid)
+        if note.get("deleted"):
+            self._saved.pop(sid, None)
+            transport = live.get(sid)
+            if transport is not None:
+                await self.manager._discard_session(sid, transport)  # noqa: SLF001
+                if transport.idle_scope is not None:
+                    transport.idle_scope.cancel()
+            return
+        try:
+            raw = await self.store.get(session_key(sid))
+        except StateUnavailable as exc:
+            self._warn(exc)
+            return
+        record = SessionRecord.decode(raw) if raw is not None else None
+        if record is None or conn is None:
+            return
+        clients = self.gateway.clients
+        level, uris, _ = clients.session_state(conn)
+        if record.log_level is not None and record.log_level != level:
+            clients.set_log_level(conn, record.log_level)
+        for uri in set(uris) - set(record.subscriptions):
+            clients.unsubscribe(uri, conn)
+        added = [u for u in record.subscriptions if u not in uris]
+        for uri in added:
+            clients.subscribe(uri, conn, record.sub_owner)
+        if added:
+            self._spawn(self._subscribe_upstream(added, record.sub_owner))
+        assert raw is not None
+        self._saved[sid] = (raw, self._saved.get(sid, (b"", time.monotonic()))[1])
+
+    # ---- housekeeping ------------------------------------------------------------------------
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _warn(self, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            logger.warning("shared session store unavailable, sessions stay on their replica: %s", exc)
+
+    def _up(self) -> None:
+        if self._down:
+            self._down = False
+            logger.warning("shared session store reachable again (%s)", self.store.url)
+
+    async def aclose(self) -> None:
+        """Stop the listener and background refreshes (the store is closed by its owner)."""
+        for task in [self._listener, *self._tasks]:
+            if task is not None:
+                task.cancel()
+
+
+def _status_watch(send: Send, status: list[int]) -> Send:
+    async def watched(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message.get("status", 500))
+        await send(message)
+
+    return watched
