@@ -2,6 +2,9 @@
 
 `record(id)` is destructive and not idempotent: it appends `<id>\\n` to `$LEDGER_FILE` (one
 `write` of an O_APPEND file, so replicas sharing the file never interleave a line) and answers.
+With `hold_ms` it answers that long after recording (a call in flight that has already run);
+with `$LEDGER_TAG` set (e.g. the gateway replica's name) it also appends `<id> <tag>\\n` to
+`$LEDGER_FILE.where`, so a test knows which process ran which id.
 The ledger is the server-side truth: an id that appears twice was executed twice (duplicated);
 an id the client saw succeed that is absent was lost.
 """
@@ -17,7 +20,11 @@ from mcp.server.lowlevel.server import Server
 RECORD = types.Tool(
     name="record",
     description="Append an id to the ledger (not idempotent)",
-    input_schema={"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
+    input_schema={
+        "type": "object",
+        "properties": {"id": {"type": "string"}, "hold_ms": {"type": "integer", "minimum": 0}},
+        "required": ["id"],
+    },
     annotations=types.ToolAnnotations(read_only_hint=False, idempotent_hint=False, destructive_hint=True),
 )
 
@@ -27,13 +34,24 @@ async def _list_tools(ctx: object, params: object) -> types.ListToolsResult:
 
 
 async def _call_tool(ctx: object, params: types.CallToolRequestParams) -> types.CallToolResult:
-    rid = str((params.arguments or {}).get("id", ""))
-    fd = os.open(os.environ["LEDGER_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    args = params.arguments or {}
+    rid = str(args.get("id", ""))
+    _append(os.environ["LEDGER_FILE"], f"{rid}\n")
+    tag = os.environ.get("LEDGER_TAG")
+    if tag:
+        _append(os.environ["LEDGER_FILE"] + ".where", f"{rid} {tag}\n")
+    hold = args.get("hold_ms")
+    if isinstance(hold, int) and hold > 0:
+        await anyio.sleep(hold / 1000)
+    return types.CallToolResult(content=[types.TextContent(type="text", text=f"recorded {rid}")])
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{rid}\n".encode())
+        os.write(fd, line.encode())
     finally:
         os.close(fd)
-    return types.CallToolResult(content=[types.TextContent(type="text", text=f"recorded {rid}")])
 
 
 def main() -> None:

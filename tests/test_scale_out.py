@@ -1,0 +1,482 @@
+"""Scale-out (issue 12): real Redis, three real `mcpopt serve -t http` replicas, real HAProxy in front
+(round robin, no affinity: examples/scale-out/haproxy.cfg and replicas.yaml, as shipped).
+
+- A handshake-era SDK client and a 2026-07-28 client each make 300 calls through the balancer; the
+  calls land on every replica, the handshake-era client initializes once and keeps its session id.
+- One replica is SIGKILLed while a call is known to be running on it: both clients go on; the calls
+  that were in flight there fail with a clear error; the ledger upstream (one process per replica,
+  one shared file) shows no call ran twice and every acknowledged call ran once.
+- A write through replica 1 invalidates a cached read on replica 2 (L2 cache in Redis).
+- A per-principal rate limit holds across the three replicas within +1 (counters in Redis).
+- server-memory writes through the balancer while a replica is killed: every acknowledged write is
+  in the server's file exactly once.
+- SIGTERM drains: `/healthz` 503, a call in flight finishes, then the process exits 0.
+
+Verdicts never depend on timing: waits are on conditions (files, health, process exit), generous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+import yaml
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from conftest import MCPOPT, NODE_MODULES, PY_SERVERS, ROOT, free_port, text_of
+from mcpopt.auth.tokens import hash_key, new_key
+from mcpopt.errors import RATE_LIMITED
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLE = ROOT / "examples" / "scale-out"
+REPLICAS = ("r1", "r2", "r3")
+CALLS = 300
+WORKERS = 3
+LIMIT = 12
+MODERN = "2026-07-28"
+
+
+def _need(exe: str) -> str:
+    path = shutil.which(exe)
+    if path is None:
+        pytest.skip(f"{exe} is not installed (scripts/setup installs it)")
+    return path
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited early with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
+
+
+@dataclass
+class Cluster:
+    base: Path
+    config: Path
+    env: dict[str, str]
+    client_key: str
+    limited_key: str
+    health_key: str
+    lb_port: int
+    ports: dict[str, int]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.lb_port}/mcp"
+
+    def direct(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}/mcp"
+
+    @property
+    def ledger(self) -> Path:
+        return self.base / "ledger.txt"
+
+    @property
+    def memory_file(self) -> Path:
+        return self.base / "memory.jsonl"
+
+    def start(self, name: str) -> None:
+        log = (self.base / f"{name}.log").open("ab")
+        self.logs.append(log)
+        env = {**self.env, "MCPOPT_GATEWAY__SHARED__REPLICA": name}
+        env["MCPOPT_GATEWAY__TELEMETRY__DATA_DIR"] = str(self.base / f"telemetry-{name}")
+        self.procs[name] = subprocess.Popen(
+            [MCPOPT, "serve", "-c", str(self.config), "-t", "http", "--port", str(self.ports[name])],
+            env=env,
+            cwd=str(ROOT),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, name: str) -> None:
+        """The replica answers /healthz 200 (its upstreams are up)."""
+        _wait_port(self.ports[name], self.procs[name], name)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx2.HTTPError):
+                r = httpx2.get(f"http://127.0.0.1:{self.ports[name]}/healthz", headers=self.auth(self.health_key))
+                if r.status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{name} never became healthy: {self.log_tail(name)}")
+
+    def wait_balanced(self, names: tuple[str, ...]) -> None:
+        """HAProxy sends requests to each of `names` (its health checks passed)."""
+        deadline = time.monotonic() + 60
+        seen: set[str] = set()
+        while time.monotonic() < deadline and not set(names) <= seen:
+            with contextlib.suppress(httpx2.HTTPError):
+                r = httpx2.get(f"http://127.0.0.1:{self.lb_port}/healthz", headers=self.auth(self.health_key))
+                if r.status_code == 200:
+                    seen.add(r.headers["x-mcpopt-replica"])
+            time.sleep(0.05)
+        assert set(names) <= seen, f"the balancer reached only {seen}"
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the replica (its upstream children see their pipes close and exit)."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def restart(self, name: str) -> None:
+        self.start(name)
+        self.wait_ready(name)
+        self.wait_balanced(REPLICAS)
+
+    def log_tail(self, name: str) -> str:
+        return (self.base / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    @staticmethod
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+
+def _config(base: Path, redis_url: str, lb_port: int, keys: Path) -> Path:
+    """examples/scale-out/replicas.yaml with this machine's servers, Redis and the test's keys."""
+    data = yaml.safe_load((EXAMPLE / "replicas.yaml").read_text())
+    servers = data["mcpServers"]
+    servers["time"]["command"] = str(PY_SERVERS / "mcp-server-time")
+    servers["memory"]["args"] = [str(NODE_MODULES / "server-memory" / "dist" / "index.js")]
+    servers["memory"]["env"] = {"MEMORY_FILE_PATH": str(base / "memory.jsonl")}
+    servers["ledger"] = {
+        "command": str(ROOT / ".venv" / "bin" / "python"),
+        "args": ["-m", "mcpopt.bench.ledger_server"],
+        "env": {"LEDGER_FILE": str(base / "ledger.txt"), "LEDGER_TAG": "${MCPOPT_GATEWAY__SHARED__REPLICA}"},
+        "isolation": "shared",
+    }
+    gw = data["gateway"]
+    gw["shared"]["redis_url"] = gw["cache"]["redis_url"] = gw["limits"]["storage"] = redis_url
+    gw["auth"]["resource"] = f"http://127.0.0.1:{lb_port}/mcp"
+    gw["auth"]["api_keys"] = {"file": str(keys), "env": None}
+    gw["policy"] = {"rules": [{"name": "metered", "match": {"api_keys": ["limited"]}, "rate_limits": [f"{LIMIT}/minute"]}]}
+    gw["http"]["drain_timeout_ms"] = 60_000
+    path = base / "replicas.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    redis_exe, haproxy_exe = _need("redis-server"), _need("haproxy")
+    base = tmp_path_factory.mktemp("scale-out")
+    redis_port, lb_port = free_port(), free_port()
+    redis = subprocess.Popen(
+        [redis_exe, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=str(base),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    keys = {name: new_key() for name in ("client", "limited", "health")}
+    key_file = base / "api-keys.txt"
+    key_file.write_text("".join(f"{n} {hash_key(k)}\n" for n, k in keys.items()), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPOPT_GATEWAY__")}
+    cluster = Cluster(
+        base=base,
+        config=_config(base, f"redis://127.0.0.1:{redis_port}/0", lb_port, key_file),
+        env=env,
+        client_key=keys["client"],
+        limited_key=keys["limited"],
+        health_key=keys["health"],
+        lb_port=lb_port,
+        ports={name: free_port() for name in REPLICAS},
+    )
+    lb_env = {**env, "MCPOPT_LB_BIND": f"127.0.0.1:{lb_port}", "MCPOPT_HEALTH_KEY": keys["health"]}
+    lb_env.update({f"MCPOPT_R{i}": f"127.0.0.1:{cluster.ports[n]}" for i, n in enumerate(REPLICAS, 1)})
+    lb_log = (base / "haproxy.log").open("ab")
+    lb = subprocess.Popen(
+        [haproxy_exe, "-f", str(EXAMPLE / "haproxy.cfg"), "-db"], env=lb_env, stdout=lb_log, stderr=lb_log
+    )
+    try:
+        _wait_port(redis_port, redis, "redis")
+        for name in REPLICAS:
+            cluster.start(name)
+        for name in REPLICAS:
+            cluster.wait_ready(name)
+        _wait_port(lb_port, lb, "haproxy")
+        cluster.wait_balanced(REPLICAS)
+        yield cluster
+    finally:
+        for proc in cluster.procs.values():  # each replica leads its own process group (its upstreams)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in [*cluster.procs.values(), lb, redis]:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        for log in [*cluster.logs, lb_log]:
+            log.close()
+
+
+class Watch:
+    """httpx event hooks: which replica answered, which session id and methods were sent."""
+
+    def __init__(self) -> None:
+        self.replicas: Counter[str] = Counter()
+        self.session_ids: set[str] = set()
+        self.methods: Counter[str] = Counter()
+
+    async def request(self, request: httpx2.Request) -> None:
+        sid = request.headers.get("mcp-session-id")
+        if sid:
+            self.session_ids.add(sid)
+        if request.method == "POST":
+            with contextlib.suppress(Exception):
+                body = json.loads(request.content)
+                if isinstance(body, dict) and "method" in body:
+                    self.methods[body["method"]] += 1
+
+    async def response(self, response: httpx2.Response) -> None:
+        replica = response.headers.get("x-mcpopt-replica")
+        if replica:
+            self.replicas[replica] += 1
+
+
+def _client(url: str, key: str, mode: str, watch: Watch) -> Client:
+    http = httpx2.AsyncClient(
+        headers=Cluster.auth(key),
+        timeout=httpx2.Timeout(60.0),
+        event_hooks={"request": [watch.request], "response": [watch.response]},
+    )
+    return Client(streamable_http_client(url, http_client=http), mode=mode)  # type: ignore[arg-type]
+
+
+def _where(cluster: Cluster) -> dict[str, list[str]]:
+    """Ledger id -> the replicas whose ledger process ran it."""
+    out: dict[str, list[str]] = {}
+    path = Path(str(cluster.ledger) + ".where")
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rid, tag = line.split()
+            out.setdefault(rid, []).append(tag)
+    return out
+
+
+# ---- sessions, spread, a replica killed mid-run ------------------------------------------------
+async def test_both_eras_spread_over_replicas_and_survive_a_killed_one(cluster: Cluster) -> None:
+    victim = "r3"
+    outcomes: dict[str, dict[str, str | None]] = {"legacy": {}, "modern": {}}
+    watches = {"legacy": Watch(), "modern": Watch()}
+    progress = {"legacy": 0, "modern": 0}
+    killed = anyio.Event()
+    slow_ids: list[str] = []
+    slow_errors: dict[str, str] = {}
+
+    async def worker(era: str, client: Client, ids: list[str]) -> None:
+        for rid in ids:
+            try:
+                result = await client.call_tool("ledger__record", {"id": rid})
+                outcomes[era][rid] = None if not result.is_error else f"tool error: {text_of(result)}"
+            except MCPError as exc:
+                outcomes[era][rid] = str(exc)
+            progress[era] += 1
+
+    async def slow_call(client: Client, rid: str) -> None:
+        try:
+            await client.call_tool("ledger__record", {"id": rid, "hold_ms": 3000})
+        except MCPError as exc:
+            slow_errors[rid] = str(exc)
+
+    async def killer(client: Client, tg: Any) -> None:
+        # Once both clients are well under way, start slow calls until one is known to be running
+        # on the victim (its ledger process recorded it), then SIGKILL the victim.
+        while min(progress.values()) < CALLS // 3:
+            await anyio.sleep(0.05)
+        for n in itertools.count():
+            rid = f"slow-{n}"
+            slow_ids.append(rid)
+            tg.start_soon(slow_call, client, rid)
+            with anyio.fail_after(30):
+                while rid not in _where(cluster):
+                    await anyio.sleep(0.02)
+            if _where(cluster)[rid] == [victim]:
+                break
+        cluster.kill(victim)
+        killed.set()
+
+    async with (
+        _client(cluster.url, cluster.client_key, "legacy", watches["legacy"]) as legacy,
+        _client(cluster.url, cluster.client_key, MODERN, watches["modern"]) as modern,
+    ):
+        with anyio.fail_after(240):
+            async with anyio.create_task_group() as tg:
+                for era, client in (("legacy", legacy), ("modern", modern)):
+                    ids = [f"{era}-{i}" for i in range(CALLS)]
+                    for w in range(WORKERS):
+                        tg.start_soon(worker, era, client, ids[w::WORKERS])
+                tg.start_soon(killer, legacy, tg)
+        assert killed.is_set()
+        # Both sessions go on after the kill: one more call each, through the two replicas left.
+        after = {}
+        for client, rid in ((legacy, "after-legacy"), (modern, "after-modern")):
+            after[rid] = await client.call_tool("ledger__record", {"id": rid})
+    assert not any(r.is_error for r in after.values()), after
+
+    ledger = Counter(cluster.ledger.read_text().split())
+    where = _where(cluster)
+    assert not [rid for rid, n in ledger.items() if n > 1], "a call was executed twice"
+    for era in ("legacy", "modern"):
+        results = outcomes[era]
+        assert len(results) == CALLS
+        failed = {rid: err for rid, err in results.items() if err is not None}
+        for rid, err in results.items():
+            if err is None:
+                assert ledger[rid] == 1, f"{rid} was acknowledged but not executed once"
+        for rid, err in failed.items():
+            # Only calls in flight on the killed replica fail: run there, or never run at all.
+            assert where.get(rid, [victim]) == [victim], (rid, err, where.get(rid))
+            assert "Traceback" not in err and err.strip()
+        assert len(failed) <= WORKERS + len(slow_ids), failed
+        watch = watches[era]
+        assert set(watch.replicas) == set(REPLICAS), watch.replicas  # spread over all three
+        assert watch.methods.get("initialize", 0) == (1 if era == "legacy" else 0), watch.methods
+    assert len(watches["legacy"].session_ids) == 1  # one session from start to end, no re-initialize
+    assert not watches["modern"].session_ids  # 2026-07-28: no session at all
+    # The slow call that was running on the victim when it died failed with a clear error, ran once.
+    on_victim = slow_ids[-1]
+    assert on_victim in slow_errors, "a call in flight on the killed replica did not fail"
+    assert ledger[on_victim] == 1
+    assert "502" in slow_errors[on_victim] or "Bad Gateway" in slow_errors[on_victim] or slow_errors[on_victim]
+    for rid in slow_ids[:-1]:  # the slow calls that ran on the other replicas succeeded, once each
+        assert rid not in slow_errors and ledger[rid] == 1
+    cluster.restart(victim)
+
+
+# ---- cache across replicas -------------------------------------------------------------------
+async def test_a_write_through_one_replica_invalidates_a_cached_read_on_another(cluster: Cluster) -> None:
+    watch = Watch()
+    async with (
+        _client(cluster.direct("r1"), cluster.client_key, MODERN, watch) as r1,
+        _client(cluster.direct("r2"), cluster.client_key, MODERN, watch) as r2,
+    ):
+        await r1.call_tool("memory__create_entities", {"entities": [_entity("cache-seed")]})
+        first = text_of(await r2.call_tool("memory__read_graph", {}))
+        assert "cache-seed" in first
+        # Behind the gateway's back (not a call through it): a cached read does not see this ...
+        lines = cluster.memory_file.read_text().splitlines()
+        sneaked = json.dumps({"type": "entity", "name": "sneaked-in", "entityType": "t", "observations": []})
+        cluster.memory_file.write_text("\n".join([*lines, sneaked]), encoding="utf-8")
+        assert "sneaked-in" not in text_of(await r2.call_tool("memory__read_graph", {}))  # served from cache
+        # ... but a write through replica 1 drops r2's cached read at once.
+        await r1.call_tool("memory__create_entities", {"entities": [_entity("cache-write")]})
+        after = text_of(await r2.call_tool("memory__read_graph", {}))
+        assert "cache-write" in after and "sneaked-in" in after
+    assert set(watch.replicas) == {"r1", "r2"}
+
+
+def _entity(name: str) -> dict[str, Any]:
+    return {"name": name, "entityType": "test", "observations": [f"made by {name}"]}
+
+
+# ---- rate limits across replicas -------------------------------------------------------------
+async def test_a_per_principal_rate_limit_holds_across_the_replicas(cluster: Cluster) -> None:
+    watch = Watch()
+    allowed = refused = 0
+    async with _client(cluster.url, cluster.limited_key, MODERN, watch) as client:
+        for _ in range(3 * LIMIT):
+            try:
+                result = await client.call_tool("time__get_current_time", {"timezone": "UTC"})
+                assert not result.is_error
+                allowed += 1
+            except MCPError as exc:
+                assert exc.error.code == RATE_LIMITED, exc
+                refused += 1
+    assert LIMIT <= allowed <= LIMIT + 1, (allowed, refused)  # one limit for all three replicas
+    assert allowed + refused == 3 * LIMIT
+    assert set(watch.replicas) == set(REPLICAS)
+
+
+# ---- server-memory writes while a replica is killed --------------------------------------------
+async def test_memory_writes_through_the_balancer_while_a_replica_is_killed(cluster: Cluster) -> None:
+    victim = "r2"
+    acked: list[str] = []
+    failed: dict[str, str] = {}
+    watch = Watch()
+    async with _client(cluster.url, cluster.client_key, "legacy", watch) as client:
+        # Sequential writes: server-memory rewrites its whole file per call, so concurrent writers
+        # (three replicas' server-memory processes) would lose each other's writes by themselves.
+        for i in range(60):
+            if i == 20:
+                cluster.kill(victim)
+            name = f"w-{i}"
+            try:
+                result = await client.call_tool("memory__create_entities", {"entities": [_entity(name)]})
+                assert not result.is_error, text_of(result)
+                acked.append(name)
+            except MCPError as exc:
+                failed[name] = str(exc)
+    names = Counter(
+        json.loads(line).get("name") for line in cluster.memory_file.read_text().splitlines() if line.strip()
+    )
+    for name in acked:
+        assert names[name] == 1, (name, names[name])
+    for name in failed:
+        assert names[name] <= 1
+    assert len(acked) >= 55, failed  # the kill costs at most the write in flight (and HAProxy retries the rest)
+    assert watch.methods["initialize"] == 1
+    cluster.restart(victim)
+
+
+# ---- graceful drain --------------------------------------------------------------------------
+async def test_sigterm_drains_a_replica(cluster: Cluster) -> None:
+    name = "r1"
+    proc = cluster.procs[name]
+    url = f"http://127.0.0.1:{cluster.ports[name]}"
+    done: dict[str, Any] = {}
+    watch = Watch()
+
+    async def long_call(client: Client) -> None:
+        done["result"] = await client.call_tool("ledger__record", {"id": "drain-inflight", "hold_ms": 3000})
+
+    async with _client(cluster.direct(name), cluster.client_key, MODERN, watch) as client:
+        await client.list_tools()  # the SDK validates results against it: no new request after the call
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_call, client)
+            with anyio.fail_after(30):
+                while "drain-inflight" not in _where(cluster):
+                    await anyio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            async with httpx2.AsyncClient() as http:
+                with anyio.fail_after(30):
+                    while True:
+                        with contextlib.suppress(httpx2.HTTPError):
+                            r = await http.get(f"{url}/healthz")
+                            if r.status_code == 503:
+                                assert r.json() == {"ok": False, "draining": True}
+                                break
+                        await anyio.sleep(0.02)
+                refused = await http.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                assert "shutting down" in refused.json()["error"]["message"]
+    assert not done["result"].is_error  # the call in flight finished
+    with anyio.fail_after(60):
+        while proc.poll() is None:
+            await anyio.sleep(0.05)
+    assert proc.returncode == 0, cluster.log_tail(name)
+    cluster.restart(name)
