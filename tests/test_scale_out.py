@@ -82,6 +82,7 @@ class Cluster:
     health_key: str
     lb_port: int
     ports: dict[str, int]
+    env_redis: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[Any] = field(default_factory=list)
 
@@ -174,7 +175,9 @@ def _config(base: Path, redis_url: str, lb_port: int, keys: Path) -> Path:
     gw["shared"]["redis_url"] = gw["cache"]["redis_url"] = gw["limits"]["storage"] = redis_url
     gw["auth"]["resource"] = f"http://127.0.0.1:{lb_port}/mcp"
     gw["auth"]["api_keys"] = {"file": str(keys), "env": None}
-    gw["policy"] = {"rules": [{"name": "metered", "match": {"api_keys": ["limited"]}, "rate_limits": [f"{LIMIT}/minute"]}]}
+    gw["policy"] = {
+        "rules": [{"name": "metered", "match": {"api_keys": ["limited"]}, "rate_limits": [f"{LIMIT}/minute"]}]
+    }
     gw["http"]["drain_timeout_ms"] = 60_000
     path = base / "replicas.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -205,6 +208,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         health_key=keys["health"],
         lb_port=lb_port,
         ports={name: free_port() for name in REPLICAS},
+        env_redis=f"redis://127.0.0.1:{redis_port}/0",
     )
     lb_env = {**env, "MCPOPT_LB_BIND": f"127.0.0.1:{lb_port}", "MCPOPT_HEALTH_KEY": keys["health"]}
     lb_env.update({f"MCPOPT_R{i}": f"127.0.0.1:{cluster.ports[n]}" for i, n in enumerate(REPLICAS, 1)})
@@ -480,3 +484,83 @@ async def test_sigterm_drains_a_replica(cluster: Cluster) -> None:
             await anyio.sleep(0.05)
     assert proc.returncode == 0, cluster.log_tail(name)
     cluster.restart(name)
+
+
+# ---- what a resumed session keeps --------------------------------------------------------------
+def _rpc(response: httpx2.Response) -> dict[str, Any]:
+    """The JSON-RPC message of an answer (JSON body, or the SSE stream's message event)."""
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return dict(response.json())
+    for line in response.text.splitlines():
+        if line.startswith("data:") and line[5:].strip():
+            return dict(json.loads(line[5:]))
+    raise AssertionError(f"no JSON-RPC message in {response.status_code} {response.text[:200]!r}")
+
+
+async def test_a_session_resumes_on_another_replica_with_its_state(cluster: Cluster) -> None:
+    import redis.asyncio as aioredis
+
+    accept = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {"roots": {"listChanged": True}},
+            "clientInfo": {"name": "resume-test", "version": "1.2"},
+        },
+    }
+    async with httpx2.AsyncClient(timeout=30) as http:
+        own = {**accept, **cluster.auth(cluster.client_key)}
+        opened = await http.post(cluster.direct("r1"), json=init, headers=own)
+        assert opened.status_code == 200 and opened.headers["x-mcpopt-replica"] == "r1"
+        sid = opened.headers["mcp-session-id"]
+        own = {**own, "mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"}
+        # The handshake's last step and the log level land on the two other replicas.
+        note = await http.post(
+            cluster.direct("r2"), json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=own
+        )
+        assert note.status_code == 202, note.text
+        level = await http.post(
+            cluster.direct("r3"),
+            json={"jsonrpc": "2.0", "id": 2, "method": "logging/setLevel", "params": {"level": "error"}},
+            headers=own,
+        )
+        assert "result" in _rpc(level)
+        redis = aioredis.from_url(cluster.env_redis)
+        try:
+            record = json.loads(await redis.get(f"mcpopt:session:{sid}"))
+            ttl_ms = await redis.pttl(f"mcpopt:session:{sid}")
+        finally:
+            await redis.aclose()
+        assert record["protocol_version"] == "2025-06-18"
+        assert record["client"]["clientInfo"] == {"name": "resume-test", "version": "1.2"}
+        assert record["client"]["capabilities"]["roots"] == {"listChanged": True}
+        assert record["owner"]["client_id"] and record["log_level"] == "error"  # bound to its principal
+        assert 0 < ttl_ms <= 600_000  # gateway.http.session_idle_timeout_ms: the sliding TTL
+        # Any replica serves the session: a list, a call -- no 404, no new initialize.
+        for name in REPLICAS:
+            listed = _rpc(
+                await http.post(
+                    cluster.direct(name), json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers=own
+                )
+            )
+            assert "ledger__record" in [t["name"] for t in listed["result"]["tools"]], (name, listed)
+        # Another principal presenting the session id gets what a stranger gets: 404.
+        stolen = {**own, **cluster.auth(cluster.limited_key)}
+        refused = await http.post(
+            cluster.direct("r2"), json={"jsonrpc": "2.0", "id": 4, "method": "tools/list"}, headers=stolen
+        )
+        assert refused.status_code == 404
+        # DELETE on one replica ends the session on all of them.
+        assert (await http.delete(cluster.direct("r2"), headers=own)).status_code == 200
+        for name in REPLICAS:
+            with anyio.fail_after(30):
+                while True:
+                    gone = await http.post(
+                        cluster.direct(name), json={"jsonrpc": "2.0", "id": 5, "method": "tools/list"}, headers=own
+                    )
+                    if gone.status_code == 404:
+                        break
+                    await anyio.sleep(0.05)  # the deletion is announced over pub/sub
