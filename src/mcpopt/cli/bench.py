@@ -112,6 +112,20 @@ def bench_failover_cmd(
     print_failover(run(bench_failover(duration_s=duration, kill_every_s=kill_every)), as_json)
 
 
+@bench_app.command("scale")
+def bench_scale_cmd(
+    rounds: int = typer.Option(5, "--rounds", help="Alternating rounds over all paths."),
+    calls: int = typer.Option(200, "--calls", help="Calls per path per round."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Calls in flight."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Direct vs HAProxy -> 1, 2, 3 replicas (Redis-shared sessions): calls/s, p50/p99, CPU per call."""
+    from mcpopt.bench.scale import bench_scale, print_scale
+
+    install_reaper()
+    print_scale(run(bench_scale(rounds=rounds, calls=calls, concurrency=concurrency)), as_json)
+
+
 @bench_app.command("telemetry")
 def bench_telemetry_cmd(
     calls: int = typer.Option(20_000, "--calls", "-n"),
