@@ -291,6 +291,7 @@ async def test_both_eras_spread_over_replicas_and_survive_a_killed_one(cluster: 
     killed = anyio.Event()
     slow_ids: list[str] = []
     slow_errors: dict[str, str] = {}
+    release = cluster.base / "release-slow"
 
     async def worker(era: str, client: Client, ids: list[str]) -> None:
         for rid in ids:
@@ -303,7 +304,7 @@ async def test_both_eras_spread_over_replicas_and_survive_a_killed_one(cluster: 
 
     async def slow_call(client: Client, rid: str) -> None:
         try:
-            await client.call_tool("ledger__record", {"id": rid, "hold_ms": 3000})
+            await client.call_tool("ledger__record", {"id": rid, "hold_ms": 120_000, "release": str(release)})
         except MCPError as exc:
             slow_errors[rid] = str(exc)
 
@@ -321,8 +322,9 @@ async def test_both_eras_spread_over_replicas_and_survive_a_killed_one(cluster: 
                     await anyio.sleep(0.02)
             if _where(cluster)[rid] == [victim]:
                 break
-        cluster.kill(victim)
+        cluster.kill(victim)  # the slow call recorded there is still held: in flight for sure
         killed.set()
+        release.touch()  # the slow calls on the other replicas answer now
 
     async with (
         _client(cluster.url, cluster.client_key, "legacy", watches["legacy"]) as legacy,
@@ -454,9 +456,11 @@ async def test_sigterm_drains_a_replica(cluster: Cluster) -> None:
     url = f"http://127.0.0.1:{cluster.ports[name]}"
     done: dict[str, Any] = {}
     watch = Watch()
+    release = cluster.base / "release-drain"  # the call in flight ends when the test creates it
 
     async def long_call(client: Client) -> None:
-        done["result"] = await client.call_tool("ledger__record", {"id": "drain-inflight", "hold_ms": 3000})
+        args = {"id": "drain-inflight", "hold_ms": 120_000, "release": str(release)}
+        done["result"] = await client.call_tool("ledger__record", args)
 
     async with _client(cluster.direct(name), cluster.client_key, MODERN, watch) as client:
         await client.list_tools()  # the SDK validates results against it: no new request after the call
@@ -478,6 +482,8 @@ async def test_sigterm_drains_a_replica(cluster: Cluster) -> None:
                 refused = await http.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
                 assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
                 assert "shutting down" in refused.json()["error"]["message"]
+                assert proc.poll() is None  # still draining: the call is in flight
+            release.touch()
     assert not done["result"].is_error  # the call in flight finished
     with anyio.fail_after(60):
         while proc.poll() is None:

@@ -2,7 +2,8 @@
 
 `record(id)` is destructive and not idempotent: it appends `<id>\\n` to `$LEDGER_FILE` (one
 `write` of an O_APPEND file, so replicas sharing the file never interleave a line) and answers.
-With `hold_ms` it answers that long after recording (a call in flight that has already run);
+With `hold_ms` it answers that long after recording (a call in flight that has already run), or
+earlier once the file `release` names exists (a test decides when the call ends);
 with `$LEDGER_TAG` set (e.g. the gateway replica's name) it also appends `<id> <tag>\\n` to
 `$LEDGER_FILE.where`, so a test knows which process ran which id.
 The ledger is the server-side truth: an id that appears twice was executed twice (duplicated);
@@ -22,7 +23,11 @@ RECORD = types.Tool(
     description="Append an id to the ledger (not idempotent)",
     input_schema={
         "type": "object",
-        "properties": {"id": {"type": "string"}, "hold_ms": {"type": "integer", "minimum": 0}},
+        "properties": {
+            "id": {"type": "string"},
+            "hold_ms": {"type": "integer", "minimum": 0},
+            "release": {"type": "string"},
+        },
         "required": ["id"],
     },
     annotations=types.ToolAnnotations(read_only_hint=False, idempotent_hint=False, destructive_hint=True),
@@ -41,8 +46,11 @@ async def _call_tool(ctx: object, params: types.CallToolRequestParams) -> types.
     if tag:
         _append(os.environ["LEDGER_FILE"] + ".where", f"{rid} {tag}\n")
     hold = args.get("hold_ms")
+    release = args.get("release")
     if isinstance(hold, int) and hold > 0:
-        await anyio.sleep(hold / 1000)
+        with anyio.move_on_after(hold / 1000):
+            while not (isinstance(release, str) and await anyio.Path(release).exists()):
+                await anyio.sleep(0.02)
     return types.CallToolResult(content=[types.TextContent(type="text", text=f"recorded {rid}")])
 
 
