@@ -11,6 +11,8 @@
 - server-memory writes through the balancer while a replica is killed: every acknowledged write is
   in the server's file exactly once.
 - SIGTERM drains: `/healthz` 503, a call in flight finishes, then the process exits 0.
+- A session opened on r1 is served by r2 and r3 with its state; one DELETE ends it everywhere.
+- Redis down: sessions stay on their replica (one warning), no call fails.
 
 Verdicts never depend on timing: waits are on conditions (files, health, process exit), generous.
 """
@@ -83,6 +85,7 @@ class Cluster:
     lb_port: int
     ports: dict[str, int]
     env_redis: str
+    redis: subprocess.Popen[bytes]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[Any] = field(default_factory=list)
 
@@ -209,6 +212,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         lb_port=lb_port,
         ports={name: free_port() for name in REPLICAS},
         env_redis=f"redis://127.0.0.1:{redis_port}/0",
+        redis=redis,
     )
     lb_env = {**env, "MCPOPT_LB_BIND": f"127.0.0.1:{lb_port}", "MCPOPT_HEALTH_KEY": keys["health"]}
     lb_env.update({f"MCPOPT_R{i}": f"127.0.0.1:{cluster.ports[n]}" for i, n in enumerate(REPLICAS, 1)})
@@ -570,3 +574,20 @@ async def test_a_session_resumes_on_another_replica_with_its_state(cluster: Clus
                     if gone.status_code == 404:
                         break
                     await anyio.sleep(0.05)  # the deletion is announced over pub/sub
+
+
+# ---- Redis down (last: the cluster's Redis does not come back) ---------------------------------
+@pytest.mark.filterwarnings("ignore:The logging capability is deprecated")
+async def test_with_redis_down_sessions_stay_local_and_no_call_fails(cluster: Cluster) -> None:
+    cluster.redis.kill()
+    cluster.redis.wait(10)
+    watch = Watch()
+    async with _client(cluster.direct("r1"), cluster.client_key, "legacy", watch) as client:
+        for i in range(10):
+            result = await client.call_tool("time__get_current_time", {"timezone": "UTC"})
+            assert not result.is_error, (i, text_of(result))
+        await client.set_logging_level("warning")
+    assert watch.methods["initialize"] == 1 and set(watch.replicas) == {"r1"}
+    log = (cluster.base / "r1.log").read_text(errors="replace")
+    assert log.count("shared session store unavailable") == 1, log[-2000:]
+    assert "Traceback" not in log.split("shared session store unavailable")[-1]

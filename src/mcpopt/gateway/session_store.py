@@ -73,6 +73,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CHANNEL = "sessions"
 """Pub/sub channel (under the key prefix) on which a changed or deleted session is announced."""
+RETRY_S = 1.0
+"""After a store failure, unknown sessions are not looked up for this long (each lookup would wait
+for the store's connect timeout); the listener and refreshes keep probing, and the first success
+ends it."""
 _STATEFUL = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 _HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 
@@ -160,6 +164,7 @@ class SharedSessions:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._down = False
+        self._retry_at = 0.0
         self.rehydrated = 0
         """Sessions opened here from a record another replica wrote (for status pages and tests)."""
 
@@ -282,6 +287,8 @@ class SharedSessions:
         if pending is not None:
             await asyncio.shield(pending)
             return
+        if self._down and time.monotonic() < self._retry_at:
+            return  # Redis just failed: no 1 s connect timeout per unknown session meanwhile
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._hydrating[sid] = done
         try:
@@ -446,6 +453,7 @@ class SharedSessions:
         task.add_done_callback(self._tasks.discard)
 
     def _warn(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + RETRY_S
         if not self._down:
             self._down = True
             logger.warning("shared session store unavailable, sessions stay on their replica: %s", exc)
