@@ -50,6 +50,13 @@ for i in $(seq 1 "$N"); do
   export "MCPOPT_R$i=127.0.0.1:$port"
   echo "replica r$i: pid $! port $port (log $RUN/r$i.log)"
 done
+for i in $(seq 1 "$N"); do   # ready = /healthz 200 (its MCP servers are up)
+  port=$((BASE_PORT + i - 1))
+  for _ in $(seq 600); do
+    curl -fs -H "Authorization: Bearer $MCPOPT_HEALTH_KEY" "http://127.0.0.1:$port/healthz" >/dev/null && break
+    sleep 0.1
+  done
+done
 for i in $(seq "$((N + 1))" 3); do export "MCPOPT_R$i=127.0.0.1:1"; done   # unused slots: down, never chosen
 
 export MCPOPT_LB_BIND=127.0.0.1:$LB_PORT
