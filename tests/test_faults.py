@@ -130,7 +130,9 @@ async def test_hanging_upstream_times_out(client: Any) -> None:
     with pytest.raises(MCPError) as info:
         await client.call_tool("hang__hang", {})
     elapsed = time.monotonic() - start
-    assert 0.9 <= elapsed < 4, elapsed
+    # The gateway's 1 s timeout answered, not the client's wait or the default 60 s one (the
+    # upper bound is generous: a loaded machine may be slow to deliver the error).
+    assert 0.9 <= elapsed < 30, elapsed
     assert info.value.error.code == UPSTREAM_TIMEOUT
     msg = str(info.value)
     assert "'hang'" in msg
@@ -143,7 +145,8 @@ async def test_upstream_exiting_on_a_call(client: Any) -> None:
     start = time.monotonic()
     with pytest.raises(MCPError) as info:
         await client.call_tool("crashy__exit_now", {})
-    assert time.monotonic() - start < 2
+    # Noticed as a closed upstream (the code below), well before the default 60 s call timeout.
+    assert time.monotonic() - start < 30
     assert info.value.error.code == UPSTREAM_CLOSED, info.value
     assert "crashy" in str(info.value)
 
@@ -161,10 +164,18 @@ async def test_upstream_killed_mid_call(client: Any, faults_config: Path) -> Non
     node = [p for p in gateway.children(recursive=True) if any("server-everything" in part for part in p.cmdline())]
     assert len(node) == 1, node
     outcome: dict[str, Any] = {}
+    # The kill must hit the call while the server runs it: its first progress notification says
+    # so (a fixed sleep raced the call's start on a loaded machine).
+    running = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        running.set()
 
     async def slow_call() -> None:
         try:
-            await client.call_tool("everything__trigger-long-running-operation", {"duration": 10, "steps": 10})
+            await client.call_tool(
+                "everything__trigger-long-running-operation", {"duration": 60, "steps": 60}, progress_callback=on_progress
+            )
             outcome["result"] = "returned"
         except MCPError as exc:
             outcome["error"] = exc
@@ -172,14 +183,16 @@ async def test_upstream_killed_mid_call(client: Any, faults_config: Path) -> Non
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(slow_call)
-        await anyio.sleep(0.5)
+        with anyio.fail_after(30):
+            await running.wait()
         killed_at = time.monotonic()
         os.kill(node[0].pid, signal.SIGKILL)
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             while "at" not in outcome:
                 await anyio.sleep(0.02)
     assert "error" in outcome, outcome
-    assert outcome["at"] - killed_at < 1.5, outcome["at"] - killed_at
+    # Answered when the server died, not when the 60 s operation (or the 60 s call timeout) would end.
+    assert outcome["at"] - killed_at < 30, outcome["at"] - killed_at
     assert "everything" in str(outcome["error"])
     assert outcome["error"].error.code == UPSTREAM_CLOSED
 
