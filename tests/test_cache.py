@@ -286,14 +286,16 @@ def _text(result: Any) -> str:
 
 
 async def test_get_current_time_is_not_stale_after_its_ttl(tmp_path: Path) -> None:
+    # A TTL long enough that the second call is inside it even on a loaded machine (800 ms was
+    # not always), short enough for the test to wait it out.
     cfg = write_config(
-        tmp_path / "c.yaml", {"time": time_entry(cache={"tools": {"get_current_time": {"ttl_ms": 800}}})}
+        tmp_path / "c.yaml", {"time": time_entry(cache={"tools": {"get_current_time": {"ttl_ms": 3000}}})}
     )
     async with Client(gateway_params(cfg)) as client:
         first = json.loads(_text(await client.call_tool("time__get_current_time", {"timezone": "UTC"})))["datetime"]
         cached = json.loads(_text(await client.call_tool("time__get_current_time", {"timezone": "UTC"})))["datetime"]
         assert cached == first  # inside the TTL: served from cache
-        await asyncio.sleep(1.6)  # past the TTL (and past a whole second, so the time has changed)
+        await asyncio.sleep(3.2)  # past the TTL (and past a whole second, so the time has changed)
         fresh = json.loads(_text(await client.call_tool("time__get_current_time", {"timezone": "UTC"})))["datetime"]
         assert fresh != first
         stats = (await client.call_tool("mcpopt__cache_stats", {})).structured_content
