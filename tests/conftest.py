@@ -100,7 +100,7 @@ def gateway_client(config: Path, mode: str = "auto", **kwargs: Any) -> Client:
 
 
 # ---- processes -----------------------------------------------------------------------------
-def find_gateway(config: Path, timeout: float = 5.0) -> psutil.Process:
+def find_gateway(config: Path, timeout: float = 30.0) -> psutil.Process:
     """The `mcpopt serve -c <config>` process among this test process's descendants."""
     deadline = time.monotonic() + timeout
     while True:
@@ -129,7 +129,7 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-def wait_dead(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
+def wait_dead(procs: list[psutil.Process], timeout: float = 30.0) -> list[psutil.Process]:
     """Poll until every process is gone (or a zombie); return the survivors."""
     deadline = time.monotonic() + timeout
     while (left := alive(procs)) and time.monotonic() < deadline:
@@ -221,7 +221,7 @@ def raw_handshake(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return answer(2)["result"]
 
 
-async def poll(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.2) -> Any:
+async def poll(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
     """Await `check()` until it returns something truthy; the last value otherwise."""
     deadline = anyio.current_time() + timeout
     while True:

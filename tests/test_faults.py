@@ -156,7 +156,7 @@ async def test_upstream_exiting_on_a_call(client: Any) -> None:
         except MCPError:
             return False
 
-    assert await poll(back, timeout=10), "crashy was not restarted"
+    assert await poll(back), "crashy was not restarted"
 
 
 async def test_upstream_killed_mid_call(client: Any, faults_config: Path) -> None:
@@ -202,7 +202,7 @@ async def test_upstream_killed_mid_call(client: Any, faults_config: Path) -> Non
     async def restarted() -> bool:
         return "everything__echo" in await _tool_names(client)
 
-    assert await poll(restarted, timeout=10), "everything's tools did not come back"
+    assert await poll(restarted), "everything's tools did not come back"
     echo = await client.call_tool("everything__echo", {"message": "back"})
     assert "back" in text_of(echo)
     assert not psutil.pid_exists(node[0].pid) or node[0].status() == psutil.STATUS_ZOMBIE
@@ -231,7 +231,7 @@ async def test_tools_list_changed_reaches_legacy_client(client: Any, inbox: Inbo
     async def notified() -> bool:
         return "notifications/tools/list_changed" in inbox.methods[before:]
 
-    assert await poll(notified, timeout=5, interval=0.05), inbox.methods[before:]
+    assert await poll(notified, interval=0.05), inbox.methods[before:]
     assert "fake__added_late" in await _tool_names(client)
     assert text_of(await client.call_tool("fake__added_late", {"text": "new tool"})) == "new tool"
 

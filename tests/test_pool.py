@@ -114,7 +114,7 @@ async def test_sigkill_one_replica_read_only_calls_keep_succeeding(time3: Any) -
     async def all_back() -> bool:
         return all(row["state"] == "ready" for row in pool.stats())
 
-    assert await poll(all_back, timeout=15), pool.stats()
+    assert await poll(all_back), pool.stats()
     assert pool.restarts >= 1
     assert gw.catalog is catalog_before
 
@@ -185,7 +185,7 @@ async def test_read_only_call_to_a_dying_replica_is_retried(counter3: Any, count
     async def all_ready() -> bool:
         return all(row["state"] == "ready" for row in pool.stats())
 
-    assert await poll(all_ready, timeout=15), pool.stats()
+    assert await poll(all_ready), pool.stats()
     with pytest.raises(MCPError) as info:
         await client.call_tool("counter__read_then_crash", {})
     # read-only: repeated on other replicas (each of which also dies), up to retry.attempts
@@ -232,7 +232,7 @@ async def test_lazy_server_starts_on_first_call_and_idle_server_stops_and_restar
         async def idle() -> bool:
             return pool.state == "idle" and not own_children("lazytest")
 
-        assert await poll(idle, timeout=5, interval=0.1), pool.stats()
+        assert await poll(idle, interval=0.1), pool.stats()
         assert {t.name for t in pool.catalog.tools} >= {"pid", "increment"}  # the last catalog is kept
 
         second = await pool.call(pid_call())  # restarts it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -45,7 +44,7 @@ def _children(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
 
 
 def _assert_all_gone(gateway_pid: int, kids: list[psutil.Process]) -> None:
-    left = wait_dead(kids, timeout=5)
+    left = wait_dead(kids)
     assert not left, f"children of gateway {gateway_pid} still alive: {describe(left)}"
 
 
@@ -60,9 +59,9 @@ def test_stdin_eof_stops_gateway_and_children(config: Path) -> None:
         kids = _children(proc)
         assert proc.stdin
         proc.stdin.close()
-        start = time.monotonic()
-        proc.wait(timeout=10)
-        assert time.monotonic() - start < 6
+        # It exits by itself (a hang fails here); how fast depends on the machine's load (each
+        # upstream may use its 2 s grace twice), so the bound is generous.
+        proc.wait(timeout=60)
         assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         _assert_all_gone(proc.pid, kids)
 
@@ -83,7 +82,7 @@ def test_signal_stdio_gateway(config: Path, sig: signal.Signals) -> None:
         _start_stdio(proc)
         kids = _children(proc)
         proc.send_signal(sig)
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         _assert_all_gone(proc.pid, kids)
 
 
@@ -94,5 +93,5 @@ def test_signal_http_gateway(config: Path, sig: signal.Signals) -> None:
         wait_http(port, proc)
         kids = _children(proc)
         proc.send_signal(sig)
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         _assert_all_gone(proc.pid, kids)
