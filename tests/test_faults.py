@@ -174,7 +174,9 @@ async def test_upstream_killed_mid_call(client: Any, faults_config: Path) -> Non
     async def slow_call() -> None:
         try:
             await client.call_tool(
-                "everything__trigger-long-running-operation", {"duration": 60, "steps": 60}, progress_callback=on_progress
+                "everything__trigger-long-running-operation",
+                {"duration": 60, "steps": 60},
+                progress_callback=on_progress,
             )
             outcome["result"] = "returned"
         except MCPError as exc:
