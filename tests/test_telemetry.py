@@ -369,7 +369,9 @@ async def test_privacy_levels_on_real_calls(tmp_path: Path, level: str) -> None:
 
 # ---- store and CLI ------------------------------------------------------------------------------
 async def test_store_stats_and_export_cli(tmp_path: Path) -> None:
-    async with telemetry_gateway(tmp_path, {"fake": fake_entry(timeout_ms=300)}) as (gw, tel):
+    # The timeout makes `hang` a timeout; it applies to the echo calls too, so it is generous
+    # enough that none of them times out on a loaded machine (300 ms was not).
+    async with telemetry_gateway(tmp_path, {"fake": fake_entry(timeout_ms=3000)}) as (gw, tel):
         async with Client(gw.server, mode="legacy") as client:
             for i in range(6):
                 await client.call_tool("fake__echo", {"text": f"hello {i}"})
