@@ -176,8 +176,12 @@ class Telemetry:
         for sink in self.sinks:
             await asyncio.to_thread(sink.stop)
 
-    async def flush(self, timeout_s: float = 5.0) -> None:
-        """Process every pending call, evaluate alerts, and wait for the sinks to write (tests, CLI)."""
+    async def flush(self, timeout_s: float = 30.0) -> None:
+        """Process every pending call, evaluate alerts, and wait for the sinks to write (tests, CLI).
+
+        `timeout_s` bounds the wait per sink; it returns as soon as a sink has written everything,
+        and is generous because readers (the optimizer's telemetry rows, tests) need every record
+        and a loaded machine's SQLite writer can lag by seconds."""
         self.process_pending()
         self.evaluate()
         for sink in self.sinks:
