@@ -151,7 +151,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     """Wait until the gateway's HTTP front accepts connections."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -154,7 +154,7 @@ def shared_config(base: Path, idp: Idp, hport: int) -> tuple[Path, str]:
     return cfg, api_key
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     import socket
 
     deadline = time.monotonic() + timeout

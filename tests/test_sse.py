@@ -27,7 +27,7 @@ def http_upstream(request: pytest.FixtureRequest) -> object:
     )
     import socket
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
