@@ -912,20 +912,31 @@ class WatchSettings(_Strict):
 
 
 class SharedSettings(_Strict):
-    """Shared state for gateway replicas (`gateway.shared`): one Redis for all of them.
+    """State shared by gateway replicas (`gateway.shared`, issue 12): ONE Redis for all of it.
 
-    When `redis_url` is set, client sessions (handshake era) are kept there so any replica can serve
-    a session's next request (`mcpopt.gateway.session_store`). The result cache's L2 and the rate-limit
-    counters have their own keys (`cache.redis_url`, `limits.storage`): point them at the same Redis.
+    With `redis_url` set, handshake-era client sessions are kept there so any replica can serve a
+    session's next request (`mcpopt.gateway.session_store`), and it is the default of
+    `cache.redis_url` (the L2 result cache) and of `limits.storage` (rate-limit counters) unless those
+    are set themselves; circuit-breaker states, applied-rule changes and upstream notifications travel
+    over its pub/sub (`mcpopt.gateway.shared`). Redis down: each replica works on its local state (one
+    warning) and picks the shared state up again when Redis is back.
     """
 
     redis_url: str | None = None
-    """`redis://host:port/db` (env `MCPOPT_GATEWAY__SHARED__REDIS_URL`); None: embedded, no Redis."""
+    """`redis://host:port/db` (env `MCPOPT_GATEWAY__SHARED__REDIS_URL`); unset: embedded, nothing shared."""
     replica: str | None = None
-    """This replica's name in telemetry and the `X-Mcpopt-Replica` response header (default
-    `<hostname>:<port>` of `serve -t http`, else `<hostname>:<pid>`)."""
+    """This replica's id in telemetry records, metrics, shared messages and the `X-Mcpopt-Replica`
+    response header (default `<hostname>:<port>` of `serve -t http`, else `<hostname>:<pid>`)."""
     key_prefix: str = "mcpopt:"
-    """Namespace of every key and channel in that Redis (several gateways may share one)."""
+    """Namespace of the keys and channels of sessions, breakers, rules and the bus in that Redis (the
+    cache's L2 keys keep their own `mcpopt:` names)."""
+    breakers: bool = True
+    """Share circuit-breaker opens/closes of HTTP upstreams (the same URL on every replica; a stdio
+    upstream is each replica's own process and is never shared)."""
+    rules: bool = True
+    """Share the optimizer's applied rules: a change on one replica is taken by all."""
+    notifications: bool = True
+    """Re-emit an upstream's list_changed / resources/updated seen by one replica on every replica."""
 
 
 class GatewaySettings(_Strict):
@@ -995,6 +1006,20 @@ class GatewaySettings(_Strict):
                 f"gateway.data_dir ({self.data_dir}) and gateway.telemetry.data_dir ({tel}) differ: "
                 "expected one data dir (set gateway.data_dir only)"
             )
+        return self
+
+    shared: SharedSettings = Field(default_factory=lambda: SharedSettings())
+    """State shared by replicas (one Redis): the cache's L2, rate-limit counters, breakers, rules, notifications."""
+
+    @model_validator(mode="after")
+    def _shared_defaults(self) -> GatewaySettings:
+        # One key names the shared Redis; the cache's and the limits' own keys still win when set.
+        url = self.shared.redis_url
+        if url:
+            if self.cache.redis_url is None:
+                self.cache.redis_url = url
+            if "storage" not in self.limits.model_fields_set:
+                self.limits.storage = url
         return self
 
     @field_validator("separator")
