@@ -108,6 +108,9 @@ class ResultCache:
         gen = self.gens.current(key[0], key[1])
         st = self._stat(key[0], key[1])
         entry = self.l1.get(key, gen)
+        if entry is not None and self.l2 is not None and not await self.l2.current(key[0], key[1], gen):
+            entry = None  # another process invalidated it: its generation moved on (adopted just now)
+            gen = self.gens.current(key[0], key[1])
         if entry is not None:
             st.hits += 1
             st.bytes_served += entry.size

@@ -8,7 +8,9 @@ stored (its result may predate the write): `capture()` before the call, `put(...
 after.
 
 L2 keys embed the generations, and bumps are `INCR`s in Redis broadcast on a pub/sub channel,
-so every gateway process stops serving the same entries at once.
+so every gateway process stops serving the same entries at once. With L2, an L1 hit too is checked
+against Redis's generations (one MGET of two keys) before it is served: the pub/sub message may
+still be on its way when the next read comes, and "at once" must not depend on it.
 """
 
 from __future__ import annotations
@@ -195,6 +197,24 @@ class RedisStore:
                 self._on_remote_bump(server, tool, remote.tool)
             return None
         return orjson.loads(raw) if raw else None
+
+    async def current(self, server: str, tool: str, gen: Generation) -> bool:
+        """True when `gen` is still Redis's generation of (server, tool): one MGET, so an L1 hit is
+        never served after another process's invalidation, even before its pub/sub message
+        arrives. Newer generations are adopted. Redis down: True (L1 alone decides, one warning)."""
+        if not self.healthy:
+            return True
+        try:
+            g_server, g_tool = await self._redis.mget(f"mcpopt:gen:{server}", f"mcpopt:gen:{server}:{tool}")
+        except Exception as exc:  # noqa: BLE001
+            self._warn(exc)
+            return True
+        remote = Generation(int(g_server or 0), int(g_tool or 0))
+        if remote.server > gen.server:
+            self._on_remote_bump(server, None, remote.server)
+        if remote.tool > gen.tool:
+            self._on_remote_bump(server, tool, remote.tool)
+        return remote == gen
 
     async def put(self, key: tuple[str, str, str], gen: Generation, body: bytes, ttl_ms: int) -> None:
         if not self.healthy:

@@ -106,6 +106,10 @@ async def _serve(cfg: Config, transport: str, host: str, port: int) -> None:
     from mcpopt.gateway.assembly import build_gateway
     from mcpopt.gateway.front import serve_http, serve_stdio
 
+    if transport == "http" and not cfg.gateway.shared.replica:
+        from mcpopt.gateway.shared import replica_id
+
+        cfg.gateway.shared.replica = replica_id(cfg.gateway.shared, port)  # names its records and messages
     gateway = build_gateway(cfg)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()

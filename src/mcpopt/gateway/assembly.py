@@ -31,6 +31,7 @@ from mcpopt.config import Config, config_data_dir
 from mcpopt.discovery.modes import SearchTools
 from mcpopt.gateway.handlers import build_server
 from mcpopt.gateway.server import Gateway
+from mcpopt.gateway.shared import SharedState, replica_id
 from mcpopt.gateway.tasks import advertise as advertise_tasks
 from mcpopt.gateway.tools import GatewayTools
 from mcpopt.monitor.hub import Telemetry
@@ -156,6 +157,14 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
 
     async def index() -> None:
         await gw.discovery.on_catalog(gw.catalog)
+
+    # ---- state shared with the other replicas (gateway.shared, issue 12) ---------------------
+    # The cache's L2 and the limiter's counters use the same Redis by their own settings; the
+    # breakers, rules and notifications go over its pub/sub here. Started first: before any call.
+    if g.shared.redis_url:
+        gw.shared = SharedState(gw, g.shared, replica_id(g.shared))
+        gw.on_start.append(gw.shared.start)
+        gw.on_stop.append(gw.shared.stop)
 
     gw.on_start += [gw.cache.start, gw.telemetry.start, gw.watch.start]
     # A first sample of the upstream processes once they run (the loop's own first came before them).

@@ -198,6 +198,8 @@ class Gateway:
         """The HTTP front's `mcpopt.auth.tokens.Authenticator` once it serves with auth (status, metrics)."""
         self.limiter: Any = None
         """The `mcpopt.auth.ratelimit.RateLimiter` when `gateway.limits` names limits (status, metrics)."""
+        self.shared: Any = None
+        """The `mcpopt.gateway.shared.SharedState` when `gateway.shared.redis_url` is set (else None)."""
         self.watch: Any = None
         """The `mcpopt.upstream.watch.ResourceWatch` (CPU, RSS, fds, children per stdio replica)."""
         self.isolation = isolation_modes(config)
@@ -434,6 +436,7 @@ class Gateway:
                 "processes": watch.replicas(name) if watch is not None else [],
                 "rss_restarts": watch.rss_restarts.get(name, 0) if watch is not None else 0,
                 "isolated_processes": watch.isolated_usage(name) if watch is not None else None,
+                "breakers": [r.breaker.state for r in up.replicas],
             }
             for name, up in self.upstreams.items()
         ]
@@ -530,10 +533,20 @@ class Gateway:
         for method in changed:
             await self.clients.broadcast(method, None)
             await self.bus.publish(_EVENTS[method])
+        if changed and self.shared is not None:
+            await self.shared.list_changed(server, kinds)  # the other replicas re-list it too
 
     async def resource_updated(self, server: str, uri: str) -> None:
         for listener in self.resource_listeners:
             await listener(server, uri)
+        if self.shared is not None:
+            await self.shared.resource_updated(server, uri)
+            if not self.shared.first_update(server, uri):
+                return  # another replica's copy of this update reached our clients already
+        await self.emit_resource_updated(server, uri)
+
+    async def emit_resource_updated(self, server: str, uri: str) -> None:
+        """Tell this replica's clients subscribed to the upstream `uri` of `server` that it changed."""
         guri = self.namer.uri(server, uri)
         await self.clients.resource_updated(guri)
         await self.bus.publish(ResourceUpdated(uri=guri))

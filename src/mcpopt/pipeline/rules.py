@@ -45,7 +45,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -398,6 +398,8 @@ class RulesFilter:
         self.ruleset = RuleSet(store.active() if store is not None else (rules or ()))
         self.applied: dict[str, int] = {}
         """Calls changed per rule id since start."""
+        self.on_reload: Callable[[], None] | None = None
+        """Called after the rules were re-read from a changed file (`check_file`)."""
 
     def _draw(self, rule_id: str, seed: int) -> float:
         """The next draw in [0, 1) of the rule's own generator (seeded: the same split every run)."""
@@ -419,19 +421,29 @@ class RulesFilter:
         self.ruleset = RuleSet(rules)
         self._mtime = self._stat()
 
+    def check_file(self) -> bool:
+        """Re-read the store's file if it changed since last read; True when new rules took effect
+        (then `on_reload` is called: e.g. `mcpopt.gateway.shared` passes the change to other replicas)."""
+        if self.store is None:
+            return False
+        self._checked = time.monotonic()
+        mtime = self._stat()
+        if mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            self.store.reload()
+            self.ruleset = RuleSet(self.store.active())
+        except RuleError as exc:
+            logger.warning("rules: keeping the rules in force: %s", exc)
+            return False
+        if self.on_reload is not None:
+            self.on_reload()
+        return True
+
     def _current(self) -> RuleSet:
-        if self.store is not None:
-            now = time.monotonic()
-            if now - self._checked >= self.reload_interval_s:
-                self._checked = now
-                mtime = self._stat()
-                if mtime != self._mtime:
-                    self._mtime = mtime
-                    try:
-                        self.store.reload()
-                        self.ruleset = RuleSet(self.store.active())
-                    except RuleError as exc:
-                        logger.warning("rules: keeping the rules in force: %s", exc)
+        if self.store is not None and time.monotonic() - self._checked >= self.reload_interval_s:
+            self.check_file()
         return self.ruleset
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:

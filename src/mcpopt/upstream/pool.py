@@ -227,6 +227,18 @@ class ServerPool:
         """Restarts of all replicas together."""
         return sum(r.target.restarts for r in self.replicas)
 
+    async def relist(self, kinds: set[CatalogKind]) -> None:
+        """Re-list `kinds` from the primary replica (another gateway replica heard its `list_changed`);
+        the listener hears of it as of a list_changed of its own. No-op when no replica is ready."""
+        primary = self._primary()
+        if primary is not None:
+            await primary.refresh(kinds)
+
+    def replica_urls(self) -> list[str | None]:
+        """Per replica, its URL when it is an HTTP / SSE server (the same server for every gateway
+        replica configured with it), else None (a stdio child is each gateway's own process)."""
+        return [c.url if c.url and c.kind in ("http", "sse") else None for c in self._cfgs]
+
     def stats(self) -> list[dict[str, Any]]:
         """One row per replica for status pages.
 

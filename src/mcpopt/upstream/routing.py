@@ -82,6 +82,7 @@ class CircuitBreaker:
         "failures",
         "opened_at",
         "trials",
+        "on_change",
     )
 
     def __init__(self, cfg: BreakerConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -97,6 +98,9 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.trials = 0
         """Trial calls in flight while half-open."""
+        self.on_change: Callable[[BreakerState], None] | None = None
+        """Called with "open" / "closed" when this replica's own calls or checks open or close the
+        breaker (not for states adopted from other gateway replicas: `adopt`)."""
 
     @property
     def state(self) -> BreakerState:
@@ -132,9 +136,12 @@ class CircuitBreaker:
         """The replica answered (a result, or a JSON-RPC error): closed stays closed, half-open closes."""
         if self._state == "open":
             return  # a late answer to a call sent before it opened proves little
+        was = self._state
         self._state = "closed"
         self.failures = 0
         self.trials = 0
+        if was != "closed" and self.on_change is not None:
+            self.on_change("closed")
 
     def record_failure(self) -> None:
         """The replica failed a call or a health check (closed, timed out, unavailable)."""
@@ -148,6 +155,30 @@ class CircuitBreaker:
         self.opened_at = self.clock()
         self.trials = 0
         self.failures = 0
+        if self.on_change is not None:
+            self.on_change("open")
+
+    def adopt(self, state: BreakerState, remaining_s: float = 0.0) -> bool:
+        """Take a state another gateway replica observed for the same upstream (`mcpopt.gateway.shared`).
+
+        "open": open for `remaining_s` more seconds (at most `open_ms`); "closed": close it. Never
+        calls `on_change` (what was adopted is not re-published). Returns True if the state changed.
+        """
+        if not self.enabled:
+            return False
+        if state == "open":
+            remaining = max(0.0, min(self.open_s, remaining_s))
+            self._state = "open"
+            self.opened_at = self.clock() - (self.open_s - remaining)
+            self.trials = 0
+            self.failures = 0
+            return True
+        if state == "closed" and self._state != "closed":
+            self._state = "closed"
+            self.failures = 0
+            self.trials = 0
+            return True
+        return False
 
     def reset(self) -> None:
         """Close the breaker (the replica reconnected: a fresh session)."""
