@@ -8,7 +8,8 @@ limit with a long window (`50000/day`).
 
 Counters live in the `limits` storage named by `limits.storage`: `memory://` (this process) or
 `redis://host:port/db` (shared by every gateway replica; redis-py client). A storage failure
-(Redis down) logs one warning and falls back to in-process counters, so no call fails for it.
+(Redis down) logs one warning and falls back to in-process counters, so no call fails for it;
+the shared storage is probed every `PROBE_S` seconds and used again once it answers.
 
 A refused call raises `RateLimited` (JSON-RPC code `RATE_LIMITED`, -32015) whose message says
 which limit and in how many seconds to retry; `data.retryAfterSeconds` carries the number, and
@@ -17,6 +18,7 @@ the HTTP front answers such a call with 429 and `Retry-After` where the response
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -30,6 +32,7 @@ from mcp_types import ErrorData
 from mcpopt.auth.principal import Principal
 from mcpopt.config import LimitsSettings
 from mcpopt.errors import RATE_LIMITED, GatewayError
+from mcpopt.state.redis import report_down, report_up
 
 if TYPE_CHECKING:
     from limits import RateLimitItem
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 # gateway without `gateway.limits` never loads it.
 
 logger = logging.getLogger(__name__)
+
+PROBE_S = 2.0
+"""While on local counters after a storage failure, the shared storage is tried again this often (s)."""
 
 _STRATEGIES = {
     "moving-window": "MovingWindowRateLimiter",
@@ -121,6 +127,10 @@ class RateLimiter:
         self.storage = storage_from_string(uri, **options)
         self.limiter = self._strategy(self.storage)
         self._fell_back = False
+        self._shared: Any = self.storage
+        self._probe_at = 0.0
+        self._probing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.global_ = _parse(settings.global_)
         self.per_principal = _parse(settings.per_principal)
         self.per_tool = [(p, _parse(v)) for p, v in settings.per_tool.items()]
@@ -164,6 +174,8 @@ class RateLimiter:
         Raises:
             RateLimited: a limit is exhausted (the first one checked, most specific first).
         """
+        if self._fell_back:
+            await self._maybe_resume()
         who = principal.key if principal is not None and principal.key else "local"
         tool, ptool = self._for_tool(name)
         for item in ptool:
@@ -207,16 +219,50 @@ class RateLimiter:
         if self._fell_back:
             raise exc
         self._fell_back = True
-        logger.warning(
-            "rate-limit storage %s failed (%s: %s); counting in this process from now on",
-            self.storage_uri,
-            type(exc).__name__,
-            exc,
-        )
+        what = f"rate-limit counters ({self.storage_uri.split(':', 1)[0]} storage; counting in this process)"
+        if self.storage_uri.startswith(("redis://", "rediss://", "redis+unix://")):
+            report_down(self.storage_uri, what, exc)
+        else:
+            logger.warning(
+                "rate-limit storage %s failed (%s: %s); counting in this process from now on",
+                shown_uri(self.storage_uri),
+                type(exc).__name__,
+                exc,
+            )
+        self._shared = self.storage
         from limits.storage import storage_from_string
 
         self.storage = storage_from_string("async+memory://")
         self.limiter = self._strategy(self.storage)
+        self._probe_at = time.monotonic() + PROBE_S
+
+    async def _maybe_resume(self) -> None:
+        """While on local counters, try the shared storage again every `PROBE_S` (in the background:
+        a call never waits for a Redis that is still down); back on it once it answers."""
+        if self._probing or time.monotonic() < self._probe_at:
+            return
+        self._probing = True
+        self._probe_at = time.monotonic() + PROBE_S
+
+        async def probe() -> None:
+            try:
+                ok = await self._shared.check()
+            except Exception:  # noqa: BLE001 - still down
+                ok = False
+            finally:
+                self._probing = False
+            if ok and self._fell_back:
+                self.storage = self._shared
+                self.limiter = self._strategy(self.storage)
+                self._fell_back = False
+                report_up(
+                    self.storage_uri,
+                    f"rate-limit counters ({self.storage_uri.split(':', 1)[0]} storage; counting in this process)",
+                )
+
+        task = asyncio.get_running_loop().create_task(probe())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def stats(self) -> dict[str, Any]:
         """`{storage, strategy, allowed, refused: {scope: n}, fell_back}` for status pages and metrics."""

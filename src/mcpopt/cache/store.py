@@ -26,6 +26,8 @@ from typing import Any
 import orjson
 from cachetools import TLRUCache
 
+from mcpopt.state.redis import report_down, report_up
+
 logger = logging.getLogger(__name__)
 
 CHANNEL = "mcpopt:cache:invalidate"
@@ -140,16 +142,15 @@ class RedisStore:
         try:
             await self._redis.ping()
             self.healthy = True
-        except Exception as exc:  # noqa: BLE001 - Redis down: L1 only, one warning
+        except Exception as exc:  # noqa: BLE001 - Redis down: L1 only, one warning; the listener retries
             self._warn(exc)
-            return
         self._task = asyncio.get_running_loop().create_task(self._listen())
 
     def _warn(self, exc: BaseException) -> None:
         self.healthy = False
         if not self._warned:
             self._warned = True
-            logger.warning("cache L2 (Redis at %s) unavailable, serving from L1 only: %s", self.url, exc)
+            report_down(self.url, "cache L2 (serving from L1 only)", exc)
 
     async def _listen(self) -> None:
         while True:
@@ -157,7 +158,7 @@ class RedisStore:
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(CHANNEL)
                 if not self.healthy:  # Redis is back: reads re-check generations (MGET), so this is safe
-                    logger.warning("cache L2 (Redis at %s) reachable again", self.url)
+                    report_up(self.url, "cache L2 (serving from L1 only)")
                     self.healthy, self._warned = True, False
                 async for message in pubsub.listen():
                     if message.get("type") != "message":

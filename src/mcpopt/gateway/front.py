@@ -346,7 +346,10 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
     http = gateway.config.gateway.http
 
     async def healthz(request: Request) -> JSONResponse:
-        body, status = health(gateway.status(), may_see_details(gateway.config, request.scope))
+        detailed = may_see_details(gateway.config, request.scope)
+        body, status = health(gateway.status(), detailed)
+        if detailed and gateway.shared is not None:
+            body["shared"] = gateway.shared.stats()  # replica id, bus link, adopted states, lags
         return JSONResponse(body, status_code=status)
 
     app = gateway.server.streamable_http_app(

@@ -43,8 +43,41 @@ def _client(url: str, *, timeouts: bool = True) -> Any:
     return aioredis.from_url(url, socket_connect_timeout=1.0, health_check_interval=5)
 
 
+_down: dict[str, set[str]] = {}
+"""Redis URL -> the users that see it down now (one outage is one warning, however many users)."""
+
+
+def report_down(url: str, what: str, exc: BaseException) -> None:
+    """`what` (the cache's L2, the rate limiter, the bus...) cannot reach the Redis at `url`.
+
+    The first user to see an outage logs the one warning; the others log at INFO."""
+    users = _down.setdefault(url, set())
+    first = not users
+    users.add(what)
+    if first:
+        logger.warning(
+            "shared state: Redis at %s unavailable (%s: %s); this replica goes on with its local state "
+            "and reconnects by itself",
+            _shown(url),
+            what,
+            exc,
+        )
+    else:
+        logger.info("shared state: %s also on local state (Redis at %s down)", what, _shown(url))
+
+
+def report_up(url: str, what: str) -> None:
+    """`what` reaches the Redis at `url` again (one line when the last user is back)."""
+    users = _down.get(url)
+    if not users or what not in users:
+        return
+    users.discard(what)
+    if not users:
+        logger.warning("shared state: Redis at %s reachable again; shared state resumed", _shown(url))
+
+
 class _Health:
-    """One warning when a backend becomes unreachable, one info line when it is back."""
+    """A backend user's view of its Redis: logs through `report_down` / `report_up`."""
 
     def __init__(self, what: str, url: str) -> None:
         self.what = what
@@ -56,12 +89,12 @@ class _Health:
         self.failures += 1
         if self.healthy:
             self.healthy = False
-            logger.warning("%s (Redis at %s) unavailable, using local state: %s", self.what, _shown(self.url), exc)
+            report_down(self.url, self.what, exc)
 
     def up(self) -> None:
         if not self.healthy:
             self.healthy = True
-            logger.warning("%s (Redis at %s) reachable again", self.what, _shown(self.url))
+            report_up(self.url, self.what)
 
 
 def _shown(url: str) -> str:
