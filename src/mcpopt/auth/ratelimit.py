@@ -219,7 +219,7 @@ class RateLimiter:
         if self._fell_back:
             raise exc
         self._fell_back = True
-        what = f"rate-limit counters ({self.storage_uri.split(':', 1)[0]} storage; counting in this process)"
+        what = "rate-limit storage (counting in this process)"
         if self.storage_uri.startswith(("redis://", "rediss://", "redis+unix://")):
             report_down(self.storage_uri, what, exc)
         else:
@@ -257,7 +257,7 @@ class RateLimiter:
                 self._fell_back = False
                 report_up(
                     self.storage_uri,
-                    f"rate-limit counters ({self.storage_uri.split(':', 1)[0]} storage; counting in this process)",
+                    "rate-limit storage (counting in this process)",
                 )
 
         task = asyncio.get_running_loop().create_task(probe())

@@ -75,7 +75,7 @@ class ResultCache:
         self.gens = Generations()
         self.l2: RedisStore | None = None
         if settings.redis_url:
-            self.l2 = RedisStore(settings.redis_url, self._remote_bump)
+            self.l2 = RedisStore(settings.redis_url, self._remote_bump, self.l1.clear)
         self.stats: dict[tuple[str, str], ToolStats] = {}
         self._by_server: dict[str, dict[str, ToolStats]] = {}
         self._reading: set[str] = set()

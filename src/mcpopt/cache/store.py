@@ -34,6 +34,19 @@ CHANNEL = "mcpopt:cache:invalidate"
 """Redis pub/sub channel carrying invalidations between gateway processes."""
 
 
+_RAISE_TO = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local cur = tonumber(redis.call('GET', k) or '0')
+  local want = tonumber(ARGV[i])
+  if cur < want then redis.call('SET', k, want); cur = want end
+  out[i] = cur
+end
+return out
+"""
+"""Raise generation keys to at least the given values (after Redis lost them), atomically."""
+
+
 @dataclass(slots=True)
 class Entry:
     value: dict[str, Any]
@@ -126,17 +139,21 @@ class RedisStore:
         url: `redis://host:port/db`.
         on_remote_bump: called with (server, tool or None, generation) for invalidations
             published by other processes (and this one).
+        on_reconnect: called when Redis is reachable again after an outage (the cache drops L1).
     """
 
-    def __init__(self, url: str, on_remote_bump: Any) -> None:
+    def __init__(self, url: str, on_remote_bump: Any, on_reconnect: Any = None) -> None:
         import redis.asyncio as aioredis
 
         self.url = url
         self._redis = aioredis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
         self._on_remote_bump = on_remote_bump
+        self._on_reconnect = on_reconnect
         self._task: asyncio.Task[None] | None = None
         self.healthy = False
         self._warned = False
+        self._was_up = False
+        """Redis was reachable once (a first connection after a down start is no re-connection)."""
 
     async def start(self) -> None:
         try:
@@ -160,6 +177,11 @@ class RedisStore:
                 if not self.healthy:  # Redis is back: reads re-check generations (MGET), so this is safe
                     report_up(self.url, "cache L2 (serving from L1 only)")
                     self.healthy, self._warned = True, False
+                    if self._on_reconnect is not None and self._was_up:
+                        # Invalidations made by other processes during the outage never reached us,
+                        # and Redis may have lost its generations: what L1 holds is not to be trusted.
+                        self._on_reconnect()
+                self._was_up = True
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
@@ -187,10 +209,10 @@ class RedisStore:
             g_server, g_tool, raw = await self._redis.mget(
                 f"mcpopt:gen:{server}", f"mcpopt:gen:{server}:{tool}", self._key(key, gen)
             )
+            remote = await self._repair(server, tool, gen, Generation(int(g_server or 0), int(g_tool or 0)))
         except Exception as exc:  # noqa: BLE001
             self._warn(exc)
             return None
-        remote = Generation(int(g_server or 0), int(g_tool or 0))
         if remote != gen:
             if remote.server > gen.server:
                 self._on_remote_bump(server, None, remote.server)
@@ -198,6 +220,16 @@ class RedisStore:
                 self._on_remote_bump(server, tool, remote.tool)
             return None
         return orjson.loads(raw) if raw else None
+
+    async def _repair(self, server: str, tool: str, gen: Generation, remote: Generation) -> Generation:
+        """Redis's generations fell below ours: it lost its data (a restart without persistence).
+        Raise them back to ours (never lowering one another process raised meanwhile)."""
+        if remote.server >= gen.server and remote.tool >= gen.tool:
+            return remote
+        g_server, g_tool = await self._redis.eval(
+            _RAISE_TO, 2, f"mcpopt:gen:{server}", f"mcpopt:gen:{server}:{tool}", gen.server, gen.tool
+        )
+        return Generation(int(g_server), int(g_tool))
 
     async def current(self, server: str, tool: str, gen: Generation) -> bool:
         """True when `gen` is still Redis's generation of (server, tool): one MGET, so an L1 hit is
@@ -207,10 +239,10 @@ class RedisStore:
             return True
         try:
             g_server, g_tool = await self._redis.mget(f"mcpopt:gen:{server}", f"mcpopt:gen:{server}:{tool}")
+            remote = await self._repair(server, tool, gen, Generation(int(g_server or 0), int(g_tool or 0)))
         except Exception as exc:  # noqa: BLE001
             self._warn(exc)
             return True
-        remote = Generation(int(g_server or 0), int(g_tool or 0))
         if remote.server > gen.server:
             self._on_remote_bump(server, None, remote.server)
         if remote.tool > gen.tool:
