@@ -23,6 +23,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -369,3 +370,8 @@ async def test_redis_down_degrades_and_recovers(replicas: Replicas) -> None:
         warnings = [line for line in log.splitlines() if "unavailable" in line and "Redis" in line]
         assert len(warnings) == 1, (name, warnings)  # ONE warning per replica for the outage
         assert "Traceback" not in log, log[-3000:]
+        # Each record names the replica that served it (item 3): one store may hold several replicas'.
+        db = sqlite3.connect(replicas.base / name / "telemetry.db")
+        replicas_seen = {row[0] for row in db.execute("SELECT DISTINCT gateway_replica FROM calls")}
+        db.close()
+        assert replicas_seen == {name}

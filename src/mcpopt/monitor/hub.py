@@ -67,6 +67,9 @@ class Telemetry:
     ) -> None:
         self.settings = settings = settings if settings is not None else TelemetrySettings()
         self.gateway = gateway
+        shared = getattr(getattr(getattr(gateway, "config", None), "gateway", None), "shared", None)
+        self.replica_id: str = str(getattr(shared, "replica", None) or "")
+        """The gateway replica named in every record (`CallRecord.gateway_replica`)."""
         self.enabled = settings.enabled
         self.level = settings.level
         # The config's data dir (`config_data_dir`) when the gateway builds it; standalone hubs

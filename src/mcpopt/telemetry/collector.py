@@ -266,4 +266,5 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
         principal,
         str(attrs.get("decision") or ""),
         str(attrs.get("policy_rule") or "")[:200],
+        getattr(hub, "replica_id", ""),
     )

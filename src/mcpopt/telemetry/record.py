@@ -67,6 +67,9 @@ class CallRecord(NamedTuple):
             `standard`, its `sub` / `apikey:<name>` at `detailed`; `local` for the trusted local user.
         decision: the policy's verdict: `allow`, `deny`, `limit`, or "" when no policy applies
             (authentication off); `policy_rule` the rule that decided, or the limit's scope.
+        gateway_replica: the gateway replica that served the call (`gateway.shared.replica`, by
+            default `<hostname>:<port>` under `serve -t http`; "" for an unnamed one), so records
+            of several replicas in one store stay apart (`replica` is the upstream's replica).
     """
 
     ts: float
@@ -103,6 +106,7 @@ class CallRecord(NamedTuple):
     principal: str = ""
     decision: str = ""
     policy_rule: str = ""
+    gateway_replica: str = ""
 
     @property
     def is_error(self) -> bool:
