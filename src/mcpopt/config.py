@@ -567,6 +567,10 @@ class TelemetrySettings(_Strict):
     sqlite_path: str | None = None
     """The SQLite store (default `<data_dir>/telemetry.db`; "" disables it)."""
     retention_days: float = Field(30.0, gt=0)
+    postgres_url: str | None = None
+    """Also write every record to this PostgreSQL database (`postgresql://user@host:port/db`), shared by
+    the gateway's replicas: `mcpopt stats` and the optimizer then read all replicas' calls from it
+    (needs `pip install 'mcpopt[postgres]'`, psycopg 3). SQLite stays each replica's local copy."""
     jsonl_path: str | None = None
     """Also append every record to this JSONL file (off by default)."""
     queue_size: int = Field(4096, ge=16)

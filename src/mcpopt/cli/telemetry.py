@@ -14,15 +14,20 @@ telemetry_app = typer.Typer(no_args_is_help=True, help="Telemetry records: expor
 app.add_typer(telemetry_app, name="telemetry")
 
 
-def _telemetry_store(config: str, db: str | None) -> Path:
-    """The SQLite store: --db, else the config's `gateway.telemetry` (defaults without a config file)."""
+def _telemetry_store(config: str, db: str | None) -> Path | str:
+    """The store: --db (a file or a `postgresql://` URL), else the config's `gateway.telemetry`: its
+    `postgres_url` (all replicas' records) when set, else its SQLite file (defaults without a config file)."""
     from mcpopt.config import config_data_dir
+    from mcpopt.telemetry.postgres import is_postgres_url
     from mcpopt.telemetry.store import store_path
 
     if db:
-        return Path(db).expanduser()
+        return db if is_postgres_url(db) else Path(db).expanduser()
     cfg = load(config) if Path(config).exists() else None
-    path = store_path(cfg.gateway.telemetry if cfg is not None else TelemetrySettings(), config_data_dir(cfg))
+    settings = cfg.gateway.telemetry if cfg is not None else TelemetrySettings()
+    if settings.postgres_url:
+        return settings.postgres_url
+    path = store_path(settings, config_data_dir(cfg))
     if path is None:
         err.print('[red]the SQLite store is off (gateway.telemetry.sqlite_path: ""); pass --db FILE[/red]')
         raise typer.Exit(2)
@@ -39,6 +44,17 @@ def _hint_shared_store() -> None:
         )
 
 
+def _store_failed(path: Path | str, exc: Exception) -> None:
+    from mcpopt.monitor.report import _shown
+    from mcpopt.telemetry.postgres import is_postgres_url
+
+    if not is_postgres_url(path):
+        raise exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    err.print(f"[red]telemetry database {_shown(str(path))}: {first}[/red]", highlight=False)
+    raise typer.Exit(1) from None
+
+
 def _times(since: str | None, until: str | None) -> tuple[float | None, float | None]:
     from mcpopt.monitor.report import parse_time
 
@@ -52,7 +68,9 @@ def _times(since: str | None, until: str | None) -> tuple[float | None, float | 
 @app.command()
 def stats(
     config: str = ConfigOpt,
-    db: str | None = typer.Option(None, "--db", help="The telemetry SQLite file (default: from the config)."),
+    db: str | None = typer.Option(
+        None, "--db", help="The telemetry SQLite file or a postgresql:// URL (default: from the config)."
+    ),
     since: str = typer.Option("24h", "--since", help="90s, 15m, 24h, 7d, an ISO date/time, or '' for all."),
     until: str | None = typer.Option(None, "--until"),
     as_json: bool = typer.Option(False, "--json"),
@@ -68,6 +86,8 @@ def stats(
         err.print(f"[red]no telemetry database at {path} (serve the gateway with telemetry enabled first)[/red]")
         _hint_shared_store()
         raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - a PostgreSQL store that is down or psycopg missing: say so
+        _store_failed(path, exc)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -80,7 +100,9 @@ def telemetry_export(
     since: str | None = typer.Option(None, "--since", help="90s, 15m, 24h, 7d, an ISO date/time, Unix seconds."),
     until: str | None = typer.Option(None, "--until"),
     config: str = ConfigOpt,
-    db: str | None = typer.Option(None, "--db", help="The telemetry SQLite file (default: from the config)."),
+    db: str | None = typer.Option(
+        None, "--db", help="The telemetry SQLite file or a postgresql:// URL (default: from the config)."
+    ),
 ) -> None:
     """Write the call records of a time range as JSON lines."""
     from mcpopt.monitor.report import export_jsonl
@@ -92,4 +114,6 @@ def telemetry_export(
     except FileNotFoundError:
         err.print(f"[red]no telemetry database at {path}[/red]")
         raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001
+        _store_failed(path, exc)
     err.print(f"wrote {n} records to {out_file}")

@@ -125,6 +125,10 @@ class Telemetry:
         if db is not None:
             self.sqlite = SqliteSink(db, s.retention_days, s.queue_size)
             self.sinks.append(self.sqlite)
+        if s.postgres_url:
+            from mcpopt.telemetry.postgres import PostgresSink
+
+            self.sinks.append(PostgresSink(s.postgres_url, s.retention_days, s.queue_size))
         if s.jsonl_path:
             self.sinks.append(JsonlSink(Path(s.jsonl_path).expanduser(), s.queue_size))
         if s.otlp_endpoint:

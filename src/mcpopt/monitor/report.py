@@ -20,8 +20,8 @@ from rich.table import Table
 
 from mcpopt.datafiles import open_private
 from mcpopt.monitor.stats import DEFAULT_GRADES, grade, percentile
+from mcpopt.telemetry.postgres import open_reader
 from mcpopt.telemetry.record import ERROR_OUTCOMES
-from mcpopt.telemetry.store import Store
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -78,26 +78,41 @@ def _figures(rows: list[dict[str, Any]], table: Any) -> dict[str, Any]:
     }
 
 
+def _shown(target: str) -> str:
+    """A database URL fit to print: its password replaced by `***`."""
+    if "://" in target and "@" in target:
+        scheme, rest = target.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}{':***' if ':' in creds else ''}@{host}"
+    return target
+
+
 def stats_report(
     db_path: str | Path, since: float | None = None, until: float | None = None, grades: Any = DEFAULT_GRADES
 ) -> dict[str, Any]:
     """Figures per tool, per server and overall for calls in [since, until), plus sessions and alerts.
 
+    `db_path`: the SQLite file, or a `postgresql://` URL (the store shared by replicas); the
+    report's `replicas` rows give the figures per gateway replica (`CallRecord.gateway_replica`).
+
     Raises:
         FileNotFoundError: no database at `db_path`.
     """
-    store = Store(db_path, readonly=True)
+    store = open_reader(db_path)
     try:
         rows = list(store.calls(since, until))
         by_tool: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         by_server: dict[str, list[dict[str, Any]]] = defaultdict(list)
         outcomes: dict[str, int] = defaultdict(int)
+        by_replica: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             by_tool[(r["server"], r["tool"])].append(r)
             by_server[r["server"]].append(r)
             outcomes[r["outcome"]] += 1
+            by_replica[r.get("gateway_replica") or ""].append(r)
         return {
-            "db": str(db_path),
+            "db": _shown(str(db_path)),
+            "replicas": [{"replica": k, **_figures(rs, grades)} for k, rs in sorted(by_replica.items())],
             "since": since,
             "until": until,
             "overall": {**_figures(rows, grades), "outcomes": dict(outcomes)},
@@ -128,6 +143,13 @@ def print_stats(report: dict[str, Any], console: Console) -> None:
     if not o["calls"]:
         console.print("no calls recorded in this range")
         return
+    replicas = report.get("replicas") or []
+    if len(replicas) > 1 or (replicas and replicas[0]["replica"]):
+        for r in replicas:
+            console.print(
+                f"  replica {r['replica'] or '(unnamed)'}: {r['calls']} calls, grade {_g(r['grade'])}, "
+                f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {r['error_rate']:.1%}"
+            )
     for title, rows, key in (("Tools", report["tools"], "tool"), ("Servers", report["servers"], "server")):
         table = Table(title=title)
         if key == "tool":
@@ -180,7 +202,7 @@ def export_jsonl(db_path: str | Path, out: str | Path, since: float | None = Non
     Raises:
         FileNotFoundError: no database at `db_path`.
     """
-    store = Store(db_path, readonly=True)
+    store = open_reader(db_path)
     n = 0
     try:
         with open_private(out, "wb") as fh:

@@ -118,7 +118,7 @@ class OptimizeSession:
         tel.level = "detailed"
         tel.sqlite_path = str(self.telemetry_path)
         tel.data_dir = str(self.telemetry_path.parent)
-        tel.jsonl_path = tel.otlp_endpoint = tel.webhook_url = None
+        tel.jsonl_path = tel.otlp_endpoint = tel.webhook_url = tel.postgres_url = None
         tel.prometheus = False
         tel.alert_min_calls = 1 << 30  # replays are not production traffic: no SLO alerts
 
@@ -136,14 +136,15 @@ class OptimizeSession:
 
     async def rows(self, since: float | None = None) -> list[dict[str, Any]]:
         """Telemetry rows since `since` (default: this session's start) from `telemetry_store()`."""
-        from mcpopt.telemetry.store import Store
+        from mcpopt.telemetry.postgres import open_reader
 
         if self.telemetry is not None:
             await self.telemetry.flush()
-        path = self.telemetry_store()
-        if path is None or not path.exists():
+        shared = None if self.telemetry_path is not None else self.config.gateway.telemetry.postgres_url
+        path: Any = shared or self.telemetry_store()  # PostgreSQL: every replica's records
+        if path is None or (not shared and not path.exists()):
             return []
-        store = Store(path, readonly=True)
+        store = open_reader(path)
         try:
             return list(store.calls(since=since if since is not None else self.started))
         finally:
