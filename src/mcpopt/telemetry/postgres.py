@@ -29,7 +29,11 @@ from mcpopt.telemetry.sinks import ThreadedSink
 from mcpopt.telemetry.store import FIELDS, Store, _column
 
 _PG_TYPES = {"REAL": "DOUBLE PRECISION", "INTEGER": "BIGINT", "TEXT": "TEXT"}
-_BOOL = {name for name, hint in CallRecord.__annotations__.items() if str(hint).startswith("bool")}
+_BOOL = {
+    name
+    for name, hint in CallRecord.__annotations__.items()
+    if str(getattr(hint, "__forward_arg__", hint)).startswith(("bool", "<class 'bool'>"))
+}
 _ALERT_FIELDS = ("ts", "status", "severity", "scope", "metric", "value", "threshold", "message")
 _INSERT_ALERT = f"INSERT INTO alerts ({', '.join(_ALERT_FIELDS)}) VALUES ({', '.join('%s' for _ in _ALERT_FIELDS)})"
 
@@ -40,8 +44,9 @@ def is_postgres_url(target: object) -> bool:
 
 
 def _pg_column(name: str) -> str:
-    _, kind = _column(name).split(" ", 1)
-    return f"{name} {'BOOLEAN' if name in _BOOL else _PG_TYPES.get(kind, 'TEXT')}"
+    _, kind, *rest = _column(name).split(" ")  # e.g. "ts REAL NOT NULL"
+    pg = "BOOLEAN" if name in _BOOL else _PG_TYPES.get(kind, "TEXT")
+    return " ".join([name, pg, *rest])
 
 
 def _create() -> list[str]:
