@@ -564,6 +564,82 @@ async def test_real_prometheus_scrapes_metrics(tmp_path: Path) -> None:
                 proc.stderr.close()
 
 
+@pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is missing (Debian package 'prometheus')")
+async def test_real_prometheus_scrapes_two_replicas(tmp_path: Path) -> None:
+    """Two gateway replicas, two targets of one scrape job: each target's series are its own calls
+    (Prometheus's `instance` label), and `mcpopt_gateway_info` names the replica behind each."""
+    async with contextlib.AsyncExitStack() as stack:
+        ports: dict[str, int] = {}
+        for name, n in (("A", 2), ("B", 3)):
+            cfg = load_config(
+                data={
+                    "mcpServers": {"fake": fake_entry()},
+                    "gateway": {
+                        "shared": {"replica": f"replica-{name}"},
+                        "telemetry": {"data_dir": str(tmp_path / name)},
+                    },
+                }
+            )
+            gw = build_gateway(cfg)
+            await stack.enter_async_context(gw.running())
+            ports[name] = await stack.enter_async_context(serve_http(gw, gw.telemetry))
+            async with Client(gw.server, mode="legacy") as client:
+                for i in range(n):
+                    await client.call_tool("fake__echo", {"text": f"t{i}"})
+        prom_port = free_port()
+        targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports.values())
+        (tmp_path / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: mcpopt\n    static_configs: [{{targets: [{targets}]}}]\n",
+            encoding="utf-8",
+        )
+        proc = subprocess.Popen(
+            [
+                PROMETHEUS or "prometheus",
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
+
+            async def query(q: str) -> list[dict[str, Any]]:
+                with contextlib.suppress(OSError):
+                    status, body = await http_get(api + urllib.parse.quote(q), timeout=2)
+                    if status == 200:
+                        return json.loads(body)["data"]["result"]
+                return []
+
+            deadline = time.monotonic() + 30
+            counts: dict[str, float] = {}
+            while time.monotonic() < deadline and len(counts) < 2:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                series = await query('mcpopt_tool_call_duration_seconds_count{job="mcpopt",tool="echo"}')
+                counts = {s["metric"]["instance"]: float(s["value"][1]) for s in series}
+                if len(counts) < 2:
+                    await anyio.sleep(0.5)
+            assert counts == {f"127.0.0.1:{ports['A']}": 2.0, f"127.0.0.1:{ports['B']}": 3.0}
+            info = await query("mcpopt_gateway_info")
+            assert {s["metric"]["instance"]: s["metric"]["replica"] for s in info} == {
+                f"127.0.0.1:{ports['A']}": "replica-A",
+                f"127.0.0.1:{ports['B']}": "replica-B",
+            }
+            total = await query('sum(mcpopt_tool_call_duration_seconds_count{tool="echo"})')
+            assert total and float(total[0]["value"][1]) == 5  # one query over every replica
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            if proc.poll() is None:
+                proc.kill()
+            if proc.stderr:
+                proc.stderr.close()
+
+
 def test_store_inserts_batches_across_statement_boundaries(tmp_path: Path) -> None:
     """Multi-row INSERTs of `ROWS_PER_INSERT` rows: a batch that spans several statements keeps
     every record, in order, field for field."""

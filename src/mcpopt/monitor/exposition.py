@@ -93,6 +93,11 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         hub = self.hub
+        info = GaugeMetricFamily(
+            "mcpopt_gateway_info", "1, labelled with this gateway replica's id", labels=("replica",)
+        )
+        info.add_metric((str(getattr(hub, "replica_id", "") or ""),), 1.0)
+        yield info
         yield GaugeMetricFamily(
             "mcpopt_inflight_calls", "Tool calls in flight through the gateway", hub.filter.inflight
         )

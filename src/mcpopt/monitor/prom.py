@@ -11,6 +11,9 @@ Per call (updated off the request path, from records):
 
 Read at scrape time from live state (no cost per call):
 
+- `mcpopt_gateway_info{replica}`: 1, naming the gateway replica (`gateway.shared.replica`): with
+  several replicas scraped as several targets, it maps Prometheus's `instance` to the replica id
+  the telemetry records carry.
 - `mcpopt_inflight_calls`: calls inside the telemetry filter now.
 - `mcpopt_upstream_up{server,replica}`: 1 when the replica's session is ready.
 - `mcpopt_breaker_state{server,replica}`: 0 closed, 1 half-open, 2 open.
