@@ -332,6 +332,21 @@ async def test_notifications_seen_on_a_reach_clients_of_b(replicas: Replicas) ->
     print(f"\nnotification propagation A->B (ms): {lag}")
 
 
+def test_round_trips_per_call(replicas: Replicas) -> None:
+    """What `mcpopt bench shared` reports, as counted behaviour (not timings): a cache hit with the
+    Redis L2 costs one round trip (the generation check), a miss + store two, one invalidation two
+    (INCR + PUBLISH), a rate-limit check one per limit; local state costs none."""
+    from mcpopt.bench.shared import bench_shared
+
+    rows = {r["operation"]: r for r in bench_shared(calls=30, warmup=5, redis_url=replicas.redis.url)["rows"]}
+    trips = {op: r["round_trips"] for op, r in rows.items()}
+    assert trips["cache hit (memory)"] == 0 and trips["cache hit (redis)"] == 1
+    assert trips["cache miss + store (redis)"] == 2
+    assert trips["write invalidation, once (redis)"] == 2
+    assert trips["rate limit, 1 limit, moving-window (redis)"] == 1
+    assert trips["rate limit, 1 limit, sliding-window-counter (redis)"] == 1
+
+
 async def test_redis_down_degrades_and_recovers(replicas: Replicas) -> None:
     replicas.redis.stop()
     try:

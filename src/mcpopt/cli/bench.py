@@ -203,3 +203,38 @@ def bench_growth_cmd(
         plot(result, Path(png))
         if not as_json:
             out.print(f"curves written to {png}")
+
+
+@bench_app.command("shared")
+def bench_shared_cmd(
+    calls: int = typer.Option(2000, "--calls", "-n", help="Timed operations of each kind (after warm-up)."),
+    warmup: int = typer.Option(200, "--warmup"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="Use this Redis (default: a throwaway one)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What each piece of state shared over Redis costs per call: p50/p99, CPU and Redis commands per
+    operation, local state beside it; and the bus's one-way delay between two replicas."""
+    from mcpopt.bench.shared import bench_shared
+
+    try:
+        report = bench_shared(calls, warmup, redis_url)
+    except RuntimeError as exc:
+        out.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"shared state per operation ({calls} each, after {warmup} warm-up)")
+    for col in ("operation", "p50", "p99", "CPU/op", "round trips/op", "Redis cmds/op"):
+        table.add_column(col, justify="right" if col != "operation" else "left")
+    for r in report["rows"]:
+        cpu = "-" if r["cpu_us"] is None else f"{r['cpu_us']:.1f} us"
+        table.add_row(
+            r["operation"],
+            f"{r['p50_us']:.1f} us",
+            f"{r['p99_us']:.1f} us",
+            cpu,
+            f"{r['round_trips']:g}",
+            f"{r['redis_commands']:g}",
+        )
+    out.print(table)
