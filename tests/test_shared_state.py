@@ -270,6 +270,54 @@ async def test_breaker_opened_on_a_is_adopted_by_b(replicas: Replicas) -> None:
     print(f"\nbreaker propagation A->B (ms): {lag.get('breaker')}")
 
 
+async def test_replica_started_while_a_breaker_is_open_adopts_it(replicas: Replicas, tmp_path: Path) -> None:
+    """A replica that starts (or reconnects) while another holds a breaker open takes it from Redis."""
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+
+    def gateway(name: str) -> Any:
+        cfg = load_config(
+            data={
+                "mcpServers": {"h": {"url": f"http://127.0.0.1:{free_port()}/mcp", "breaker": {"open_ms": 600_000}}},
+                "gateway": {
+                    "shared": {"redis_url": replicas.redis.url, "replica": name},
+                    "telemetry": {"enabled": False},
+                    "optimization": {"rules_path": str(tmp_path / f"{name}-rules.json")},
+                },
+            }
+        )
+        cfg.mcpServers["h"].url = "http://127.0.0.1:1/mcp"  # the same URL on both replicas
+        return build_gateway(cfg)
+
+    first, late = gateway("X"), gateway("Y")
+    with anyio.fail_after(WAIT_S * 2):  # in process: a hang here must fail, not stall the run
+        await first.shared.start()
+        await _late_adopts(first, late)
+        await first.shared.stop()
+
+
+async def _late_adopts(first: Any, late: Any) -> None:
+    try:
+        breaker = first.upstreams["h"].replicas[0].breaker
+        for _ in range(breaker.threshold):
+            breaker.record_failure()  # what failed calls to it do
+        assert breaker.state == "open"
+
+        async def held() -> bool:
+            return bool(await first.shared.bus.redis.keys("mcpopt:breaker:h:*"))
+
+        await until(held, "the open breaker to be kept in Redis")
+        await late.shared.start()
+        try:
+            assert late.upstreams["h"].replicas[0].breaker.state == "open"
+            assert late.upstreams["h"].replicas[0].breaker.retry_in_s() > 500
+        finally:
+            await late.shared.stop()
+    except BaseException:
+        await first.shared.stop()
+        raise
+
+
 async def test_rule_applied_and_rolled_back_on_a_is_on_and_off_on_b(replicas: Replicas) -> None:
     def hints(result: Any) -> list[str]:
         meta = result.meta or {}

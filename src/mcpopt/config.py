@@ -1375,6 +1375,7 @@ gateway:
   # exposure: full                        # full | search (search_tools + call_tool) | code (execute_code)
   # code_mode: {sessions: {ttl_s: 1800}, private_data: {tools: ["crm__*"]}, isolation: {mode: auto}}
   # cache: {redis_url: redis://127.0.0.1:6379/0}    # L2 shared by gateway processes
+  # shared: {redis_url: redis://127.0.0.1:6379/0, replica: r1}  # replicas share cache, limits, breakers, rules
   # telemetry: {level: standard}          # minimal | standard | detailed; enabled: false records nothing
   # watch: {interval_s: 5, growth_warning_mb: 64}   # CPU/RSS/fds/children per upstream process; rss_growth alert
   # shaping: {max_result_bytes: 65536}    # cut huge results; the whole stays readable as a resource

@@ -7,7 +7,9 @@ so nothing echoes):
 
 - **breakers** (`breaker`): when this replica's calls or health checks open or close the circuit
   breaker of an HTTP upstream, the others adopt that state for the same URL (open for the time it
-  has left). A stdio upstream is each gateway's own child process: its breaker is never shared.
+  has left). An open breaker is also kept under `mcpopt:breaker:<server>:<url hash>` until it would
+  turn half-open, so a replica that starts or reconnects meanwhile adopts it too. A stdio upstream
+  is each gateway's own child process: its breaker is never shared.
 - **rules** (`rules`): the optimizer's rule set lives in the Redis hash `mcpopt:rules` (`version`,
   `doc`), written only by a newer version (a Lua compare-and-set). A change to this replica's rule
   file (the loop, `mcpopt rules ...`, checked every 0.5 s) is pushed and announced; the others
@@ -28,6 +30,7 @@ Messages carry the sender's wall time `ts`; the receiver keeps the lag (`stats()
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -59,6 +62,10 @@ if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'doc', ARGV[2])
 return 1
 """
+
+
+def _breaker_key(server: str, url: str) -> str:
+    return f"mcpopt:breaker:{server}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 def replica_id(settings: SharedSettings, port: int | None = None) -> str:
@@ -99,6 +106,7 @@ class SharedState:
         if s.breakers:
             self._wire_breakers()
             self.bus.on("breaker", self._on_breaker)
+            self.bus.on_connect(self._sync_breakers)
         if s.rules and self.gw.rules.store is not None:
             self.rules_version = self.gw.rules.store.version
             self.gw.rules.on_reload = lambda: self._spawn(self._push_rules())
@@ -136,18 +144,49 @@ class SharedState:
                     continue
 
                 def changed(state: BreakerState, name: str = name, url: str = url, b: Any = r.breaker) -> None:
-                    self._spawn(
-                        self.bus.publish(
-                            "breaker",
-                            server=name,
-                            url=url,
-                            state=state,
-                            remaining_s=b.retry_in_s() if state == "open" else 0.0,
-                            ts=time.time(),
-                        )
-                    )
+                    self._spawn(self._publish_breaker(name, url, state, b.retry_in_s() if state == "open" else 0.0))
 
                 r.breaker.on_change = changed
+
+    async def _publish_breaker(self, server: str, url: str, state: str, remaining_s: float) -> None:
+        # The key lets a replica that starts (or reconnects) while the breaker is open adopt it too;
+        # it expires with the open period, so nothing stale is left behind.
+        key = _breaker_key(server, url)
+        try:
+            if state == "open" and remaining_s > 0:
+                value = orjson.dumps({"state": "open", "until": time.time() + remaining_s, "origin": self.replica})
+                await self.bus.redis.set(key, value, px=max(1, int(remaining_s * 1000)))
+            else:
+                await self.bus.redis.delete(key)
+        except Exception as exc:  # noqa: BLE001 - Redis down: the others judge for themselves
+            self.bus.health.down(exc)
+            return
+        await self.bus.publish("breaker", server=server, url=url, state=state, remaining_s=remaining_s, ts=time.time())
+
+    async def _sync_breakers(self) -> None:
+        """Adopt the breakers other replicas hold open now (at start, and after a reconnect)."""
+        for name, pool in self.gw.upstreams.items():
+            for r, url in zip(pool.replicas, pool.replica_urls(), strict=True):
+                if url is None:
+                    continue
+                try:
+                    raw = await self.bus.redis.get(_breaker_key(name, url))
+                except Exception as exc:  # noqa: BLE001
+                    self.bus.health.down(exc)
+                    return
+                if not raw:
+                    continue
+                held = orjson.loads(raw)
+                remaining = float(held.get("until", 0)) - time.time()
+                if held.get("origin") != self.replica and remaining > 0 and r.breaker.adopt("open", remaining):
+                    self.adopted["breaker"] += 1
+                    logger.info(
+                        "circuit breaker of %s (%s) open for %.1f s more, as replica %s saw it",
+                        name,
+                        url,
+                        remaining,
+                        held.get("origin"),
+                    )
 
     async def _on_breaker(self, msg: dict[str, Any]) -> None:
         pool = self.gw.upstreams.get(str(msg.get("server")))

@@ -210,9 +210,9 @@ class SharedBus:
                 await pubsub.subscribe(self.channel)
                 self.connected = True
                 self.health.up()
-                self._subscribed.set()
                 for hook in self._on_connect:
                     await self._safe(hook)
+                self._subscribed.set()  # `start` returns once the hooks resynchronised
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
