@@ -7,10 +7,10 @@ so nothing echoes):
 
 - **breakers** (`breaker`): when this replica's calls or health checks open or close the circuit
   breaker of an HTTP upstream, the others adopt that state for the same URL (open for the time it
-  has left). An open breaker is also kept under `mcpopt:breaker:<server>:<url hash>` until it would
+  has left). An open breaker is also kept under `<key_prefix>breaker:<server>:<url hash>` until it would
   turn half-open, so a replica that starts or reconnects meanwhile adopts it too. A stdio upstream
   is each gateway's own child process: its breaker is never shared.
-- **rules** (`rules`): the optimizer's rule set lives in the Redis hash `mcpopt:rules` (`version`,
+- **rules** (`rules`): the optimizer's rule set lives in the Redis hash `<key_prefix>rules` (`version`,
   `doc`), written only by a newer version (a Lua compare-and-set). A change to this replica's rule
   file (the loop, `mcpopt rules ...`, checked every 0.5 s) is pushed and announced; the others
   fetch it, write their own file and apply it before their next call. On (re)connect each replica
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RULES_KEY = "mcpopt:rules"
+RULES_KEY = "rules"
+"""The rule set's hash (after `gateway.shared.key_prefix`)."""
 RULES_HISTORY_SHARED = 20
 """History entries kept in Redis with the rule set (the full history stays in each replica's file)."""
 DEDUPE_S = 1.0
@@ -64,8 +65,8 @@ return 1
 """
 
 
-def _breaker_key(server: str, url: str) -> str:
-    return f"mcpopt:breaker:{server}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+def _breaker_key(prefix: str, server: str, url: str) -> str:
+    return f"{prefix}breaker:{server}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 def replica_id(settings: SharedSettings, port: int | None = None) -> str:
@@ -89,7 +90,8 @@ class SharedState:
         self.gw = gw
         self.settings = settings
         self.replica = replica
-        self.bus = SharedBus(settings.redis_url, replica)
+        self.bus = SharedBus(settings.redis_url, replica, prefix=settings.key_prefix)
+        self._rules_key = settings.key_prefix + RULES_KEY
         self._tasks: set[asyncio.Task[Any]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._relisting: set[str] = set()
@@ -151,7 +153,7 @@ class SharedState:
     async def _publish_breaker(self, server: str, url: str, state: str, remaining_s: float) -> None:
         # The key lets a replica that starts (or reconnects) while the breaker is open adopt it too;
         # it expires with the open period, so nothing stale is left behind.
-        key = _breaker_key(server, url)
+        key = _breaker_key(self.bus.prefix, server, url)
         try:
             if state == "open" and remaining_s > 0:
                 value = orjson.dumps({"state": "open", "until": time.time() + remaining_s, "origin": self.replica})
@@ -170,7 +172,7 @@ class SharedState:
                 if url is None:
                     continue
                 try:
-                    raw = await self.bus.redis.get(_breaker_key(name, url))
+                    raw = await self.bus.redis.get(_breaker_key(self.bus.prefix, name, url))
                 except Exception as exc:  # noqa: BLE001
                     self.bus.health.down(exc)
                     return
@@ -230,7 +232,7 @@ class SharedState:
             return
         version = store.version
         try:
-            stored = await self.bus.redis.eval(_SET_IF_NEWER, 1, RULES_KEY, version, self._doc())
+            stored = await self.bus.redis.eval(_SET_IF_NEWER, 1, self._rules_key, version, self._doc())
         except Exception as exc:  # noqa: BLE001 - Redis down: the change holds here; pushed on reconnect
             self.bus.health.down(exc)
             return
@@ -256,7 +258,7 @@ class SharedState:
         if store is None:
             return False
         try:
-            version, raw = await self.bus.redis.hmget(RULES_KEY, ["version", "doc"])
+            version, raw = await self.bus.redis.hmget(self._rules_key, ["version", "doc"])
         except Exception as exc:  # noqa: BLE001
             self.bus.health.down(exc)
             return False

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -26,8 +27,8 @@ from mcpopt.state import StateUnavailable
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "mcpopt:events"
-"""The pub/sub channel of `SharedBus` messages."""
+CHANNEL = "events"
+"""The pub/sub channel of `SharedBus` messages (after `gateway.shared.key_prefix`: `mcpopt:events`)."""
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -98,50 +99,63 @@ class _Health:
 
 
 def _shown(url: str) -> str:
-    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
-        scheme, rest = url.split("//", 1)
-        return f"{scheme}//***@{rest.split('@', 1)[1]}"
-    return url
+    """The URL fit for a message: a password is shown as `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class RedisStateStore:
-    """`StateStore` in Redis (`GET`, `SET key value PX ttl`, `DEL`): shared by every replica.
+    """Bytes with a TTL in Redis (the `StateStore` shared by gateway replicas).
+
+    The same class as on the `replicas` branch (session store): keys are stored under `prefix`;
+    connection and timeout failures raise `StateUnavailable` naming the server; the client
+    reconnects on its own on the next call.
 
     Args:
-        url: `redis://host:port/db`.
-
-    Every method raises `StateUnavailable` (naming the URL) when Redis cannot be reached.
+        url: `redis://[user:password@]host:port/db` (or `rediss://`, `unix://`).
+        prefix: prepended to every key (`gateway.shared.key_prefix`).
+        client: an existing `redis.asyncio.Redis` to use instead of one from `url` (not closed here).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, prefix: str = "mcpopt:", client: Any = None) -> None:
         self.url = url
-        self._redis = _client(url)
-        self.health = _Health("shared state store", url)
+        self.prefix = prefix
+        self._own = client is None
+        self.redis: Any = client or _client(url)
 
-    async def _do(self, op: Callable[[], Awaitable[Any]]) -> Any:
+    def _where(self) -> str:
+        return _shown(self.url)
+
+    async def _run(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        import redis.exceptions
+
         try:
-            value = await op()
-        except Exception as exc:  # noqa: BLE001 - any Redis/transport failure is "unavailable"
-            self.health.down(exc)
-            raise StateUnavailable(f"Redis at {_shown(self.url)}: {type(exc).__name__}: {exc}") from None
-        self.health.up()
-        return value
+            return await op()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StateUnavailable(f"Redis at {self._where()} is unavailable: {exc}") from None
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._do(lambda: self._redis.get(key))
+        value = await self._run(lambda: self.redis.get(self.prefix + key))
         return bytes(value) if value is not None else None
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
-        await self._do(lambda: self._redis.set(key, value, px=max(1, int(ttl_s * 1000))))
+        await self._run(lambda: self.redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000))))
 
     async def delete(self, key: str) -> None:
-        await self._do(lambda: self._redis.delete(key))
+        await self._run(lambda: self.redis.delete(self.prefix + key))
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Publish on `prefix + channel` (Redis pub/sub: every subscribed replica hears it)."""
+        await self._run(lambda: self.redis.publish(self.prefix + channel, message))
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
+        if self._own:
+            await self.redis.aclose()
 
 
 class SharedBus:
@@ -150,17 +164,19 @@ class SharedBus:
     Args:
         url: `redis://host:port/db`.
         replica: this replica's id (its messages carry it as `origin`; messages with it are skipped).
-        channel: the pub/sub channel.
+        prefix: `gateway.shared.key_prefix`, before the channel's name and the users' keys.
+        channel: the pub/sub channel's name.
 
     Attributes:
         published / received / dropped: message counts (dropped: not sent, Redis down).
         connected: the subscription is live now.
     """
 
-    def __init__(self, url: str, replica: str, channel: str = CHANNEL) -> None:
+    def __init__(self, url: str, replica: str, *, prefix: str = "mcpopt:", channel: str = CHANNEL) -> None:
         self.url = url
         self.replica = replica
-        self.channel = channel
+        self.prefix = prefix
+        self.channel = prefix + channel
         self.redis = _client(url)
         """The command connection (publish, and the shared keys of the bus's users)."""
         self._sub = _client(url, timeouts=False)
