@@ -996,8 +996,6 @@ class GatewaySettings(_Strict):
     policy: PolicySettings = Field(default_factory=lambda: PolicySettings())
     """Who may see and call what (applies when `auth` is on)."""
     limits: LimitsSettings = Field(default_factory=lambda: LimitsSettings())
-    shared: SharedSettings = Field(default_factory=lambda: SharedSettings())
-    """Shared state for replicas behind a load balancer (Redis)."""
     """Rate limits and quotas: global, per tool, per principal."""
     watch: WatchSettings = Field(default_factory=lambda: WatchSettings())
     """The upstream resource watch: sampling interval, memory-growth alert, restart at `max_rss_mb`."""

@@ -63,7 +63,7 @@ from mcpopt.gateway.clients import LEVELS
 from mcpopt.gateway.edge import MESSAGE_SCOPE_KEY
 from mcpopt.gateway.sessions import SessionGuard, client_key
 from mcpopt.state import StateUnavailable
-from mcpopt.state.redis import RedisStateStore
+from mcpopt.state.redis import RedisStateStore, report_down, report_up
 
 logger = logging.getLogger(__name__)
 
@@ -456,12 +456,13 @@ class SharedSessions:
         self._retry_at = time.monotonic() + RETRY_S
         if not self._down:
             self._down = True
-            logger.warning("shared session store unavailable, sessions stay on their replica: %s", exc)
+            # One outage, one warning per replica, whichever part of the shared state sees it first.
+            report_down(self.store.url, "shared session store (sessions stay on their replica)", exc)
 
     def _up(self) -> None:
         if self._down:
             self._down = False
-            logger.warning("shared session store reachable again (%s)", self.store.url)
+            report_up(self.store.url, "shared session store (sessions stay on their replica)")
 
     async def aclose(self) -> None:
         """Stop the listener and background refreshes (the store is closed by its owner)."""

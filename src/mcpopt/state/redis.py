@@ -33,15 +33,21 @@ CHANNEL = "events"
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+CONNECT_TIMEOUT_S = 1.0
+"""A Redis that does not accept a connection within this long is taken as down (per call)."""
+SOCKET_TIMEOUT_S = 1.0
+"""A command unanswered for this long fails with `StateUnavailable` (a stuck Redis must not hang calls)."""
+
+
 def _client(url: str, *, timeouts: bool = True) -> Any:
     import redis.asyncio as aioredis
 
     if timeouts:
-        # 1 s bounds what an unreachable Redis can add to a call before it degrades to local state.
-        return aioredis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        # Bounds what an unreachable Redis can add to a call before it degrades to local state.
+        return aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S)
     # The subscriber blocks on reads for as long as no message comes: no read timeout there; a dead
     # server is seen as a closed connection (and by the periodic PING of health_check_interval).
-    return aioredis.from_url(url, socket_connect_timeout=1.0, health_check_interval=5)
+    return aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=5)
 
 
 _down: dict[str, set[str]] = {}
