@@ -12,6 +12,9 @@
   in the server's file exactly once.
 - SIGTERM drains: `/healthz` 503, a call in flight finishes, then the process exits 0.
 - A session opened on r1 is served by r2 and r3 with its state; one DELETE ends it everywhere.
+- An optimizer rule (cache TTL for a read-only tool) applied on r2's rule file serves that tool from
+  cache on all three; `mcpopt rules rollback` on r1 only turns it off on all three (every call
+  through the balancer reaches the upstream again, counted by the upstream itself).
 - Redis down: sessions stay on their replica (one warning), no call fails.
 
 Verdicts never depend on timing: waits are on conditions (files, health, process exit), generous.
@@ -104,11 +107,20 @@ class Cluster:
     def memory_file(self) -> Path:
         return self.base / "memory.jsonl"
 
+    def env_of(self, name: str) -> dict[str, str]:
+        """Replica `name`'s environment: its id and its own data dir (telemetry, rules.json)."""
+        env = {**self.env, "MCPOPT_GATEWAY__SHARED__REPLICA": name}
+        env["MCPOPT_GATEWAY__TELEMETRY__DATA_DIR"] = str(self.base / f"telemetry-{name}")
+        return env
+
+    def rules_path(self, name: str) -> Path:
+        """Replica `name`'s own rule file (the default `<data dir>/rules.json`)."""
+        return self.base / f"telemetry-{name}" / "rules.json"
+
     def start(self, name: str) -> None:
         log = (self.base / f"{name}.log").open("ab")
         self.logs.append(log)
-        env = {**self.env, "MCPOPT_GATEWAY__SHARED__REPLICA": name}
-        env["MCPOPT_GATEWAY__TELEMETRY__DATA_DIR"] = str(self.base / f"telemetry-{name}")
+        env = self.env_of(name)
         self.procs[name] = subprocess.Popen(
             [MCPOPT, "serve", "-c", str(self.config), "-t", "http", "--port", str(self.ports[name])],
             env=env,
@@ -172,6 +184,14 @@ def _config(base: Path, redis_url: str, lb_port: int, keys: Path) -> Path:
         "command": str(ROOT / ".venv" / "bin" / "python"),
         "args": ["-m", "mcpopt.bench.ledger_server"],
         "env": {"LEDGER_FILE": str(base / "ledger.txt"), "LEDGER_TAG": "${MCPOPT_GATEWAY__SHARED__REPLICA}"},
+        "isolation": "shared",
+    }
+    # A read-only tool with no cache TTL in config (so not cached) that counts its upstream calls in
+    # one file shared by the three replicas' processes: `flaky(key, fails=0)` answers {"calls": n}.
+    servers["reads"] = {
+        "command": str(ROOT / ".venv" / "bin" / "python"),
+        "args": [str(ROOT / "tests" / "fixtures" / "ledger_server.py")],
+        "env": {"LEDGER_FILE": str(base / "reads")},
         "isolation": "shared",
     }
     gw = data["gateway"]
@@ -574,6 +594,111 @@ async def test_a_session_resumes_on_another_replica_with_its_state(cluster: Clus
                     if gone.status_code == 404:
                         break
                     await anyio.sleep(0.05)  # the deletion is announced over pub/sub
+
+
+# ---- an optimizer rule rolled back on one replica ----------------------------------------------
+class CallLog:
+    """httpx response hook: the replica that answered each tools/call, in order."""
+
+    def __init__(self) -> None:
+        self.replicas: list[str] = []
+
+    async def response(self, response: httpx2.Response) -> None:
+        with contextlib.suppress(Exception):
+            body = json.loads(response.request.content)
+            if isinstance(body, dict) and body.get("method") == "tools/call":
+                self.replicas.append(response.headers["x-mcpopt-replica"])
+
+
+def _counting_client(url: str, key: str, log: CallLog) -> Client:
+    http = httpx2.AsyncClient(
+        headers=Cluster.auth(key), timeout=httpx2.Timeout(60.0), event_hooks={"response": [log.response]}
+    )
+    return Client(streamable_http_client(url, http_client=http), mode=MODERN)  # type: ignore[arg-type]
+
+
+async def test_a_rule_rolled_back_on_one_replica_is_off_on_all(cluster: Cluster) -> None:
+    from mcpopt.pipeline.rules import Action, Condition, Rule, RuleStore
+
+    key = "rule-ttl"
+    counter = cluster.base / "reads.flaky"  # one line per call that reached a `reads` upstream
+
+    def upstream_calls() -> int:
+        return counter.read_text().split().count(key) if counter.exists() else 0
+
+    async def read(client: Client) -> int:
+        result = await client.call_tool("reads__flaky", {"key": key, "fails": 0})
+        assert not result.is_error, text_of(result)
+        return int(json.loads(text_of(result))["calls"])  # the upstream's count when it answered
+
+    async def until_each_replica(cached: bool, what: str) -> None:
+        # Direct to each replica: with the rule in force there, a read of `key` is answered from
+        # the cache (the same count twice); without it, each read reaches the upstream (count + 1).
+        for name in REPLICAS:
+            async with _counting_client(cluster.direct(name), cluster.client_key, CallLog()) as direct:
+                with anyio.fail_after(60):
+                    while True:
+                        first, second = await read(direct), await read(direct)
+                        if (first == second) == cached:
+                            break
+                        await anyio.sleep(0.1)  # the change travels over Redis pub/sub
+            assert (first == second) == cached, f"{what} on {name}"
+
+    async def spread(client: Client, log: CallLog) -> list[int]:
+        # Reads through the balancer until each replica has answered at least 3 of them.
+        counts: list[int] = []
+        with anyio.fail_after(120):
+            while min(Counter(log.replicas).get(n, 0) for n in REPLICAS) < 3:
+                counts.append(await read(client))
+        assert set(log.replicas) == set(REPLICAS) and len(log.replicas) == len(counts)
+        return counts
+
+    # Without a rule the read-only tool has no TTL: every call reaches the upstream.
+    async with _counting_client(cluster.url, cluster.client_key, CallLog()) as lb:
+        assert [await read(lb) for _ in range(3)] == [1, 2, 3]
+
+    # Applied on r2's own rule file (what the optimizer loop does there): on on all three.
+    applied = RuleStore(cluster.rules_path("r2")).add(
+        Rule(
+            id="ttl:reads/flaky",
+            condition=Condition(server="reads", tool="flaky"),
+            action=Action(type="cache_ttl", ttl_ms=600_000),
+        ),
+        reason="applied on r2",
+    )
+    await until_each_replica(cached=True, what="the rule applied on r2 is not in force")
+    before = upstream_calls()
+    log = CallLog()
+    async with _counting_client(cluster.url, cluster.client_key, log) as lb:
+        counts = await spread(lb, log)
+    assert len(set(counts)) == 1, counts  # every replica served the one cached answer
+    assert upstream_calls() == before, "a read reached the upstream while the rule was in force"
+
+    # Rolled back on r1 only, the way an operator does it there: `mcpopt rules rollback` against r1's
+    # config and data dir (its own rules.json).
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [MCPOPT, "rules", "rollback", applied.id, "-c", str(cluster.config)],
+            env=cluster.env_of("r1"),
+            cwd=str(ROOT),
+            check=False,
+        )
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0 and f"rolled back ({applied.id})" in out, out
+    r1_file = RuleStore(cluster.rules_path("r1"))
+    assert not r1_file.get(applied.id).enabled and r1_file.history[-1]["op"] == "rollback"
+
+    await until_each_replica(cached=False, what="the rollback on r1 did not take effect")
+    before = upstream_calls()
+    log = CallLog()
+    async with _counting_client(cluster.url, cluster.client_key, log) as lb:
+        counts = await spread(lb, log)
+    # Every read, whichever replica took it, ran on an upstream: counts go up by one per call.
+    assert counts == list(range(before + 1, before + 1 + len(counts))), counts
+    assert upstream_calls() == before + len(counts)
+    for name in ("r2", "r3"):  # their own rule files follow (`mcpopt rules list` there tells the truth)
+        other = RuleStore(cluster.rules_path(name))
+        assert other.version == r1_file.version and not other.get(applied.id).enabled, name
 
 
 # ---- Redis down (last: the cluster's Redis does not come back) ---------------------------------
