@@ -47,7 +47,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
@@ -79,6 +79,21 @@ for the store's connect timeout); the listener and refreshes keep probing, and t
 ends it."""
 _STATEFUL = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 _HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
+
+
+class RecordStore(Protocol):
+    """Where session records live: `RedisStateStore` (replicas), or this process's own records
+    (`mcpopt.gateway.parking.LocalRecords`, for parked sessions without Redis)."""
+
+    url: str | None
+    """The Redis URL (None: this process only, nothing to listen to)."""
+    prefix: str
+
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def publish(self, channel: str, message: bytes) -> None: ...
+    async def expire(self, key: str, ttl_s: float) -> bool: ...
 
 
 def session_key(session_id: str) -> str:
@@ -143,11 +158,12 @@ class SharedSessions:
         app: Any,
         gateway: Any,
         manager: Any,
-        store: RedisStateStore,
+        store: RecordStore,
         *,
         ttl_s: float,
         guard: SessionGuard | None = None,
         path: str = "/mcp",
+        on_resume: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
         self.gateway = gateway
@@ -167,6 +183,12 @@ class SharedSessions:
         self._retry_at = 0.0
         self.rehydrated = 0
         """Sessions opened here from a record another replica wrote (for status pages and tests)."""
+        self.on_resume = on_resume
+        """Called with the session id once a session is opened here from its record (parking)."""
+        self.on_drop: Callable[[str], None] | None = None
+        """Called with the session id when its record is deleted (DELETE, eviction)."""
+        self.parking: Any = None
+        """The `SessionParking` of this process, if sessions park (its sweep starts with the first request)."""
 
     # ---- the request path --------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,8 +199,10 @@ class SharedSessions:
             if key == b"mcp-session-id":
                 sid = value.decode("latin-1")
                 break
-        if self._listener is None:
+        if self._listener is None and isinstance(self.store, RedisStateStore):
             self._listener = asyncio.ensure_future(self._listen())
+        if self.parking is not None:
+            self.parking.start()
         method = scope["method"]
         msg = scope.get(MESSAGE_SCOPE_KEY)
         if sid is None:
@@ -220,9 +244,10 @@ class SharedSessions:
         return recording
 
     # ---- records -----------------------------------------------------------------------------
-    def record_of(self, sid: str) -> SessionRecord | None:
-        """The record of a session this replica serves, from its live state (None: not one)."""
-        conn = self.gateway.clients.by_session_id(sid)
+    def record_of(self, sid: str, conn: Connection | None = None) -> SessionRecord | None:
+        """The record of a session this replica serves, from its live state (None: not one);
+        `conn`: its `Connection` when the caller knows it (saves a scan of all connections)."""
+        conn = conn or self.gateway.clients.by_session_id(sid)
         if conn is None or conn.client_params is None or conn.protocol_version not in _HANDSHAKE:
             return None
         level, uris, sub_owner = self.gateway.clients.session_state(conn)
@@ -261,7 +286,7 @@ class SharedSessions:
 
     async def _refresh(self, sid: str, raw: bytes) -> None:
         try:
-            if not await self.store.redis.pexpire(self.store.prefix + session_key(sid), int(self.ttl_s * 1000)):
+            if not await self.store.expire(session_key(sid), self.ttl_s):
                 # Gone from Redis (flushed, or Redis restarted empty) while the session lives here.
                 await self.store.set(session_key(sid), raw, self.ttl_s)
             self._up()
@@ -275,6 +300,8 @@ class SharedSessions:
 
     async def _drop_everywhere(self, sid: str) -> None:
         self._saved.pop(sid, None)
+        if self.on_drop is not None:
+            self.on_drop(sid)
         try:
             await self.store.delete(session_key(sid))
             await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token, "deleted": True}))
@@ -313,6 +340,8 @@ class SharedSessions:
             self.rehydrated += 1
             if self.guard is not None:
                 self.guard.adopt(sid, client_key(scope))
+            if self.on_resume is not None:
+                self.on_resume(sid)
             logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
         finally:
             del self._hydrating[sid]
@@ -389,7 +418,7 @@ class SharedSessions:
         import redis.asyncio as aioredis
 
         # Its own connection, without the store's per-command timeout: a subscriber waits.
-        client = aioredis.from_url(self.store.url, socket_connect_timeout=1.0, health_check_interval=30)
+        client = aioredis.from_url(str(self.store.url), socket_connect_timeout=1.0, health_check_interval=30)
         try:
             while True:
                 try:
