@@ -333,6 +333,9 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
     With `gateway.auth` on and no `authenticate` given, `auth_layer` is that layer: every route
     needs a valid credential except the protected-resource metadata.
     """
+    import gc
+    import tracemalloc
+
     from mcp.server.transport_security import TransportSecuritySettings
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -354,6 +357,9 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
             body["shared"] = gateway.shared.stats()  # replica id, bus link, adopted states, lags
         if detailed and parking:
             body["sessions"] = parking[0].stats()
+        if detailed and tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1: memory benchmarks only
+            gc.collect()  # count what is live, not garbage awaiting the cycle collector
+            body["traced_bytes"] = tracemalloc.get_traced_memory()[0]
         return JSONResponse(body, status_code=status)
 
     app = gateway.server.streamable_http_app(
