@@ -1,10 +1,10 @@
 """Parked HTTP sessions (issue 17 item 4): an idle session ends its SDK machinery, keeps a record,
 and its next request resumes it -- same id, no second `initialize`, its log level and subscription.
 
-A real `mcpopt serve -t http` over real upstreams (mcp-server-time; the interop fixture server for
-on-demand log messages and resource updates), a raw handshake-era client (httpx) so the test sees
-every request the client sends. Parking is observed on `/healthz`'s details (`sessions`), waited on
-as a condition, never by sleeping a fixed time.
+A real `mcpopt serve -t http` over real upstreams (mcp-server-time; the interop fixture server, a
+handshake-era and a 2026-07-28 copy, for on-demand log messages and resource updates), a raw
+handshake-era client (httpx) so the test sees every request the client sends. Parking is observed
+on `/healthz`'s details (`sessions`), waited on as a condition, never by sleeping a fixed time.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
+import yaml
 
 from conftest import time_entry, write_config
 from test_edge_http import INIT, Session, http_gateway
@@ -30,7 +31,11 @@ URI = "interop+interop://counter"
 
 
 def _config(base: Path, **http: Any) -> Path:
-    servers = {"time": time_entry(), "interop": {"command": sys.executable, "args": [FIXTURE], "protocol": "legacy"}}
+    servers = {
+        "time": time_entry(),
+        "interop": {"command": sys.executable, "args": [FIXTURE], "protocol": "legacy"},
+        "modern": {"command": sys.executable, "args": [FIXTURE]},
+    }
     return write_config(base / "gateway.yaml", servers, {"http": {"session_park_ms": 200, **http}})
 
 
@@ -50,9 +55,9 @@ def _until(port: int, check: Any, what: str) -> dict[str, int]:
         time.sleep(0.05)
 
 
-def _park(port: int) -> dict[str, int]:
-    """Wait until the one session of the test is parked; the stats then."""
-    return _until(port, lambda st: st["parked"] == 1 and st["open"] == 0, "the session to park")
+def _park(port: int, n: int = 1) -> dict[str, int]:
+    """Wait until the `n` sessions of the test are all parked; the stats then."""
+    return _until(port, lambda st: st["parked"] == n and st["open"] == 0, f"{n} session(s) to park")
 
 
 def _messages(r: httpx.Response) -> list[dict[str, Any]]:
@@ -96,10 +101,12 @@ def test_a_parked_session_resumes_with_its_id_log_level_and_subscription(gateway
         assert stats["resumes"] == 1 and stats["open"] + stats["parked"] == 1, stats
 
         # Its log level survived: an info message is held back, an error one reaches the call's stream.
+        # The 2026-07-28 upstream has no logging/setLevel: it gets the level with each call, from the
+        # gateway's per-session record of it -- restored on resume, or the info message would come.
         before = _park(port)
-        quiet = _call(s, 5, "interop__log", {"level": "info", "text": "not for you"})
+        quiet = _call(s, 5, "modern__log", {"level": "info", "text": "not for you"})
         assert not [m for m in quiet if m.get("method") == "notifications/message"], quiet
-        loud = _call(s, 6, "interop__log", {"level": "error", "text": "for you"})
+        loud = _call(s, 6, "modern__log", {"level": "error", "text": "for you"})
         logged = [m for m in loud if m.get("method") == "notifications/message"]
         assert logged and "for you" in json.dumps(logged), loud
         assert _stats(port)["resumes"] > before["resumes"]
@@ -158,3 +165,46 @@ def test_parked_sessions_count_toward_max_sessions_and_are_evicted_as_records(tm
         finally:
             for s in sessions:
                 s.close()
+
+
+def test_a_parked_session_stays_bound_to_its_principal(tmp_path: Path) -> None:
+    from mcpopt.auth.tokens import hash_key, new_key
+
+    keys = {"alice": new_key(), "ops": new_key()}
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("".join(f"{n} {hash_key(k)}\n" for n, k in keys.items()), encoding="utf-8")
+    config = _config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["gateway"]["auth"] = {"api_keys": {"file": str(key_file), "env": None}}
+    data["gateway"]["policy"] = {
+        "rules": [{"name": "ops", "match": {"api_keys": ["ops"]}, "admin": True}, {"name": "all", "match": {}}]
+    }
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    def bearer(name: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {keys[name]}"}
+
+    with http_gateway(config) as (_proc, port):
+
+        def stats() -> dict[str, int]:
+            body = httpx.get(f"http://127.0.0.1:{port}/healthz", headers=bearer("ops"), timeout=30).json()
+            return body["sessions"]
+
+        s = Session(port, bearer("alice"))
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while not (stats()["parked"] == 1 and stats()["open"] == 0):
+                assert time.monotonic() < deadline, stats()
+                time.sleep(0.05)
+            # Another credential presenting alice's session id is told what a stranger is: 404; the
+            # session is not resumed for it and stays parked.
+            stolen = {**s.headers, **bearer("ops")}
+            r = s.http.post(s.url, headers=stolen, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+            assert r.status_code == 404, r.text
+            after = stats()
+            assert after["parked"] == 1 and after["resumes"] == 0, after
+            # Alice's own next request resumes it.
+            _call(s, 3, "time__get_current_time", {"timezone": "UTC"})
+            assert stats()["resumes"] == 1
+        finally:
+            s.close()

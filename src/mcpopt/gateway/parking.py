@@ -111,7 +111,11 @@ class SessionParking:
         self._next_expiry = 0.0
         shared.on_resume = self._resumed
         shared.on_drop = self._dropped
-        guard.on_evict = shared._drop_everywhere  # noqa: SLF001 - an evicted session's record goes too
+        if isinstance(shared.store, LocalRecords):
+            # An evicted session's record goes too, or its next request would resume it. (With Redis
+            # the record stays, as `SharedSessions` keeps it for evicted live sessions: it may be
+            # live on another replica by now; here the parked copy is only forgotten.)
+            guard.on_evict = shared._drop_everywhere  # noqa: SLF001
 
     # ---- counters ----------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -211,6 +215,7 @@ class SessionParking:
         await self.manager._discard_session(sid, transport)  # noqa: SLF001 - forgets it, terminates it
         if transport.idle_scope is not None:
             transport.idle_scope.cancel()  # its server task and dispatcher end now
+        self.shared.gateway.clients.forget(conn)  # the resumed session gets a new Connection
         return True
 
     async def aclose(self) -> None:

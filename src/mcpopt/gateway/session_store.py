@@ -444,7 +444,11 @@ class SharedSessions:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
         live = self.manager._server_instances  # noqa: SLF001
-        if origin == self.token or sid not in live:
+        if origin == self.token:
+            return
+        if note.get("deleted") and self.on_drop is not None:
+            self.on_drop(sid)  # parked here: ended by a DELETE on another replica
+        if sid not in live:
             return
         conn = self.gateway.clients.by_session_id(sid)
         if note.get("deleted"):
