@@ -128,9 +128,11 @@ class SessionParking:
             "resumes": self.resumes,
         }
 
-    def _resumed(self, sid: str) -> None:
-        if self.parked.pop(sid, None) is not None:
-            self.resumes += 1
+    def _resumed(self, sid: str) -> bool:
+        if self.parked.pop(sid, None) is None:
+            return False
+        self.resumes += 1
+        return True
 
     def _dropped(self, sid: str) -> None:
         self.parked.pop(sid, None)

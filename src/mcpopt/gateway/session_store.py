@@ -165,7 +165,7 @@ class SharedSessions:
         ttl_s: float,
         guard: SessionGuard | None = None,
         path: str = "/mcp",
-        on_resume: Callable[[str], None] | None = None,
+        on_resume: Callable[[str], bool] | None = None,
     ) -> None:
         self.app = app
         self.gateway = gateway
@@ -186,7 +186,8 @@ class SharedSessions:
         self.rehydrated = 0
         """Sessions opened here from a record another replica wrote (for status pages and tests)."""
         self.on_resume = on_resume
-        """Called with the session id once a session is opened here from its record (parking)."""
+        """Called with the session id once a session is opened here from its record; True when it was
+        parked here (`mcpopt.gateway.parking`: routine, not worth an info line each time)."""
         self.on_drop: Callable[[str], None] | None = None
         """Called with the session id when its record is deleted (DELETE, eviction)."""
         self.parking: Any = None
@@ -342,9 +343,10 @@ class SharedSessions:
             self.rehydrated += 1
             if self.guard is not None:
                 self.guard.adopt(sid, client_key(scope))
-            if self.on_resume is not None:
-                self.on_resume(sid)
-            logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
+            if self.on_resume is not None and self.on_resume(sid):
+                logger.debug("parked MCP session %s resumed", sid[:12])
+            else:
+                logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
         finally:
             del self._hydrating[sid]
             done.set_result(None)
