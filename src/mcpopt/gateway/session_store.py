@@ -494,12 +494,12 @@ class SharedSessions:
         if not self._down:
             self._down = True
             # One outage, one warning per replica, whichever part of the shared state sees it first.
-            report_down(self.store.url, "shared session store (sessions stay on their replica)", exc)
+            report_down(str(self.store.url), "shared session store (sessions stay on their replica)", exc)
 
     def _up(self) -> None:
         if self._down:
             self._down = False
-            report_up(self.store.url, "shared session store (sessions stay on their replica)")
+            report_up(str(self.store.url), "shared session store (sessions stay on their replica)")
 
     async def aclose(self) -> None:
         """Stop the listener and background refreshes (the store is closed by its owner)."""
