@@ -664,6 +664,11 @@ class HttpEdgeSettings(_Strict):
     session_idle_timeout_ms: int = Field(600_000, gt=0)
     """A session without a request in flight (or an open GET stream) for this long ends (404 after).
     With `gateway.shared.redis_url` it is also the sliding TTL of the session's record in Redis."""
+    session_park_ms: int = Field(45_000, ge=0)
+    """A session idle this long (no request in flight, no GET stream, nothing pending) parks: its SDK
+    transport, dispatcher and tasks end, a record of a few hundred bytes stays (in Redis with
+    `gateway.shared.redis_url`) and its next request resumes it under the same id, initialized,
+    with its log level and subscriptions (`mcpopt.gateway.parking`). 0: sessions never park."""
     drain_timeout_ms: int = Field(30_000, ge=0)
     """On SIGTERM, `/healthz` answers 503 and new MCP requests 503 (`Retry-After`); requests in
     flight get this long to finish before the process exits (Kubernetes' default grace is 30 s)."""

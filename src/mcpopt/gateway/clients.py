@@ -77,6 +77,17 @@ class Clients:
             self.connections[conn] = None
         self.latest = conn
 
+    def forget(self, conn: Connection) -> None:
+        """Drop `conn` (its session ended here: parked, `mcpopt.gateway.parking`), so nothing
+        reaches it or mistakes it for the session's current connection."""
+        self.connections.pop(conn, None)
+        self._levels.pop(conn, None)
+        self._owners.pop(conn, None)
+        for subs in self._subscriptions.values():
+            subs.discard(conn)
+        if self.latest is conn:
+            self.latest = None
+
     def by_session_id(self, session_id: str) -> Connection | None:
         """The connection of a Streamable HTTP session (None when the gateway has not seen it)."""
         for conn in list(self.connections):

@@ -333,6 +333,9 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
     With `gateway.auth` on and no `authenticate` given, `auth_layer` is that layer: every route
     needs a valid credential except the protected-resource metadata.
     """
+    import gc
+    import tracemalloc
+
     from mcp.server.transport_security import TransportSecuritySettings
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -345,11 +348,18 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
 
     http = gateway.config.gateway.http
 
+    parking: list[Any] = []
+
     async def healthz(request: Request) -> JSONResponse:
         detailed = may_see_details(gateway.config, request.scope)
         body, status = health(gateway.status(), detailed)
         if detailed and gateway.shared is not None:
             body["shared"] = gateway.shared.stats()  # replica id, bus link, adopted states, lags
+        if detailed and parking:
+            body["sessions"] = parking[0].stats()
+        if detailed and tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1: memory benchmarks only
+            gc.collect()  # count what is live, not garbage awaiting the cycle collector
+            body["traced_bytes"] = tracemalloc.get_traced_memory()[0]
         return JSONResponse(body, status_code=status)
 
     app = gateway.server.streamable_http_app(
@@ -371,16 +381,22 @@ def http_app(gateway: Gateway, host: str, authenticate: Any = None, port: int | 
     closers: list[Any] = []
     shared_sessions = None
     shared = gateway.config.gateway.shared
-    if shared.redis_url:
+    if shared.redis_url or http.session_park_ms:
+        from mcpopt.gateway.parking import LocalRecords, SessionParking
         from mcpopt.gateway.session_store import SharedSessions
         from mcpopt.state.redis import RedisStateStore
 
-        store = RedisStateStore(shared.redis_url, prefix=shared.key_prefix)
+        store: Any = RedisStateStore(shared.redis_url, prefix=shared.key_prefix) if shared.redis_url else LocalRecords()
         ttl_s = http.session_idle_timeout_ms / 1000
 
         def shared_sessions(guard: Any) -> Any:
             layer = SharedSessions(guard, gateway, manager, store, ttl_s=ttl_s, guard=guard)
             closers.extend([layer.aclose, store.aclose])
+            if http.session_park_ms:
+                parker = SessionParking(layer, guard, manager, park_s=http.session_park_ms / 1000, idle_timeout_s=ttl_s)
+                layer.parking = parker
+                parking.append(parker)
+                closers.insert(0, parker.aclose)
             return layer
 
     edge = wrap_http(front, gateway.config, host, manager, authenticate=authenticate, shared_sessions=shared_sessions)

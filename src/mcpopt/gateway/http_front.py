@@ -231,8 +231,8 @@ class HttpFront:
         """The SDK `Connection` of a session, as the gateway's middleware has seen it."""
         ref = self._by_sid.get(session_id)
         conn = ref() if ref is not None else None
-        if conn is not None:
-            return conn
+        if conn is not None and conn in self.gateway.clients.connections:
+            return conn  # (a session parked and resumed has a new Connection: the old one is forgotten)
         known = list(self.gateway.clients.connections)
         if len(self._by_sid) > 2 * len(known) + 64:
             self._by_sid = {k: r for k, r in self._by_sid.items() if r() is not None}

@@ -47,7 +47,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
@@ -81,6 +81,21 @@ _STATEFUL = frozenset({"logging/setLevel", "resources/subscribe", "resources/uns
 _HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 
 
+class RecordStore(Protocol):
+    """Where session records live: `RedisStateStore` (replicas), or this process's own records
+    (`mcpopt.gateway.parking.LocalRecords`, for parked sessions without Redis)."""
+
+    url: str | None
+    """The Redis URL (None: this process only, nothing to listen to)."""
+    prefix: str
+
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def publish(self, channel: str, message: bytes) -> None: ...
+    async def expire(self, key: str, ttl_s: float) -> bool: ...
+
+
 def session_key(session_id: str) -> str:
     """The store key of a session's record."""
     return f"session:{session_id}"
@@ -101,7 +116,9 @@ class SessionRecord:
     """The isolation owner key of the subscriptions ("" for the shared upstream session)."""
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+        # orjson's bytes keep the 4 KiB buffer it wrote into (tracemalloc: 4,089 B for a 214-byte
+        # record); a record is kept per session (parked, or `_saved`), so keep an exact-size copy.
+        return bytes(memoryview(orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)))
 
     @classmethod
     def decode(cls, raw: bytes) -> SessionRecord | None:
@@ -143,11 +160,12 @@ class SharedSessions:
         app: Any,
         gateway: Any,
         manager: Any,
-        store: RedisStateStore,
+        store: RecordStore,
         *,
         ttl_s: float,
         guard: SessionGuard | None = None,
         path: str = "/mcp",
+        on_resume: Callable[[str], bool] | None = None,
     ) -> None:
         self.app = app
         self.gateway = gateway
@@ -167,6 +185,13 @@ class SharedSessions:
         self._retry_at = 0.0
         self.rehydrated = 0
         """Sessions opened here from a record another replica wrote (for status pages and tests)."""
+        self.on_resume = on_resume
+        """Called with the session id once a session is opened here from its record; True when it was
+        parked here (`mcpopt.gateway.parking`: routine, not worth an info line each time)."""
+        self.on_drop: Callable[[str], None] | None = None
+        """Called with the session id when its record is deleted (DELETE, eviction)."""
+        self.parking: Any = None
+        """The `SessionParking` of this process, if sessions park (its sweep starts with the first request)."""
 
     # ---- the request path --------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,8 +202,10 @@ class SharedSessions:
             if key == b"mcp-session-id":
                 sid = value.decode("latin-1")
                 break
-        if self._listener is None:
+        if self._listener is None and isinstance(self.store, RedisStateStore):
             self._listener = asyncio.ensure_future(self._listen())
+        if self.parking is not None:
+            self.parking.start()
         method = scope["method"]
         msg = scope.get(MESSAGE_SCOPE_KEY)
         if sid is None:
@@ -220,9 +247,10 @@ class SharedSessions:
         return recording
 
     # ---- records -----------------------------------------------------------------------------
-    def record_of(self, sid: str) -> SessionRecord | None:
-        """The record of a session this replica serves, from its live state (None: not one)."""
-        conn = self.gateway.clients.by_session_id(sid)
+    def record_of(self, sid: str, conn: Connection | None = None) -> SessionRecord | None:
+        """The record of a session this replica serves, from its live state (None: not one);
+        `conn`: its `Connection` when the caller knows it (saves a scan of all connections)."""
+        conn = conn or self.gateway.clients.by_session_id(sid)
         if conn is None or conn.client_params is None or conn.protocol_version not in _HANDSHAKE:
             return None
         level, uris, sub_owner = self.gateway.clients.session_state(conn)
@@ -261,7 +289,7 @@ class SharedSessions:
 
     async def _refresh(self, sid: str, raw: bytes) -> None:
         try:
-            if not await self.store.redis.pexpire(self.store.prefix + session_key(sid), int(self.ttl_s * 1000)):
+            if not await self.store.expire(session_key(sid), self.ttl_s):
                 # Gone from Redis (flushed, or Redis restarted empty) while the session lives here.
                 await self.store.set(session_key(sid), raw, self.ttl_s)
             self._up()
@@ -275,6 +303,8 @@ class SharedSessions:
 
     async def _drop_everywhere(self, sid: str) -> None:
         self._saved.pop(sid, None)
+        if self.on_drop is not None:
+            self.on_drop(sid)
         try:
             await self.store.delete(session_key(sid))
             await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token, "deleted": True}))
@@ -313,7 +343,10 @@ class SharedSessions:
             self.rehydrated += 1
             if self.guard is not None:
                 self.guard.adopt(sid, client_key(scope))
-            logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
+            if self.on_resume is not None and self.on_resume(sid):
+                logger.debug("parked MCP session %s resumed", sid[:12])
+            else:
+                logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
         finally:
             del self._hydrating[sid]
             done.set_result(None)
@@ -389,7 +422,7 @@ class SharedSessions:
         import redis.asyncio as aioredis
 
         # Its own connection, without the store's per-command timeout: a subscriber waits.
-        client = aioredis.from_url(self.store.url, socket_connect_timeout=1.0, health_check_interval=30)
+        client = aioredis.from_url(str(self.store.url), socket_connect_timeout=1.0, health_check_interval=30)
         try:
             while True:
                 try:
@@ -413,7 +446,11 @@ class SharedSessions:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
         live = self.manager._server_instances  # noqa: SLF001
-        if origin == self.token or sid not in live:
+        if origin == self.token:
+            return
+        if note.get("deleted") and self.on_drop is not None:
+            self.on_drop(sid)  # parked here: ended by a DELETE on another replica
+        if sid not in live:
             return
         conn = self.gateway.clients.by_session_id(sid)
         if note.get("deleted"):
@@ -457,12 +494,12 @@ class SharedSessions:
         if not self._down:
             self._down = True
             # One outage, one warning per replica, whichever part of the shared state sees it first.
-            report_down(self.store.url, "shared session store (sessions stay on their replica)", exc)
+            report_down(str(self.store.url), "shared session store (sessions stay on their replica)", exc)
 
     def _up(self) -> None:
         if self._down:
             self._down = False
-            report_up(self.store.url, "shared session store (sessions stay on their replica)")
+            report_up(str(self.store.url), "shared session store (sessions stay on their replica)")
 
     async def aclose(self) -> None:
         """Stop the listener and background refreshes (the store is closed by its owner)."""

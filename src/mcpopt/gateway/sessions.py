@@ -83,6 +83,11 @@ class SessionGuard:
         self.evicted = 0
         """Sessions ended to make room (for status pages and tests)."""
         self.refused = 0
+        self.parked: dict[str, float] = {}
+        """Parked sessions (`mcpopt.gateway.parking`): id -> when its record expires. They count
+        toward `max_sessions` and are evicted like idle live ones (their record is dropped)."""
+        self.on_evict: Callable[[str], Awaitable[None]] | None = None
+        """Called with an evicted session's id (drops its record, so it cannot be resumed)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
@@ -152,18 +157,18 @@ class SessionGuard:
         return self.manager._server_instances  # noqa: SLF001 - the SDK keeps no public view
 
     def _forget_if_gone(self, sid: str) -> None:
-        if sid not in self._live():
+        if sid not in self._live() and sid not in self.parked:
             self.held.pop(sid, None)
 
     def _prune(self) -> None:
-        live = self._live()
-        for sid in [s for s in self.held if s not in live]:
+        live, parked = self._live(), self.parked
+        for sid in [s for s in self.held if s not in live and s not in parked]:
             del self.held[sid]
 
     async def _make_room(self, who: str) -> str | None:
         """Evict what must go for `who` to open one more session; the refusal text if nothing can."""
         live = self._live()
-        if len(self.held) > len(live):
+        if len(self.held) > len(live) + len(self.parked):
             self._prune()
         own = [sid for sid, h in self.held.items() if h.client == who]
         if len(own) + self.opening.get(who, 0) >= self.per_client:
@@ -174,7 +179,7 @@ class SessionGuard:
                     "all with a request in flight; end one (HTTP DELETE) or retry later"
                 )
             await self._evict(victim, "its client opened more than gateway.http.max_sessions_per_client")
-        if len(live) + sum(self.opening.values()) >= self.max_sessions:
+        if len(live) + len(self.parked) + sum(self.opening.values()) >= self.max_sessions:
             counts: dict[str, int] = {}
             for h in self.held.values():
                 counts[h.client] = counts.get(h.client, 0) + 1
@@ -185,9 +190,10 @@ class SessionGuard:
                     await self._evict(victim, "the gateway is at gateway.http.max_sessions")
                     break
             else:
-                if len(live) + sum(self.opening.values()) >= self.max_sessions:
+                if len(live) + len(self.parked) + sum(self.opening.values()) >= self.max_sessions:
                     return (
-                        f"Too many open sessions: {len(live)} (gateway.http.max_sessions), all with a request "
+                        f"Too many open sessions: {len(live) + len(self.parked)} (gateway.http.max_sessions), "
+                        "all with a request "
                         "in flight; retry later"
                     )
         return None
@@ -209,6 +215,11 @@ class SessionGuard:
         self.held.pop(sid, None)
         transport = self._live().get(sid)
         if transport is None:
+            if self.parked.pop(sid, None) is not None:  # a parked session is only its record
+                self.evicted += 1
+                logger.info("ending parked MCP session %s: %s", sid[:12], why)
+                if self.on_evict is not None:
+                    await self.on_evict(sid)
             return
         self.evicted += 1
         logger.info("ending idle MCP session %s: %s", sid[:12], why)
@@ -216,6 +227,8 @@ class SessionGuard:
         idle = transport.idle_scope
         if idle is not None:
             idle.cancel()  # ends its server task now rather than at the idle timeout
+        if self.on_evict is not None:
+            await self.on_evict(sid)  # its record too: an evicted session is not resumed anywhere
 
 
 def _is_initialize(msg: Any) -> bool:

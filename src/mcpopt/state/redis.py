@@ -152,6 +152,10 @@ class RedisStateStore:
             raise ValueError("ttl_s must be > 0")
         await self._run(lambda: self.redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000))))
 
+    async def expire(self, key: str, ttl_s: float) -> bool:
+        """Give `key` a new TTL (`PEXPIRE`); False when it does not exist."""
+        return bool(await self._run(lambda: self.redis.pexpire(self.prefix + key, max(1, int(ttl_s * 1000)))))
+
     async def delete(self, key: str) -> None:
         await self._run(lambda: self.redis.delete(self.prefix + key))
 
