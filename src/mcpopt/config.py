@@ -1196,12 +1196,12 @@ def default_data_dir() -> Path:
 
 
 def config_id(config: Config | None) -> str:
-    """A stable, file-name-safe id of a config: `<file stem>-<8 hex of blake2b(resolved path)>` for a
+    """A stable, file-name-safe id of a config: `<file stem>-<8 hex of blake2b(absolute path)>` for a
     config loaded from a file (`demo-1a2b3c4d`), else `gateway.name` (`mcpopt`) for one built in code
     or without a config. The same file always gets the same id; two files never share one."""
     if config is None:
         return GatewaySettings().name
-    source = config.source_path or (os.path.realpath(config.source) if config.source else "")
+    source = config.source_path or (os.path.abspath(config.source) if config.source else "")
     if source:
         import hashlib
 
@@ -1278,7 +1278,9 @@ def load_config(
     if problems or config is None:
         raise ConfigError.many(shown or "(environment)", problems or [("", "invalid configuration")])
     config.source = shown
-    config.source_path = os.path.realpath(path) if path is not None else ""
+    # abspath, not realpath: a symlinked config (a Kubernetes ConfigMap swaps its target on
+    # every update) must keep its data dir id.
+    config.source_path = os.path.abspath(path) if path is not None else ""
     config.layout = layout.layout
     note = layout.info_line(shown)
     config.notes = [note] if note else []

@@ -91,6 +91,15 @@ def register_tools(gateway: GatewayAPI, hub: Telemetry) -> None:
                 )
                 continue
             params = {"name": name, "arguments": args if isinstance(args, dict) else {}}
+            if compare_direct and not _direct_allowed(gateway, link, name):
+                results.append(
+                    {
+                        "name": name,
+                        "error": "compare_direct needs a tool the caller may call on a shared upstream session "
+                        "(the direct path bypasses the policy and isolation)",
+                    }
+                )
+                continue
             if compare_direct:
                 results.append(await _compare_one(gateway, link, params, iterations, concurrency, warmup, deadline))
                 continue
@@ -301,3 +310,16 @@ async def _compare_one(
     if d["n"] < iterations or g["n"] < iterations:
         out["note"] = f"stopped after {DEADLINE_S:g} s" if time.monotonic() > deadline else "some calls failed"
     return out
+
+
+def _direct_allowed(gateway: Any, link: Any, name: str) -> bool:
+    """Whether the direct path (the upstream session itself, no pipeline) may run `name` for `link`:
+    only a tool the caller's policy grants, on a server whose sessions everyone shares."""
+    may_call = getattr(gateway, "may_call", None)
+    principal = getattr(link, "principal", None)
+    if may_call is not None and not may_call(principal, name):
+        return False
+    route = gateway.catalog.tool_routes[name]
+    isolation = getattr(gateway, "isolation", None)
+    mode = isolation.get(route.server, "shared") if isinstance(isolation, dict) else "shared"
+    return mode == "shared"

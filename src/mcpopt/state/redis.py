@@ -140,7 +140,7 @@ class RedisStateStore:
 
         try:
             return await op()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        except (redis.exceptions.RedisError, OSError) as exc:  # error replies too (READONLY, OOM, NOPERM)
             raise StateUnavailable(f"Redis at {self._where()} is unavailable: {exc}") from None
 
     async def get(self, key: str) -> bytes | None:
