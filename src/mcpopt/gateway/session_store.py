@@ -61,7 +61,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcpopt.gateway.clients import LEVELS
 from mcpopt.gateway.edge import MESSAGE_SCOPE_KEY
-from mcpopt.gateway.sessions import SessionGuard, client_key
+from mcpopt.gateway.sessions import SessionGuard, client_key, session_id_of
 from mcpopt.state import StateUnavailable
 from mcpopt.state.redis import RedisStateStore, report_down, report_up
 
@@ -197,11 +197,7 @@ class SharedSessions:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
-        sid = None
-        for key, value in scope["headers"]:
-            if key == b"mcp-session-id":
-                sid = value.decode("latin-1")
-                break
+        sid = session_id_of(scope)
         if self._listener is None and isinstance(self.store, RedisStateStore):
             self._listener = asyncio.ensure_future(self._listen())
         if self.parking is not None:

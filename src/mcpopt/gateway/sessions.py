@@ -92,11 +92,7 @@ class SessionGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
-        sid = None
-        for key, value in scope["headers"]:
-            if key == b"mcp-session-id":
-                sid = value.decode("latin-1")
-                break
+        sid = session_id_of(scope)
         if sid is not None:
             held = self.held.get(sid)
             if held is None:
@@ -229,6 +225,23 @@ class SessionGuard:
             idle.cancel()  # ends its server task now rather than at the idle timeout
         if self.on_evict is not None:
             await self.on_evict(sid)  # its record too: an evicted session is not resumed anywhere
+
+
+def session_id_of(scope: Scope) -> str | None:
+    """The request's `Mcp-Session-Id` (None: none), scanned once per request and kept in the scope
+    for the other edge layers (the session guard and the shared-session layer both need it)."""
+    if SID_SCOPE_KEY in scope:
+        return scope[SID_SCOPE_KEY]  # type: ignore[no-any-return]
+    sid = None
+    for key, value in scope["headers"]:
+        if key == b"mcp-session-id":
+            sid = value.decode("latin-1")
+            break
+    scope[SID_SCOPE_KEY] = sid
+    return sid
+
+
+SID_SCOPE_KEY = "mcpopt.session_id"
 
 
 def _is_initialize(msg: Any) -> bool:
