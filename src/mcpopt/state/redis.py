@@ -35,6 +35,8 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 CONNECT_TIMEOUT_S = 1.0
 """A Redis that does not accept a connection within this long is taken as down (per call)."""
+CAS_ATTEMPTS = 16
+"""`RedisStateStore.update` gives up after this many attempts lost to concurrent writers."""
 SOCKET_TIMEOUT_S = 1.0
 """A command unanswered for this long fails with `StateUnavailable` (a stuck Redis must not hang calls)."""
 
@@ -158,6 +160,38 @@ class RedisStateStore:
 
     async def delete(self, key: str) -> None:
         await self._run(lambda: self.redis.delete(self.prefix + key))
+
+    async def update(self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float) -> bytes:
+        """Compare-and-set: replace `key`'s value by `change(current)` (current: None when absent),
+        with the TTL `ttl_s` (seconds), as one atomic step. Optimistic (`WATCH`/`MULTI`): when
+        another client changed the key in between, `change` runs again on the new value (up to
+        `CAS_ATTEMPTS` times). The value written; raises `StateUnavailable` (down, or always
+        contended)."""
+        import redis.exceptions
+
+        full = self.prefix + key
+        px = max(1, int(ttl_s * 1000))
+
+        async def attempt() -> bytes | None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(full)
+                current = await pipe.get(full)
+                value = change(bytes(current) if current is not None else None)
+                pipe.multi()
+                pipe.set(full, value, px=px)
+                try:
+                    await pipe.execute()
+                except redis.exceptions.WatchError:
+                    return None
+                return value
+
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        for _ in range(CAS_ATTEMPTS):
+            written = await self._run(attempt)
+            if written is not None:
+                return written  # type: ignore[no-any-return]
+        raise StateUnavailable(f"Redis at {self._where()}: {key} changed by others {CAS_ATTEMPTS} times in a row")
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Publish on `prefix + channel` (Redis pub/sub: every subscribed replica hears it)."""
