@@ -73,8 +73,11 @@ class LocalRecords(MemoryStateStore):
         await self.set(key, value, ttl_s)
         return True
 
-    async def update(self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float) -> bytes:
-        """Replace the value by `change(current)` (one process, no await in between: atomic)."""
+    async def update(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float, *, expect: bytes | None = None
+    ) -> bytes:
+        """Replace the value by `change(current)` (one process, no await in between: atomic;
+        `expect` is not needed here)."""
         value = change(await self.get(key))
         await self.set(key, value, ttl_s)
         return value

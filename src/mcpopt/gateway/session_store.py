@@ -17,10 +17,11 @@ the session guard, keeps a record of each session in the shared store instead:
   changed it (before each body chunk of that answer, so also once its handler has ended: an SSE
   answer may send a chunk first); a change is published so replicas holding a copy apply it at
   once. A client's DELETE removes the record and ends the copies on every replica.
-* **concurrent writers**: a write is a compare-and-set (`RecordStore.update`: `WATCH`/`MULTI`,
-  retried when another replica wrote in between) that merges this replica's changes since the
-  record it last wrote or read into the stored one (`SessionRecord.merge`; each write adds one to
-  the record's `version`), so two replicas changing one session at once both keep their change.
+* **concurrent writers**: a write is a compare-and-set (`RecordStore.update`: a Lua script, one
+  round trip, retried on what is stored when another replica wrote in between) that merges this
+  replica's changes since the record it last wrote or read into the stored one
+  (`SessionRecord.merge`; each write adds one to the record's `version`), so two replicas
+  changing one session at once both keep their change.
 * **re-hydration**: a request whose session id this replica does not know is looked up (one
   GET); when a record exists and the request's credential is the one the session is bound to,
   and the session guard admits it as it would a new session (room made at `max_sessions`, else
@@ -106,9 +107,12 @@ class RecordStore(Protocol):
     async def delete(self, key: str) -> None: ...
     async def publish(self, channel: str, message: bytes) -> None: ...
     async def expire(self, key: str, ttl_s: float) -> bool: ...
-    async def update(self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float) -> bytes:
-        """Replace the value by `change(current)` atomically (retried when another writer got in
-        between); the value written."""
+    async def update(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float, *, expect: bytes | None = None
+    ) -> bytes:
+        """Replace the value by `change(current)` atomically (compare-and-set, starting from the
+        guess `expect`, retried on what is stored when another writer got in between); the value
+        written."""
         ...
 
 
@@ -275,7 +279,7 @@ class SharedSessions:
         client's next request on another replica must find), and the last one, when the request's
         handler has ended and the session's state is final (an SSE answer may start with a chunk,
         a ping or a notification, before the handler changed anything)."""
-        state: dict[str, Any] = {"sid": sid, "ok": True}
+        state: dict[str, Any] = {"sid": sid, "ok": True, "conn": None}
 
         async def recording(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -291,7 +295,7 @@ class SharedSessions:
                 and state["sid"] is not None
                 and (message.get("body") or not message.get("more_body", False))
             ):
-                await self._save(state["sid"])
+                state["conn"] = await self._save(state["sid"], conn=state["conn"])
             await send(message)
 
         return recording
@@ -321,7 +325,7 @@ class SharedSessions:
             merged[:] = [record.merge(base, SessionRecord.decode(current) if current is not None else None)]
             return merged[0].encode()
 
-        raw = await self.store.update(session_key(sid), change, ttl_s)
+        raw = await self.store.update(session_key(sid), change, ttl_s, expect=previous[0] if previous else None)
         self._saved[sid] = (raw, time.monotonic())
         result = merged[0]
         if result.subscriptions != record.subscriptions or result.log_level != record.log_level:
@@ -330,17 +334,18 @@ class SharedSessions:
                 self._apply(conn, result)
         return raw
 
-    async def _save(self, sid: str, *, again: bool = False) -> None:
-        """Write `sid`'s record when it changed since last written or read (`again`: even if not)."""
-        conn = self.gateway.clients.by_session_id(sid)
+    async def _save(self, sid: str, *, again: bool = False, conn: Connection | None = None) -> Connection | None:
+        """Write `sid`'s record when it changed since last written or read (`again`: even if not);
+        `conn`: its `Connection` if known. Its `Connection` (None: not a session to record)."""
+        conn = conn or self.gateway.clients.by_session_id(sid)
         record = self.record_of(sid, conn)
         if record is None:
-            return
+            return conn
         previous = self._saved.get(sid)
         if previous is not None and not again:
             base = SessionRecord.decode(previous[0])
             if base is not None and record == SessionRecord(**{**asdict(base), "version": record.version}):
-                return
+                return conn
         self._prune()
         try:
             await self.write(sid, record, self.ttl_s, conn)
@@ -352,6 +357,7 @@ class SharedSessions:
                 # Kept so a refresh writes it once the store is back; a later write merges against it.
                 self._saved[sid] = (record.encode(), time.monotonic())
             self._warn(exc)
+        return conn
 
     def _touch(self, sid: str) -> None:
         """Slide the record's TTL, at most once per quarter TTL per session, off the request path."""
