@@ -9,7 +9,8 @@ has the tracemalloc breakdown). Most sessions of a busy gateway are idle most of
 `gateway.http.session_park_ms` and keeps only its `SessionRecord` (`session_store`: protocol
 version, the client's `initialize` params, the principal it is bound to, its log level, its
 resource subscriptions; a few hundred bytes of JSON): in this process (`LocalRecords`) without
-Redis, in Redis (the record the replicas share) with it. The session's next request finds its id
+Redis, in Redis (the record the replicas share) with it, plus a copy here that resumes it when
+Redis is down or lost the record (flushed, restarted empty). The session's next request finds its id
 unknown to the SDK and is re-hydrated by `SharedSessions` exactly as a session moving between
 replicas is: same session id, no second `initialize`, log level and subscriptions restored. The
 client cannot tell, except that notifications that would have gone to a GET stream while it had
@@ -22,9 +23,10 @@ ended at least `session_park_ms` ago. Only handshake-era sessions park (a 2026-0
 no session).
 
 One timer for all sessions (`loop.call_later`, every `session_park_ms / 2`, at least 50 ms):
-nothing runs per session while idle. A parked session counts toward `max_sessions` and is
-evicted as a record by the `SessionGuard`; it expires `session_idle_timeout_ms` after its last
-request, as a live one would; a DELETE ends it (re-hydrated, then deleted as any session).
+nothing runs per session while idle; each sweep also drops the expired `LocalRecords`. A parked
+session counts toward `max_sessions` and is evicted as a record by the `SessionGuard`; it
+expires `session_idle_timeout_ms` after its last request, as a live one would; a DELETE ends
+it (re-hydrated, then deleted as any session).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mcp.server.connection import Connection
 
-from mcpopt.gateway.session_store import SharedSessions, session_key
+from mcpopt.gateway.session_store import SharedSessions
 from mcpopt.gateway.sessions import SessionGuard
 from mcpopt.state.memory import MemoryStateStore
 
@@ -69,6 +72,15 @@ class LocalRecords(MemoryStateStore):
             return False
         await self.set(key, value, ttl_s)
         return True
+
+    async def update(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float, *, expect: bytes | None = None
+    ) -> bytes:
+        """Replace the value by `change(current)` (one process, no await in between: atomic;
+        `expect` is not needed here)."""
+        value = change(await self.get(key))
+        await self.set(key, value, ttl_s)
+        return value
 
     def purge(self) -> None:
         """Drop the expired records (a record is also checked when read)."""
@@ -161,6 +173,9 @@ class SessionParking:
         now = time.monotonic()
         if self.parked and now >= self._next_expiry:
             self._expire(now)
+        if isinstance(self.shared.store, LocalRecords):
+            # Every sweep: records of sessions that ended unparked (idle timeout, crash) expire too.
+            self.shared.store.purge()
         live = self.manager._server_instances  # noqa: SLF001
         if not live:
             return 0
@@ -185,9 +200,6 @@ class SessionParking:
             del self.parked[sid]
             self.guard.held.pop(sid, None)
         self._next_expiry = min(self.parked.values(), default=now + self.idle_timeout_s)
-        store = self.shared.store
-        if isinstance(store, LocalRecords):
-            store.purge()
 
     async def park(self, sid: str, conn: Connection | None) -> bool:
         """End `sid`'s SDK session and keep its record; False when it is not one to park (now)."""
@@ -201,16 +213,15 @@ class SessionParking:
         ttl_s = self.idle_timeout_s - (time.monotonic() - held.last)
         if ttl_s <= 0:
             return False  # the SDK's idle timeout ends it now anyway
-        raw = record.encode()
         try:
-            await self.shared.store.set(session_key(sid), raw, ttl_s)
+            # Merged into the stored record (compare-and-set): a change another replica stored meanwhile is kept.
+            await self.shared.write(sid, record, ttl_s, conn)
         except Exception as exc:  # noqa: BLE001 - store down: the session stays as it is
             logger.warning("cannot park MCP session %s (%s); it stays open", sid[:12], exc)
             return False
         # Anything could have happened during the await: park only a session still idle.
         if self.manager._server_instances.get(sid) is not transport or held.inflight or not _quiet(transport, conn):  # noqa: SLF001
             return False
-        self.shared._saved[sid] = (raw, time.monotonic())  # noqa: SLF001 - what the store now holds
         self.parked[sid] = time.monotonic() + ttl_s
         self._next_expiry = min(self._next_expiry, self.parked[sid]) if self._next_expiry else self.parked[sid]
         self.parks += 1

@@ -14,15 +14,24 @@ the session guard, keeps a record of each session in the shared store instead:
 * **when it is written**: before the answer to `initialize` reaches the client (so the client's
   very next request, e.g. `notifications/initialized` on another replica, finds it), and before
   the answer to a `logging/setLevel`, `resources/subscribe` or `resources/unsubscribe` that
-  changed it; a change is published so replicas holding a copy apply it at once. A client's
-  DELETE removes the record and ends the copies on every replica.
+  changed it (before each body chunk of that answer, so also once its handler has ended: an SSE
+  answer may send a chunk first); a change is published so replicas holding a copy apply it at
+  once. A client's DELETE removes the record and ends the copies on every replica.
+* **concurrent writers**: a write is a compare-and-set (`RecordStore.update`: a Lua script, one
+  round trip, retried on what is stored when another replica wrote in between) that merges this
+  replica's changes since the record it last wrote or read into the stored one
+  (`SessionRecord.merge`; each write adds one to the record's `version`), so two replicas
+  changing one session at once both keep their change.
 * **re-hydration**: a request whose session id this replica does not know is looked up (one
   GET); when a record exists and the request's credential is the one the session is bound to,
-  the replica opens a local session under the same id -- an initialized SDK `Connection` with
+  and the session guard admits it as it would a new session (room made at `max_sessions`, else
+  503), the replica opens a local session under the same id -- an initialized SDK `Connection` with
   the recorded version and client params, the log level and subscriptions restored (upstream
   subscriptions are made again on this replica, in the background) -- and the request is served
   as if the session had always been here. No 404, no second `initialize`. Without a record
-  (expired, deleted, never existed) or with another credential, the SDK answers 404 as before.
+  (expired, deleted, never existed), with another credential, or with a record whose client
+  params do not validate (logged), the SDK answers 404 as before. A session this replica parked
+  (`mcpopt.gateway.parking`) is resumed from the copy kept here when Redis is down or lost it.
 * **sliding TTL**: the record lives `gateway.http.session_idle_timeout_ms` after the session's
   last request on any replica; a replica refreshes it (`PEXPIRE`, in the background) at most
   once per quarter TTL per session, so an ordinary call costs no Redis round trip at all.
@@ -36,12 +45,14 @@ must end the session everywhere; a self-contained id can carry neither. README "
 the cost per request of both.
 
 Redis down: sessions stay local to the replica that has them (one warning, then one when Redis
-is back); no request fails because of it.
+is back); no request fails because of it. Only Redis errors count as an outage: a failure while
+applying another replica's announcement is logged and the listener goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -58,10 +69,12 @@ from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp_types import InitializeRequestParams
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from pydantic import ValidationError
 
 from mcpopt.gateway.clients import LEVELS
 from mcpopt.gateway.edge import MESSAGE_SCOPE_KEY
 from mcpopt.gateway.sessions import SessionGuard, client_key, session_id_of
+from mcpopt.gateway.sessions import _refuse as refuse  # the guard's own 503 answer
 from mcpopt.state import StateUnavailable
 from mcpopt.state.redis import RedisStateStore, report_down, report_up
 
@@ -94,6 +107,13 @@ class RecordStore(Protocol):
     async def delete(self, key: str) -> None: ...
     async def publish(self, channel: str, message: bytes) -> None: ...
     async def expire(self, key: str, ttl_s: float) -> bool: ...
+    async def update(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float, *, expect: bytes | None = None
+    ) -> bytes:
+        """Replace the value by `change(current)` atomically (compare-and-set, starting from the
+        guess `expect`, retried on what is stored when another writer got in between); the value
+        written."""
+        ...
 
 
 def session_key(session_id: str) -> str:
@@ -114,6 +134,8 @@ class SessionRecord:
     subscriptions: list[str] = field(default_factory=list)
     sub_owner: str = ""
     """The isolation owner key of the subscriptions ("" for the shared upstream session)."""
+    version: int = 0
+    """Writes so far (each compare-and-set write adds one; `merge`)."""
 
     def encode(self) -> bytes:
         # orjson's bytes keep the 4 KiB buffer it wrote into (tracemalloc: 4,089 B for a 214-byte
@@ -131,6 +153,9 @@ class SessionRecord:
             return None
         version, client, owner = data.get("protocol_version"), data.get("client"), data.get("owner")
         level, subs, sub_owner = data.get("log_level"), data.get("subscriptions", []), data.get("sub_owner", "")
+        writes = data.get("version", 0)
+        if not isinstance(writes, int) or isinstance(writes, bool) or writes < 0:
+            return None
         if version not in _HANDSHAKE or not isinstance(client, dict):
             return None
         if owner is not None and not (isinstance(owner, dict) and set(owner) == {"client_id", "issuer", "subject"}):
@@ -139,7 +164,30 @@ class SessionRecord:
             return None
         if not isinstance(subs, list) or not all(isinstance(u, str) for u in subs) or not isinstance(sub_owner, str):
             return None
-        return cls(version, client, owner, level, subs, sub_owner)
+        return cls(version, client, owner, level, subs, sub_owner, writes)
+
+    def merge(self, base: SessionRecord | None, current: SessionRecord | None) -> SessionRecord:
+        """This replica's record (`self`, its live state) merged into the stored one (`current`):
+        the changes made here since `base` (the record this replica last wrote or read) are applied
+        to `current`, so a change another replica stored meanwhile is kept, not overwritten. The
+        result's version is one more than `current`'s."""
+        if current is None:
+            return SessionRecord(**{**asdict(self), "version": (base.version if base else 0) + 1})
+        before = set(base.subscriptions) if base is not None else set()
+        ours = set(self.subscriptions)
+        added, removed = ours - before, before - ours
+        subs = [u for u in current.subscriptions if u not in removed]
+        subs += sorted(added - set(subs))
+        level = self.log_level if base is None or self.log_level != base.log_level else current.log_level
+        return SessionRecord(
+            self.protocol_version,
+            self.client,
+            self.owner,
+            level,
+            subs,
+            self.sub_owner if (subs or self.subscriptions) else current.sub_owner,
+            current.version + 1,
+        )
 
 
 class SharedSessions:
@@ -178,7 +226,7 @@ class SharedSessions:
         """Who published a change (a replica ignores its own announcements)."""
         self._saved: dict[str, tuple[bytes, float]] = {}
         """Session id -> (the record last written or read, when its TTL was last refreshed)."""
-        self._hydrating: dict[str, asyncio.Future[None]] = {}
+        self._hydrating: dict[str, asyncio.Future[str | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._down = False
@@ -210,7 +258,9 @@ class SharedSessions:
             return await self.app(scope, receive, send)
         live = self.manager._server_instances  # noqa: SLF001 - the SDK keeps no public view
         if sid not in live:
-            await self._rehydrate(sid, scope)
+            refusal = await self._rehydrate(sid, scope)
+            if refusal is not None:
+                return await refuse(send, refusal)
         else:
             self._touch(sid)
         if method == "DELETE":
@@ -224,8 +274,12 @@ class SharedSessions:
         return await self.app(scope, receive, send)
 
     def _recording(self, send: Send, sid: str | None) -> Send:
-        """`send`, but the session's record is written before the answer's first body bytes go out."""
-        state: dict[str, Any] = {"sid": sid, "done": False, "ok": True}
+        """`send`, but the session's record is written before each body chunk of the answer goes out
+        (written only when it changed): the first one (e.g. the `initialize` answer, which the
+        client's next request on another replica must find), and the last one, when the request's
+        handler has ended and the session's state is final (an SSE answer may start with a chunk,
+        a ping or a notification, before the handler changed anything)."""
+        state: dict[str, Any] = {"sid": sid, "ok": True, "conn": None}
 
         async def recording(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -235,9 +289,13 @@ class SharedSessions:
                         if key.lower() == b"mcp-session-id":
                             state["sid"] = value.decode("latin-1")
                             break
-            elif not state["done"] and message.get("body") and state["ok"] and state["sid"] is not None:
-                state["done"] = True
-                await self._save(state["sid"])
+            elif (
+                message["type"] == "http.response.body"
+                and state["ok"]
+                and state["sid"] is not None
+                and (message.get("body") or not message.get("more_body", False))
+            ):
+                state["conn"] = await self._save(state["sid"], conn=state["conn"])
             await send(message)
 
         return recording
@@ -254,23 +312,52 @@ class SharedSessions:
         client = conn.client_params.model_dump(mode="json", by_alias=True, exclude_none=True)
         return SessionRecord(conn.protocol_version, client, dict(owner) if owner else None, level, uris, sub_owner)
 
-    async def _save(self, sid: str) -> None:
-        record = self.record_of(sid)
-        if record is None:
-            return
-        raw = record.encode()
+    async def write(self, sid: str, record: SessionRecord, ttl_s: float, conn: Connection | None = None) -> bytes:
+        """Store `record` (this replica's view of `sid`) by compare-and-set: merged into the stored
+        record (`SessionRecord.merge`, against the one this replica last wrote or read), so a change
+        another replica stored meanwhile is kept; a change merged in from there is applied to the
+        live session here too (`conn`, when known). The bytes stored; raises `StateUnavailable`."""
         previous = self._saved.get(sid)
-        if previous is not None and previous[0] == raw:
-            return
+        base = SessionRecord.decode(previous[0]) if previous is not None else None
+        merged: list[SessionRecord] = []
+
+        def change(current: bytes | None) -> bytes:
+            merged[:] = [record.merge(base, SessionRecord.decode(current) if current is not None else None)]
+            return merged[0].encode()
+
+        raw = await self.store.update(session_key(sid), change, ttl_s, expect=previous[0] if previous else None)
         self._saved[sid] = (raw, time.monotonic())
+        result = merged[0]
+        if result.subscriptions != record.subscriptions or result.log_level != record.log_level:
+            conn = conn or self.gateway.clients.by_session_id(sid)
+            if conn is not None:
+                self._apply(conn, result)
+        return raw
+
+    async def _save(self, sid: str, *, again: bool = False, conn: Connection | None = None) -> Connection | None:
+        """Write `sid`'s record when it changed since last written or read (`again`: even if not);
+        `conn`: its `Connection` if known. Its `Connection` (None: not a session to record)."""
+        conn = conn or self.gateway.clients.by_session_id(sid)
+        record = self.record_of(sid, conn)
+        if record is None:
+            return conn
+        previous = self._saved.get(sid)
+        if previous is not None and not again:
+            base = SessionRecord.decode(previous[0])
+            if base is not None and record == SessionRecord(**{**asdict(base), "version": record.version}):
+                return conn
         self._prune()
         try:
-            await self.store.set(session_key(sid), raw, self.ttl_s)
+            await self.write(sid, record, self.ttl_s, conn)
             if previous is not None:
                 await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
             self._up()
         except StateUnavailable as exc:
+            if previous is None:
+                # Kept so a refresh writes it once the store is back; a later write merges against it.
+                self._saved[sid] = (record.encode(), time.monotonic())
             self._warn(exc)
+        return conn
 
     def _touch(self, sid: str) -> None:
         """Slide the record's TTL, at most once per quarter TTL per session, off the request path."""
@@ -287,15 +374,20 @@ class SharedSessions:
         try:
             if not await self.store.expire(session_key(sid), self.ttl_s):
                 # Gone from Redis (flushed, or Redis restarted empty) while the session lives here.
-                await self.store.set(session_key(sid), raw, self.ttl_s)
+                if self.record_of(sid) is not None:
+                    await self._save(sid, again=True)
+                else:
+                    await self.store.set(session_key(sid), raw, self.ttl_s)
             self._up()
         except Exception as exc:  # noqa: BLE001 - Redis down: the session stays local
             self._warn(exc)
 
     def _prune(self) -> None:
         live = self.manager._server_instances  # noqa: SLF001
-        if len(self._saved) > 2 * len(live) + 64:
-            self._saved = {sid: item for sid, item in self._saved.items() if sid in live}
+        parked = self.guard.parked if self.guard is not None else {}
+        if len(self._saved) > 2 * (len(live) + len(parked)) + 64:
+            # A parked session's copy stays: it is what resumes it when the store is down or lost it.
+            self._saved = {sid: item for sid, item in self._saved.items() if sid in live or sid in parked}
 
     async def _drop_everywhere(self, sid: str) -> None:
         self._saved.pop(sid, None)
@@ -308,34 +400,63 @@ class SharedSessions:
             self._warn(exc)
 
     # ---- re-hydration ------------------------------------------------------------------------
-    async def _rehydrate(self, sid: str, scope: Scope) -> None:
+    def _parked_copy(self, sid: str) -> bytes | None:
+        """The record of a session this replica parked and still holds as parked (not expired)."""
+        if self.guard is None or self.guard.parked.get(sid, 0.0) <= time.monotonic():
+            return None
+        item = self._saved.get(sid)
+        return item[0] if item is not None else None
+
+    async def _rehydrate(self, sid: str, scope: Scope) -> str | None:
+        """Open `sid` here from its record when there is one for this credential; the refusal text
+        (answered 503) when the session guard cannot make room for it."""
         pending = self._hydrating.get(sid)
         if pending is not None:
-            await asyncio.shield(pending)
-            return
-        if self._down and time.monotonic() < self._retry_at:
-            return  # Redis just failed: no 1 s connect timeout per unknown session meanwhile
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return await asyncio.shield(pending)  # the same answer as the request that opens it
+        local = self._parked_copy(sid)
+        lookup = not (self._down and time.monotonic() < self._retry_at)
+        if not lookup and local is None:
+            return None  # Redis just failed: no 1 s connect timeout per unknown session meanwhile
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._hydrating[sid] = done
+        refusal: str | None = None
         try:
-            try:
-                raw = await self.store.get(session_key(sid))
-                self._up()
-            except StateUnavailable as exc:
-                self._warn(exc)
-                return
+            raw: bytes | None = None
+            if lookup:
+                try:
+                    raw = await self.store.get(session_key(sid))
+                    self._up()
+                except StateUnavailable as exc:
+                    self._warn(exc)
+            restore = raw is None and local is not None and lookup and not self._down
+            if raw is None:
+                # Parked here, and the store is down or lost it (flushed, restarted empty): the copy kept.
+                raw = local
             record = SessionRecord.decode(raw) if raw is not None else None
             if record is None:
-                return
+                return None
             user = scope.get("user")
             requestor = authorization_context(user) if isinstance(user, AuthenticatedUser) else None
             if (dict(requestor) if requestor is not None else None) != record.owner:
-                return  # another credential: the SDK answers 404, as for a session that does not exist
+                return None  # another credential: the SDK answers 404, as for a session that does not exist
+            try:
+                params = InitializeRequestParams.model_validate(record.client, by_name=False)
+            except ValidationError as exc:
+                logger.warning("stored record of MCP session %s is not usable, session unknown: %s", sid[:12], exc)
+                return None  # the SDK answers 404: the client starts a new session
+            if self.guard is not None and sid not in self.guard.parked and scope["method"] != "DELETE":
+                # A session new to this replica is admitted as a new one (a parked one is counted already).
+                refusal = await self.guard._make_room(client_key(scope))  # noqa: SLF001
+                if refusal is not None:
+                    self.guard.refused += 1
+                    return refusal
             if sid in self.manager._server_instances:  # noqa: SLF001
-                return
-            await self._open(sid, record, requestor)
+                return None
+            await self._open(sid, record, params, requestor)
             assert raw is not None
             self._saved[sid] = (raw, time.monotonic())
+            if restore:
+                self._spawn(self._refresh(sid, raw))  # and the store has it again
             self.rehydrated += 1
             if self.guard is not None:
                 self.guard.adopt(sid, client_key(scope))
@@ -343,14 +464,14 @@ class SharedSessions:
                 logger.debug("parked MCP session %s resumed", sid[:12])
             else:
                 logger.info("MCP session %s resumed on this replica from the shared store", sid[:12])
+            return None
         finally:
             del self._hydrating[sid]
-            done.set_result(None)
+            done.set_result(refusal)
 
-    async def _open(self, sid: str, record: SessionRecord, requestor: Any) -> None:
+    async def _open(self, sid: str, record: SessionRecord, params: InitializeRequestParams, requestor: Any) -> None:
         """A local SDK session under `sid`, initialized as `record` says (as the SDK's manager opens one)."""
         manager = self.manager
-        params = InitializeRequestParams.model_validate(record.client, by_name=False)
         transport = StreamableHTTPServerTransport(
             mcp_session_id=sid,
             is_json_response_enabled=manager.json_response,
@@ -416,24 +537,40 @@ class SharedSessions:
     # ---- changes from other replicas ---------------------------------------------------------
     async def _listen(self) -> None:
         import redis.asyncio as aioredis
+        import redis.exceptions
 
         # Its own connection, without the store's per-command timeout: a subscriber waits.
         client = aioredis.from_url(str(self.store.url), socket_connect_timeout=1.0, health_check_interval=30)
         try:
             while True:
+                pubsub = client.pubsub()
                 try:
-                    pubsub = client.pubsub()
                     await pubsub.subscribe(self.store.prefix + CHANNEL)
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            await self._remote_change(message["data"])
+                            await self._heard(message["data"])
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - Redis down: retry, sessions stay local meanwhile
+                except (redis.exceptions.RedisError, OSError) as exc:  # Redis down: sessions stay local meanwhile
                     self._warn(exc)
                     await asyncio.sleep(1.0)
+                except Exception:  # noqa: BLE001 - not an outage: the listener goes on after a pause
+                    logger.exception("shared session listener failed; it subscribes again")
+                    await asyncio.sleep(1.0)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()  # the old subscription's connection, before a new one
         finally:
             await client.aclose()
+
+    async def _heard(self, data: bytes) -> None:
+        """Apply one announcement; a failure other than the store's is logged, not an outage."""
+        try:
+            await self._remote_change(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one bad change must not stop the others
+            logger.exception("applying a session change announced by another replica failed")
 
     async def _remote_change(self, data: bytes) -> None:
         try:
@@ -444,13 +581,14 @@ class SharedSessions:
         live = self.manager._server_instances  # noqa: SLF001
         if origin == self.token:
             return
-        if note.get("deleted") and self.on_drop is not None:
-            self.on_drop(sid)  # parked here: ended by a DELETE on another replica
+        if note.get("deleted"):
+            self._saved.pop(sid, None)
+            if self.on_drop is not None:
+                self.on_drop(sid)  # parked here: ended by a DELETE on another replica
         if sid not in live:
             return
         conn = self.gateway.clients.by_session_id(sid)
         if note.get("deleted"):
-            self._saved.pop(sid, None)
             transport = live.get(sid)
             if transport is not None:
                 await self.manager._discard_session(sid, transport)  # noqa: SLF001
@@ -465,6 +603,16 @@ class SharedSessions:
         record = SessionRecord.decode(raw) if raw is not None else None
         if record is None or conn is None:
             return
+        previous = self._saved.get(sid)
+        known = SessionRecord.decode(previous[0]) if previous is not None else None
+        if known is not None and known.version > record.version:
+            return  # older than what this replica wrote or read since
+        self._apply(conn, record)
+        assert raw is not None
+        self._saved[sid] = (raw, previous[1] if previous is not None else time.monotonic())
+
+    def _apply(self, conn: Connection, record: SessionRecord) -> None:
+        """Make the live session's log level and subscriptions what `record` says."""
         clients = self.gateway.clients
         level, uris, _ = clients.session_state(conn)
         if record.log_level is not None and record.log_level != level:
@@ -476,8 +624,6 @@ class SharedSessions:
             clients.subscribe(uri, conn, record.sub_owner)
         if added:
             self._spawn(self._subscribe_upstream(added, record.sub_owner))
-        assert raw is not None
-        self._saved[sid] = (raw, self._saved.get(sid, (b"", time.monotonic()))[1])
 
     # ---- housekeeping ------------------------------------------------------------------------
     def _spawn(self, work: Awaitable[Any]) -> None:

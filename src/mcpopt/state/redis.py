@@ -35,6 +35,19 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 CONNECT_TIMEOUT_S = 1.0
 """A Redis that does not accept a connection within this long is taken as down (per call)."""
+CAS_ATTEMPTS = 16
+"""`RedisStateStore.update` gives up after this many attempts lost to concurrent writers."""
+_CAS_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if (ARGV[1] == '0' and not cur) or (ARGV[1] == '1' and cur == ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  return {1}
+end
+if not cur then return {0} end
+return {0, cur}
+"""
+"""Set KEYS[1] to ARGV[3] (PX ARGV[4]) if it holds ARGV[2] (ARGV[1] = '1') or nothing ('0');
+else return what it holds."""
 SOCKET_TIMEOUT_S = 1.0
 """A command unanswered for this long fails with `StateUnavailable` (a stuck Redis must not hang calls)."""
 
@@ -131,6 +144,7 @@ class RedisStateStore:
         self.prefix = prefix
         self._own = client is None
         self.redis: Any = client or _client(url)
+        self._cas: Any = None
 
     def _where(self) -> str:
         return _shown(self.url)
@@ -158,6 +172,30 @@ class RedisStateStore:
 
     async def delete(self, key: str) -> None:
         await self._run(lambda: self.redis.delete(self.prefix + key))
+
+    async def update(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl_s: float, *, expect: bytes | None = None
+    ) -> bytes:
+        """Compare-and-set: replace `key`'s value by `change(current)` (current: None when absent),
+        with the TTL `ttl_s` (seconds), as one atomic step. Optimistic, one round trip when the
+        guess is right: `change` runs on `expect` (the value the caller believes is stored; None:
+        absent) and a Lua script writes the result only if the key still holds that; otherwise it
+        returns what is there and `change` runs again on it (up to `CAS_ATTEMPTS` times). The
+        value written; raises `StateUnavailable` (Redis down, or the key always contended)."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        if self._cas is None:
+            self._cas = self.redis.register_script(_CAS_LUA)
+        full, px = self.prefix + key, max(1, int(ttl_s * 1000))
+        current = expect
+        for _ in range(CAS_ATTEMPTS):
+            value = change(current)
+            args = [b"1" if current is not None else b"0", current or b"", value, px]
+            answer = await self._run(lambda: self._cas(keys=[full], args=args))  # noqa: B023 - awaited at once
+            if answer[0] == 1:
+                return value
+            current = bytes(answer[1]) if len(answer) > 1 else None
+        raise StateUnavailable(f"Redis at {self._where()}: {key} changed by others {CAS_ATTEMPTS} times in a row")
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Publish on `prefix + channel` (Redis pub/sub: every subscribed replica hears it)."""

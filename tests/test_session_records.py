@@ -1,0 +1,189 @@
+"""Session records without a gateway around them: compare-and-set writes in a real Redis, the
+listener's error handling, when a stateful answer's record is written, parking's sweep purge.
+
+The layers (`SharedSessions`, `SessionParking`, `SessionGuard`) are the real classes over the
+SDK's real `StreamableHTTPSessionManager` (not started: no session in it) and a real
+`redis-server`; the only stand-in is the live session state a request would have changed,
+which `_Live.record_of` returns (the record a replica builds from its `Connection`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import orjson
+import pytest
+import redis
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+from mcpopt.gateway.clients import Clients
+from mcpopt.gateway.parking import LocalRecords, SessionParking
+from mcpopt.gateway.session_store import CHANNEL, SessionRecord, SharedSessions, session_key
+from mcpopt.gateway.sessions import SessionGuard
+from mcpopt.state.redis import RedisStateStore
+from test_shared_state import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+CLIENT = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "c", "version": "1"}}
+WAIT_S = 30.0
+
+
+def _record(*subs: str, level: str | None = None) -> SessionRecord:
+    return SessionRecord("2025-06-18", CLIENT, None, level, list(subs))
+
+
+def _manager() -> Any:
+    return StreamableHTTPSessionManager(app=cast(Any, None))
+
+
+def _layer(store: Any, cls: type[SharedSessions] = SharedSessions) -> SharedSessions:
+    gateway = SimpleNamespace(clients=Clients([]))
+    return cls(None, gateway, _manager(), store, ttl_s=600.0)
+
+
+async def _until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def redis_store(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, RedisStateStore]]:
+    server = RedisServer(tmp_path)
+    server.start()
+    store = RedisStateStore(server.url)
+    try:
+        yield server, store
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+def test_merge_keeps_a_change_stored_meanwhile() -> None:
+    base = _record("a://1")
+    # Here: subscribed to 2; meanwhile stored by another replica: unsubscribed 1, subscribed 3, level set.
+    current = SessionRecord("2025-06-18", CLIENT, None, "error", ["a://3"], "", 4)
+    merged = _record("a://1", "a://2").merge(base, current)
+    assert merged.subscriptions == ["a://3", "a://2"] and merged.log_level == "error" and merged.version == 5
+    # Here unsubscribed 1 and set the level: both win over the stored record's.
+    merged = _record(level="debug").merge(base, _record("a://1", "a://3", level="error"))
+    assert merged.subscriptions == ["a://3"] and merged.log_level == "debug"
+    assert _record("a://1").merge(None, None) == SessionRecord("2025-06-18", CLIENT, None, None, ["a://1"], "", 1)
+
+
+async def test_a_write_interleaved_by_another_is_retried_not_lost(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    server, store = redis_store
+    other = redis.Redis.from_url(server.url)
+    calls: list[bytes | None] = []
+
+    def change(current: bytes | None) -> bytes:
+        calls.append(current)
+        if len(calls) == 1:  # another writer gets in between this read and this write
+            other.set(b"mcpopt:k", b"theirs")
+        return (current or b"") + b"+mine"
+
+    try:
+        assert await store.update("k", change, 60.0) == b"theirs+mine"
+        assert calls == [None, b"theirs"]
+        assert other.get(b"mcpopt:k") == b"theirs+mine" and 0 < other.pttl(b"mcpopt:k") <= 60_000
+    finally:
+        other.close()
+
+
+async def test_two_replicas_subscribing_at_once_keep_both_subscriptions(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    _server, store = redis_store
+    a, b = _layer(store), _layer(store)
+    sid = "s1"
+    # Both replicas serve the session (each wrote or read the same record) ...
+    await a.write(sid, _record(), 60.0)
+    await b.write(sid, _record(), 60.0)
+    # ... and each subscribes before hearing of the other's change.
+    await a.write(sid, _record("a://x"), 60.0)
+    await b.write(sid, _record("a://y"), 60.0)
+    stored = SessionRecord.decode(await store.get(session_key(sid)) or b"")
+    assert stored is not None and sorted(stored.subscriptions) == ["a://x", "a://y"], stored
+
+
+async def test_the_listener_logs_a_failing_change_and_goes_on(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    server, store = redis_store
+    layer = _layer(store)
+    dropped: list[str] = []
+
+    def on_drop(sid: str) -> None:
+        dropped.append(sid)
+        if sid == "bad":
+            raise RuntimeError("a bug, not an outage")
+
+    layer.on_drop = on_drop
+    plain = redis.Redis.from_url(server.url)
+    channel = store.prefix + CHANNEL
+    listener = asyncio.ensure_future(layer._listen())
+    try:
+        await _until(lambda: plain.pubsub_numsub(channel)[0][1] == 1, "the listener to subscribe")
+        for sid in ("bad", "good"):
+            plain.publish(channel, orjson.dumps({"sid": sid, "from": "elsewhere", "deleted": True}))
+        await _until(lambda: "good" in dropped, "the second change")
+        assert dropped == ["bad", "good"]
+        assert not layer._down  # not taken for a Redis outage
+        assert plain.pubsub_numsub(channel)[0][1] == 1
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        plain.close()
+
+
+class _Live(SharedSessions):
+    """The session's live state is `self.state` (what a request's handler changes)."""
+
+    state: SessionRecord | None = None
+
+    def record_of(self, sid: str, conn: Any = None) -> SessionRecord | None:
+        return self.state
+
+
+async def test_a_stateful_answer_is_recorded_once_its_state_is_final() -> None:
+    store = LocalRecords()
+    layer = cast(_Live, _layer(store, _Live))
+    layer.state = _record()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    recording = layer._recording(send, "s1")
+    await recording({"type": "http.response.start", "status": 200, "headers": []})
+    await recording({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+    layer.state = _record("a://x")  # the slow subscribe ends: its answer is the last chunk
+    await recording({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+    await recording({"type": "http.response.body", "body": b"", "more_body": False})
+    stored = SessionRecord.decode(await store.get(session_key("s1")) or b"")
+    assert stored is not None and stored.subscriptions == ["a://x"], stored
+    assert len(sent) == 4
+
+
+async def test_every_sweep_purges_expired_local_records() -> None:
+    store = LocalRecords()
+    manager = _manager()
+    guard = SessionGuard(None, manager, max_sessions=10, max_sessions_per_client=10, path="/mcp")
+    layer = SharedSessions(None, SimpleNamespace(clients=Clients([])), manager, store, ttl_s=600.0, guard=guard)
+    parking = SessionParking(layer, guard, manager, park_s=1.0, idle_timeout_s=600.0)
+    # The record of a session that ended without parking (its SDK idle timeout), now expired.
+    await store.set(session_key("gone"), _record().encode(), 0.001)
+    written = time.monotonic()
+    await _until(lambda: time.monotonic() > written + 0.001, "the record's TTL to pass")
+    assert len(store) == 1 and not parking.parked
+    await parking.sweep()
+    assert len(store) == 0
