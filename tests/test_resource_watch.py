@@ -507,3 +507,43 @@ async def test_isolated_sessions_are_watched_and_restarted_at_the_limit(tmp_path
         assert gw.watch.replicas("leak")[0]["pid"] == shared["pid"]  # the shared replica was not touched
         row = next(r for r in gw.status() if r["server"] == "leak")
         assert row["isolated_processes"]["sessions"] >= 1 and row["rss_restarts"] == 1
+
+
+# ---- a server that dies while it drains is down like any crashed one ---------------------------------
+async def test_a_server_dying_during_a_drain_is_unlisted_and_waiters_released(tmp_path: Path) -> None:
+    """`begin_recycle` marks the session "starting" (no new calls) while its calls drain; if the
+    process dies before `finish_recycle`, that is a crash of a ready session: its tools are
+    unlisted and callers waiting for the next session are released (not kept waiting through the
+    backoff, here 10 minutes)."""
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+
+    cfg = load_config(
+        data={
+            "mcpServers": {"leak": leak_entry()},
+            "gateway": {
+                "restart": {"initial_backoff_ms": 600_000, "max_backoff_ms": 600_000},
+                "telemetry": {"data_dir": str(tmp_path)},
+            },
+        }
+    )
+    gw = build_gateway(cfg)
+    async with gw.running():
+        up = gw.upstreams["leak"].upstreams[0]
+        assert "leak__pid" in gw.catalog.tool_routes and up.pid is not None
+        assert up.begin_recycle("test drain")
+        assert up.state == "starting"
+        os.kill(up.pid, signal.SIGKILL)
+
+        async def down() -> bool:
+            return up.state == "down"
+
+        assert await poll(down, timeout=30, interval=0.05), (up.state, up.last_error)
+        with anyio.fail_after(10):  # released at once (the backoff is 10 minutes)
+            assert await up.wait_ready(600) is False
+
+        async def unlisted() -> bool:
+            return "leak__pid" not in gw.catalog.tool_routes
+
+        assert await poll(unlisted, timeout=30, interval=0.05), sorted(gw.catalog.tool_routes)
+        assert up.catalog.tools == [] and up.rss_restarts == 0

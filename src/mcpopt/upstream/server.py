@@ -214,13 +214,15 @@ class Upstream:
                 if not self._reconnect:
                     self._settle_switch()
             finally:
-                was_ready = self.state == "ready"
+                # A session draining for a restart on purpose (`begin_recycle`, state "starting") was
+                # ready: if it ends before `finish_recycle` asked (it crashed), it is a crash like any.
+                was_ready = self.state == "ready" or self._recycling
                 self._session = None
                 self._send_raw = None
                 self._fast = None
                 self.pid = None
                 self.state = "stopped" if self._stop.is_set() else "down"
-                if not self._recycling:
+                if not (self._recycling and self._reconnect):
                     self._ready.set()  # (a restart on purpose keeps callers waiting for the next session)
             recycled, self._recycling, self._recycle = self._recycling, False, None
             if self._stop.is_set():
