@@ -547,3 +547,51 @@ async def test_a_server_dying_during_a_drain_is_unlisted_and_waiters_released(tm
 
         assert await poll(unlisted, timeout=30, interval=0.05), sorted(gw.catalog.tool_routes)
         assert up.catalog.tools == [] and up.rss_restarts == 0
+
+
+# ---- pid reuse: a pid is ours only while its process has the starttime recorded at spawn ------------
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True, stdin=subprocess.DEVNULL
+    )
+
+
+def test_a_reused_pid_is_never_sampled() -> None:
+    """The watch samples a pid only while its process is the one spawned (same starttime): a pid
+    the kernel gave to another process since is skipped like a pid that is gone."""
+    from mcpopt.upstream._watchdog import starttime
+    from mcpopt.upstream.watch import sample_trees
+
+    proc = _sleeper()
+    try:
+        started = starttime(proc.pid)
+        assert started is not None
+        assert proc.pid in sample_trees([proc.pid], started={proc.pid: started})
+        assert sample_trees([proc.pid], started={proc.pid: str(int(started) + 1)}) == {}  # "reused"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_the_watchdog_never_kills_a_group_whose_leader_pid_was_reused() -> None:
+    """`g <pgid> <starttime>`: on EOF the watchdog kills the group only if its leader's pid is gone
+    (the group may live on) or still the same process; a pid now held by another process means the
+    group it led is gone, and the newcomer is not ours."""
+    from mcpopt.upstream._watchdog import starttime
+
+    ours, reused = _sleeper(), _sleeper()
+    try:
+        lines = f"g {ours.pid} {starttime(ours.pid)}\ng {reused.pid} {int(starttime(reused.pid) or 0) + 1}\n"
+        dog = subprocess.run(
+            [sys.executable, str(ROOT / "src" / "mcpopt" / "upstream" / "_watchdog.py")],
+            input=lines.encode(),
+            timeout=30,
+            check=True,
+        )
+        assert dog.returncode == 0
+        assert ours.wait(30) == -signal.SIGKILL
+        assert reused.poll() is None  # the pid whose starttime differs was left alone
+    finally:
+        for p in (ours, reused):
+            p.kill()
+            p.wait(10)
