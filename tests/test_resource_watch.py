@@ -31,7 +31,8 @@ import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from conftest import MCPOPT, ROOT, alive, describe, free_port, poll, text_of, wait_dead, wait_http, write_config
+from conftest import MCPOPT, ROOT, alive, describe, poll, text_of, wait_dead, write_config
+from conftest import http_gateway as conftest_http_gateway
 
 LEAK = str(Path(__file__).resolve().parent / "fixtures" / "leak_server.py")
 MIB = 1024 * 1024
@@ -47,28 +48,9 @@ def leak_entry(**extra: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def http_gateway(config: Path, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    log = (config.parent / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [MCPOPT, "serve", "-c", str(config), "-t", "http", "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log,  # the gateway's log, kept for a failing test's report (tmp_path)
-        cwd=str(ROOT),
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        wait_http(port, proc)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-            proc.kill()
-        proc.wait(10)
-        log.close()
+    """The gateway over HTTP, its log kept beside the config (for a failing test's report)."""
+    with conftest_http_gateway(config, env=env, log=config.parent / "gateway.log") as running:
+        yield running
 
 
 async def healthz(port: int) -> dict[str, Any]:
