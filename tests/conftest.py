@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -156,7 +157,8 @@ def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"gateway exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr else "(its stderr went to a log file)"
+            raise AssertionError(f"gateway exited early with {proc.returncode}: {err}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.05)
@@ -185,6 +187,50 @@ def popen_gateway(config: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+@contextlib.contextmanager
+def http_gateway(
+    config: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    files: int | None = None,
+    log: Path | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`mcpopt serve -t http` on a free port; yields (process, port) once it listens.
+
+    Args:
+        extra: more `serve` arguments. env: added to the environment. files: a hard limit on its
+            open descriptors (RLIMIT_NOFILE). log: where its stderr goes (kept for a failing test's
+            report); None: a pipe, closed at the end.
+    On exit its process tree is killed."""
+    port = free_port()
+    sink = log.open("wb") if log is not None else None
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))) if files else None
+    proc = subprocess.Popen(
+        [MCPOPT, "serve", "-c", str(config), "-t", "http", "--port", str(port), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=sink if sink is not None else subprocess.PIPE,
+        cwd=str(ROOT),
+        env={**os.environ, **(env or {})},
+        preexec_fn=limit,
+    )
+    try:
+        wait_http(port, proc, timeout=60)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if sink is not None:
+            sink.close()
 
 
 def raw_handshake(proc: subprocess.Popen[bytes]) -> dict[str, Any]:

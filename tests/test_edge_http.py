@@ -23,7 +23,7 @@ import psutil
 import pytest
 from mcp import Client
 
-from conftest import MCPOPT, ROOT, free_port, git_entry, memory_entry, text_of, time_entry, wait_http, write_config
+from conftest import MCPOPT, ROOT, free_port, git_entry, http_gateway, memory_entry, text_of, time_entry, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -38,40 +38,6 @@ INIT = {
         "clientInfo": {"name": "edge-test", "version": "0"},
     },
 }
-
-
-def _limit_files(n: int) -> Any:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-
-    return apply
-
-
-@contextlib.contextmanager
-def http_gateway(config: Path, *extra: str, files: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`mcpopt serve -t http` on a free port (optionally with a hard limit of `files` descriptors)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [MCPOPT, "serve", "-c", str(config), "-t", "http", "--port", str(port), *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=str(ROOT),
-        preexec_fn=_limit_files(files) if files else None,
-    )
-    try:
-        wait_http(port, proc, timeout=60)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-            proc.kill()
-        proc.wait(10)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 class Session:

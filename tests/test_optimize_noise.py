@@ -128,3 +128,32 @@ async def test_a_rule_breaking_a_criterion_is_rolled_back_though_load_slowed_eve
     assert store.get(STALE.id).enabled is False
     rolled = next(e for e in report.events if e.kind == "rolled_back")
     assert "criterion newly fails" in rolled.reason and rolled.evidence["without_rule"]["success_rate"] == 1.0
+
+
+NOOP = Rule(
+    id="cache_ttl:srv/read#noop",
+    condition=Condition(server="srv", tool="read"),
+    action=Action(type="cache_ttl", ttl_ms=60_000),
+    source="analyzer",
+)
+"""Matches a step but changes no fact: calls and round trips stay as they are (the runner's
+facts follow `CACHE.id` only)."""
+
+
+async def test_one_fast_confirm_pair_does_not_apply_a_rule_with_no_factual_gain(tmp_path: Path) -> None:
+    """A rule that cuts neither calls nor round trips is judged on time alone, by each side's
+    best replay: here both sides' best is 300 ms (no gain). The one confirm pair whose "without"
+    replay hit a burst of load (600 ms) must not be taken as a 50% time gain -- the pair only
+    lifts a time veto on a factual gain, it is no gain of its own."""
+
+    def ms(label: str, ids: set[str]) -> float:
+        return 600.0 if label == f"without {NOOP.id} (confirm)" else 300.0
+
+    loop, store, runner = make_loop(tmp_path, ms, [NOOP])
+    report = await loop.run_once()
+    assert f"without {NOOP.id} (confirm)" in runner.labels  # the noisy pair was measured
+    assert report.applied == [], [e.to_dict() for e in report.events]
+    rejected = next(e for e in report.events if e.kind == "rejected")
+    assert rejected.rule == NOOP.id and "gain below" in rejected.reason
+    assert rejected.evidence["time_gain"] == 0.0
+    assert store.rules == []

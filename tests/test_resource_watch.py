@@ -31,7 +31,8 @@ import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from conftest import MCPOPT, ROOT, alive, describe, free_port, poll, text_of, wait_dead, wait_http, write_config
+from conftest import MCPOPT, ROOT, alive, describe, poll, text_of, wait_dead, write_config
+from conftest import http_gateway as conftest_http_gateway
 
 LEAK = str(Path(__file__).resolve().parent / "fixtures" / "leak_server.py")
 MIB = 1024 * 1024
@@ -47,28 +48,9 @@ def leak_entry(**extra: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def http_gateway(config: Path, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    log = (config.parent / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [MCPOPT, "serve", "-c", str(config), "-t", "http", "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log,  # the gateway's log, kept for a failing test's report (tmp_path)
-        cwd=str(ROOT),
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        wait_http(port, proc)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-            proc.kill()
-        proc.wait(10)
-        log.close()
+    """The gateway over HTTP, its log kept beside the config (for a failing test's report)."""
+    with conftest_http_gateway(config, env=env, log=config.parent / "gateway.log") as running:
+        yield running
 
 
 async def healthz(port: int) -> dict[str, Any]:
@@ -507,3 +489,91 @@ async def test_isolated_sessions_are_watched_and_restarted_at_the_limit(tmp_path
         assert gw.watch.replicas("leak")[0]["pid"] == shared["pid"]  # the shared replica was not touched
         row = next(r for r in gw.status() if r["server"] == "leak")
         assert row["isolated_processes"]["sessions"] >= 1 and row["rss_restarts"] == 1
+
+
+# ---- a server that dies while it drains is down like any crashed one ---------------------------------
+async def test_a_server_dying_during_a_drain_is_unlisted_and_waiters_released(tmp_path: Path) -> None:
+    """`begin_recycle` marks the session "starting" (no new calls) while its calls drain; if the
+    process dies before `finish_recycle`, that is a crash of a ready session: its tools are
+    unlisted and callers waiting for the next session are released (not kept waiting through the
+    backoff, here 10 minutes)."""
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+
+    cfg = load_config(
+        data={
+            "mcpServers": {"leak": leak_entry()},
+            "gateway": {
+                "restart": {"initial_backoff_ms": 600_000, "max_backoff_ms": 600_000},
+                "telemetry": {"data_dir": str(tmp_path)},
+            },
+        }
+    )
+    gw = build_gateway(cfg)
+    async with gw.running():
+        up = gw.upstreams["leak"].upstreams[0]
+        assert "leak__pid" in gw.catalog.tool_routes and up.pid is not None
+        assert up.begin_recycle("test drain")
+        assert up.state == "starting"
+        os.kill(up.pid, signal.SIGKILL)
+
+        async def down() -> bool:
+            return up.state == "down"
+
+        assert await poll(down, timeout=30, interval=0.05), (up.state, up.last_error)
+        with anyio.fail_after(10):  # released at once (the backoff is 10 minutes)
+            assert await up.wait_ready(600) is False
+
+        async def unlisted() -> bool:
+            return "leak__pid" not in gw.catalog.tool_routes
+
+        assert await poll(unlisted, timeout=30, interval=0.05), sorted(gw.catalog.tool_routes)
+        assert up.catalog.tools == [] and up.rss_restarts == 0
+
+
+# ---- pid reuse: a pid is ours only while its process has the starttime recorded at spawn ------------
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True, stdin=subprocess.DEVNULL
+    )
+
+
+def test_a_reused_pid_is_never_sampled() -> None:
+    """The watch samples a pid only while its process is the one spawned (same starttime): a pid
+    the kernel gave to another process since is skipped like a pid that is gone."""
+    from mcpopt.upstream._watchdog import starttime
+    from mcpopt.upstream.watch import sample_trees
+
+    proc = _sleeper()
+    try:
+        started = starttime(proc.pid)
+        assert started is not None
+        assert proc.pid in sample_trees([proc.pid], started={proc.pid: started})
+        assert sample_trees([proc.pid], started={proc.pid: str(int(started) + 1)}) == {}  # "reused"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_the_watchdog_never_kills_a_group_whose_leader_pid_was_reused() -> None:
+    """`g <pgid> <starttime>`: on EOF the watchdog kills the group only if its leader's pid is gone
+    (the group may live on) or still the same process; a pid now held by another process means the
+    group it led is gone, and the newcomer is not ours."""
+    from mcpopt.upstream._watchdog import starttime
+
+    ours, reused = _sleeper(), _sleeper()
+    try:
+        lines = f"g {ours.pid} {starttime(ours.pid)}\ng {reused.pid} {int(starttime(reused.pid) or 0) + 1}\n"
+        dog = subprocess.run(
+            [sys.executable, str(ROOT / "src" / "mcpopt" / "upstream" / "_watchdog.py")],
+            input=lines.encode(),
+            timeout=30,
+            check=True,
+        )
+        assert dog.returncode == 0
+        assert ours.wait(30) == -signal.SIGKILL
+        assert reused.poll() is None  # the pid whose starttime differs was left alone
+    finally:
+        for p in (ours, reused):
+            p.kill()
+            p.wait(10)

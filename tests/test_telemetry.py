@@ -500,6 +500,53 @@ async def test_otlp_spans_metrics_and_traceparent_upstream(tmp_path: Path) -> No
 PROMETHEUS = shutil.which("prometheus")
 
 
+@contextlib.asynccontextmanager
+async def prometheus(
+    tmp_path: Path, ports: list[int]
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], Callable[[str], Any]]]:
+    """A real Prometheus scraping the gateways on `ports` every second (one job, `mcpopt`).
+
+    Yields its process (to report its stderr if it dies) and `query(promql) -> list of series`
+    (the instant-query API's `data.result`; [] while Prometheus is not answering yet)."""
+    prom_port = free_port()
+    targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: mcpopt\n    static_configs: [{{targets: [{targets}]}}]\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS or "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
+
+    async def query(q: str) -> list[dict[str, Any]]:
+        with contextlib.suppress(OSError):
+            status, body = await http_get(api + urllib.parse.quote(q), timeout=2)
+            if status == 200:
+                return json.loads(body)["data"]["result"]
+        return []
+
+    try:
+        yield proc, query
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stderr:
+            proc.stderr.close()
+
+
 @pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is missing (Debian package 'prometheus')")
 async def test_real_prometheus_scrapes_metrics(tmp_path: Path) -> None:
     servers = {"fake": fake_entry(read_only_tools=["echo"], cache={"ttl_ms": 60_000})}
@@ -511,33 +558,7 @@ async def test_real_prometheus_scrapes_metrics(tmp_path: Path) -> None:
         status, body = await http_get(f"http://127.0.0.1:{port}/metrics")
         text = body.decode()
         assert status == 200 and 'mcpopt_tool_call_duration_seconds_bucket{le="0.15",outcome="ok",server="fake"' in text
-        prom_port = free_port()
-        (tmp_path / "prometheus.yml").write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: mcpopt\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n",
-            encoding="utf-8",
-        )
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS or "prometheus",
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
-
-            async def query(q: str) -> list[dict[str, Any]]:
-                with contextlib.suppress(OSError):
-                    status, body = await http_get(api + urllib.parse.quote(q), timeout=2)
-                    if status == 200:
-                        return json.loads(body)["data"]["result"]
-                return []
-
+        async with prometheus(tmp_path, [port]) as (proc, query):
             deadline = time.monotonic() + 90  # Prometheus's start and first scrape, on a loaded machine
             series: list[dict[str, Any]] = []
             while time.monotonic() < deadline and not series:
@@ -554,14 +575,6 @@ async def test_real_prometheus_scrapes_metrics(tmp_path: Path) -> None:
             up = await query("mcpopt_upstream_up")
             assert up and up[0]["metric"]["server"] == "fake" and float(up[0]["value"][1]) == 1
             assert await query("mcpopt_breaker_state") and await query("mcpopt_inflight_calls")
-        finally:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-            if proc.poll() is None:
-                proc.kill()
-            if proc.stderr:
-                proc.stderr.close()
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is missing (Debian package 'prometheus')")
@@ -586,34 +599,7 @@ async def test_real_prometheus_scrapes_two_replicas(tmp_path: Path) -> None:
             async with Client(gw.server, mode="legacy") as client:
                 for i in range(n):
                     await client.call_tool("fake__echo", {"text": f"t{i}"})
-        prom_port = free_port()
-        targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports.values())
-        (tmp_path / "prometheus.yml").write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: mcpopt\n    static_configs: [{{targets: [{targets}]}}]\n",
-            encoding="utf-8",
-        )
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS or "prometheus",
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
-
-            async def query(q: str) -> list[dict[str, Any]]:
-                with contextlib.suppress(OSError):
-                    status, body = await http_get(api + urllib.parse.quote(q), timeout=2)
-                    if status == 200:
-                        return json.loads(body)["data"]["result"]
-                return []
-
+        async with prometheus(tmp_path, list(ports.values())) as (proc, query):
             deadline = time.monotonic() + 30
             counts: dict[str, float] = {}
             while time.monotonic() < deadline and len(counts) < 2:
@@ -630,14 +616,6 @@ async def test_real_prometheus_scrapes_two_replicas(tmp_path: Path) -> None:
             }
             total = await query('sum(mcpopt_tool_call_duration_seconds_count{tool="echo"})')
             assert total and float(total[0]["value"][1]) == 5  # one query over every replica
-        finally:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-            if proc.poll() is None:
-                proc.kill()
-            if proc.stderr:
-                proc.stderr.close()
 
 
 def test_store_inserts_batches_across_statement_boundaries(tmp_path: Path) -> None:

@@ -429,7 +429,10 @@ class OptimizationLoop:
                 report.suites += [base, again]
                 broken = newly_failing(current, again)
                 pair = _gain(_subset(base, affected)[1], _subset(again, affected)[1])
-            if pair >= -self.settings.rollback_threshold:
+            # The pair only lifts a veto on a factual gain (fewer calls or round trips); with no
+            # such gain, time alone decides, by each side's best replay (one pair is no gain).
+            factual = max(calls_gain, trips_gain) >= self.settings.min_improvement
+            if factual and pair >= -self.settings.rollback_threshold:
                 time_gain = max(time_gain, pair)
         evidence.update(
             {

@@ -7,12 +7,13 @@ here is the signal to act. `PR_SET_PDEATHSIG` alone kills only each upstream's d
 grandchild (`npx` -> `node`, a server's worker) would live on, reparented to init.
 
 Lines on stdin (ASCII):
-    g <pgid>              an upstream's process group (its leader's pid)
+    g <pgid> [starttime]  an upstream's process group (its leader's pid, and the leader's starttime)
     -g <pgid>             that group was stopped by the gateway itself
     p <pid> <starttime>   a descendant that left its group (setsid); starttime is field 22 of
                           /proc/<pid>/stat, checked before the kill so a reused pid is never hit
     -p <pid>
-On EOF: SIGKILL every group and every listed process whose starttime still matches, then exit.
+On EOF: SIGKILL every group still ours (`group_is_ours`) and every listed process whose starttime
+still matches, then exit.
 """
 
 from __future__ import annotations
@@ -34,25 +35,38 @@ def starttime(pid: int) -> str | None:
     return rest[19].decode() if len(rest) > 19 else None
 
 
+def group_is_ours(pgid: int, started: str | None) -> bool:
+    """Whether process group `pgid`, led at spawn by the process with starttime `started`, may be
+    signalled as ours: its leader is that same process, or is gone (the group may outlive it). A
+    leader pid held by another process means our group is gone: Linux reuses no pid that is still
+    some group's id. `started` None (unknown): trusted, as before starttimes were recorded."""
+    if started is None:
+        return True
+    now = starttime(pgid)
+    return now is None or now == started
+
+
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)  # a terminal's Ctrl-C is for the gateway; EOF is ours
-    groups: set[int] = set()
+    groups: dict[int, str | None] = {}
     procs: dict[int, str] = {}
     for raw in sys.stdin.buffer:
         parts = raw.split()
         try:
             if parts[0] == b"g":
-                groups.add(int(parts[1]))
+                groups[int(parts[1])] = parts[2].decode() if len(parts) > 2 else None
             elif parts[0] == b"-g":
-                groups.discard(int(parts[1]))
+                groups.pop(int(parts[1]), None)
             elif parts[0] == b"p":
                 procs[int(parts[1])] = parts[2].decode()
             elif parts[0] == b"-p":
                 procs.pop(int(parts[1]), None)
         except (IndexError, ValueError):
             continue
-    for pgid in groups:
+    for pgid, started in groups.items():
+        if not group_is_ours(pgid, started):
+            continue
         try:
             os.killpg(pgid, signal.SIGKILL)
         except OSError:

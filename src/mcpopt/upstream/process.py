@@ -53,21 +53,32 @@ class ChildRegistry:
     """
 
     def __init__(self, watchdog: bool = True) -> None:
-        self._pgids: set[int] = set()
+        self._pgids: dict[int, str | None] = {}
+        """pgid (its leader's pid) -> the leader's starttime at spawn (None: unknown)."""
         self._escaped: dict[int, str] = {}
         self._owner: dict[int, int] = {}
         """escaped pid -> the process group (upstream) it descends from."""
         self._watchdog_enabled = watchdog
         self._watchdog: subprocess.Popen[bytes] | None = None
 
-    def add(self, pgid: int) -> None:
-        self._pgids.add(pgid)
-        self._tell(f"g {pgid}")
+    def add(self, pgid: int, started: str | None = None) -> None:
+        """Remember an upstream's process group; `started` is its leader's starttime at spawn, which
+        tells a reused pid from ours (`_watchdog.group_is_ours`)."""
+        self._pgids[pgid] = started
+        self._tell(f"g {pgid} {started}" if started is not None else f"g {pgid}")
 
     def discard(self, pgid: int) -> None:
         if pgid in self._pgids:
-            self._pgids.discard(pgid)
+            del self._pgids[pgid]
             self._tell(f"-g {pgid}")
+
+    def started(self, pgid: int) -> str | None:
+        """The starttime recorded for group `pgid`'s leader at spawn (None: not ours, or unknown)."""
+        return self._pgids.get(pgid)
+
+    def is_ours(self, pgid: int) -> bool:
+        """Group `pgid` is registered and its leader's pid was not reused since (`group_is_ours`)."""
+        return pgid in self._pgids and _group_is_ours(pgid, self._pgids[pgid])
 
     def track_escaped(self, pid: int, starttime: str, owner: int) -> None:
         """Remember a descendant of upstream group `owner` that left it (it called setsid): it is
@@ -134,7 +145,8 @@ class ChildRegistry:
             return None
         assert dog.stdin is not None
         # Re-send what an earlier watchdog knew (it may have been killed).
-        lines = [f"g {g}" for g in self._pgids] + [f"p {p} {t}" for p, t in self._escaped.items()]
+        lines = [f"g {g} {t}" if t is not None else f"g {g}" for g, t in self._pgids.items()]
+        lines += [f"p {p} {t}" for p, t in self._escaped.items()]
         if lines:
             dog.stdin.write(("\n".join(lines) + "\n").encode())
             dog.stdin.flush()
@@ -142,9 +154,10 @@ class ChildRegistry:
 
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every remembered process group (synchronous; safe in signal handlers and atexit)."""
-        for pgid in list(self._pgids):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
+        for pgid, started in list(self._pgids.items()):
+            if _group_is_ours(pgid, started):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, sig)
         for pid, started in list(self._escaped.items()):
             if _starttime(pid) == started:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -159,6 +172,12 @@ def _starttime(pid: int) -> str | None:
     from mcpopt.upstream._watchdog import starttime
 
     return starttime(pid)
+
+
+def _group_is_ours(pgid: int, started: str | None) -> bool:
+    from mcpopt.upstream._watchdog import group_is_ours
+
+    return group_is_ours(pgid, started)
 
 
 children = ChildRegistry(watchdog=os.environ.get("MCPOPT_WATCHDOG", "1") != "0")
@@ -188,7 +207,9 @@ async def spawn(
         preexec_fn=_child_setup,
         limit=1 << 30,  # one JSON-RPC message per line; results of many MB are legal
     )
-    children.add(proc.pid)
+    # The leader's starttime tells our group from a later process given the same pid (None when
+    # it already exited and was reaped: the group is then trusted, as an unknown one).
+    children.add(proc.pid, _starttime(proc.pid))
     return proc
 
 
@@ -207,9 +228,11 @@ async def stop(proc: asyncio.subprocess.Process, grace_s: float = 2.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         await _exited(proc, grace_s)
     finally:
-        # Descendants that ignored SIGTERM (or outlived the leader) go too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # Descendants that ignored SIGTERM (or outlived the leader) go too -- unless the leader was
+        # reaped and its pid reused (then our group is gone, and the newcomer is not ours).
+        if children.is_ours(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         children.kill_escaped(proc.pid)
         children.discard(proc.pid)
 

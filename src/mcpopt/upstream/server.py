@@ -31,6 +31,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.config import ServerConfig
 from mcpopt.errors import GatewayError, UpstreamClosed, UpstreamTimeout, UpstreamUnavailable
+from mcpopt.upstream import process
 from mcpopt.upstream.fastpath import ChannelClosed, FastChannel
 from mcpopt.upstream.transports import StderrTail, open_transport
 
@@ -135,6 +136,9 @@ class Upstream:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.pid: int | None = None
         """The stdio server's process id while its session is open (None for HTTP/SSE or when down)."""
+        self.pid_started: str | None = None
+        """That process's starttime at spawn (/proc/<pid>/stat field 22; None: unknown): a process
+        with the same pid and another starttime is not ours (the pid was reused)."""
         self.rss_restarts = 0
         """Restarts made by the resource watch at `max_rss_mb` (also counted in `restarts`)."""
         self._recycle: tuple[anyio.Event, str] | None = None
@@ -214,13 +218,16 @@ class Upstream:
                 if not self._reconnect:
                     self._settle_switch()
             finally:
-                was_ready = self.state == "ready"
+                # A session draining for a restart on purpose (`begin_recycle`, state "starting") was
+                # ready: if it ends before `finish_recycle` asked (it crashed), it is a crash like any.
+                was_ready = self.state == "ready" or self._recycling
                 self._session = None
                 self._send_raw = None
                 self._fast = None
                 self.pid = None
+                self.pid_started = None
                 self.state = "stopped" if self._stop.is_set() else "down"
-                if not self._recycling:
+                if not (self._recycling and self._reconnect):
                     self._ready.set()  # (a restart on purpose keeps callers waiting for the next session)
             recycled, self._recycling, self._recycle = self._recycling, False, None
             if self._stop.is_set():
@@ -310,6 +317,7 @@ class Upstream:
         self._closed = closed
         read_stream, write_stream = await stack.enter_async_context(open_transport(self.name, self.cfg, self.stderr))
         self.pid = getattr(write_stream, "pid", None)
+        self.pid_started = process.children.started(self.pid) if self.pid else None
         session = ClientSession(
             _ClosingReadStream(read_stream, closed),
             write_stream,

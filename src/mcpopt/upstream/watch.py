@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +64,18 @@ class TreeSample:
     escaped: list[tuple[int, str]] = field(default_factory=list)
 
 
-def sample_trees(pids: list[int]) -> dict[int, TreeSample]:
+def sample_trees(pids: Sequence[int], started: Mapping[int, str | None] | None = None) -> dict[int, TreeSample]:
     """Read the process tree of each pid (blocking: run it in a thread).
 
     One pass over every process of the machine builds the parent -> children map for all trees
     (psutil's `children(recursive=True)` would scan once per tree). Processes that vanish while
     being read are skipped; a pid that is gone has no entry.
+
+    Args:
+        pids: the tree leaders (the upstream processes).
+        started: pid -> its starttime recorded at spawn (/proc/<pid>/stat field 22). A pid whose
+            process now has another starttime was reused by the kernel: it is not ours and has no
+            entry (never sampled, so never restarted or its children tracked). Absent or None: not checked.
     """
     kids: dict[int, list[psutil.Process]] = {}
     for p in psutil.process_iter(["ppid"]):
@@ -78,6 +84,9 @@ def sample_trees(pids: list[int]) -> dict[int, TreeSample]:
             kids.setdefault(ppid, []).append(p)
     out: dict[int, TreeSample] = {}
     for pid in pids:
+        expected = started.get(pid) if started else None
+        if expected is not None and starttime(pid) != expected:
+            continue  # the pid now belongs to another process
         try:
             leader = psutil.Process(pid)
             with leader.oneshot():
@@ -103,9 +112,9 @@ def sample_trees(pids: list[int]) -> dict[int, TreeSample]:
                     sample.rss_bytes += child.memory_info().rss
                     sample.open_fds += child.num_fds()
                     if os.getpgid(child.pid) != pid:
-                        started = starttime(child.pid)
-                        if started is not None:
-                            sample.escaped.append((child.pid, started))
+                        child_started = starttime(child.pid)
+                        if child_started is not None:
+                            sample.escaped.append((child.pid, child_started))
             except (psutil.Error, OSError):
                 continue
             sample.children += 1
@@ -223,7 +232,8 @@ class ResourceWatch:
     async def _sample(self) -> None:
         targets = self._targets()
         pids = [up.pid for *_, up in targets]
-        trees = await asyncio.to_thread(sample_trees, pids) if pids else {}
+        spawned = {up.pid: getattr(up, "pid_started", None) for *_, up in targets}
+        trees = await asyncio.to_thread(sample_trees, pids, spawned) if pids else {}
         now = self.clock()
         live: set[tuple[str, int | str]] = set()
         for name, slot, i, pool, up in targets:
