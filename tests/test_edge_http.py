@@ -14,6 +14,7 @@ import json
 import resource
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,13 @@ def test_healthz_shows_no_upstream_stderr_to_remote_clients(tmp_path: Path) -> N
     )
     with http_gateway(config, "--host", "0.0.0.0", "--allow-unauthenticated") as (_proc, port):
         url = f"http://127.0.0.1:{port}/healthz"
+        # The port opens while git may still be starting (and has not written its error yet): wait for the
+        # server's failure to be on record, not for a fixed time, so the verdict does not depend on load.
+        deadline = time.monotonic() + 60
         local = httpx.get(url, timeout=30)
+        while marker not in local.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+            local = httpx.get(url, timeout=30)
         assert local.status_code == 503
         assert marker in local.text  # auth is off and the request comes from this machine: details
         # A remote client, as a reverse proxy on this machine forwards it (uvicorn trusts its X-Forwarded-For).
