@@ -147,9 +147,10 @@ class FastChannel:
             if self._writer.over(_HIGH_WATER):
                 await self._writer.drain()
             result = await fut
-            relays = [t for t in entry.relays if not t.done()]
-            if relays:
-                await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
+            if entry.relays:  # most calls have none: no list built for them
+                relays = [t for t in entry.relays if not t.done()]
+                if relays:
+                    await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
             return result
         except (TimeoutError, asyncio.CancelledError):
             # Tell the server to stop (MCP cancellation, basic/utilities/cancellation).
