@@ -264,3 +264,53 @@ def test_fast_path_failure_is_internal_error_without_internals(tmp_path: Path) -
     assert answer["error"]["code"] == -32603
     assert "attribute" not in answer["error"]["message"] and "'list'" not in answer["error"]["message"]
     assert "time" in answer["error"]["message"]
+
+
+def test_fast_path_forgets_finished_and_cancelled_calls(tmp_path: Path) -> None:
+    """The stdio fast path's in-flight ids: a call that ends forgets its id itself, and so does one
+    the client cancels before it ever ran (no answer for it); the id is then free for a new call."""
+    from mcp_types import PROTOCOL_VERSION_META_KEY
+
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+    from mcpopt.gateway.front import FastFront
+    from mcpopt.upstream.pipes import CorkedWriter
+
+    config = write_config(tmp_path / "g.yaml", {"time": time_entry()})
+    meta = {PROTOCOL_VERSION_META_KEY: "2026-07-28"}
+
+    def request(rid: int) -> dict[str, Any]:
+        params = {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}, "_meta": meta}
+        return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+
+    async def scenario() -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+        gateway = build_gateway(load_config(config))
+        async with gateway.running():
+            read_fd, write_fd = os.pipe()
+            loop = asyncio.get_running_loop()
+            transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
+            )
+            writer = asyncio.StreamWriter(transport, protocol, None, loop)
+            fast = FastFront(gateway, CorkedWriter(writer))
+            assert fast.offer(request(1))
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+            assert fast.offer(cancel)  # before the call's task ever ran
+            task = fast.inflight[1]
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0)  # the done callbacks run
+            after_cancel = list(fast.inflight)
+            assert fast.offer(request(1))  # the id is free again
+            await fast.inflight[1]
+            after_call = list(fast.inflight)
+            await fast.writer.drain()  # everything written is in the pipe now
+            os.set_blocking(read_fd, False)
+            with os.fdopen(read_fd, "rb") as f:
+                answers = [json.loads(line) for line in (f.read() or b"").splitlines()]
+            transport.close()
+            return after_cancel, after_call, answers
+
+    after_cancel, after_call, answers = asyncio.run(scenario())
+    assert after_cancel == [] and after_call == []
+    assert [a["id"] for a in answers] == [1] and "result" in answers[0]

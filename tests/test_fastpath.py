@@ -57,3 +57,32 @@ async def test_progress_reaches_the_caller_before_the_result() -> None:
     assert channel.offer({"jsonrpc": "2.0", "id": rid, "result": {"content": []}})
     assert await call == {"content": []}
     assert relayed == [0, 50, 100]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {"name": "t", "arguments": {"a": 1}},
+        {"name": "t", "_meta": {"progressToken": "~1", "traceparent": "00-x"}},
+        {"name": "t", "_meta": {"io.modelcontextprotocol/logLevel": "debug"}},
+        {"name": "t", "_meta": {"io.modelcontextprotocol/clientCapabilities": {"sampling": {}}}},
+    ],
+)
+@pytest.mark.parametrize("level", [None, "warning"])
+def test_stamped_meta_leaves_what_the_session_stamp_leaves(params: Any, level: Any) -> None:
+    """The side channel's learnt `_meta` keys equal the SDK's 2026-07-28 stamp (wrapped to keep a
+    client's capabilities), headers aside, and the caller's params are not modified."""
+    from mcp.client.session import _make_modern_stamp  # type: ignore[attr-defined]
+
+    from mcpopt.upstream.fastpath import StampedMeta
+    from mcpopt.upstream.server import keep_client_capabilities
+
+    stamp = keep_client_capabilities(
+        _make_modern_stamp("2026-07-28", {"name": "mcpopt"}, {"roots": {}}, lambda _n, _a: {}, log_level=level)
+    )
+    before = orjson.dumps(params)
+    data: dict[str, Any] = {"method": "tools/call", "params": orjson.loads(orjson.dumps(params or {}))}
+    stamp(data, {})
+    assert StampedMeta(stamp).merge(params) == data["params"]
+    assert orjson.dumps(params) == before

@@ -82,17 +82,18 @@ def check_call_params(params: Any) -> None:
             and not an object; `_meta` is present and not an object; `_meta.progressToken` is
             present and not a string or integer. The message names the member.
     """
-    if not isinstance(params, Mapping):
+    # `type(x) is dict` first: the `Mapping` ABC check runs a Python frame, and these are dicts.
+    if type(params) is not dict and not isinstance(params, Mapping):
         raise InvalidParams(f"Invalid params: tools/call params must be an object (got {_kind(params)})")
     name = params.get("name")
     if not isinstance(name, str):
         raise InvalidParams(f"Invalid params: tools/call needs params.name, a string (got {_kind(name)})")
     args = params.get("arguments")
-    if args is not None and not isinstance(args, Mapping):
+    if args is not None and type(args) is not dict and not isinstance(args, Mapping):
         raise InvalidParams(f"Invalid params: params.arguments of {name} must be an object (got {_kind(args)})")
     meta = params.get("_meta")
     if meta is not None:
-        if not isinstance(meta, Mapping):
+        if type(meta) is not dict and not isinstance(meta, Mapping):
             raise InvalidParams(f"Invalid params: params._meta must be an object (got {_kind(meta)})")
         token = meta.get("progressToken")
         if token is not None and not valid_id(token):

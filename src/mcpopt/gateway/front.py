@@ -159,6 +159,8 @@ class FastFront:
         self.inflight: dict[Any, asyncio.Task[None]] = {}
         self.max_inflight = max_inflight
         self._freed: asyncio.Event | None = None
+        self._link: ClientLink | None = None
+        self._link_conn: Any = None
 
     @property
     def full(self) -> bool:
@@ -182,9 +184,9 @@ class FastFront:
             rid = msg["id"]
             if rid in self.inflight:
                 return False  # a duplicate id: let the SDK answer it as the protocol says
-            task = asyncio.get_running_loop().create_task(self._call(rid, msg.get("params"), version))
-            self.inflight[rid] = task
-            task.add_done_callback(partial(self._done, rid))
+            # `_call` forgets its id itself when it ends (no done callback per call); a task
+            # cancelled before it started never runs, so cancellation adds that callback.
+            self.inflight[rid] = asyncio.get_running_loop().create_task(self._call(rid, msg.get("params"), version))
             return True
         if method in LIST_METHODS and "id" in msg:
             return self._prepared_list(msg)
@@ -194,6 +196,7 @@ class FastFront:
             found = self.inflight.get(target) if valid_id(target) else None
             if found is not None:
                 found.cancel()
+                found.add_done_callback(partial(self._done, target))
                 return True
         return False
 
@@ -213,8 +216,9 @@ class FastFront:
             self.writer.write_now(data + b"\n")
         return True
 
-    def _done(self, rid: Any, _task: asyncio.Task[None]) -> None:
-        self.inflight.pop(rid, None)
+    def _done(self, rid: Any, task: asyncio.Task[None]) -> None:
+        if self.inflight.get(rid) is task:
+            del self.inflight[rid]
         if self._freed is not None and not self.full:
             self._freed.set()
 
@@ -230,8 +234,34 @@ class FastFront:
 
     async def _call(self, rid: Any, params: Any, version: str) -> None:
         conn = self.gateway.clients.latest
+        link = self._link
+        if link is None or self._link_conn is not conn or link.version != version:
+            link = self._link = self._new_link(conn, version)
+            self._link_conn = conn
+        task = self.inflight.get(rid)
+        try:
+            result = await self.gateway.call_tool(params, link)
+            try:
+                data = orjson.dumps({"jsonrpc": "2.0", "id": rid, "result": result})
+            except TypeError:  # nested past orjson's limit: `encode_answer` says so for this id
+                data = faults.encode_answer(
+                    {"jsonrpc": "2.0", "id": rid, "result": result}, faults.what_of("tools/call", params)
+                )
+            self._send(data + b"\n")
+        except asyncio.CancelledError:
+            return  # cancelled by the client: no response (spec, basic/utilities/cancellation)
+        except Exception as exc:  # noqa: BLE001 - one bad call never ends the connection (nor shows internals)
+            what = faults.what_of("tools/call", params)
+            self._write({"jsonrpc": "2.0", "id": rid, "error": faults.error_for(exc, what)}, what)
+        finally:
+            if task is not None:
+                self._done(rid, task)
+
+    def _new_link(self, conn: Any, version: str) -> ClientLink:
+        """The `ClientLink` of calls from `conn` at `version` (one per connection and era, reused:
+        nothing on the call path changes a link in place -- `dataclasses.replace` makes new ones)."""
         legacy = conn is not None and version not in MODERN_PROTOCOL_VERSIONS
-        link = ClientLink(
+        return ClientLink(
             version=version,
             connection=conn if legacy else None,
             requests=conn.outbound if legacy and conn is not None else None,
@@ -239,14 +269,6 @@ class FastFront:
             relay=self._relay,
             session_id=session_id_of(conn),
         )
-        what = faults.what_of("tools/call", params)
-        try:
-            result = await self.gateway.call_tool(params, link)
-            self._write({"jsonrpc": "2.0", "id": rid, "result": result}, what)
-        except asyncio.CancelledError:
-            return  # cancelled by the client: no response (spec, basic/utilities/cancellation)
-        except Exception as exc:  # noqa: BLE001 - one bad call never ends the connection (nor shows internals)
-            self._write({"jsonrpc": "2.0", "id": rid, "error": faults.error_for(exc, what)}, what)
 
     async def _notify(self, method: str, params: Any = None, *_: Any) -> None:
         self._write({"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})})
@@ -264,8 +286,10 @@ class FastFront:
 
     def _write(self, message: dict[str, Any], what: str = "tools/call") -> None:
         data = faults.encode_answer(message, what) if "id" in message else orjson.dumps(message)
+        self._send(data + b"\n")
+
+    def _send(self, line: bytes) -> None:
         with contextlib.suppress(Exception):
-            line = data + b"\n"
             if len(self.inflight) <= 1:
                 self.writer.write_now(line)  # one call in flight: no batching to wait for
             else:

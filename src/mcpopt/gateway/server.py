@@ -601,7 +601,7 @@ class Gateway:
             check_call_params(params)
         except GatewayError as exc:
             raise MCPError.from_error_data(exc.to_error_data()) from None
-        assert isinstance(params, Mapping)
+        assert type(params) is dict or isinstance(params, Mapping)  # `type` first: ABC checks cost a frame
         name = params["name"]
         route = self.catalog.tool_routes.get(name)
         if route is None and await self.start_lazy(name):
@@ -758,13 +758,17 @@ class Gateway:
         result = {"content": [{"type": "text", "text": text}], "isError": True}
         return envelope(link.version, result, self.stamp)
 
-    async def _forward_tool_call(self, call: ToolCall) -> ToolResult:
+    def _forward_tool_call(self, call: ToolCall) -> Awaitable[ToolResult]:
         """The pipeline's terminal: send the call to its upstream (the caller's own session when
-        the server is isolated)."""
+        the server is isolated). The shared session's own coroutine, not one wrapping it: one
+        frame less per call."""
         owner = call.attrs.get("owner")
         if owner:
-            return await (await self.isolated[call.server].get(owner)).call(call)
-        return await self.upstreams[call.server].call(call)
+            return self._forward_owned(call, owner)
+        return self.upstreams[call.server].call(call)
+
+    async def _forward_owned(self, call: ToolCall, owner: str) -> ToolResult:
+        return await (await self.isolated[call.server].get(owner)).call(call)
 
     def _prepare(
         self, params: Mapping[str, Any], link: ClientLink, up: ServerPool, **updates: Any

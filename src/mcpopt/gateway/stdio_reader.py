@@ -67,6 +67,22 @@ class LineReader(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if (
+            not self._buf
+            and self._discarding is None
+            and self.take is not None
+            and not self._lines
+            and len(data) <= self.max_bytes
+            and data.endswith(b"\n")
+            and data.count(b"\n") == 1
+        ):
+            # The common case: one whole line per chunk, offered as it is (no buffer bookkeeping).
+            line = data[:-1]
+            if self.take(line) or not line.strip():
+                return
+            self._push(line)
+            self._after()
+            return
         if self._discarding is not None:
             nl = data.find(b"\n")
             if nl < 0:
@@ -97,6 +113,9 @@ class LineReader(asyncio.Protocol):
             self._discarding = bytes(buf[:HEAD_BYTES])
             buf.clear()
             self._scanned = 0
+        self._after()
+
+    def _after(self) -> None:
         self._wake()
         if not self._paused and self._queued > self.buffer_bytes and self.transport is not None:
             self._paused = True

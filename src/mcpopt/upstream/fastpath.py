@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from mcp.shared.exceptions import MCPError
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, LOG_LEVEL_META_KEY
 
 from mcpopt.upstream.pipes import CorkedWriter
 from mcpopt.wire import dumps_request
@@ -146,9 +147,10 @@ class FastChannel:
             if self._writer.over(_HIGH_WATER):
                 await self._writer.drain()
             result = await fut
-            relays = [t for t in entry.relays if not t.done()]
-            if relays:
-                await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
+            if entry.relays:  # most calls have none: no list built for them
+                relays = [t for t in entry.relays if not t.done()]
+                if relays:
+                    await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
             return result
         except (TimeoutError, asyncio.CancelledError):
             # Tell the server to stop (MCP cancellation, basic/utilities/cancellation).
@@ -170,6 +172,43 @@ class FastChannel:
 
     def _write(self, message: dict[str, Any]) -> None:
         self._writer.write(orjson.dumps(message) + b"\n")
+
+
+class StampedMeta:
+    """A session stamp's `_meta` keys, learnt once and merged into each side-channel request.
+
+    A 2026-07-28 session stamps every request with the same `_meta` keys (protocol version, client
+    info, capabilities, the log-level default) and with HTTP headers, which a stdio pipe never
+    sends. Running the stamp per call (its header encoding and all) is a per-call cost of the
+    forwarding path for bytes nobody reads; this runs it once per stamp, on an empty probe request,
+    and then only merges: `merge(params)` gives what `stamp` would have left in `params`, the
+    headers aside -- the caller's `_meta` kept, the stamp's keys over it, except the caller's log
+    level (the stamp only sets a default) and the caller's own client capabilities (a 2026-07-28
+    client's, kept in place of the gateway's: `keep_client_capabilities`).
+    """
+
+    __slots__ = ("stamp", "_keys")
+
+    def __init__(self, stamp: Callable[[dict[str, Any], Any], None]) -> None:
+        self.stamp = stamp
+        probe: dict[str, Any] = {"method": "tools/call", "params": {}}
+        stamp(probe, {})
+        meta = probe["params"].get("_meta")
+        self._keys: dict[str, Any] = dict(meta) if isinstance(meta, dict) else {}
+
+    def merge(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A new params dict (`params` is not modified) with the stamp's `_meta` keys."""
+        out = dict(params) if params else {}
+        mine = out.get("_meta")
+        meta = dict(mine) if isinstance(mine, dict) else {}
+        meta.update(self._keys)
+        if isinstance(mine, dict):
+            if LOG_LEVEL_META_KEY in mine:
+                meta[LOG_LEVEL_META_KEY] = mine[LOG_LEVEL_META_KEY]
+            if isinstance(mine.get(CLIENT_CAPABILITIES_META_KEY), dict):
+                meta[CLIENT_CAPABILITIES_META_KEY] = mine[CLIENT_CAPABILITIES_META_KEY]
+        out["_meta"] = meta
+        return out
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:

@@ -32,7 +32,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from mcpopt.config import ServerConfig
 from mcpopt.errors import GatewayError, UpstreamClosed, UpstreamTimeout, UpstreamUnavailable
 from mcpopt.upstream import process
-from mcpopt.upstream.fastpath import ChannelClosed, FastChannel
+from mcpopt.upstream.fastpath import ChannelClosed, FastChannel, StampedMeta
 from mcpopt.upstream.transports import StderrTail, open_transport
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class Upstream:
         self._send_raw: Callable[..., Awaitable[dict[str, Any]]] | None = None
         self._stamp: Callable[[dict[str, Any], Any], None] | None = None
         self._fast: FastChannel | None = None
+        self._stamped: StampedMeta | None = None
         self.subscriptions: set[str] = set()
         """Upstream resource URIs some client subscribed to (kept across restarts)."""
         self.replica = 0
@@ -443,6 +444,20 @@ class Upstream:
                 legacy = {**legacy, "_meta": {k: v for k, v in meta.items() if k != CLIENT_CAPABILITIES_META_KEY}}
             try:
                 return await fast.request(method, legacy, timeout, on_progress)
+            except MCPError as exc:
+                raise self._cut_off(exc, method, timeout) from None
+            except TimeoutError:
+                raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
+            except ChannelClosed:
+                raise self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout) from None
+        if type(fast) is FastChannel and method not in TASK_ROUTED_METHODS:
+            # 2026-07-28 on a stdio side channel: the stamp's `_meta` keys, without its HTTP headers (a
+            # pipe sends none; the HTTP side channel stamps its own below).
+            stamped = self._stamped
+            if stamped is None or stamped.stamp is not stamp:
+                stamped = self._stamped = StampedMeta(stamp)
+            try:
+                return await fast.request(method, stamped.merge(params), timeout, on_progress)
             except MCPError as exc:
                 raise self._cut_off(exc, method, timeout) from None
             except TimeoutError:
