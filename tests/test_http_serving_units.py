@@ -1,4 +1,5 @@
-"""`_HeadWithBody`: a response's head and first body chunk leave in one write (no timing involved)."""
+"""The HTTP serving path's own parts (no timing involved): one write for a response's head and body
+(`_HeadWithBody`), the frozen startup heap."""
 
 from __future__ import annotations
 
@@ -61,3 +62,15 @@ def test_a_head_alone_is_written_on_the_next_iteration_and_before_close() -> Non
         return raw.writes, raw2.writes
 
     assert asyncio.run(main()) == ([b"HEAD", b"event"], [b"HEAD"])
+
+
+def test_freeze_startup_heap_moves_live_objects_out_of_collections() -> None:
+    import gc
+
+    from mcpopt.gateway.front import freeze_startup_heap
+
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen > 0 and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
