@@ -69,8 +69,10 @@ def test_freeze_startup_heap_moves_live_objects_out_of_collections() -> None:
 
     from mcpopt.gateway.front import freeze_startup_heap
 
+    threshold = gc.get_threshold()
     try:
         frozen = freeze_startup_heap()
         assert frozen > 0 and gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
