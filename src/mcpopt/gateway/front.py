@@ -434,6 +434,22 @@ def replica_name(gateway: Gateway, port: int | None) -> str:
     return gateway.config.gateway.shared.replica or f"{socket.gethostname()}:{port or os.getpid()}"
 
 
+def freeze_startup_heap() -> int:
+    """Move every object alive now (imports, SDK and pydantic models, config: ~100k objects) to the
+    collector's permanent generation (`gc.freeze`), so a full collection no longer walks them.
+
+    Measured here, a full collection of the started gateway's heap takes tens to hundreds of ms, and
+    one falls during a burst of session openings or calls: the event loop stalls and every call in
+    flight waits (the 1,000-client p99). Frozen objects are still freed by reference counting;
+    only cycles among them are never collected. Returns how many objects were frozen.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event | None = None) -> None:
     """Serve Streamable HTTP at http://host:port/mcp until cancelled or signalled.
 
@@ -465,19 +481,18 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
         timeout_keep_alive=max(1, round(http.keep_alive_timeout_ms / 1000)),
     )
     server = DrainingServer(config, app, http.drain_timeout_ms / 1000)
-    if ready is not None:
 
-        async def _announce() -> None:
-            while not server.started:
-                await anyio.sleep(0.02)
+    async def _started() -> None:
+        while not server.started:
+            await anyio.sleep(0.02)
+        freeze_startup_heap()
+        if ready is not None:
             ready.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_announce)
-            await server.serve()
-            tg.cancel_scope.cancel()
-    else:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_started)
         await server.serve()
+        tg.cancel_scope.cancel()
     await app.aclose()
     if server.should_exit and not sys.is_finalizing():
         logger.info("HTTP front stopped")
