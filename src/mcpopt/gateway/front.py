@@ -48,6 +48,7 @@ async def serve_stdio(gateway: Gateway) -> None:
     """
     loop = asyncio.get_running_loop()
     limits = gateway.config.gateway.stdio
+    freeze_startup_heap()  # the gateway has started (cli/serve.py): the same collector pauses as over HTTP
     # Private duplicates, and fd 1 pointed at stderr, so nothing else can write on the wire.
     in_fd = os.dup(0)
     out_fd = os.dup(1)
