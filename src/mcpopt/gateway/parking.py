@@ -115,6 +115,10 @@ class SessionParking:
         self.parked = guard.parked
         """Session id -> when its record expires (monotonic seconds); shared with the guard."""
         self.parks = 0
+        self._parking: dict[str, asyncio.Event] = {}
+        """Sessions being parked now. A request for one waits (`settled`) until it is parked or kept:
+        while the SDK session is being discarded it is still listed as live, and a request let
+        through then would reach a session that is gone (404)."""
         """Sessions parked so far (a session parked twice counts twice)."""
         self.resumes = 0
         """Parked sessions re-hydrated by a request."""
@@ -201,8 +205,24 @@ class SessionParking:
             self.guard.held.pop(sid, None)
         self._next_expiry = min(self.parked.values(), default=now + self.idle_timeout_s)
 
+    async def settled(self, sid: str) -> None:
+        """Return once `sid` is not being parked (at once, the usual case)."""
+        event = self._parking.get(sid)
+        if event is not None:
+            await event.wait()
+
     async def park(self, sid: str, conn: Connection | None) -> bool:
         """End `sid`'s SDK session and keep its record; False when it is not one to park (now)."""
+        if sid in self._parking:
+            return False
+        event = self._parking[sid] = asyncio.Event()
+        try:
+            return await self._park(sid, conn)
+        finally:
+            del self._parking[sid]
+            event.set()
+
+    async def _park(self, sid: str, conn: Connection | None) -> bool:
         transport = self.manager._server_instances.get(sid)  # noqa: SLF001
         held = self.guard.held.get(sid)
         if transport is None or held is None or held.inflight or conn is None or not _quiet(transport, conn):

@@ -256,6 +256,8 @@ class SharedSessions:
             if method == "POST" and isinstance(msg, dict) and msg.get("method") == "initialize":
                 return await self.app(scope, receive, self._recording(send, None))
             return await self.app(scope, receive, send)
+        if self.parking is not None:
+            await self.parking.settled(sid)  # mid-park, the session is listed but going: wait, then resume it
         live = self.manager._server_instances  # noqa: SLF001 - the SDK keeps no public view
         if sid not in live:
             refusal = await self._rehydrate(sid, scope)
