@@ -187,3 +187,36 @@ async def test_every_sweep_purges_expired_local_records() -> None:
     assert len(store) == 1 and not parking.parked
     await parking.sweep()
     assert len(store) == 0
+
+
+class _Racing(_Live):
+    """A request handled on the session while it is being opened here: `_open` makes the session
+    visible at once (the SDK lists it), so a `resources/subscribe` may be answered -- and its record
+    written -- before `_rehydrate` carries on. Meanwhile another replica unsubscribed from a://x."""
+
+    other: SharedSessions | None = None
+
+    async def _open(self, sid: str, record: SessionRecord, params: Any, requestor: Any) -> None:
+        self.manager._server_instances[sid] = object()  # listed, as the SDK's manager lists it
+        self.state = _record(*record.subscriptions, "a://y")  # restored, then subscribed to a://y here
+        assert self.other is not None
+        await self.other.write(sid, _record(), 60.0)  # the other replica's unsubscribe lands first
+        await self._save(sid)
+
+
+async def test_a_subscription_removed_elsewhere_stays_removed(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    _server, store = redis_store
+    other, here = _layer(store), cast(_Racing, _layer(store, _Racing))
+    here.other = other
+    sid = "s1"
+    await other.write(sid, _record("a://x"), 60.0)  # the session lives on the other replica ...
+    scope = {"type": "http", "method": "POST", "path": "/mcp"}
+    assert await here._rehydrate(sid, scope) is None  # ... and is resumed here
+    stored = SessionRecord.decode(await store.get(session_key(sid)) or b"")
+    assert stored is not None and stored.subscriptions == ["a://y"], stored
+    # A record merged with no base known (never written or read here): nothing in this replica's
+    # state is known to be a change since, so the stored one wins -- a removal is never undone.
+    merged = _record("a://x", "a://y").merge(None, _record("a://z", level="error"))
+    assert merged.subscriptions == ["a://z"] and merged.log_level == "error"

@@ -169,16 +169,19 @@ class SessionRecord:
     def merge(self, base: SessionRecord | None, current: SessionRecord | None) -> SessionRecord:
         """This replica's record (`self`, its live state) merged into the stored one (`current`):
         the changes made here since `base` (the record this replica last wrote or read) are applied
-        to `current`, so a change another replica stored meanwhile is kept, not overwritten. The
-        result's version is one more than `current`'s."""
+        to `current`, so a change another replica stored meanwhile is kept, not overwritten. With no
+        `base` (nothing written or read here yet) but a stored record, nothing here is known to be a
+        change: the stored state wins, so a subscription another replica removed is never brought
+        back. The result's version is one more than `current`'s."""
         if current is None:
             return SessionRecord(**{**asdict(self), "version": (base.version if base else 0) + 1})
-        before = set(base.subscriptions) if base is not None else set()
-        ours = set(self.subscriptions)
+        if base is None:
+            return SessionRecord(**{**asdict(current), "version": current.version + 1})
+        before, ours = set(base.subscriptions), set(self.subscriptions)
         added, removed = ours - before, before - ours
         subs = [u for u in current.subscriptions if u not in removed]
         subs += sorted(added - set(subs))
-        level = self.log_level if base is None or self.log_level != base.log_level else current.log_level
+        level = self.log_level if self.log_level != base.log_level else current.log_level
         return SessionRecord(
             self.protocol_version,
             self.client,
@@ -454,9 +457,16 @@ class SharedSessions:
                     return refusal
             if sid in self.manager._server_instances:  # noqa: SLF001
                 return None
-            await self._open(sid, record, params, requestor)
             assert raw is not None
-            self._saved[sid] = (raw, time.monotonic())
+            # The base of this replica's writes, before the session is listed: a request on it may be
+            # answered (and its record merged against this) before `_open` returns here.
+            saved = self._saved[sid] = (raw, time.monotonic())
+            try:
+                await self._open(sid, record, params, requestor)
+            except BaseException:
+                if self._saved.get(sid) is saved:
+                    del self._saved[sid]
+                raise
             if restore:
                 self._spawn(self._refresh(sid, raw))  # and the store has it again
             self.rehydrated += 1
