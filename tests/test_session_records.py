@@ -19,6 +19,7 @@ from typing import Any, cast
 import orjson
 import pytest
 import redis
+from mcp.server.connection import Connection
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from mcpopt.gateway.clients import Clients
@@ -220,3 +221,34 @@ async def test_a_subscription_removed_elsewhere_stays_removed(
     # state is known to be a change since, so the stored one wins -- a removal is never undone.
     merged = _record("a://x", "a://y").merge(None, _record("a://z", level="error"))
     assert merged.subscriptions == ["a://z"] and merged.log_level == "error"
+
+
+async def test_a_record_without_a_version_from_an_older_replica_is_applied(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    server, store = redis_store
+    here, newer = _layer(store), _layer(store)
+    sid = "s1"
+    conn = Connection(cast(Any, None), protocol_version="2025-06-18", session_id=sid)
+    here.gateway.clients.seen(conn)
+    here.manager._server_instances[sid] = object()  # live here
+    for level in ("info", "notice", "warning"):  # set and written here a few times: version 3
+        here.gateway.clients.set_log_level(conn, level)
+        await here.write(sid, _record(level=level), 60.0)
+    plain = redis.Redis.from_url(server.url)
+    key = (store.prefix + session_key(sid)).encode()
+    note = orjson.dumps({"sid": sid, "from": "older"})
+    try:
+        # A replica of the previous release (rolling deploy) SETs a record without a version field.
+        older = orjson.loads(_record(level="error").encode())
+        del older["version"]
+        plain.set(key, orjson.dumps(older), px=60_000)
+        await here._remote_change(note)
+        assert here.gateway.clients.session_state(conn)[0] == "error"
+        # Again, unheard here this time; then a current replica merges onto it (version 1) and announces.
+        plain.set(key, orjson.dumps({**older, "log_level": "critical"}), px=60_000)
+        await newer.write(sid, _record(), 60.0)  # nothing changed there: the stored record's level stays
+        await here._remote_change(note)
+        assert here.gateway.clients.session_state(conn)[0] == "critical"
+    finally:
+        plain.close()

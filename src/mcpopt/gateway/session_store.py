@@ -135,7 +135,8 @@ class SessionRecord:
     sub_owner: str = ""
     """The isolation owner key of the subscriptions ("" for the shared upstream session)."""
     version: int = 0
-    """Writes so far (each compare-and-set write adds one; `merge`)."""
+    """Writes so far (each compare-and-set write adds one; `merge`); 0 in a record written by an
+    older release (no such field), which current replicas read and merge onto like any other."""
 
     def encode(self) -> bytes:
         # orjson's bytes keep the 4 KiB buffer it wrote into (tracemalloc: 4,089 B for a 214-byte
@@ -607,6 +608,7 @@ class SharedSessions:
                 if transport.idle_scope is not None:
                     transport.idle_scope.cancel()
             return
+        before = self._saved.get(sid)
         try:
             raw = await self.store.get(session_key(sid))
         except StateUnavailable as exc:
@@ -616,9 +618,12 @@ class SharedSessions:
         if record is None or conn is None:
             return
         previous = self._saved.get(sid)
-        known = SessionRecord.decode(previous[0]) if previous is not None else None
-        if known is not None and known.version > record.version:
-            return  # older than what this replica wrote or read since
+        if (previous[0] if previous else None) is not (before[0] if before else None):
+            # Written (or read) here during the GET: that write merged the stored record, and any
+            # write after it is announced again. Not a version comparison: a replica of an older
+            # release writes no version (read as 0), and a current one merging onto such a record
+            # counts again from 1, so versions do not order records across a rolling deploy.
+            return
         self._apply(conn, record)
         assert raw is not None
         self._saved[sid] = (raw, previous[1] if previous is not None else time.monotonic())
