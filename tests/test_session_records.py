@@ -10,6 +10,7 @@ which `_Live.record_of` returns (the record a replica builds from its `Connectio
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -252,3 +253,30 @@ async def test_a_record_without_a_version_from_an_older_replica_is_applied(
         assert here.gateway.clients.session_state(conn)[0] == "critical"
     finally:
         plain.close()
+
+
+async def test_a_redis_that_refuses_scripts_gets_the_same_compare_and_set(
+    redis_store: tuple[RedisServer, RedisStateStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, store = redis_store
+    other = redis.Redis.from_url(server.url)
+    other.execute_command("ACL", "SETUSER", "default", "-@scripting")  # as a locked-down managed Redis
+    calls: list[bytes | None] = []
+
+    def change(current: bytes | None) -> bytes:
+        calls.append(current)
+        if len(calls) == 2:  # another writer gets in between this read and this write
+            other.set(b"mcpopt:k", b"theirs")
+        return (current or b"") + b"+mine"
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="mcpopt.state.redis"):
+            assert await store.update("k", change, 60.0) == b"theirs+mine"
+            assert await store.update("k", lambda cur: (cur or b"") + b"+again", 60.0) == b"theirs+mine+again"
+        # The script's try ran change(None), refused; the transaction's first try lost to the other writer.
+        assert calls == [None, None, b"theirs"]
+        assert other.get(b"mcpopt:k") == b"theirs+mine+again" and 0 < other.pttl(b"mcpopt:k") <= 60_000
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "refuses scripts" in warnings[0], warnings  # once, not per write
+    finally:
+        other.close()

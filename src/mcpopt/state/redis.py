@@ -145,6 +145,9 @@ class RedisStateStore:
         self._own = client is None
         self.redis: Any = client or _client(url)
         self._cas: Any = None
+        self.scripts = True
+        """False once Redis refused the compare-and-set script (ACL, renamed EVAL): `update` then
+        goes by WATCH/MULTI/EXEC."""
 
     def _where(self) -> str:
         return _shown(self.url)
@@ -180,22 +183,72 @@ class RedisStateStore:
         with the TTL `ttl_s` (seconds), as one atomic step. Optimistic, one round trip when the
         guess is right: `change` runs on `expect` (the value the caller believes is stored; None:
         absent) and a Lua script writes the result only if the key still holds that; otherwise it
-        returns what is there and `change` runs again on it (up to `CAS_ATTEMPTS` times). The
-        value written; raises `StateUnavailable` (Redis down, or the key always contended)."""
+        returns what is there and `change` runs again on it (up to `CAS_ATTEMPTS` times). A Redis
+        that refuses scripts (an ACL without @scripting, EVAL renamed away) gets the same
+        compare-and-set as a WATCH/MULTI/EXEC transaction from then on (one warning). The value
+        written; raises `StateUnavailable` (Redis down, or the key always contended)."""
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
+        full, px = self.prefix + key, max(1, int(ttl_s * 1000))
+        if self.scripts:
+            try:
+                return await self._update_by_script(full, change, px, expect)
+            except _ScriptsRefused as exc:
+                self.scripts = False
+                logger.warning(
+                    "shared state: Redis at %s refuses scripts (%s); compare-and-set writes use "
+                    "WATCH/MULTI/EXEC instead (three round trips instead of one)",
+                    self._where(),
+                    exc,
+                )
+        return await self._run(lambda: self._update_by_watch(full, change, px))
+
+    async def _update_by_script(
+        self, full: str, change: Callable[[bytes | None], bytes], px: int, expect: bytes | None
+    ) -> bytes:
+        import redis.exceptions
+
         if self._cas is None:
             self._cas = self.redis.register_script(_CAS_LUA)
-        full, px = self.prefix + key, max(1, int(ttl_s * 1000))
         current = expect
         for _ in range(CAS_ATTEMPTS):
             value = change(current)
             args = [b"1" if current is not None else b"0", current or b"", value, px]
-            answer = await self._run(lambda: self._cas(keys=[full], args=args))  # noqa: B023 - awaited at once
+            try:
+                answer = await self._cas(keys=[full], args=args)
+            except redis.exceptions.ResponseError as exc:
+                if _refuses_scripts(exc):
+                    raise _ScriptsRefused(str(exc)) from None
+                raise StateUnavailable(f"Redis at {self._where()} is unavailable: {exc}") from None
+            except (redis.exceptions.RedisError, OSError) as exc:
+                raise StateUnavailable(f"Redis at {self._where()} is unavailable: {exc}") from None
             if answer[0] == 1:
                 return value
             current = bytes(answer[1]) if len(answer) > 1 else None
-        raise StateUnavailable(f"Redis at {self._where()}: {key} changed by others {CAS_ATTEMPTS} times in a row")
+        raise self._contended(full)
+
+    async def _update_by_watch(self, full: str, change: Callable[[bytes | None], bytes], px: int) -> bytes:
+        """`update` without scripts: WATCH the key, GET it, then SET it in MULTI/EXEC, which Redis
+        aborts when the key changed after the WATCH (retried on what is stored then)."""
+        import redis.exceptions
+
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _ in range(CAS_ATTEMPTS):
+                try:
+                    await pipe.watch(full)
+                    stored = await pipe.get(full)
+                    value = change(bytes(stored) if stored is not None else None)
+                    pipe.multi()
+                    pipe.set(full, value, px=px)
+                    await pipe.execute()
+                    return value
+                except redis.exceptions.WatchError:
+                    continue
+        raise self._contended(full)
+
+    def _contended(self, full: str) -> StateUnavailable:
+        key = full.removeprefix(self.prefix)
+        return StateUnavailable(f"Redis at {self._where()}: {key} changed by others {CAS_ATTEMPTS} times in a row")
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Publish on `prefix + channel` (Redis pub/sub: every subscribed replica hears it)."""
@@ -204,6 +257,20 @@ class RedisStateStore:
     async def aclose(self) -> None:
         if self._own:
             await self.redis.aclose()
+
+
+class _ScriptsRefused(Exception):
+    """Redis will not run scripts for this client (`update` falls back to a transaction)."""
+
+
+def _refuses_scripts(exc: BaseException) -> bool:
+    """Whether a Redis error reply says scripts are not allowed here (an ACL without @scripting:
+    NOPERM; EVAL/EVALSHA renamed away: unknown command), not that the key or Redis failed."""
+    import redis.exceptions
+
+    text = str(exc).lower()
+    named = "eval" in text or "script" in text
+    return named and (isinstance(exc, redis.exceptions.NoPermissionError) or "unknown command" in text)
 
 
 class SharedBus:
