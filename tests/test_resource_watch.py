@@ -577,3 +577,50 @@ def test_the_watchdog_never_kills_a_group_whose_leader_pid_was_reused() -> None:
         for p in (ours, reused):
             p.kill()
             p.wait(10)
+
+
+def _orphaned_group() -> tuple[int, psutil.Process]:
+    """A process group whose leader has exited and been reaped (as an upstream that forked a
+    worker and exited before its starttime was read): (the group's id, its surviving member)."""
+    code = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']).pid)"
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE)
+    assert leader.stdout is not None
+    member = psutil.Process(int(leader.stdout.readline()))
+    leader.stdout.close()
+    leader.wait(30)
+    return leader.pid, member
+
+
+def test_a_pid_whose_starttime_was_never_read_is_not_taken_for_ours() -> None:
+    """Starttime unknown (the leader was reaped before it was read): a process holding that pid now
+    came later, so it is never killed or sampled; a group whose leader's pid is free is still ours."""
+    from mcpopt.upstream._watchdog import group_is_ours
+    from mcpopt.upstream.process import ChildRegistry
+    from mcpopt.upstream.watch import sample_trees
+
+    stranger = _sleeper()
+    pgid, member = _orphaned_group()
+    try:
+        registry = ChildRegistry(watchdog=False)
+        registry.add(stranger.pid)  # no starttime
+        assert not registry.is_ours(stranger.pid)
+        registry.kill_all()
+        assert stranger.poll() is None
+        assert sample_trees([stranger.pid], started={stranger.pid: None}) == {}
+        assert stranger.pid in sample_trees([stranger.pid])  # not listed: not checked
+        assert group_is_ours(pgid, None)
+
+        dog = subprocess.run(
+            [sys.executable, str(ROOT / "src" / "mcpopt" / "upstream" / "_watchdog.py")],
+            input=f"g {stranger.pid}\ng {pgid}\n".encode(),
+            timeout=30,
+            check=True,
+        )
+        assert dog.returncode == 0
+        assert wait_dead([member]) == []  # the group outlived its leader: killed
+        assert stranger.poll() is None  # the pid held by another process: left alone
+    finally:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+        stranger.kill()
+        stranger.wait(10)

@@ -39,9 +39,8 @@ def group_is_ours(pgid: int, started: str | None) -> bool:
     """Whether process group `pgid`, led at spawn by the process with starttime `started`, may be
     signalled as ours: its leader is that same process, or is gone (the group may outlive it). A
     leader pid held by another process means our group is gone: Linux reuses no pid that is still
-    some group's id. `started` None (unknown): trusted, as before starttimes were recorded."""
-    if started is None:
-        return True
+    some group's id. `started` None (unknown: the leader had exited and been reaped before its
+    starttime was read): ours only while no process holds that pid; one that does is a newcomer."""
     now = starttime(pgid)
     return now is None or now == started
 

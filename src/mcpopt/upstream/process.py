@@ -208,7 +208,7 @@ async def spawn(
         limit=1 << 30,  # one JSON-RPC message per line; results of many MB are legal
     )
     # The leader's starttime tells our group from a later process given the same pid (None when
-    # it already exited and was reaped: the group is then trusted, as an unknown one).
+    # it already exited and was reaped: then any process holding that pid later is not ours).
     children.add(proc.pid, _starttime(proc.pid))
     return proc
 

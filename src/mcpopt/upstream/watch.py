@@ -75,7 +75,9 @@ def sample_trees(pids: Sequence[int], started: Mapping[int, str | None] | None =
         pids: the tree leaders (the upstream processes).
         started: pid -> its starttime recorded at spawn (/proc/<pid>/stat field 22). A pid whose
             process now has another starttime was reused by the kernel: it is not ours and has no
-            entry (never sampled, so never restarted or its children tracked). Absent or None: not checked.
+            entry (never sampled, so never restarted or its children tracked). None (unknown: the
+            process had exited and been reaped before it was read): any process holding the pid
+            now is another one, also skipped. Absent: not checked.
     """
     kids: dict[int, list[psutil.Process]] = {}
     for p in psutil.process_iter(["ppid"]):
@@ -84,9 +86,8 @@ def sample_trees(pids: Sequence[int], started: Mapping[int, str | None] | None =
             kids.setdefault(ppid, []).append(p)
     out: dict[int, TreeSample] = {}
     for pid in pids:
-        expected = started.get(pid) if started else None
-        if expected is not None and starttime(pid) != expected:
-            continue  # the pid now belongs to another process
+        if started is not None and pid in started and starttime(pid) != started[pid]:
+            continue  # the pid now belongs to another process (or, unknown at spawn, may)
         try:
             leader = psutil.Process(pid)
             with leader.oneshot():
