@@ -165,6 +165,17 @@ def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -
     raise AssertionError(f"gateway did not listen on {port} within {timeout} s")
 
 
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `proc` and its descendants (a gateway and its upstreams) if it still runs; the
+    caller waits for it."""
+    if proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        proc.kill()
+
+
 @contextlib.contextmanager
 def popen_gateway(config: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
@@ -177,12 +188,7 @@ def popen_gateway(config: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-            proc.kill()
+        kill_tree(proc)
         proc.wait(5)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream:
@@ -220,12 +226,7 @@ def http_gateway(
         wait_http(port, proc, timeout=60)
         yield proc, port
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-            proc.kill()
+        kill_tree(proc)
         proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()

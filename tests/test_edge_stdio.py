@@ -229,12 +229,25 @@ def _deep(levels: int) -> Any:
     return value
 
 
+async def _fast_front_on_a_pipe(gateway: Any) -> tuple[int, asyncio.WriteTransport, Any]:
+    """The stdio fast path (`FastFront`) of a running `gateway`, writing its answers into a pipe:
+    (the pipe's read end, the write transport to close, the `FastFront`)."""
+    from mcpopt.gateway.front import FastFront
+    from mcpopt.upstream.pipes import CorkedWriter
+
+    read_fd, write_fd = os.pipe()
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return read_fd, transport, FastFront(gateway, CorkedWriter(writer))
+
+
 def test_fast_path_failure_is_internal_error_without_internals(tmp_path: Path) -> None:
     """The stdio fast path, on a failure nobody foresaw: -32603 naming the call, no Python text."""
     from mcpopt.config import load_config
     from mcpopt.gateway.assembly import build_gateway
-    from mcpopt.gateway.front import FastFront
-    from mcpopt.upstream.pipes import CorkedWriter
 
     config = write_config(tmp_path / "g.yaml", {"time": time_entry()})
 
@@ -246,13 +259,7 @@ def test_fast_path_failure_is_internal_error_without_internals(tmp_path: Path) -
                 raise AttributeError("'list' object has no attribute 'get'")
 
             gateway.upstreams["time"].call = broken  # type: ignore[method-assign]  # an unforeseen fault
-            read_fd, write_fd = os.pipe()
-            loop = asyncio.get_running_loop()
-            transport, protocol = await loop.connect_write_pipe(
-                asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
-            )
-            writer = asyncio.StreamWriter(transport, protocol, None, loop)
-            fast = FastFront(gateway, CorkedWriter(writer))
+            read_fd, transport, fast = await _fast_front_on_a_pipe(gateway)
             await fast._call(3, {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}}, "2025-06-18")
             await asyncio.sleep(0.05)
             transport.close()
@@ -273,8 +280,6 @@ def test_fast_path_forgets_finished_and_cancelled_calls(tmp_path: Path) -> None:
 
     from mcpopt.config import load_config
     from mcpopt.gateway.assembly import build_gateway
-    from mcpopt.gateway.front import FastFront
-    from mcpopt.upstream.pipes import CorkedWriter
 
     config = write_config(tmp_path / "g.yaml", {"time": time_entry()})
     meta = {PROTOCOL_VERSION_META_KEY: "2026-07-28"}
@@ -286,13 +291,7 @@ def test_fast_path_forgets_finished_and_cancelled_calls(tmp_path: Path) -> None:
     async def scenario() -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
         gateway = build_gateway(load_config(config))
         async with gateway.running():
-            read_fd, write_fd = os.pipe()
-            loop = asyncio.get_running_loop()
-            transport, protocol = await loop.connect_write_pipe(
-                asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
-            )
-            writer = asyncio.StreamWriter(transport, protocol, None, loop)
-            fast = FastFront(gateway, CorkedWriter(writer))
+            read_fd, transport, fast = await _fast_front_on_a_pipe(gateway)
             assert fast.offer(request(1))
             cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
             assert fast.offer(cancel)  # before the call's task ever ran
