@@ -8,7 +8,7 @@ Paths, all in front of `mcp-server-time` (`get_current_time`), each called from 
 of `mcpopt bench cache` (orjson lines, microseconds of client cost): the bare relay
 (`python -m mcpopt.bench.relay`), `mcpopt serve` with telemetry at `standard` (the default) and with
 telemetry off. All connections stay open; after warm-up the paths alternate in rounds of 50 calls,
-order rotated (`mcpopt.monitor.compare.schedule`). Reported per path: wall p50/p99 (ms) and the CPU
+order rotated (`mcpopt.bench.lean_ab`). Reported per path: wall p50/p99 (ms) and the CPU
 (user + system, every thread) its own process spent per timed call (us), which a loaded machine
 moves far less than wall time.
 
@@ -22,24 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import pstats
 import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 from mcp import StdioServerParameters
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from mcpopt.bench import lean_ab  # noqa: E402
 from mcpopt.bench.lineclient import LineClient  # noqa: E402
-from mcpopt.bench.overhead import SERVERS_PY, CpuMeter, child_matching  # noqa: E402
-from mcpopt.monitor.compare import schedule, spread  # noqa: E402
 
-TIME = str(SERVERS_PY / "mcp-server-time")
-ARGS = {"timezone": "UTC"}
 PROFILED = """
 import cProfile, runpy, sys, time
 out = sys.argv[1]
@@ -63,60 +58,26 @@ AREAS = (
 )
 
 
-def config(tmp: Path, name: str, gateway: dict[str, object]) -> str:
-    path = tmp / name
-    data = {"mcpServers": {"time": {"command": TIME}}, "gateway": {"data_dir": str(tmp / "data"), **gateway}}
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return str(path)
-
-
 async def compare(calls: int, tmp: Path) -> None:
-    mcpopt = [sys.executable, "-m", "mcpopt.cli", "serve", "-c"]
     paths = {
-        "relay": (StdioServerParameters(command=sys.executable, args=["-m", "mcpopt.bench.relay", TIME]), ""),
-        "mcpopt": (StdioServerParameters(command=mcpopt[0], args=[*mcpopt[1:], config(tmp, "a.json", {})]), "time__"),
-        "mcpopt telemetry off": (
-            StdioServerParameters(
-                command=mcpopt[0], args=[*mcpopt[1:], config(tmp, "b.json", {"telemetry": {"enabled": False}})]
-            ),
-            "time__",
+        "relay": lean_ab.relay(),
+        "mcpopt": lean_ab.serve(sys.executable, tmp / "a.json", tmp / "data"),
+        "mcpopt telemetry off": lean_ab.serve(
+            sys.executable, tmp / "b.json", tmp / "data", {"telemetry": {"enabled": False}}
         ),
     }
-    clients: dict[str, LineClient] = {}
-    meters: dict[str, CpuMeter] = {}
-    taken: set[int] = set()
-    samples: dict[str, list[float]] = {k: [] for k in paths}
-    try:
-        for label, (params, _) in paths.items():
-            clients[label] = await LineClient(params).__aenter__()
-            meters[label] = CpuMeter(child_matching(params, taken))
-        block = 50
-        for slot in schedule(list(paths), max(1, calls // block), warmup_rounds=1):
-            if not slot.warmup and all(m.start == 0.0 for m in meters.values()):
-                for m in meters.values():
-                    m.start = m.now()
-            tool = paths[slot.path][1] + "get_current_time"
-            got = await clients[slot.path].latency(tool, ARGS, 0 if slot.warmup else block, 200 if slot.warmup else 0)
-            samples[slot.path] += got
-        load = psutil.getloadavg()
-        print(f"{calls} calls per path, alternating in rounds of {block}; load average {load[0]:.2f}")
-        for label in paths:
-            s = spread(samples[label])
-            cpu = (meters[label].now() - meters[label].start) / max(1, s["n"]) * 1e6
-            print(f"  {label:22s} p50 {s['p50']:.3f} ms  p99 {s['p99']:.3f} ms  CPU {cpu:.0f} us/call")
-    finally:
-        for c in clients.values():
-            await c.__aexit__(None, None, None)
+    print(f"{calls} calls per path")
+    lean_ab.show(await lean_ab.compare(paths, calls), width=22)
 
 
 async def profile(calls: int, tmp: Path) -> None:
     script, out = tmp / "profiled.py", tmp / "serve.prof"
     script.write_text(PROFILED, encoding="utf-8")
-    params = StdioServerParameters(
-        command=sys.executable, args=[str(script), str(out), "serve", "-c", config(tmp, "p.json", {})]
-    )
+    served, tool = lean_ab.serve(sys.executable, tmp / "p.json", tmp / "data")
+    # The same `serve -c <config>`, run under the profiler.
+    params = StdioServerParameters(command=sys.executable, args=[str(script), str(out), *served.args[2:]])
     async with LineClient(params) as client:
-        await client.latency("time__get_current_time", ARGS, calls, 200)
+        await client.latency(tool, lean_ab.ARGS, calls, lean_ab.WARMUP)
     for _ in range(100):  # the profiled gateway writes its file on exit
         if out.exists():
             break
