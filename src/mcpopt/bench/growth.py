@@ -48,7 +48,7 @@ from typing import Any
 import orjson
 import psutil
 
-from mcpopt.bench.overhead import ROOT, SERVERS_PY, _mcpopt_cmd, background, free_port, percentile, wait_port
+from mcpopt.bench.overhead import ROOT, SERVERS_PY, background, free_port, mcpopt_cmd, percentile, wait_port
 
 NODE_MODULES = ROOT / "node_modules" / "@modelcontextprotocol"
 LEGACY = "2025-11-25"
@@ -371,7 +371,7 @@ async def measure_clients(
 @contextlib.asynccontextmanager
 async def serving(config: Path) -> AsyncIterator[tuple[int, psutil.Process]]:
     port = free_port()
-    async with background([*_mcpopt_cmd(), "serve", "-c", str(config), "-t", "http", "--port", str(port)]) as gw:
+    async with background([*mcpopt_cmd(), "serve", "-c", str(config), "-t", "http", "--port", str(port)]) as gw:
         await wait_port(port, timeout_s=120)
         yield port, psutil.Process(gw.pid)
 

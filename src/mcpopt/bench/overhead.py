@@ -167,7 +167,8 @@ async def background(cmd: list[str], env: dict[str, str] | None = None) -> Async
             proc.wait()
 
 
-def _mcpopt_cmd() -> list[str]:
+def mcpopt_cmd() -> list[str]:
+    """The command that runs this interpreter's mcpopt (its `mcpopt` script, else `python -m mcpopt.cli`)."""
     exe = shutil.which("mcpopt", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "mcpopt.cli"]
 
@@ -217,7 +218,7 @@ async def _stdio_paths(
         *((label, params, "get_current_time") for label, params in _relays_stdio([time_cmd])),
         (
             "mcpopt",
-            StdioServerParameters(command=_mcpopt_cmd()[0], args=[*_mcpopt_cmd()[1:], "serve", "-c", cfg]),
+            StdioServerParameters(command=mcpopt_cmd()[0], args=[*mcpopt_cmd()[1:], "serve", "-c", cfg]),
             "time__get_current_time",
         ),
     ]
@@ -319,7 +320,7 @@ async def _http_paths(
             tmp, "http.json", {"mcpServers": {"everything": {"url": up_url}}, "gateway": {"data_dir": str(tmp)}}
         )
         gp = await stack.enter_async_context(
-            background([*_mcpopt_cmd(), "serve", "-c", cfg, "-t", "http", "--port", str(gw_port)])
+            background([*mcpopt_cmd(), "serve", "-c", cfg, "-t", "http", "--port", str(gw_port)])
         )
         meters["mcpopt"] = CpuMeter(psutil.Process(gp.pid))
         await wait_port(gw_port)
@@ -364,7 +365,7 @@ async def _auth_client(stack: contextlib.AsyncExitStack, tmp: Path, up_url: str)
     url = f"http://127.0.0.1:{port}/mcp"
     gateway = {**auth_config(issuer), "data_dir": str(tmp / "auth")}
     cfg = _write(tmp, "http-auth.json", {"mcpServers": {"everything": {"url": up_url}}, "gateway": gateway})
-    await stack.enter_async_context(background([*_mcpopt_cmd(), "serve", "-c", cfg, "-t", "http", "--port", str(port)]))
+    await stack.enter_async_context(background([*mcpopt_cmd(), "serve", "-c", cfg, "-t", "http", "--port", str(port)]))
     await wait_port(port)
     token = signer.token(issuer, url, scope="mcp:tools")
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30.0)

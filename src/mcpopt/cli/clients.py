@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mcpopt.cli.common import app, err, out
-from mcpopt.config import _read_file, load_config, read_layout
+from mcpopt.config import load_config, read_config_file, read_layout
 from mcpopt.errors import ConfigError
 from mcpopt.hosts.install import (
     InstallError,
@@ -100,7 +100,7 @@ def install_cmd(
         _import(config, [client], None, False, False)
         created = True
     try:
-        raw = _read_file(config)
+        raw = read_config_file(config)
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None

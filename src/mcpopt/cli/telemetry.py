@@ -45,13 +45,13 @@ def _hint_shared_store() -> None:
 
 
 def _store_failed(path: Path | str, exc: Exception) -> None:
-    from mcpopt.monitor.report import _shown
+    from mcpopt.monitor.report import redacted_url
     from mcpopt.telemetry.postgres import is_postgres_url
 
     if not is_postgres_url(path):
         raise exc
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    err.print(f"[red]telemetry database {_shown(str(path))}: {first}[/red]", highlight=False)
+    err.print(f"[red]telemetry database {redacted_url(str(path))}: {first}[/red]", highlight=False)
     raise typer.Exit(1) from None
 
 

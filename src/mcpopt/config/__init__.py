@@ -168,7 +168,9 @@ class Config(BaseSettings):
         return server if self.gateway.prefix_tools else ""
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a config file (JSON by its `.json` suffix, else YAML; an empty file: {}), not
+    yet validated; raises `ConfigError` naming the file when it cannot be read or parsed."""
     shown = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -301,7 +303,7 @@ def load_config(
             error lists every problem found (`ConfigError.problems`).
     """
     shown = str(path) if path is not None else ""
-    raw = data if data is not None else (_read_file(Path(path)) if path is not None else {})
+    raw = data if data is not None else (read_config_file(Path(path)) if path is not None else {})
     config_dir = str(Path(path).resolve().parent) if path is not None else os.getcwd()
     layout = read_layout(raw, file=shown, config_dir=config_dir, ask=ask)
     problems = list(layout.problems)

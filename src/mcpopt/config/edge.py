@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mcpopt.config.servers import _Strict
+from mcpopt.config.servers import StrictModel
 
 
-class HttpEdgeSettings(_Strict):
+class HttpEdgeSettings(StrictModel):
     """The HTTP front's edge (`gateway.http`): which Host/Origin it answers, connection and session limits.
 
     Sources for the defaults: the MCP transport spec (Streamable HTTP, "Security Warning": validate
@@ -63,7 +63,7 @@ class HttpEdgeSettings(_Strict):
     flight get this long to finish before the process exits (Kubernetes' default grace is 30 s)."""
 
 
-class StdioEdgeSettings(_Strict):
+class StdioEdgeSettings(StrictModel):
     """The stdio front's limits (`gateway.stdio`)."""
 
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -80,7 +80,9 @@ RateLimitList = list[str]
 (a long window is a quota); every one of them must allow a call."""
 
 
-def _check_limits(value: list[str]) -> list[str]:
+def check_limits(value: list[str]) -> list[str]:
+    """`value` (rate limits in the `limits` library's notation), unchanged when every one parses;
+    raises `ValueError` naming the first that does not (a validator of the settings models)."""
     from limits import parse_many
 
     for item in value:
@@ -91,7 +93,7 @@ def _check_limits(value: list[str]) -> list[str]:
     return value
 
 
-class IntrospectionSettings(_Strict):
+class IntrospectionSettings(StrictModel):
     """RFC 7662 token introspection for opaque (non-JWT) access tokens (`gateway.auth.introspection`)."""
 
     endpoint: str | None = None
@@ -115,7 +117,7 @@ class IntrospectionSettings(_Strict):
         return self
 
 
-class ApiKeySettings(_Strict):
+class ApiKeySettings(StrictModel):
     """Static API keys (`gateway.auth.api_keys`): stored as SHA-256 hashes, never in clear.
 
     Lines of the form `<name> sha256:<64 hex digits> [scope ...]` (`mcpopt auth new-key NAME` prints
@@ -128,7 +130,7 @@ class ApiKeySettings(_Strict):
     """Environment variable with more key lines (unset or empty: none)."""
 
 
-class AuthSettings(_Strict):
+class AuthSettings(StrictModel):
     """Inbound authentication on the HTTP front (`gateway.auth`), per the MCP authorization spec:
     the gateway is an OAuth 2.1 resource server (RFC 9728 metadata, RFC 6750 bearer tokens,
     RFC 8707 audience). Off unless `issuer`, `jwks_uri`, `introspection` or API keys are set.
@@ -185,7 +187,7 @@ class AuthSettings(_Strict):
         return value
 
 
-class PrincipalMatch(_Strict):
+class PrincipalMatch(StrictModel):
     """Who a policy rule is for: each key given must match (any of its values); no key: everyone."""
 
     subjects: list[str] = Field(default_factory=list)
@@ -201,7 +203,7 @@ class PrincipalMatch(_Strict):
     issuers: list[str] = Field(default_factory=list)
 
 
-class PolicyRule(_Strict):
+class PolicyRule(StrictModel):
     """What the principals matching `match` may use (`gateway.policy.rules[]`).
 
     Every matching rule grants its servers and tools (a union); `exposure`, `code_mode` and
@@ -227,10 +229,10 @@ class PolicyRule(_Strict):
     @field_validator("rate_limits")
     @classmethod
     def _valid_limits(cls, value: list[str]) -> list[str]:
-        return _check_limits(value)
+        return check_limits(value)
 
 
-class PolicySettings(_Strict):
+class PolicySettings(StrictModel):
     """Per-principal policy (`gateway.policy`); read only when `gateway.auth` is on.
 
     A principal matching no rule gets `default` (out of the box: every upstream tool, not the

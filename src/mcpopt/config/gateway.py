@@ -17,13 +17,13 @@ from mcpopt.config.edge import (
     PolicySettings,
     RateLimitList,
     StdioEdgeSettings,
-    _check_limits,
+    check_limits,
 )
 from mcpopt.config.plugins import CodeModeSettings, OptimizationSettings, WorkflowSettings
-from mcpopt.config.servers import RestartPolicy, _Strict
+from mcpopt.config.servers import RestartPolicy, StrictModel
 
 
-class CacheSettings(_Strict):
+class CacheSettings(StrictModel):
     """The result cache (L1 in process; optional L2 in Redis shared by gateway processes)."""
 
     enabled: bool = True
@@ -37,7 +37,7 @@ class CacheSettings(_Strict):
     """Calls made at startup to fill the cache: `{tool: <gateway name>, arguments: {...}}`."""
 
 
-class BatchSettings(_Strict):
+class BatchSettings(StrictModel):
     """The `mcpopt__batch` gateway tool."""
 
     enabled: bool = True
@@ -45,7 +45,7 @@ class BatchSettings(_Strict):
     concurrency: int = Field(8, ge=1)
 
 
-class ShapingSettings(_Strict):
+class ShapingSettings(StrictModel):
     """Response shaping of tool results (off by default: results pass unchanged)."""
 
     max_result_bytes: int = Field(0, ge=0)
@@ -56,7 +56,7 @@ class ShapingSettings(_Strict):
     """How many cut results stay readable (`mcpopt://results/<id>`), most recent first."""
 
 
-class TelemetrySettings(_Strict):
+class TelemetrySettings(StrictModel):
     """Telemetry, metrics and the monitor (`gateway.telemetry`; see `mcpopt.telemetry`).
 
     `level` is also read from `MCPOPT_TELEMETRY_LEVEL` (and `enabled` from
@@ -133,7 +133,7 @@ class TelemetrySettings(_Strict):
         return self
 
 
-class LimitsSettings(_Strict):
+class LimitsSettings(StrictModel):
     """Rate limits and quotas (`gateway.limits`), counted with the `limits` library.
 
     Each list holds limits like `"10/second"` or `"50000/day"`; a call must pass all that apply:
@@ -157,13 +157,13 @@ class LimitsSettings(_Strict):
     @field_validator("global_", "per_principal")
     @classmethod
     def _valid(cls, value: list[str]) -> list[str]:
-        return _check_limits(value)
+        return check_limits(value)
 
     @field_validator("per_tool", "per_principal_tool")
     @classmethod
     def _valid_map(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         for limits in value.values():
-            _check_limits(limits)
+            check_limits(limits)
         return value
 
     @property
@@ -172,7 +172,7 @@ class LimitsSettings(_Strict):
         return self.enabled and bool(self.global_ or self.per_tool or self.per_principal or self.per_principal_tool)
 
 
-class WatchSettings(_Strict):
+class WatchSettings(StrictModel):
     """`gateway.watch`: CPU, memory, open descriptors and children of every stdio upstream process.
 
     The growth alert fires (warning `rss_growth`) when a replica's RSS grew by more than
@@ -197,7 +197,7 @@ class WatchSettings(_Strict):
     running then fail with an error naming the server and the reason (they are not retried)."""
 
 
-class SharedSettings(_Strict):
+class SharedSettings(StrictModel):
     """State shared by gateway replicas (`gateway.shared`, issue 12): ONE Redis for all of it.
 
     With `redis_url` set, handshake-era client sessions are kept there so any replica can serve a
@@ -225,7 +225,7 @@ class SharedSettings(_Strict):
     """Re-emit an upstream's list_changed / resources/updated seen by one replica on every replica."""
 
 
-class GatewaySettings(_Strict):
+class GatewaySettings(StrictModel):
     """Global mcpopt keys (`gateway:` in the file, `MCPOPT_GATEWAY__*` in the environment)."""
 
     name: str = "mcpopt"

@@ -20,11 +20,13 @@ _TRANSPORT_ALIASES = {
 }
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of the settings models: unknown keys are errors; fields by name or alias."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class RestartPolicy(_Strict):
+class RestartPolicy(StrictModel):
     """Restart of a crashed upstream: exponential backoff from `initial_backoff_ms` to `max_backoff_ms`."""
 
     initial_backoff_ms: int = Field(500, ge=0)
@@ -32,7 +34,7 @@ class RestartPolicy(_Strict):
     enabled: bool = True
 
 
-class ToolCacheConfig(_Strict):
+class ToolCacheConfig(StrictModel):
     """Per-tool cache policy: a TTL, and optionally a read-only declaration the server omits."""
 
     ttl_ms: int | None = Field(None, ge=0)
@@ -40,7 +42,7 @@ class ToolCacheConfig(_Strict):
     """Treat the tool as read-only (`readOnlyHint`) even if its annotations don't say so."""
 
 
-class ServerCacheConfig(_Strict):
+class ServerCacheConfig(StrictModel):
     """Result cache policy of one server.
 
     A tools/call result is cached only if the tool is read-only (`readOnlyHint: true` or
@@ -54,7 +56,7 @@ class ServerCacheConfig(_Strict):
     invalidates: dict[str, list[str]] = Field(default_factory=dict)
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(StrictModel):
     """How calls are spread over a server's replicas."""
 
     strategy: Literal["round_robin", "least_inflight", "ewma_latency", "weighted", "predictive"] = "least_inflight"
@@ -64,7 +66,7 @@ class RoutingConfig(_Strict):
     """Tool-name globs whose calls from one client session always go to the same replica."""
 
 
-class BreakerConfig(_Strict):
+class BreakerConfig(StrictModel):
     """Circuit breaker per replica: opens after `failure_threshold` consecutive failures,
     stays open `open_ms`, then lets `half_open_max` trial calls through (Nygard, Release It!)."""
 
@@ -74,7 +76,7 @@ class BreakerConfig(_Strict):
     half_open_max: int = Field(1, ge=1)
 
 
-class RetryConfig(_Strict):
+class RetryConfig(StrictModel):
     """Retries with exponential backoff and full jitter, only when repeating is safe
     (read-only or idempotent tools, or a request that never reached the server)."""
 
@@ -84,7 +86,7 @@ class RetryConfig(_Strict):
     max_backoff_ms: int = Field(1_000, ge=0)
 
 
-class AdaptiveTimeoutConfig(_Strict):
+class AdaptiveTimeoutConfig(StrictModel):
     """Per-tool timeout = clamp(p99 of observed latency x `factor`, floor, ceiling) once
     `min_samples` calls were seen; before that, the server's timeout."""
 
@@ -95,7 +97,7 @@ class AdaptiveTimeoutConfig(_Strict):
     min_samples: int = Field(20, ge=1)
 
 
-class HealthCheckConfig(_Strict):
+class HealthCheckConfig(StrictModel):
     """Active health checks: a ping (handshake era) or server/discover (2026-07-28) per replica."""
 
     interval_ms: int = Field(0, ge=0)
@@ -103,7 +105,7 @@ class HealthCheckConfig(_Strict):
     timeout_ms: int = Field(2_000, gt=0)
 
 
-class ServerConfig(_Strict):
+class ServerConfig(StrictModel):
     """One upstream MCP server (an entry of `mcpServers`).
 
     Standard keys: `command`, `args`, `env`, `cwd` (stdio); `url`, `headers` (HTTP/SSE);

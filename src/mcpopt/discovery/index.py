@@ -59,7 +59,7 @@ from mcpopt.discovery.docs import signature as signature
 from mcpopt.discovery.embed import Embedder
 from mcpopt.discovery.lexicon import english_glosses
 from mcpopt.discovery.ranking import RRF_K as RRF_K
-from mcpopt.discovery.ranking import _Bag, _normalize, _Postings, _rank_lookup, _rrf_into, _Shard, _top
+from mcpopt.discovery.ranking import Postings, TermBag, TermShard, normalize_rows, rank_lookup, rrf_into, top_indices
 from mcpopt.discovery.ranking import rrf as rrf
 from mcpopt.discovery.results import SearchHit as SearchHit
 from mcpopt.discovery.results import SearchWeights as SearchWeights
@@ -82,8 +82,8 @@ class _Built:
     servers: list[str]
     server_of: np.ndarray  # int32 per tool
     starts: np.ndarray  # first tool index of each server (servers are contiguous)
-    tools: _Postings | None
-    servers_lex: _Postings | None
+    tools: Postings | None
+    servers_lex: Postings | None
     vectors: np.ndarray | None  # (n, dim) float32
     server_vectors: np.ndarray | None  # (servers, dim)
     mean: np.ndarray | None  # the tools' mean vector, removed from every vector (None: not centred)
@@ -115,7 +115,7 @@ class ToolIndex:
         self.embedder = embedder
         self.weights = weights or SearchWeights()
         self.analyzer = analyzer or TextAnalyzer()
-        self._shards: dict[str, _Shard] = {}
+        self._shards: dict[str, TermShard] = {}
         self._lock = threading.Lock()
         self._dirty = True
         self._built = _Built(
@@ -139,8 +139,8 @@ class ToolIndex:
         """
         docs = [t if isinstance(t, ToolDoc) else ToolDoc.of(server, t) for t in tools]
         about = server_description if server_description is not None else (docs[0].server_description if docs else "")
-        bag = _Bag.of([self._doc_terms(d) for d in docs])
-        server_bag = _Bag.of([self._server_terms(server, about, docs)])
+        bag = TermBag.of([self._doc_terms(d) for d in docs])
+        server_bag = TermBag.of([self._server_terms(server, about, docs)])
         vectors = server_vector = None
         if self.embedder is not None and docs:
             vectors = self.embedder.embed([self._dense_text(d) for d in docs])
@@ -152,7 +152,7 @@ class ToolIndex:
         needs = prerequisites(docs, self.analyzer)
         with self._lock:
             if docs:
-                self._shards[server] = _Shard(docs, bag, vectors, server_bag, server_vector, needs)
+                self._shards[server] = TermShard(docs, bag, vectors, server_bag, server_vector, needs)
             else:
                 self._shards.pop(server, None)
             self._dirty = True
@@ -254,8 +254,8 @@ class ToolIndex:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp) if len(sizes) else sizes
         server_of = np.repeat(np.arange(len(shards), dtype=np.int32), sizes)
         w = self.weights
-        tools = _Postings([shard.bag for _s, shard in shards], w.k1, w.b) if docs else None
-        servers_lex = _Postings([shard.server_bag for _s, shard in shards], w.k1, w.b) if docs else None
+        tools = Postings([shard.bag for _s, shard in shards], w.k1, w.b) if docs else None
+        servers_lex = Postings([shard.server_bag for _s, shard in shards], w.k1, w.b) if docs else None
         vectors = server_vectors = mean = None
         if self.embedder is not None:
             dim = self.embedder.dim
@@ -265,8 +265,8 @@ class ToolIndex:
             server_vectors = np.ascontiguousarray(np.vstack(svecs)) if svecs else np.zeros((0, dim), np.float32)
             if w.center and len(vectors) > 1:
                 mean = vectors.mean(axis=0)
-                vectors = _normalize(vectors - mean)
-                server_vectors = _normalize(server_vectors - mean)
+                vectors = normalize_rows(vectors - mean)
+                server_vectors = normalize_rows(server_vectors - mean)
         edges = [shard.needs + start for (_s, shard), start in zip(shards, starts, strict=True) if len(shard.needs)]
         needs = np.vstack(edges).astype(np.intp) if edges else _NO_EDGES
         built = _Built(
@@ -372,8 +372,8 @@ class ToolIndex:
         if exact is not None:
             final[exact] = final.max() + 1.0
         top = self._top_k(built, final, k, prefer)
-        lex_rank = _rank_lookup(lex_order, top)
-        dense_rank = _rank_lookup(dense_order, top)
+        lex_rank = rank_lookup(lex_order, top)
+        dense_rank = rank_lookup(dense_order, top)
         srank = np.zeros(len(built.servers), dtype=np.int64)
         srank[server_order] = np.arange(1, len(server_order) + 1)
         return [
@@ -425,28 +425,28 @@ class ToolIndex:
                 terms = list(dict.fromkeys(terms))
             lex = np.zeros(n, dtype=np.float32)
             if built.tools.scores(terms, lex):
-                lex_order = _top(lex, w.depth, positive=True)
+                lex_order = top_indices(lex, w.depth, positive=True)
                 self._fuse(fused, lex, lex_order, w.lexical if both else 1.0)
                 s_lex = np.zeros(ns, dtype=np.float32)
                 built.servers_lex.scores(terms, s_lex)
-                s_order = _top(s_lex, w.depth, positive=True)
+                s_order = top_indices(s_lex, w.depth, positive=True)
                 self._fuse(server_fused, s_lex, s_order, w.server_lexical)
         if use_dense and self.embedder is not None and built.vectors is not None:
             q = self._query_vector(built, query)
             if q.any():
                 dense = self._dense(built.vectors, q)
-                dense_order = _top(dense, w.depth, positive=True)
+                dense_order = top_indices(dense, w.depth, positive=True)
                 self._fuse(fused, dense, dense_order, w.dense if both else 1.0, w.dense_floor)
                 if built.server_vectors is not None and len(built.server_vectors):
                     s_dense = self._dense(built.server_vectors, q)
-                    s_order = _top(s_dense, w.depth, positive=True)
+                    s_order = top_indices(s_dense, w.depth, positive=True)
                     self._fuse(server_fused, s_dense, s_order, w.server_dense, w.dense_floor)
         # A server's third ranking: by its best tool.
         best_tool = np.maximum.reduceat(fused, built.starts) if n else np.zeros(0)
-        s_order = _top(best_tool, w.depth, positive=True)
+        s_order = top_indices(best_tool, w.depth, positive=True)
         most = (w.lexical + w.dense) if both else 1.0  # the best fused score a tool can have
         self._fuse(server_fused, best_tool, s_order, w.server_tools, w.tools_floor * most)
-        server_order = _top(server_fused, ns, positive=True)
+        server_order = top_indices(server_fused, ns, positive=True)
         final = fused
         if w.server > 0 and len(server_order):
             if w.server_all:
@@ -479,7 +479,7 @@ class ToolIndex:
             return
         fusion = self.weights.fusion
         if fusion == "rrf":
-            _rrf_into(out, order, weight)
+            rrf_into(out, order, weight)
             return
         top = scores[order].astype(np.float64)
         # Min-max within the list (Bruch et al. 2023, TOIS, "An Analysis of Fusion Functions for Hybrid

@@ -1,5 +1,5 @@
 """Ranking primitives of tool search: BM25 term postings assembled from per-server term counts
-(`_Bag`, `_Shard`, `_Postings`), top-k selection, and reciprocal rank fusion (`rrf`, Cormack, Clarke &
+(`TermBag`, `TermShard`, `Postings`), top-k selection, and reciprocal rank fusion (`rrf`, Cormack, Clarke &
 Buettcher 2009, SIGIR).
 """
 
@@ -20,7 +20,7 @@ RRF_K = 60
 
 
 @dataclass(slots=True)
-class _Bag:
+class TermBag:
     """Term counts of a batch of documents with a local vocabulary: doc `d` has `tf[j]` of `vocab[term[j]]`."""
 
     vocab: list[str]
@@ -30,7 +30,7 @@ class _Bag:
     length: np.ndarray  # float32, terms per document
 
     @classmethod
-    def of(cls, docs_terms: Sequence[Sequence[str]]) -> _Bag:
+    def of(cls, docs_terms: Sequence[Sequence[str]]) -> TermBag:
         vocab: dict[str, int] = {}
         rows: list[int] = []
         cols: list[int] = []
@@ -55,16 +55,18 @@ class _Bag:
 
 
 @dataclass(slots=True)
-class _Shard:
+class TermShard:
+    """One server's part of the index: its tools' documents, term counts and vectors."""
+
     docs: list[ToolDoc]
-    bag: _Bag  # one row per tool
+    bag: TermBag  # one row per tool
     vectors: np.ndarray | None  # (tools, dim)
-    server_bag: _Bag  # one row: the server's document
+    server_bag: TermBag  # one row: the server's document
     server_vector: np.ndarray | None  # (dim,)
     needs: np.ndarray  # (edges, 2) int32 local indices: (tool, a tool that provides one of its inputs)
 
 
-class _Postings:
+class Postings:
     """BM25 (Lucene variant) weights by term: docs `doc[ptr[t]:ptr[t+1]]` have weights `w[...]` for term t.
 
     idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)); weight = idf * tf / (tf + k1 * (1 - b + b * len / avglen)),
@@ -73,7 +75,7 @@ class _Postings:
 
     __slots__ = ("vocab", "ptr", "doc", "w", "n")
 
-    def __init__(self, bags: Sequence[_Bag], k1: float, b: float) -> None:
+    def __init__(self, bags: Sequence[TermBag], k1: float, b: float) -> None:
         vocab: dict[str, int] = {}
         docs, terms, tfs, lengths = [], [], [], []
         offset = 0
@@ -116,7 +118,7 @@ class _Postings:
         return hit
 
 
-def _top(scores: np.ndarray, depth: int, positive: bool) -> np.ndarray:
+def top_indices(scores: np.ndarray, depth: int, positive: bool) -> np.ndarray:
     """Indices of the `depth` best scores, best first (ties: lower index); only scores > 0 if `positive`."""
     if positive:
         cand = np.flatnonzero(scores > 0)
@@ -130,20 +132,20 @@ def _top(scores: np.ndarray, depth: int, positive: bool) -> np.ndarray:
     return cand[np.lexsort((cand, -scores[cand]))]
 
 
-def _rrf_into(out: np.ndarray, order: np.ndarray, weight: float, k: int = RRF_K) -> None:
+def rrf_into(out: np.ndarray, order: np.ndarray, weight: float, k: int = RRF_K) -> None:
     """out[order[r]] += weight / (k + r + 1) for each rank r."""
     if len(order):
         out[order] += weight / (k + 1.0 + np.arange(len(order)))
 
 
-def _normalize(m: np.ndarray) -> np.ndarray:
+def normalize_rows(m: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), float32, C-contiguous."""
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     out = np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _rank_lookup(order: np.ndarray, items: np.ndarray) -> list[int]:
+def rank_lookup(order: np.ndarray, items: np.ndarray) -> list[int]:
     """1-based rank of each of `items` in `order` (0 if absent)."""
     if not len(order) or not len(items):
         return [0] * len(items)

@@ -73,8 +73,7 @@ from pydantic import ValidationError
 
 from mcpopt.gateway.clients import LEVELS
 from mcpopt.gateway.edge import MESSAGE_SCOPE_KEY
-from mcpopt.gateway.sessions import SessionGuard, client_key, session_id_of
-from mcpopt.gateway.sessions import _refuse as refuse  # the guard's own 503 answer
+from mcpopt.gateway.sessions import SessionGuard, client_key, refuse, session_id_of
 from mcpopt.state import StateUnavailable
 from mcpopt.state.redis import RedisStateStore, report_down, report_up
 

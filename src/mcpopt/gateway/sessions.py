@@ -112,7 +112,7 @@ class SessionGuard:
         refusal = await self._make_room(who)
         if refusal is not None:
             self.refused += 1
-            return await _refuse(send, refusal)
+            return await refuse(send, refusal)
         self.opening[who] = self.opening.get(who, 0) + 1
         pending = [True]
         try:
@@ -248,7 +248,8 @@ def _is_initialize(msg: Any) -> bool:
     return isinstance(msg, dict) and msg.get("method") == "initialize"
 
 
-async def _refuse(send: Send, message: str) -> None:
+async def refuse(send: Send, message: str) -> None:
+    """Answer HTTP 503 with a JSON-RPC error (code -32603) carrying `message` (the session guard's refusal)."""
     body = orjson.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INTERNAL_ERROR, "message": message}})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 503, "headers": [*headers, (b"retry-after", b"5")]})

@@ -78,7 +78,7 @@ def _figures(rows: list[dict[str, Any]], table: Any) -> dict[str, Any]:
     }
 
 
-def _shown(target: str) -> str:
+def redacted_url(target: str) -> str:
     """A database URL fit to print: its password replaced by `***`."""
     if "://" in target and "@" in target:
         scheme, rest = target.split("://", 1)
@@ -111,7 +111,7 @@ def stats_report(
             outcomes[r["outcome"]] += 1
             by_replica[r.get("gateway_replica") or ""].append(r)
         return {
-            "db": _shown(str(db_path)),
+            "db": redacted_url(str(db_path)),
             "replicas": [{"replica": k, **_figures(rs, grades)} for k, rs in sorted(by_replica.items())],
             "since": since,
             "until": until,

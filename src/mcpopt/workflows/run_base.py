@@ -25,10 +25,10 @@ from mcpopt.workflows.run_state import (
     CallTool,
     StepState,
     Unit,
-    _result_text,
-    _same,
-    _short,
-    _truthy,
+    result_text,
+    same_value,
+    shorten,
+    truthy,
 )
 
 logger = logging.getLogger("mcpopt.workflows.engine")  # the run logs as one part
@@ -130,10 +130,10 @@ class RunBase:
             if op in text and "{{" in text:
                 left, right = text.split(op, 1)
                 a, b = render(left.strip(), self.context()), render(right.strip(), self.context())
-                equal = _same(a, b)
-                return (equal if op == " == " else not equal), f"{_short(a)}{op}{_short(b)}"
+                equal = same_value(a, b)
+                return (equal if op == " == " else not equal), f"{shorten(a)}{op}{shorten(b)}"
         value = render(text, self.context())
-        return _truthy(value), _short(value)
+        return truthy(value), shorten(value)
 
     # ---- facts about a call -----------------------------------------------------------------
     def _facts(self, tool: str) -> tuple[bool, bool]:
@@ -237,7 +237,7 @@ class RunBase:
             if result is not None:
                 result = {k: v for k, v in result.items() if k not in ("resultType", "_meta")}
                 if result.get("isError"):
-                    error = "isError: " + _result_text(result)[:500]
+                    error = "isError: " + result_text(result)[:500]
             if error is None:
                 assert result is not None
                 unit.result, unit.error, unit.status = result, None, "succeeded"

@@ -69,17 +69,21 @@ class RunSuspended(Exception):
 CallTool = Callable[[Mapping[str, Any], ClientLink], Awaitable[dict[str, Any]]]
 
 
-def _result_text(result: Mapping[str, Any]) -> str:
+def result_text(result: Mapping[str, Any]) -> str:
+    """The text blocks of a `tools/call` result, joined by spaces."""
     return " ".join(b.get("text", "") for b in result.get("content") or () if isinstance(b, dict))
 
 
-def _truthy(value: Any) -> bool:
+def truthy(value: Any) -> bool:
+    """A step condition's value as a bool: a string is false when it is one of `_FALSE` (e.g. "", "0",
+    "false", "no", "null", "[]"; case and outer blanks ignored)."""
     if isinstance(value, str):
         return value.strip().lower() not in _FALSE
     return bool(value)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, or the same scalar once both are text (case, blanks and quotes ignored)."""
     if a == b:
         return True
     if isinstance(a, str | int | float | bool) and isinstance(b, str | int | float | bool):
@@ -87,6 +91,7 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def shorten(value: Any, limit: int = 80) -> str:
+    """`value` as text (repr unless a str) cut to `limit` characters, "..." marking a cut."""
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

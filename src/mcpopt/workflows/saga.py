@@ -13,7 +13,7 @@ from mcpopt.workflows.run_state import (
     IDEMPOTENCY_META_KEY,
     StepState,
     Unit,
-    _result_text,
+    result_text,
 )
 
 
@@ -87,7 +87,7 @@ class RunSaga(RunResult):
             try:
                 result = await self.api.call_tool(params, self.link)
                 if result.get("isError"):
-                    error = "isError: " + _result_text(result)[:500]
+                    error = "isError: " + result_text(result)[:500]
             except MCPError as exc:
                 error = f"error {exc.error.code}: {exc.error.message}"
             if error is None:

@@ -12,7 +12,7 @@ from mcpopt.workflows.fanout import Target, gather, gathered_view, needed, resol
 from mcpopt.workflows.run_state import (
     StepState,
     Unit,
-    _short,
+    shorten,
 )
 from mcpopt.workflows.saga import RunSaga
 from mcpopt.workflows.views import ItemsView
@@ -59,7 +59,7 @@ class RunSteps(RunSaga):
                 await self._fail_step(st, f"for_each: {exc}")
                 return
             if not isinstance(items, list):
-                await self._fail_step(st, f"for_each: expected a list, got {type(items).__name__} ({_short(items)})")
+                await self._fail_step(st, f"for_each: expected a list, got {type(items).__name__} ({shorten(items)})")
                 return
             if len(items) > self.max_items:
                 await self._fail_step(
