@@ -267,3 +267,40 @@ async def test_a_record_without_a_version_from_an_older_replica_is_applied(
         assert here.gateway.clients.session_state(conn)[0] == "critical"
     finally:
         plain.close()
+
+
+async def test_an_announcement_read_before_a_write_here_is_not_applied(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """The GET of an announced record returns, and this replica writes the session's record before
+    the GET's answer is applied: that answer is older than what this replica merged and stored."""
+    server, plain = redis_store
+    layer: SharedSessions | None = None
+    writing = False
+    conn = Connection(cast(Any, None), protocol_version="2025-06-18", session_id="s1")
+
+    class WriteDuringGet(RedisStateStore):
+        async def get(self, key: str) -> bytes | None:
+            raw = await super().get(key)
+            if writing:
+                assert layer is not None
+                layer.gateway.clients.set_log_level(conn, "debug")
+                await layer.write("s1", _record(level="debug"), 60.0)  # a setLevel answered here meanwhile
+            return raw
+
+    store = WriteDuringGet(server.url)
+    try:
+        layer = _layer(store)
+        layer.gateway.clients.seen(conn)
+        layer.manager._server_instances["s1"] = object()  # live here
+        await layer.write("s1", _record(), 60.0)
+        other = _layer(plain)
+        await other.write("s1", _record(), 60.0)  # served there too ...
+        await other.write("s1", _record(level="error"), 60.0)  # ... and changed there
+        writing = True
+        await layer._remote_change(orjson.dumps({"sid": "s1", "from": "elsewhere"}))
+        assert layer.gateway.clients.session_state(conn)[0] == "debug"
+        stored = SessionRecord.decode(await plain.get(session_key("s1")) or b"")
+        assert stored is not None and stored.log_level == "debug", stored
+    finally:
+        await store.aclose()
