@@ -460,12 +460,16 @@ class SharedSessions:
             assert raw is not None
             # The base of this replica's writes, before the session is listed: a request on it may be
             # answered (and its record merged against this) before `_open` returns here.
+            kept = self._saved.get(sid)  # a parked session's copy: kept if the session cannot open
             saved = self._saved[sid] = (raw, time.monotonic())
             try:
                 await self._open(sid, record, params, requestor)
             except BaseException:
                 if self._saved.get(sid) is saved:
-                    del self._saved[sid]
+                    if kept is not None:
+                        self._saved[sid] = kept
+                    else:
+                        del self._saved[sid]
                 raise
             if restore:
                 self._spawn(self._refresh(sid, raw))  # and the store has it again
