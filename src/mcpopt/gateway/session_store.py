@@ -18,10 +18,12 @@ the session guard, keeps a record of each session in the shared store instead:
   answer may send a chunk first); a change is published so replicas holding a copy apply it at
   once. A client's DELETE removes the record and ends the copies on every replica.
 * **concurrent writers**: a write is a compare-and-set (`RecordStore.update`: a Lua script, one
-  round trip, retried on what is stored when another replica wrote in between) that merges this
-  replica's changes since the record it last wrote or read into the stored one
-  (`SessionRecord.merge`; each write adds one to the record's `version`), so two replicas
-  changing one session at once both keep their change.
+  round trip, or a WATCH/MULTI/EXEC transaction where Redis refuses scripts; retried on what is
+  stored when another replica wrote in between) that merges this replica's changes since the
+  record it last wrote or read into the stored one (`SessionRecord.merge`; each write adds one to
+  the record's `version`), so two replicas changing one session at once both keep their change,
+  and a removal is never undone. An announced change is applied unless this replica wrote the
+  record while reading it (not by version: an older release's records have none).
 * **re-hydration**: a request whose session id this replica does not know is looked up (one
   GET); when a record exists and the request's credential is the one the session is bound to,
   and the session guard admits it as it would a new session (room made at `max_sessions`, else
