@@ -1,0 +1,145 @@
+"""The HTTP front's `tools/call` fast path (`mcpopt.gateway.http_front`) on its rarer turns: a
+client's `notifications/cancelled` for a call it serves, and a long call kept alive over SSE.
+
+Real parts: the gateway in this process behind `serve_http` (so `PING_S` can be shortened), the
+interop fixture server (stdio, handshake era) as the upstream, and raw httpx requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from conftest import free_port, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+FIXTURE = str(Path(__file__).resolve().parent / "fixtures" / "interop_server.py")
+ACCEPT = "application/json, text/event-stream"
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "front-test", "version": "0"},
+    },
+}
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, events: Path) -> AsyncIterator[str]:
+    """The gateway over HTTP in this process; yields its `/mcp` URL."""
+    from mcpopt.config import load_config
+    from mcpopt.gateway.assembly import build_gateway
+    from mcpopt.gateway.front import serve_http
+
+    entry = {"command": sys.executable, "args": [FIXTURE], "protocol": "legacy", "env": {"INTEROP_EVENTS": str(events)}}
+    config = write_config(tmp_path / "g.yaml", {"interop": entry})
+    gateway = build_gateway(load_config(config))
+    async with gateway.running():
+        port = free_port()
+        server = asyncio.ensure_future(serve_http(gateway, "127.0.0.1", port))
+        try:
+            for _ in range(400):
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                await asyncio.sleep(0.05)
+            yield f"http://127.0.0.1:{port}/mcp"
+        finally:
+            server.cancel()
+            with contextlib.suppress(BaseException):
+                await server
+
+
+async def open_session(http: httpx.AsyncClient, url: str) -> dict[str, str]:
+    """A handshake-era session; the headers its requests carry."""
+    headers = {"accept": ACCEPT, "content-type": "application/json"}
+    r = await http.post(url, headers=headers, json=INIT)
+    assert r.status_code == 200, r.text
+    headers["mcp-session-id"] = r.headers["mcp-session-id"]
+    headers["mcp-protocol-version"] = "2025-06-18"
+    r = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert r.status_code == 202, r.text
+    return headers
+
+
+def answer_of(r: httpx.Response, rid: Any) -> dict[str, Any]:
+    if r.headers["content-type"].startswith("text/event-stream"):
+        for line in r.text.splitlines():
+            if line.startswith("data: "):
+                msg = json.loads(line[6:])
+                if msg.get("id") == rid:
+                    return msg  # type: ignore[no-any-return]
+        raise AssertionError(f"no answer in {r.text!r}")
+    return r.json()  # type: ignore[no-any-return]
+
+
+def slow(rid: int, seconds: float) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": "tools/call",
+        "params": {"name": "interop__slow", "arguments": {"seconds": seconds}},
+    }
+
+
+def _count(path: Path, text: str) -> int:
+    return path.read_text(encoding="utf-8").splitlines().count(text) if path.exists() else 0
+
+
+async def wait_for_line(path: Path, text: str, count: int = 1) -> None:
+    for _ in range(1200):
+        if _count(path, text) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{text!r} x{count} never appeared in {path}")
+
+
+async def test_client_cancel_answers_the_call_and_reaches_the_upstream(tmp_path: Path) -> None:
+    """`notifications/cancelled` for a call in flight: 202, the call's answer is -32800 `Request
+    cancelled` (never code 0), the upstream's tool is cancelled, and the session serves the next call."""
+    events = tmp_path / "events.txt"
+    async with serving(tmp_path, events) as url, httpx.AsyncClient(timeout=60) as http:
+        headers = await open_session(http, url)
+        call = asyncio.ensure_future(http.post(url, headers=headers, content=json.dumps(slow(5, 60)).encode()))
+        await wait_for_line(events, "slow started")
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 5, "reason": "user"}}
+        r = await http.post(url, headers=headers, json=cancel)
+        assert r.status_code == 202, r.text
+        answer = answer_of(await asyncio.wait_for(call, 30), 5)
+        assert answer["error"] == {"code": -32800, "message": "Request cancelled"}
+        await wait_for_line(events, "cancelled")
+        # the serving task carries no leftover cancellation: the next call on the session is served
+        answer = answer_of(await http.post(url, headers=headers, content=json.dumps(slow(6, 0)).encode()), 6)
+        assert answer["result"]["content"][0]["text"] == "slept", answer
+
+
+async def test_long_silent_call_is_switched_to_sse_and_pinged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call silent for `PING_S` gets an SSE answer with pings before its result, as sse_starlette
+    keeps the SDK's streams alive; calls that end sooner stay plain JSON."""
+    from mcpopt.gateway import http_front
+
+    monkeypatch.setattr(http_front, "PING_S", 0.2)
+    events = tmp_path / "events.txt"
+    async with serving(tmp_path, events) as url, httpx.AsyncClient(timeout=60) as http:
+        headers = await open_session(http, url)
+        quick = await http.post(url, headers=headers, content=json.dumps(slow(7, 0)).encode())
+        assert quick.headers["content-type"] == "application/json", quick.headers
+        r = await http.post(url, headers=headers, content=json.dumps(slow(8, 3)).encode())
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+        assert ": ping - " in r.text, r.text
+        assert r.text.index(": ping - ") < r.text.index('"id":8')
+        assert answer_of(r, 8)["result"]["content"][0]["text"] == "slept"
