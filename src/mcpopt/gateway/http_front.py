@@ -102,6 +102,9 @@ class HttpFront:
         self.path = path
         self._by_sid: dict[str, weakref.ref[Connection]] = {}
         self._inflight: dict[tuple[str, Any], _Exchange] = {}
+        """Calls being served, oldest first."""
+        self._pings: asyncio.TimerHandle | None = None
+        """When the oldest call not yet pinged is `PING_S` old (one timer for all calls)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
@@ -210,7 +213,11 @@ class HttpFront:
         principal = principal_of(scope)
         partition = principal.key if principal is not None else partition_of(auth.decode("latin-1") if auth else None)
         exchange = _Exchange(send, sid, rid, conn, transport, principal, scope.get(METADATA_URL_KEY))
+        loop = asyncio.get_running_loop()
+        exchange.started = loop.time()
         self._inflight[key] = exchange
+        if self._pings is None:
+            self._pings = loop.call_at(exchange.started + PING_S, self._ping_due)
         tracked = idle is not None and transport._idle_timeout is not None  # noqa: SLF001
         if tracked:
             # As the SDK's transport does per request: a request in flight holds the session.
@@ -226,6 +233,20 @@ class HttpFront:
                 transport._requests_in_flight -= 1  # noqa: SLF001
                 if not transport._requests_in_flight:  # noqa: SLF001
                     idle.deadline = anyio.current_time() + transport._idle_timeout  # noqa: SLF001
+
+    def _ping_due(self) -> None:
+        """Start the pinger of every call silent for `PING_S`, then wait for the next one to be."""
+        self._pings = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for exchange in list(self._inflight.values()):
+            if exchange.pinger is not None or exchange.done:
+                continue
+            due = exchange.started + PING_S
+            if due > now:
+                self._pings = loop.call_at(due, self._ping_due)  # the calls after it are younger
+                return
+            exchange.start_pinger()
 
     def _connection(self, session_id: str) -> Connection | None:
         """The SDK `Connection` of a session, as the gateway's middleware has seen it."""
@@ -244,7 +265,13 @@ class HttpFront:
 
 
 class _Exchange:
-    """One `tools/call` POST: JSON answer unless the call's stream carries something first."""
+    """One `tools/call` POST: JSON answer unless the call's stream carries something first.
+
+    Nothing is allocated per call beyond the exchange itself while the call has no output: no
+    cancel scope (a client's cancel cancels the serving task, see `cancel`), no lock until a
+    second writer (a notification, a ping, a request on the stream) appears, no event until the
+    stream carries a request, and no timer (`HttpFront` starts the pinger of a long call).
+    """
 
     def __init__(
         self,
@@ -265,16 +292,21 @@ class _Exchange:
         self.transport = transport
         self.sse = False
         self.done = False
-        self.lock = asyncio.Lock()
-        self.scope: anyio.CancelScope | None = None
+        self.lock: asyncio.Lock | None = None
+        """Serializes writes once something besides the answer writes (created then: `_writing`)."""
+        self.task: asyncio.Task[Any] | None = None
+        """The task serving the call while `Gateway.call_tool` runs (None before and after)."""
+        self.cancelled = False
+        self.started = 0.0
+        """When the call started (event-loop time; `HttpFront` pings a call silent for `PING_S`)."""
         self.route: Any = None
         self.pump: asyncio.Task[None] | None = None
         self.pinger: asyncio.Task[None] | None = None
         self.what = "tools/call"
         self.asking = 0
         """Server-to-client requests carried on this call's stream and not yet answered."""
-        self.answered = asyncio.Event()
-        self.answered.set()
+        self.answered: asyncio.Event | None = None
+        """Set when `asking` drops to 0 (created by the first request carried on the stream)."""
 
     async def run(self, gateway: Gateway, params: Mapping[str, Any], partition: str) -> None:
         conn = self.conn
@@ -288,22 +320,30 @@ class _Exchange:
             session_id=session_id_of(conn),
             principal=self.principal,
         )
-        timer = asyncio.get_running_loop().call_later(PING_S, self._start_pinger)
         message: dict[str, Any]
         self.what = faults.what_of("tools/call", params)
         status: int = 200
         headers: list[tuple[bytes, bytes]] = []
+        task = asyncio.current_task()
         try:
-            with anyio.CancelScope() as scope:
-                self.scope = scope
+            self.task = task
+            try:
                 result = await gateway.call_tool(params, link)
-                message = {"jsonrpc": "2.0", "id": self.rid, "result": result}
-            if scope.cancelled_caught:
-                message = {
-                    "jsonrpc": "2.0",
-                    "id": self.rid,
-                    "error": {"code": REQUEST_CANCELLED, "message": "Request cancelled"},
-                }
+            finally:
+                self.task = None
+            if self.cancelled and task is not None:
+                task.uncancel()  # the cancel came too late to interrupt the call (or it was absorbed)
+            message = {"jsonrpc": "2.0", "id": self.rid, "result": result}
+        except asyncio.CancelledError:
+            if not self.cancelled or task is None or task.uncancel() > 0:
+                self.done = True  # not the client's cancel (server shutdown): no answer
+                self._drop_route()
+                raise
+            message = {
+                "jsonrpc": "2.0",
+                "id": self.rid,
+                "error": {"code": REQUEST_CANCELLED, "message": "Request cancelled"},
+            }
         except Exception as exc:  # noqa: BLE001 - that call's error (-32602/-32603, never code 0 or internals)
             message = {"jsonrpc": "2.0", "id": self.rid, "error": faults.error_for(exc, self.what)}
             if isinstance(exc, MCPError):
@@ -313,10 +353,9 @@ class _Exchange:
             self._drop_route()
             raise
         finally:
-            timer.cancel()
             if self.pinger is not None:
                 self.pinger.cancel()
-        if self.asking:
+        if self.asking and self.answered is not None:
             # A request the upstream sent on this call's stream (e.g. roots/list) is still out: the
             # stream ends with the response, so the response waits for its answer (bounded).
             with anyio.move_on_after(ASK_DRAIN_S):
@@ -325,8 +364,18 @@ class _Exchange:
         await self._finish(message, status, headers)
 
     def cancel(self) -> None:
-        if self.scope is not None:
-            self.scope.cancel()
+        """The client cancelled the call: interrupt `Gateway.call_tool` (answered -32800)."""
+        task = self.task
+        if task is not None and not self.cancelled:
+            self.cancelled = True
+            task.cancel()
+
+    def _writing(self) -> asyncio.Lock:
+        """The lock every write but a plain JSON answer takes (created by the first such writer)."""
+        lock = self.lock
+        if lock is None:
+            lock = self.lock = asyncio.Lock()
+        return lock
 
     # ---- the client link -----------------------------------------------------------------
     async def notify(self, method: str, params: Any = None, *_: Any) -> None:
@@ -353,9 +402,11 @@ class _Exchange:
         if not isinstance(outbound, JSONRPCDispatcher) or self.done:
             return await outbound.send_raw_request(method, params, opts)
         self.asking += 1
+        if self.answered is None:
+            self.answered = asyncio.Event()
         self.answered.clear()
         try:
-            async with self.lock:
+            async with self._writing():
                 await self._start_sse()
             self._route()
             return await outbound.send_raw_request(method, params, opts, _related_request_id=self.rid)
@@ -374,7 +425,7 @@ class _Exchange:
         return (b"mcp-session-id", self.sid)
 
     async def _event(self, data: bytes, more: bool = True) -> None:
-        async with self.lock:
+        async with self._writing():
             if self.done:
                 return
             await self._start_sse()
@@ -398,32 +449,40 @@ class _Exchange:
             if self.sse:
                 await self._event(data, more=False)
                 return
+            if self.lock is None:
+                # Nothing else ever wrote (no lock yet): nothing is mid-write. Done is set before
+                # the first await, so a writer that comes later writes nothing.
+                self.done = True
+                await self._json(data, status, extra)
+                return
             async with self.lock:
-                if self.sse:  # a ping or a late notification started the stream meanwhile
-                    pass
-                else:
+                if not self.sse:  # (else a ping or a late notification started the stream meanwhile)
                     self.done = True
-                    headers = [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(data)).encode()),
-                        self._sid(),
-                        *(extra or ()),
-                    ]
-                    await self.send({"type": "http.response.start", "status": status, "headers": headers})
-                    await self.send({"type": "http.response.body", "body": data, "more_body": False})
+                    await self._json(data, status, extra)
                     return
             await self._event(data, more=False)
         except Exception as exc:  # noqa: BLE001 - the client went away
             logger.debug("tools/call response not delivered: %s", exc)
 
-    def _start_pinger(self) -> None:
-        if not self.done:
+    async def _json(self, data: bytes, status: int, extra: list[tuple[bytes, bytes]] | None) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            self._sid(),
+            *(extra or ()),
+        ]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": data, "more_body": False})
+
+    def start_pinger(self) -> None:
+        """Keep the stream of a long call alive: switch to SSE and ping every `PING_S`."""
+        if not self.done and self.pinger is None:
             self.pinger = asyncio.ensure_future(self._ping())
 
     async def _ping(self) -> None:
         with contextlib.suppress(Exception):
             while not self.done:
-                async with self.lock:
+                async with self._writing():
                     if self.done:
                         return
                     await self._start_sse()
