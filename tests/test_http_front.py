@@ -143,3 +143,17 @@ async def test_long_silent_call_is_switched_to_sse_and_pinged(tmp_path: Path, mo
         assert ": ping - " in r.text, r.text
         assert r.text.index(": ping - ") < r.text.index('"id":8')
         assert answer_of(r, 8)["result"]["content"][0]["text"] == "slept"
+
+
+def test_header_map_is_built_once_per_header_list_and_keeps_the_first_value() -> None:
+    """The header map every HTTP layer reads: the first of repeated values (as Starlette, so the SDK,
+    reads it), the same map on a second look, a new one when a layer replaced the header list."""
+    from mcpopt.asgi import header_map
+
+    scope: dict[str, Any] = {"type": "http", "headers": [(b"host", b"a"), (b"accept", b"x"), (b"host", b"b")]}
+    first = header_map(scope)
+    assert first == {b"host": b"a", b"accept": b"x"}
+    assert header_map(scope) is first
+    trimmed = {**scope, "headers": [(b"host", b"c")]}
+    assert header_map(trimmed) == {b"host": b"c"}
+    assert header_map({"type": "http"}) == {}

@@ -34,6 +34,7 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorizat
 from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 
+from mcpopt.asgi import header_map
 from mcpopt.auth.errors import AuthError, AuthUnavailable, InsufficientScope
 from mcpopt.auth.metadata import challenge, metadata_paths, metadata_url, protected_resource_metadata
 from mcpopt.auth.principal import Principal
@@ -137,12 +138,11 @@ class AuthMiddleware:
         if path in self.metadata_paths:
             await self._metadata(scope, send)
             return
-        authorization = api_key = None
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                authorization = authorization or value.decode("latin-1")
-            elif key == b"x-api-key":
-                api_key = api_key or value.decode("latin-1")
+        headers = header_map(scope)
+        raw_authorization = headers.get(b"authorization")
+        raw_api_key = headers.get(b"x-api-key")
+        authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
+        api_key = raw_api_key.decode("latin-1") if raw_api_key is not None else None
         public = path in self.public_paths
         if public and authorization is None and api_key is None:
             await self.app(scope, receive, send)

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from mcp_types import INVALID_REQUEST
 
+from mcpopt.asgi import header_map
 from mcpopt.config import Config
 from mcpopt.gateway.sessions import PRINCIPAL_SCOPE_KEY, SessionGuard
 from mcpopt.wire import request_id_problem
@@ -213,12 +214,11 @@ class HostOriginGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        host = origin = None
-        for key, value in scope["headers"]:
-            if key == b"host":
-                host = host or value.decode("latin-1")
-            elif key == b"origin":
-                origin = origin or value.decode("latin-1")
+        headers = header_map(scope)
+        raw_host = headers.get(b"host")
+        raw_origin = headers.get(b"origin")
+        host = raw_host.decode("latin-1") if raw_host is not None else None
+        origin = raw_origin.decode("latin-1") if raw_origin is not None else None
         server = scope.get("server")
         arrived_on = server[0] if server else None
         policy = self.policy
@@ -253,12 +253,9 @@ class JsonRpcGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
-        ctype = length = None
-        for key, value in scope["headers"]:
-            if key == b"content-type":
-                ctype = ctype or value
-            elif key == b"content-length":
-                length = length or value
+        headers = header_map(scope)
+        ctype = headers.get(b"content-type")
+        length = headers.get(b"content-length")
         if ctype is None or not ctype.lower().startswith(b"application/json"):
             return await self.app(scope, receive, send)
         if length is not None and (not length.isdigit() or int(length) > self.limit):

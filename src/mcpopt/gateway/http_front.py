@@ -62,6 +62,7 @@ from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.api import ClientLink, partition_of, session_id_of
+from mcpopt.asgi import header_map
 from mcpopt.auth.asgi import METADATA_URL_KEY, principal_of
 from mcpopt.auth.metadata import challenge
 from mcpopt.errors import POLICY_DENIED, RATE_LIMITED
@@ -114,24 +115,8 @@ class HttpFront:
 
     # ---- the fast path -------------------------------------------------------------------
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sid = ctype = accept = host = origin = version = length = auth = None
-        for key, value in scope["headers"]:
-            if key == b"mcp-session-id":
-                sid = sid or value
-            elif key == b"content-type":
-                ctype = ctype or value
-            elif key == b"accept":
-                accept = accept or value
-            elif key == b"host":
-                host = host or value
-            elif key == b"origin":
-                origin = origin or value
-            elif key == b"mcp-protocol-version":
-                version = version or value
-            elif key == b"content-length":
-                length = length or value
-            elif key == b"authorization":
-                auth = auth or value
+        headers = header_map(scope)
+        sid = headers.get(b"mcp-session-id")
         manager = getattr(self.gateway.server, "_session_manager", None)
         if sid is None or manager is None or manager.stateless or manager.json_response:
             return await self.app(scope, receive, send)
@@ -148,13 +133,15 @@ class HttpFront:
         idle = transport.idle_scope
         if idle is not None and idle.cancel_called:
             return await self.app(scope, receive, send)
+        version = headers.get(b"mcp-protocol-version")
         if version is not None and version.decode("latin-1") not in _HANDSHAKE:
             return await self.app(scope, receive, send)  # the 2026-07-28 entry
-        if not _secure(transport._security.settings, ctype, host, origin):  # noqa: SLF001
+        if not _secure(transport._security.settings, headers):  # noqa: SLF001
             return await self.app(scope, receive, send)
-        if not _accepts_json_and_sse(accept):
+        if not _accepts_json_and_sse(headers.get(b"accept")):
             return await self.app(scope, receive, send)
         limit = manager.max_request_body_size
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await self.app(scope, receive, send)
         conn = self._connection(session_id)
@@ -211,7 +198,11 @@ class HttpFront:
             return await self.app(scope, again, send)
 
         principal = principal_of(scope)
-        partition = principal.key if principal is not None else partition_of(auth.decode("latin-1") if auth else None)
+        if principal is not None:
+            partition = principal.key
+        else:
+            auth = headers.get(b"authorization")
+            partition = partition_of(auth.decode("latin-1") if auth else None)
         exchange = _Exchange(send, sid, rid, conn, transport, principal, scope.get(METADATA_URL_KEY))
         loop = asyncio.get_running_loop()
         exchange.started = loop.time()
@@ -578,17 +569,13 @@ def _fast_call(msg: Any) -> tuple[Any, dict[str, Any]] | None:
     return rid, params
 
 
-def _secure(settings: Any, ctype: bytes | None, host: bytes | None, origin: bytes | None) -> bool:
+def _secure(settings: Any, headers: Mapping[bytes, bytes]) -> bool:
     """The SDK's checks for a POST (`TransportSecurityMiddleware`, `_check_content_type`), without logging."""
-    if ctype is None:
-        return False
-    content_type = ctype.decode("latin-1")
-    if not content_type.lower().startswith("application/json"):
-        return False
-    if not any(p.strip() == "application/json" for p in content_type.split(";")[0].split(",")):
+    if not _json_content_type(headers.get(b"content-type")):
         return False
     if not settings.enable_dns_rebinding_protection:
         return True
+    host = headers.get(b"host")
     if not host:
         return False
     h = host.decode("latin-1")
@@ -596,6 +583,7 @@ def _secure(settings: Any, ctype: bytes | None, host: bytes | None, origin: byte
         a.endswith(":*") and h.startswith(a[:-2] + ":") for a in settings.allowed_hosts
     ):
         return False
+    origin = headers.get(b"origin")
     if origin:
         o = origin.decode("latin-1")
         if o not in settings.allowed_origins and not any(
@@ -603,6 +591,17 @@ def _secure(settings: Any, ctype: bytes | None, host: bytes | None, origin: byte
         ):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=64)  # a client sends the same Content-Type on every POST
+def _json_content_type(ctype: bytes | None) -> bool:
+    """`mcp.server.streamable_http._check_content_type`: the media type is `application/json`."""
+    if ctype is None:
+        return False
+    content_type = ctype.decode("latin-1")
+    if not content_type.lower().startswith("application/json"):
+        return False
+    return any(p.strip() == "application/json" for p in content_type.split(";")[0].split(","))
 
 
 @functools.lru_cache(maxsize=64)  # a client sends the same Accept on every POST

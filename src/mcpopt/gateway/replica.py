@@ -29,6 +29,8 @@ import orjson
 import uvicorn
 from mcp_types import INTERNAL_ERROR
 
+from mcpopt.asgi import header_map
+
 logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -132,10 +134,8 @@ class ReplicaEdge:
 
 
 def _wants_stream(scope: Scope) -> bool:
-    for key, value in scope["headers"]:
-        if key == b"accept":
-            return b"text/event-stream" in value
-    return False
+    accept = header_map(scope).get(b"accept")
+    return accept is not None and b"text/event-stream" in accept
 
 
 class DrainingServer(uvicorn.Server):

@@ -30,6 +30,8 @@ from typing import Any
 import orjson
 from mcp_types import INTERNAL_ERROR
 
+from mcpopt.asgi import header_map
+
 logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -232,11 +234,8 @@ def session_id_of(scope: Scope) -> str | None:
     for the other edge layers (the session guard and the shared-session layer both need it)."""
     if SID_SCOPE_KEY in scope:
         return scope[SID_SCOPE_KEY]  # type: ignore[no-any-return]
-    sid = None
-    for key, value in scope["headers"]:
-        if key == b"mcp-session-id":
-            sid = value.decode("latin-1")
-            break
+    raw = header_map(scope).get(b"mcp-session-id")
+    sid = raw.decode("latin-1") if raw is not None else None
     scope[SID_SCOPE_KEY] = sid
     return sid
 
