@@ -301,6 +301,52 @@ def test_read_deadlines_and_head_cap_close_what_never_finishes(tmp_path: Path) -
                 assert http.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
 
 
+def _read_response(s: socket.socket) -> bytes:
+    """One whole response with a `content-length` body (head and body, however they arrive)."""
+    s.settimeout(60)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, data
+        body += chunk
+    assert len(body) == length, "more than one response arrived"
+    return head + b"\r\n\r\n" + body
+
+
+def test_read_deadlines_hold_on_keep_alive_connections(tmp_path: Path) -> None:
+    """After requests served on a keep-alive connection, a next head that never ends still gets 408,
+    and a next body that never arrives is still cut off (the deadlines move with each request)."""
+    config = write_config(
+        tmp_path / "g.yaml",
+        {"time": time_entry()},
+        {"http": {"header_timeout_ms": 1000, "body_timeout_ms": 1500, "max_header_bytes": 4096}},
+    )
+    served = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with http_gateway(config) as (_proc, port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            for _ in range(3):
+                s.sendall(served)
+                assert _read_response(s).startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            assert b"HTTP/1.1 408" in _read_until_closed(s)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(served)
+            assert _read_response(s).startswith(b"HTTP/1.1 200")
+            s.sendall(
+                b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b'accept: application/json, text/event-stream\r\ncontent-length: 1000\r\n\r\n{"jsonrpc"'
+            )
+            assert b" 200 " not in _read_until_closed(s)  # closed without serving half a body
+
+
 # ---- a session flood -----------------------------------------------------------------------
 async def _flood(
     port: int, count: int, headers: dict[str, str] | None = None, connections: int = 8, sids: list[str] | None = None
