@@ -73,7 +73,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._phase = _HEAD
         self._since = 0.0
         self._head_bytes = 0
-        self._deadline: asyncio.TimerHandle | None = None
+        self._due: float | None = None
+        """When the current deadline expires (event-loop time; None: no deadline)."""
+        self._due_phase = _HEAD
+        """The phase that deadline is for (`_HEAD`: 408, `_BUSY`: the body's; close)."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -83,7 +88,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._make_room()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadline()
+        self._stop_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -98,8 +103,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     # ---- parser callbacks ------------------------------------------------------------------
     def on_headers_complete(self) -> None:
         self._phase = _BUSY
-        self._cancel_deadline()
-        self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_expired)
+        self._set_deadline(_BUSY, self.limits.body_timeout_s)
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.transport is self.transport:
@@ -116,31 +120,61 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._since = self.loop.time()
 
     # ---- deadlines -------------------------------------------------------------------------
+    # One timer per connection, moved lazily: a request sets a deadline (a float), and the timer,
+    # when it fires before the deadline now due, re-arms itself for it. A connection serving
+    # request after request schedules about one timer per deadline length, not two per request.
     def _enter_head(self) -> None:
         self._phase = _HEAD
         self._since = self.loop.time()
         self._head_bytes = 0
-        self._cancel_deadline()
-        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._head_expired)
+        self._set_deadline(_HEAD, self.limits.header_timeout_s)
+
+    def _set_deadline(self, phase: int, seconds: float) -> None:
+        due = self.loop.time() + seconds
+        self._due = due
+        self._due_phase = phase
+        timer = self._timer
+        if timer is None or self._timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = due
+            self._timer = self.loop.call_at(due, self._deadline_reached)
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._due = None  # (the timer, if armed, finds nothing due and stops)
+
+    def _stop_timer(self) -> None:
+        self._due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        due = self._due
+        if due is None:
+            return
+        if self.loop.time() < due:
+            self._timer_at = due
+            self._timer = self.loop.call_at(due, self._deadline_reached)
+            return
+        self._due = None
+        if self._due_phase == _HEAD:
+            self._head_expired()
+        else:
+            self._body_expired()
 
     def _head_expired(self) -> None:
-        self._deadline = None
         if self._phase == _HEAD and not self.transport.is_closing():
             self._reject(408, b"Request Timeout")
 
     def _body_expired(self) -> None:
-        self._deadline = None
         if not self.transport.is_closing():
             logger.info("closing a connection whose request body took over %g s", self.limits.body_timeout_s)
             self.transport.close()
 
     def _reject(self, status: int, reason: bytes) -> None:
-        self._cancel_deadline()
+        self._stop_timer()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % (status, reason))
         self.transport.close()
 
