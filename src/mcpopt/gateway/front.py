@@ -471,6 +471,7 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
         max_header_bytes=http.max_header_bytes,
     )
     app = http_app(gateway, host, port=port)
+    app.stamp = False  # uvicorn writes the replica header on every response instead (no send wrapper)
     config = uvicorn.Config(
         app,
         host=host,
@@ -478,6 +479,7 @@ async def serve_http(gateway: Gateway, host: str, port: int, ready: anyio.Event 
         log_level="warning",
         lifespan="on",
         access_log=False,
+        headers=[app.default_header()],
         http=protocol_class(limits),
         timeout_keep_alive=max(1, round(http.keep_alive_timeout_ms / 1000)),
     )

@@ -49,6 +49,10 @@ class ReplicaEdge:
         replica: this replica's name (`gateway.shared.replica`).
         health_path: the readiness route answered 503 while draining.
         closers: coroutine functions `aclose` runs.
+
+    `stamp` (default True): this layer adds the replica header to each response itself. The
+    server sets it False when it adds `default_header()` to every response it writes (uvicorn's
+    `Config(headers=...)`), which costs nothing per request.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class ReplicaEdge:
         """Coroutine functions run by `aclose` (shared stores of the layers inside)."""
         self.replica = replica
         self._header = (REPLICA_HEADER, replica.encode("latin-1", "replace"))
+        self.stamp = True
         self.health_path = health_path
         self.draining = False
         self.inflight = 0
@@ -73,12 +78,14 @@ class ReplicaEdge:
             return await self.app(scope, receive, send)
         if self.draining:
             return await self._refuse(scope, send)
-        header = self._header
+        named: Send = send
+        if self.stamp:
+            header = self._header
 
-        async def named(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
+            async def named(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), header]
+                await send(message)
 
         if scope["method"] == "GET" and scope["path"] != self.health_path and _wants_stream(scope):
             return await self.app(scope, receive, named)  # a session's GET stream: not a request in flight
@@ -90,6 +97,10 @@ class ReplicaEdge:
             self.inflight -= 1
             if not self.inflight:
                 self._idle.set()
+
+    def default_header(self) -> tuple[str, str]:
+        """`(name, value)` of the replica header, for a server that adds it to every response."""
+        return REPLICA_HEADER.decode(), self._header[1].decode("latin-1")
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; `/healthz` answers 503."""
@@ -127,7 +138,7 @@ class ReplicaEdge:
             (b"content-length", str(len(body)).encode()),
             (b"retry-after", b"1"),
             (b"connection", b"close"),
-            self._header,
+            *((self._header,) if self.stamp else ()),
         ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
