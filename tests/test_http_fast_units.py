@@ -31,3 +31,31 @@ def test_request_head_is_the_one_built_in_full() -> None:
     assert channel._head("GET", "/mcp", stamped, None, **{"last-event-id": "4"}) == channel._build_head(  # noqa: SLF001
         "GET", "/mcp", stamped, None, **{"last-event-id": "4"}
     )
+
+
+def test_response_headers_are_read_as_a_line_parser_reads_them() -> None:
+    from mcpopt.upstream.http_fast import _headers
+
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Content-Length: 9\r\ncache-control: no-cache\r\n"
+        b"Transfer-Encoding:  chunked \r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nConnection: keep-alive\r\n"
+        b"Keep-Alive: timeout=5\r\nLocation: /x\r\nmcp-session-id: s"
+    )
+    expected: dict[str, str] = {}
+    wanted = {
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "location",
+        "set-cookie",
+    }
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() in wanted:
+            key = name.lower()
+            expected[key] = f"{expected[key]}, {value.strip()}" if key in expected else value.strip()
+    assert _headers(head) == expected
+    assert expected["set-cookie"] == "a=1, b=2" and "content-length" not in expected
+    assert _headers(b"HTTP/1.1 204 No Content") == {}

@@ -42,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -906,33 +907,20 @@ class HttpFastChannel:
         task.add_done_callback(self._tasks.discard)
 
 
-_WANTED = tuple(
-    (name, b"\r\n" + name.encode() + b":")
-    for name in (
-        "content-type",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "location",
-        "set-cookie",
-    )
+_WANTED = re.compile(
+    rb"\r\n(content-type|content-length|transfer-encoding|connection|keep-alive|location|set-cookie):([^\r\n]*)",
+    re.IGNORECASE,
 )
-"""The response headers the side channel reads (found with `bytes.find`: no per-line parsing)."""
+"""The response headers the side channel reads (one scan of the head: no per-line parsing)."""
 
 
 def _headers(head: bytes) -> dict[str, str]:
     """The wanted headers of a response head (names are case-insensitive; repeats are joined)."""
-    low = head.lower()  # ASCII-only lowering: offsets stay those of `head`
     headers: dict[str, str] = {}
-    for name, key in _WANTED:
-        at = low.find(key)
-        while at >= 0:
-            start = at + len(key)
-            stop = head.find(b"\r\n", start)
-            value = head[start : stop if stop >= 0 else len(head)].strip().decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            at = low.find(key, start)
+    for match in _WANTED.finditer(head):
+        name = match[1].decode("latin-1").lower()
+        value = match[2].strip().decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return headers
 
 
