@@ -21,6 +21,7 @@ import orjson
 import pytest
 import redis
 from mcp.server.connection import Connection
+from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from mcpopt.gateway.clients import Clients
@@ -304,3 +305,50 @@ async def test_an_announcement_read_before_a_write_here_is_not_applied(
         assert stored is not None and stored.log_level == "debug", stored
     finally:
         await store.aclose()
+
+
+class _Conn:
+    """What parking reads of a session's `Connection`: its id and an idle dispatcher."""
+
+    def __init__(self, sid: str) -> None:
+        self.session_id = sid
+        self.outbound = SimpleNamespace()
+
+
+class _Resuming(_Live):
+    """`_open` as the real one runs: the session is listed at once (the SDK's manager lists it) and
+    its `Connection` seen by the gateway (`_restore`) before the server task has started; a parking
+    sweep lands in that window here, as the timer can whenever starting the task takes a while."""
+
+    parking: SessionParking | None = None
+    parked_meanwhile = -1
+    conn: _Conn | None = None
+
+    async def _open(self, sid: str, record: SessionRecord, params: Any, requestor: Any) -> None:
+        self.manager._server_instances[sid] = StreamableHTTPServerTransport(mcp_session_id=sid)
+        self.conn = _Conn(sid)  # held here: the gateway's view of connections is weak
+        self.gateway.clients.seen(cast(Connection, self.conn))
+        assert self.parking is not None
+        self.parked_meanwhile = await self.parking.sweep()
+
+
+async def test_a_session_being_resumed_is_not_parked_again_before_its_request_reaches_it() -> None:
+    store = LocalRecords()
+    manager = _manager()
+    guard = SessionGuard(None, manager, max_sessions=10, max_sessions_per_client=10, path="/mcp")
+    layer = _Resuming(None, SimpleNamespace(clients=Clients([])), manager, store, ttl_s=600.0, guard=guard)
+    layer.state = _record()
+    parking = layer.parking = SessionParking(layer, guard, manager, park_s=0.001, idle_timeout_s=600.0)
+    sid = "s1"
+    # Parked a while ago: its record is stored, the guard still holds it with its last request's time.
+    guard.adopt(sid, "client")
+    guard.held[sid].last -= 60.0
+    parking.parked[sid] = time.monotonic() + 600.0
+    await layer.write(sid, _record(), 600.0)
+    scope = {"type": "http", "method": "POST", "path": "/mcp"}
+    assert await layer._rehydrate(sid, scope) is None
+    # The request that resumes it has not reached the session guard yet (nothing in flight), and its
+    # last request is long past: only knowing it is being resumed keeps the sweep from parking it --
+    # which would discard the session under the request, answered 404.
+    assert layer.parked_meanwhile == 0
+    assert sid in manager._server_instances and sid not in parking.parked

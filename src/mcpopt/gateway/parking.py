@@ -18,7 +18,8 @@ none are not delivered (as before: the SDK drops them too when no GET stream is 
 
 Idle means, at the sweep: no request in flight on the session (the edge's `SessionGuard` counts
 them; an open GET stream is one), no SSE stream open on its transport, no server-to-client request
-awaiting its answer and no client request being handled by its dispatcher, and its last request
+awaiting its answer and no client request being handled by its dispatcher, not being resumed
+(`SharedSessions.hydrating`: its request is on the way to the guard), and its last request
 ended at least `session_park_ms` ago. Only handshake-era sessions park (a 2026-07-28 client has
 no session).
 
@@ -187,7 +188,11 @@ class SessionParking:
         due = [
             sid
             for sid, transport in live.items()
-            if (h := held.get(sid)) is not None and not h.inflight and now - h.last >= self.park_s and _quiet(transport)
+            if (h := held.get(sid)) is not None
+            and not h.inflight
+            and now - h.last >= self.park_s
+            and _quiet(transport)
+            and not self.shared.hydrating(sid)
         ]
         if not due:
             return 0
@@ -227,6 +232,8 @@ class SessionParking:
         held = self.guard.held.get(sid)
         if transport is None or held is None or held.inflight or conn is None or not _quiet(transport, conn):
             return False
+        if self.shared.hydrating(sid):
+            return False  # being resumed: its request has not reached the guard yet
         record = self.shared.record_of(sid, conn)
         if record is None:
             return False  # not an initialized handshake-era session
@@ -240,7 +247,12 @@ class SessionParking:
             logger.warning("cannot park MCP session %s (%s); it stays open", sid[:12], exc)
             return False
         # Anything could have happened during the await: park only a session still idle.
-        if self.manager._server_instances.get(sid) is not transport or held.inflight or not _quiet(transport, conn):  # noqa: SLF001
+        if (
+            self.manager._server_instances.get(sid) is not transport  # noqa: SLF001
+            or held.inflight
+            or not _quiet(transport, conn)
+            or self.shared.hydrating(sid)
+        ):
             return False
         self.parked[sid] = time.monotonic() + ttl_s
         self._next_expiry = min(self._next_expiry, self.parked[sid]) if self._next_expiry else self.parked[sid]

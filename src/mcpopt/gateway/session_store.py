@@ -414,6 +414,12 @@ class SharedSessions:
         item = self._saved.get(sid)
         return item[0] if item is not None else None
 
+    def hydrating(self, sid: str) -> bool:
+        """Whether `sid` is being opened here from its record now. Between `_open` listing it (the
+        SDK's manager lists it at once) and its request reaching the `SessionGuard`, such a session
+        looks idle (nothing in flight, last request long ago): `SessionParking` must not park it."""
+        return sid in self._hydrating
+
     async def _rehydrate(self, sid: str, scope: Scope) -> str | None:
         """Open `sid` here from its record when there is one for this credential; the refusal text
         (answered 503) when the session guard cannot make room for it."""
