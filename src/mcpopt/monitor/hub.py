@@ -240,12 +240,16 @@ class Telemetry:
     def process_pending(self, limit: int | None = None) -> int:
         """Build and dispatch up to `limit` pending records (all when None); returns how many."""
         pending = self.pending
+        if not pending:
+            return 0
         n = 0
+        dispatch = self.dispatch
+        popleft = pending.popleft
         while pending and (limit is None or n < limit):
-            item = pending.popleft()
+            item = popleft()
             n += 1
             try:
-                self.dispatch(build_record(self, item))
+                dispatch(build_record(self, item))
             except Exception:  # noqa: BLE001
                 logger.exception("telemetry: a record could not be processed")
         return n
@@ -350,8 +354,10 @@ class Telemetry:
             `{now, level, enabled, overall, tools, servers (with health), timeline, alerts
             (active), recent_alerts, cache, telemetry: {records, dropped, sinks}, watch (the resource
             watch's `stats()`: interval, samples, restarts at max_rss_mb, or None)}`; latencies
-            in ms, rates 0..1; see `Monitor.summary` for the per-scope keys.
+            in ms, rates 0..1; see `Monitor.summary` for the per-scope keys. Calls still pending
+            are processed first: the figures include every call that has finished.
         """
+        self.process_pending()
         summary = self.monitor.summary()
         health = {row["server"]: row for row in self.upstream_health()}
         servers = []
