@@ -161,7 +161,8 @@ class Gateway:
             )
             for name, cfg in config.active_servers().items()
         }
-        self.pipeline = Pipeline(self._forward_tool_call)
+        # The terminal's pools record `upstream_ms` / `queue_ms` themselves: no `UpstreamTimer` layer.
+        self.pipeline = Pipeline(self._forward_tool_call, timed_terminal=True)
         self.clients = Clients(list(self.upstreams))
         self.task_ids = TaskIds(list(self.upstreams))
         """Gateway ids of upstream tasks (SEP-2663): `"<server>:<upstream taskId>"`."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from mcpopt.cache import ResultCache, cache_key
 from mcpopt.pipeline import Next, ToolCall, ToolResult
+from mcpopt.policy import ToolInfo
 
 
 class CacheFilter:
@@ -27,6 +28,13 @@ class CacheFilter:
     def __init__(self, cache: ResultCache, server_tools: Any) -> None:
         self.cache = cache
         self.server_tools = server_tools
+
+    def wanted(self, server: str, tool: str, info: ToolInfo) -> bool:
+        """False for a read-only tool that is not cached (no TTL, or the cache off): nothing to do."""
+        return not info.read_only or (info.ttl_ms > 0 and self.cache.enabled)
+
+    def plan_state(self) -> bool:
+        return self.cache.enabled
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         info = call.info
@@ -74,6 +82,10 @@ class CoalesceFilter:
         self._inflight: dict[tuple[str, str, str], list[asyncio.Future[ToolResult]]] = {}
         self.coalesced = 0
         """Calls answered by another call's upstream request."""
+
+    def wanted(self, server: str, tool: str, info: ToolInfo) -> bool:
+        """Only read-only calls are coalesced."""
+        return info.read_only
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not call.info.read_only:

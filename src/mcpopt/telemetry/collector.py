@@ -83,6 +83,9 @@ class TelemetryFilter:
         self._pending = pending
         self._cap = cap
 
+    def wanted(self, server: str, tool: str, info: Any) -> bool:
+        return self.enabled
+
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not self.enabled:
             return await next(call)
@@ -113,8 +116,14 @@ class UpstreamTimer:
 
     __slots__ = ("enabled",)
 
+    times_terminal = True
+    """Left out of a pipeline whose terminal times itself (`Pipeline(timed_terminal=True)`)."""
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+
+    def wanted(self, server: str, tool: str, info: Any) -> bool:
+        return self.enabled
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not self.enabled:

@@ -642,8 +642,9 @@ class ServerPool:
     ) -> Awaitable[dict[str, Any]]:
         """The call's awaitable: `_attempts` itself, behind a concurrency slot when `max_concurrency`
         is set (`_limited`). `attrs` (a ToolCall's) receives `queue_ms` (waiting for a slot),
-        `upstream_ms` (time in sends, all attempts), `retries` and `replica` (1-based), for
-        telemetry. `pin`: the only replica (0-based) the call may go to."""
+        `upstream_ms` (time in sends, all attempts; when none was sent, the time spent trying),
+        `retries` and `replica` (1-based), for telemetry: the gateway's pipeline needs no timer
+        around its terminal. `pin`: the only replica (0-based) the call may go to."""
         if self._sem is None:
             return self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
         return self._limited(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
@@ -705,7 +706,7 @@ class ServerPool:
         retried only by failing over (the same replica would likely time out again).
         """
         self._active += 1
-        self._last_activity = time.monotonic()
+        self._last_activity = entered = time.monotonic()
         try:
             if not self._live:
                 await self.ensure_started()
@@ -764,7 +765,11 @@ class ServerPool:
             raise last
         finally:
             self._active -= 1
-            self._last_activity = time.monotonic()
+            self._last_activity = now = time.monotonic()
+            if attrs is not None and "upstream_ms" not in attrs:
+                # No attempt was sent (no replica, a start that failed): the time spent waiting for
+                # one is the upstream's, as an `UpstreamTimer` around the pool would have counted it.
+                attrs["upstream_ms"] = (now - entered) * 1000
 
     async def _send(
         self,
