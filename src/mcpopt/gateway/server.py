@@ -604,9 +604,11 @@ class Gateway:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         assert type(params) is dict or isinstance(params, Mapping)  # `type` first: ABC checks cost a frame
         name = params["name"]
-        route = self.catalog.tool_routes.get(name)
+        catalog = self.catalog
+        route = catalog.tool_routes.get(name)
         if route is None and await self.start_lazy(name):
-            route = self.catalog.tool_routes.get(name)
+            catalog = self.catalog
+            route = catalog.tool_routes.get(name)
         if route is None:
             own = self.own.handlers.get(name)
             if own is None:
@@ -630,7 +632,7 @@ class Gateway:
             name,
             out,
             link.relay(token) if token is not None else None,
-            info=self.catalog.tool_infos.get(name, UNKNOWN),
+            info=catalog.tool_infos.get(name, UNKNOWN),
             partition=link.partition,
             session_id=link.session_id,
             principal=principal,

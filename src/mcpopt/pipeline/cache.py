@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from mcpopt.cache import ResultCache, cache_key
+from mcpopt.cache import ResultCache, cache_key, canonical_arguments
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.policy import ToolInfo
 
@@ -79,7 +79,8 @@ class CoalesceFilter:
     """
 
     def __init__(self) -> None:
-        self._inflight: dict[tuple[str, str, str], list[asyncio.Future[ToolResult]]] = {}
+        self._inflight: dict[tuple[str, str, str, bytes], list[asyncio.Future[ToolResult]]] = {}
+        """Per (server, tool, partition, canonical arguments): the followers of the call in flight."""
         self.coalesced = 0
         """Calls answered by another call's upstream request."""
 
@@ -90,7 +91,9 @@ class CoalesceFilter:
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not call.info.read_only:
             return await next(call)
-        key = cache_key(call.server, call.tool, call.arguments, call.partition)
+        # The arguments' canonical bytes themselves, not their digest (`cache_key`): a dict key
+        # needs no cryptographic hash, only equality.
+        key = (call.server, call.tool, call.partition, canonical_arguments(call.tool, call.params.get("arguments")))
         followers = self._inflight.get(key)
         if followers is not None:
             fut: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
@@ -114,7 +117,7 @@ class CoalesceFilter:
 
     def _settle(
         self,
-        key: tuple[str, str, str],
+        key: tuple[str, str, str, bytes],
         followers: list[asyncio.Future[ToolResult]],
         result: ToolResult | None,
         exc: BaseException | None,
