@@ -93,15 +93,17 @@ class Pipeline:
         self.timed_terminal = timed_terminal
         self.filters: list[Filter] = []
         self._plans: dict[tuple[str, str], tuple[ToolInfo, Next]] = {}
-        self._states: list[Callable[[], object]] = []
-        self._seen: list[object] = []
+        self._state: Callable[[], object] | None = None
+        self._seen: object = None
         self.set_filters(filters)
 
     def set_filters(self, filters: Sequence[Filter]) -> None:
         """Replace the filter list (outermost first); takes effect for the next call."""
         self.filters = list(filters)
-        self._states = [f.plan_state for f in self.filters if callable(getattr(f, "plan_state", None))]  # type: ignore[attr-defined]
-        self._seen = [state() for state in self._states]
+        states = [f.plan_state for f in self.filters if callable(getattr(f, "plan_state", None))]  # type: ignore[attr-defined]
+        # One callable per call: the only filter's own (the usual case), or one tupling them all.
+        self._state = states[0] if len(states) == 1 else (lambda: tuple(s() for s in states)) if states else None
+        self._seen = self._state() if self._state is not None else None
         self._plans = {}
 
     def chain(self, server: str, tool: str, info: ToolInfo = UNKNOWN) -> list[Filter]:
@@ -126,13 +128,12 @@ class Pipeline:
         return entry
 
     def __call__(self, call: ToolCall) -> Awaitable[ToolResult]:
-        if self._states:
-            seen = self._seen
-            for i, state in enumerate(self._states):
-                now = state()
-                if now is not seen[i]:
-                    seen[i] = now
-                    self._plans = {}
+        state = self._state
+        if state is not None:
+            now = state()
+            if now is not self._seen and now != self._seen:  # a tuple of states compares item by item
+                self._seen = now
+                self._plans = {}
         plan = self._plans.get((call.server, call.tool))
         if plan is None or plan[0] is not call.info:
             return self._compile(call)(call)

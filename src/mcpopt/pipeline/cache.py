@@ -30,11 +30,9 @@ class CacheFilter:
         self.server_tools = server_tools
 
     def wanted(self, server: str, tool: str, info: ToolInfo) -> bool:
-        """False for a read-only tool that is not cached (no TTL, or the cache off): nothing to do."""
+        """False for a read-only tool that is not cached (no TTL, or the cache off: `cache.enabled`
+        is fixed for the cache's life, from `gateway.cache.enabled`): nothing to do."""
         return not info.read_only or (info.ttl_ms > 0 and self.cache.enabled)
-
-    def plan_state(self) -> bool:
-        return self.cache.enabled
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         info = call.info
