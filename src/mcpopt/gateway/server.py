@@ -799,7 +799,9 @@ class Gateway:
         else:
             level = self.clients.log_level(link.connection)
         if up.modern:
-            caps = client_capabilities(link, original if isinstance(original, Mapping) else None)
+            caps = client_capabilities(
+                link, original if original is not None and isinstance(original, Mapping) else None
+            )
             if level is not None or caps is not None:
                 meta = dict(meta or {})
                 if level is not None:
