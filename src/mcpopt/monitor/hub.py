@@ -279,7 +279,9 @@ class Telemetry:
                 sink.offer_many(recs)
 
     def evaluate(self) -> list[AlertEvent]:
-        """Run the alert rules; send events to the store and the webhook."""
+        """Run the alert rules (over every finished call: pending ones are processed first); send
+        events to the store and the webhook."""
+        self.process_pending()
         events = self.monitor.evaluate(self.upstream_health() if self.gateway is not None else None)
         for ev in events:
             if self.sqlite is not None:
