@@ -102,3 +102,69 @@ async def test_filter_errors_propagate() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         await pipe(_call())
     assert rec.events == ["outer:before"]
+
+
+class _Picky:
+    """A filter wanted only for the tools in `tools`, whose answer can change (`plan_state`)."""
+
+    def __init__(self, rec: Recorder, label: str, tools: set[str], *, rewrites: bool = False) -> None:
+        self.rec, self.label, self.tools, self.rewrites = rec, label, tools, rewrites
+        self.version = 0
+
+    def wanted(self, server: str, tool: str, info: Any) -> bool:
+        return tool in self.tools
+
+    def plan_state(self) -> object:
+        return self.version
+
+    async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
+        self.rec.events.append(self.label)
+        return await next(call)
+
+
+async def test_per_tool_chain_skips_filters_with_nothing_to_do() -> None:
+    rec = Recorder()
+    picky = _Picky(rec, "picky", {"tool"})
+    pipe = Pipeline(rec.terminal(), [rec.decorating("a"), picky])
+    await pipe(_call())
+    assert rec.events == ["a:before", "picky", "terminal", "a:after"]
+    rec.events.clear()
+    other = ToolCall("srv", "other", "srv__other", {"name": "other", "arguments": {}})
+    await pipe(other)
+    assert rec.events == ["a:before", "terminal", "a:after"]  # not wanted for `other`: not run
+    assert pipe.chain("srv", "other") == pipe.filters[:1]
+
+    # Its answer changes (and says so with a new plan state): every chain is rebuilt.
+    picky.tools = {"other"}
+    picky.version = 1_000_000  # an int object not cached by the interpreter: a new identity
+    rec.events.clear()
+    await pipe(other)
+    await pipe(_call())
+    assert rec.events == ["a:before", "picky", "terminal", "a:after", "a:before", "terminal", "a:after"]
+
+
+async def test_a_rewriting_filter_keeps_every_later_filter() -> None:
+    rec = Recorder()
+    rules = _Picky(rec, "rules", {"tool"}, rewrites=True)
+    later = _Picky(rec, "later", set())  # wanted for nothing by itself
+    pipe = Pipeline(rec.terminal(), [rules, later])
+    await pipe(_call())
+    assert rec.events == ["rules", "later", "terminal"]  # the call may have been rewritten: `later` runs
+    rec.events.clear()
+    await pipe(ToolCall("srv", "other", "srv__other", {"name": "other", "arguments": {}}))
+    assert rec.events == ["terminal"]
+
+
+async def test_timed_terminal_leaves_out_terminal_timers() -> None:
+    rec = Recorder()
+
+    class Timer:
+        times_terminal = True
+
+        async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
+            rec.events.append("timer")
+            return await next(call)
+
+    assert len(Pipeline(rec.terminal(), [Timer()], timed_terminal=True).chain("srv", "tool")) == 0
+    await Pipeline(rec.terminal(), [Timer()])(_call())
+    assert rec.events == ["timer", "terminal"]

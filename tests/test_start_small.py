@@ -153,7 +153,7 @@ def test_prometheus_client_loads_at_the_first_scrape() -> None:
         "from mcpopt.telemetry.record import CallRecord\n"
         "hub = NS(filter=NS(inflight=0), monitor=NS(alerts=NS(active=lambda: []), "
         "summary=lambda: {'overall': {'grade': None}, 'tools': []}), upstream_health=lambda: [], "
-        "dropped=lambda: {}, access_stats=lambda: {})\n"
+        "dropped=lambda: {}, access_stats=lambda: {}, process_pending=lambda *a: 0)\n"
         "m = PrometheusMetrics(hub)\n"
         "before = 'prometheus_client' in sys.modules\n"
         "text = m.render().decode()\n"

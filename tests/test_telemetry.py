@@ -224,7 +224,7 @@ async def test_filter_records_every_outcome_and_reraises(tmp_path: Path) -> None
             pass
     assert tel.filter.inflight == 0
     records: list[CallRecord] = []
-    tel.dispatch = records.append  # type: ignore[method-assign]
+    tel.dispatch_batch = records.extend  # type: ignore[method-assign]
     tel.process_pending()
     assert [r.outcome for r in records] == ["ok", "tool_error", "timeout", "internal_error"]
     ok = records[0]

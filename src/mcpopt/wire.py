@@ -38,6 +38,9 @@ class InvalidParams(GatewayError):
 
 def valid_id(rid: Any) -> bool:
     """An MCP request id: a string or an integer (not a bool, float, null, object or array)."""
+    kind = type(rid)
+    if kind is str or kind is int:  # the usual ids, without the subclass checks
+        return True
     return isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool))
 
 
@@ -50,7 +53,8 @@ def request_id_problem(msg: Any) -> str | None:
     if not isinstance(msg, dict) or "method" not in msg or "id" not in msg:
         return None
     rid = msg["id"]
-    if valid_id(rid):
+    id_type = type(rid)
+    if id_type is str or id_type is int or valid_id(rid):
         return None
     kind = "null" if rid is None else type(rid).__name__
     kind = {"float": "a number with a fraction", "dict": "an object", "list": "an array", "bool": "a boolean"}.get(

@@ -28,7 +28,7 @@ import orjson
 
 from mcpopt.cache.store import Entry, Generation, Generations, MemoryStore, RedisStore
 from mcpopt.config import CacheSettings
-from mcpopt.wire import dumps
+from mcpopt.wire import unencodable
 
 
 def cache_key(server: str, tool: str, arguments: Any, partition: str = "") -> tuple[str, str, str]:
@@ -40,9 +40,21 @@ def cache_key(server: str, tool: str, arguments: Any, partition: str = "") -> tu
     Raises:
         InvalidParams: the arguments cannot be serialized (nested deeper than orjson's 254 levels).
     """
-    body = dumps(arguments or {}, f"the arguments of tools/call {tool}", orjson.OPT_SORT_KEYS)
+    body = canonical_arguments(tool, arguments)
     digest = hashlib.blake2b(body + b"\x00" + partition.encode(), digest_size=16).hexdigest()
     return server, tool, digest
+
+
+def canonical_arguments(tool: str, arguments: Any) -> bytes:
+    """The arguments' canonical JSON (sorted keys): equal bytes for equal arguments.
+
+    Raises:
+        InvalidParams: the arguments cannot be serialized (naming the tool).
+    """
+    try:
+        return orjson.dumps(arguments or {}, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:
+        raise unencodable(exc, f"the arguments of tools/call {tool}", arguments) from None
 
 
 @dataclass

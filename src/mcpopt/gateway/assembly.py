@@ -4,7 +4,8 @@
 gives the request path of ARCHITECTURE.md:
 
     front (stdio | HTTP)  ->  SDK server + handlers  ->  Gateway.call_tool (names, eras, own tools)
-      ->  pipeline: telemetry -> policy -> rate limit -> shaping -> rules -> cache -> coalesce -> [upstream timer]
+      ->  pipeline: telemetry -> policy -> rate limit -> shaping -> rules -> cache -> coalesce
+          (compiled per tool: a filter with nothing to do for a tool is left out of its chain)
       ->  upstream pool (route, breaker, retry, timeout)  ->  upstream session  ->  MCP server
 
 Every part receives only what it needs: plugins (gateway tools, monitor tools, code mode,
@@ -95,6 +96,7 @@ def build_gateway(config: Config, filters: Sequence[Filter] | None = None) -> Ga
         chain.insert(0, ShapingFilter(gw.results, g.shaping.max_result_bytes, g.shaping.compact_json))
     chain = [*access, *chain]
     if gw.telemetry.enabled:
+        # The timer is left out of the gateway's chains (its pools time themselves: `timed_terminal`).
         chain = [gw.telemetry.filter, *chain, gw.telemetry.timer]
     gw.pipeline.set_filters(chain if filters is None else filters)
 

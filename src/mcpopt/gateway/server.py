@@ -161,7 +161,8 @@ class Gateway:
             )
             for name, cfg in config.active_servers().items()
         }
-        self.pipeline = Pipeline(self._forward_tool_call)
+        # The terminal's pools record `upstream_ms` / `queue_ms` themselves: no `UpstreamTimer` layer.
+        self.pipeline = Pipeline(self._forward_tool_call, timed_terminal=True)
         self.clients = Clients(list(self.upstreams))
         self.task_ids = TaskIds(list(self.upstreams))
         """Gateway ids of upstream tasks (SEP-2663): `"<server>:<upstream taskId>"`."""
@@ -603,9 +604,11 @@ class Gateway:
             raise MCPError.from_error_data(exc.to_error_data()) from None
         assert type(params) is dict or isinstance(params, Mapping)  # `type` first: ABC checks cost a frame
         name = params["name"]
-        route = self.catalog.tool_routes.get(name)
+        catalog = self.catalog
+        route = catalog.tool_routes.get(name)
         if route is None and await self.start_lazy(name):
-            route = self.catalog.tool_routes.get(name)
+            catalog = self.catalog
+            route = catalog.tool_routes.get(name)
         if route is None:
             own = self.own.handlers.get(name)
             if own is None:
@@ -629,7 +632,7 @@ class Gateway:
             name,
             out,
             link.relay(token) if token is not None else None,
-            info=self.catalog.tool_infos.get(name, UNKNOWN),
+            info=catalog.tool_infos.get(name, UNKNOWN),
             partition=link.partition,
             session_id=link.session_id,
             principal=principal,
@@ -796,7 +799,9 @@ class Gateway:
         else:
             level = self.clients.log_level(link.connection)
         if up.modern:
-            caps = client_capabilities(link, original if isinstance(original, Mapping) else None)
+            caps = client_capabilities(
+                link, original if original is not None and isinstance(original, Mapping) else None
+            )
             if level is not None or caps is not None:
                 meta = dict(meta or {})
                 if level is not None:

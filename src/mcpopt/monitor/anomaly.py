@@ -95,22 +95,29 @@ class EwmaDetector:
 
     def add(self, sample: float) -> bool:
         """Feed one sample; returns True when this sample changed the flagged state."""
-        x = self._value(sample)
-        self.n += 1
-        if self.n == 1:
+        latency = self.kind == "latency"
+        x = math.log(sample + 1.0) if latency else sample  # `_value`, inline (once per record)
+        n = self.n = self.n + 1
+        if n == 1:
             self.mean = self.short = x
             return False
         a = self.alpha_short
         self.short += a * (x - self.short)
         if not self.flagged:
-            b = self.alpha_long if self.n > self.min_samples else max(self.alpha_long, 1.0 / self.n)
+            b = self.alpha_long if n > self.min_samples else max(self.alpha_long, 1.0 / n)
             diff = x - self.mean
             incr = b * diff
             self.mean += incr
             self.var = (1 - b) * (self.var + diff * incr)
-        std = max(math.sqrt(self.var) * math.sqrt(a / (2 - a)), self._floor())
+        spread = math.sqrt(a / (2 - a))
+        if latency:
+            floor = 0.15  # `_floor`, inline
+        else:
+            p = min(max(self.mean, 0.0), 1.0)
+            floor = math.sqrt(max(p * (1 - p), 0.05)) * spread
+        std = max(math.sqrt(self.var) * spread, floor)
         self.score = (self.short - self.mean) / std
-        if self.n <= self.min_samples:
+        if n <= self.min_samples:
             return False
         was = self.flagged
         self.over = self.over + 1 if self.score >= self.z else 0

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mcpopt.monitor.alerts import AlertManager
-from mcpopt.monitor.stats import Series, Timeline
+from mcpopt.monitor.stats import Rollup, Series, Timeline
 from mcpopt.telemetry.record import CallRecord
 
 
@@ -28,14 +28,26 @@ class Monitor:
         self.settings = settings
         self.clock = clock
         self.tools: dict[tuple[str, str], Series] = {}
-        self.servers: dict[str, Series] = {}
-        self.overall = self._series(detect=False)
+        """Per (server, tool): the only series fed per record; `servers` and `overall` roll them up."""
         self.timeline = Timeline()
         self.alerts = AlertManager(settings)
         self.started = clock()
 
     def _series(self, *, detect: bool = True) -> Series:
         return Series(z=self.settings.anomaly_z, min_samples=self.settings.anomaly_min_calls, detect=detect)
+
+    @property
+    def servers(self) -> dict[str, Rollup]:
+        """Per server: its tools' series read as one (computed now; see `Rollup`)."""
+        parts: dict[str, list[Series]] = {}
+        for (server, _), series in self.tools.items():
+            parts.setdefault(server, []).append(series)
+        return {server: Rollup(group) for server, group in parts.items()}
+
+    @property
+    def overall(self) -> Rollup:
+        """Every tool's series read as one (computed now)."""
+        return Rollup(list(self.tools.values()))
 
     def observe(self, rec: CallRecord) -> None:
         """Add one finished call (its end time is `ts + total_ms`)."""
@@ -44,12 +56,7 @@ class Monitor:
         tool = self.tools.get(key)
         if tool is None:
             tool = self.tools[key] = self._series()
-        server = self.servers.get(rec.server)
-        if server is None:
-            server = self.servers[rec.server] = self._series(detect=False)
         tool.add(rec, end)
-        server.add(rec, end)
-        self.overall.add(rec, end)
         self.timeline.add(end, rec)
 
     def summary(self, now: float | None = None) -> dict[str, Any]:

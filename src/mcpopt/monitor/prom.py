@@ -70,6 +70,8 @@ class LiveSource(Protocol):
 
     def access_stats(self) -> dict[str, Any]: ...
 
+    def process_pending(self, limit: int | None = None) -> int: ...
+
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds; 0.15 and 0.2 are the default SLO thresholds (issue 5), so they are exact in queries."""
@@ -160,9 +162,11 @@ class PrometheusMetrics:
         series.retries += rec.retries
 
     def render(self) -> bytes:
-        """The exposition text (version 0.0.4)."""
+        """The exposition text (version 0.0.4), every finished call counted (pending ones are
+        processed first)."""
         from mcpopt.monitor import exposition
 
+        self.hub.process_pending()
         if self.registry is None:
             self.registry = exposition.registry(self, self.hub, BUCKETS)
         return exposition.render(self.registry)

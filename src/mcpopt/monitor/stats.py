@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mcpopt.monitor.anomaly import EwmaDetector
-from mcpopt.telemetry.record import CallRecord
+from mcpopt.telemetry.record import ERROR_OUTCOMES, CallRecord
 
 MAX_SAMPLES = 2048
 DEFAULT_GRADES = ((50.0, 0.01), (100.0, 0.02), (200.0, 0.05), (500.0, 0.10))
@@ -72,23 +72,28 @@ class Series:
         """Feed the anomaly detectors (per tool only: servers and overall would add cost, not signal)."""
 
     def add(self, rec: CallRecord, end: float) -> None:
-        err = rec.is_error
-        self.samples.append((end, rec.total_ms, err))
+        outcome = rec.outcome
+        err = outcome in ERROR_OUTCOMES
+        total_ms = rec.total_ms
+        self.samples.append((end, total_ms, err))
         self.calls += 1
         self.errors += err
-        if rec.cache == "hit":
-            self.hits += 1
-        elif rec.cache == "miss":
-            self.misses += 1
+        cache = rec.cache
+        if cache:
+            if cache == "hit":
+                self.hits += 1
+            elif cache == "miss":
+                self.misses += 1
         self.tokens_in += rec.tokens_in
         self.tokens_out += rec.tokens_out
         self.tokens_saved += rec.tokens_saved
         self.bytes_in += rec.request_bytes
         self.bytes_out += rec.response_bytes
-        self.outcomes[rec.outcome] = self.outcomes.get(rec.outcome, 0) + 1
-        if self.detect and rec.outcome != "cancelled":
+        outcomes = self.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if self.detect and outcome != "cancelled":
             if not err:
-                self.latency.add(rec.total_ms)
+                self.latency.add(total_ms)
             self.errors_ewma.add(1.0 if err else 0.0)
 
     def window(self, since: float) -> tuple[list[float], int]:
@@ -106,31 +111,84 @@ class Series:
     def summary(self, since: float, table: Sequence[Sequence[float]]) -> dict[str, Any]:
         """Window figures (ms, rates 0..1) and running totals; `grade` is None without calls."""
         lat, errors = self.window(since)
-        n = len(lat)
-        avg = sum(lat) / n if n else 0.0
-        rate = errors / n if n else 0.0
-        cacheable = self.hits + self.misses
-        return {
-            "calls": n,
-            "errors": errors,
-            "error_rate": round(rate, 4),
-            "avg_ms": round(avg, 3),
-            "p50_ms": round(percentile(lat, 0.50), 3),
-            "p95_ms": round(percentile(lat, 0.95), 3),
-            "p99_ms": round(percentile(lat, 0.99), 3),
-            "max_ms": round(lat[-1], 3) if n else 0.0,
-            "grade": grade(avg, rate, table) if n else None,
-            "total_calls": self.calls,
-            "total_errors": self.errors,
-            "cache_hits": self.hits,
-            "cache_misses": self.misses,
-            "hit_rate": round(self.hits / cacheable, 4) if cacheable else None,
-            "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out,
-            "tokens_saved": self.tokens_saved,
-            "outcomes": dict(self.outcomes),
-            "anomaly": self.latency.flagged or self.errors_ewma.flagged,
-        }
+        return _summary(lat, errors, table, self, self.latency.flagged or self.errors_ewma.flagged)
+
+
+class Rollup:
+    """Several `Series` (a server's tools, or every tool) read as one, at read time.
+
+    The monitor feeds only the per-tool series on the record path; a server's and the overall
+    figures are computed from them when read: the same figures as a series of their own fed every
+    record (its window holds the last `MAX_SAMPLES` calls of all its tools that ended in the
+    window, each of which is among the last `MAX_SAMPLES` of its own tool; the totals are sums),
+    without two more series updated per call. No anomaly detection (as before for these scopes).
+    """
+
+    def __init__(self, parts: Sequence[Series]) -> None:
+        self.parts = list(parts)
+        self.calls = sum(p.calls for p in self.parts)
+        self.errors = sum(p.errors for p in self.parts)
+        self.hits = sum(p.hits for p in self.parts)
+        self.misses = sum(p.misses for p in self.parts)
+        self.tokens_in = sum(p.tokens_in for p in self.parts)
+        self.tokens_out = sum(p.tokens_out for p in self.parts)
+        self.tokens_saved = sum(p.tokens_saved for p in self.parts)
+        self.bytes_in = sum(p.bytes_in for p in self.parts)
+        self.bytes_out = sum(p.bytes_out for p in self.parts)
+        self.outcomes: dict[str, int] = {}
+        for p in self.parts:
+            for k, v in p.outcomes.items():
+                self.outcomes[k] = self.outcomes.get(k, 0) + v
+
+    def window(self, since: float) -> tuple[list[float], int]:
+        """Latencies (ascending) and the error count of the last `MAX_SAMPLES` samples of all parts
+        that ended at or after `since`."""
+        picked: list[tuple[float, float, bool]] = []
+        for part in self.parts:
+            for sample in reversed(part.samples):
+                if sample[0] < since:
+                    break
+                picked.append(sample)
+        if len(picked) > MAX_SAMPLES:
+            picked.sort()
+            del picked[:-MAX_SAMPLES]
+        lat = sorted(ms for _, ms, _ in picked)
+        return lat, sum(err for _, _, err in picked)
+
+    def summary(self, since: float, table: Sequence[Sequence[float]]) -> dict[str, Any]:
+        """As `Series.summary`; `anomaly` is always False."""
+        lat, errors = self.window(since)
+        return _summary(lat, errors, table, self, False)
+
+
+def _summary(
+    lat: list[float], errors: int, table: Sequence[Sequence[float]], totals: Series | Rollup, anomaly: bool
+) -> dict[str, Any]:
+    n = len(lat)
+    avg = sum(lat) / n if n else 0.0
+    rate = errors / n if n else 0.0
+    cacheable = totals.hits + totals.misses
+    return {
+        "calls": n,
+        "errors": errors,
+        "error_rate": round(rate, 4),
+        "avg_ms": round(avg, 3),
+        "p50_ms": round(percentile(lat, 0.50), 3),
+        "p95_ms": round(percentile(lat, 0.95), 3),
+        "p99_ms": round(percentile(lat, 0.99), 3),
+        "max_ms": round(lat[-1], 3) if n else 0.0,
+        "grade": grade(avg, rate, table) if n else None,
+        "total_calls": totals.calls,
+        "total_errors": totals.errors,
+        "cache_hits": totals.hits,
+        "cache_misses": totals.misses,
+        "hit_rate": round(totals.hits / cacheable, 4) if cacheable else None,
+        "tokens_in": totals.tokens_in,
+        "tokens_out": totals.tokens_out,
+        "tokens_saved": totals.tokens_saved,
+        "outcomes": dict(totals.outcomes),
+        "anomaly": anomaly,
+    }
 
 
 class Timeline:
@@ -152,9 +210,11 @@ class Timeline:
             self._start = start
         if len(self._lat) < 4096:
             self._lat.append(rec.total_ms)
-        self._errors += rec.is_error
-        self._hits += rec.cache == "hit"
-        self._misses += rec.cache == "miss"
+        self._errors += rec.outcome in ERROR_OUTCOMES
+        cache = rec.cache
+        if cache:
+            self._hits += cache == "hit"
+            self._misses += cache == "miss"
         self._saved += rec.tokens_saved
 
     def _point(self) -> dict[str, Any]:

@@ -7,8 +7,17 @@ Every tool call (from a client, and later from the batch tool and code mode) bec
 
 A filter is any callable `async (call, next) -> dict` (the raw `CallToolResult` wire dict):
 it may answer without calling `next` (a cache hit), call it several times (a retry on
-another replica), or decorate the result (telemetry). The chain is composed once, when the
-filter list is set, so a call that no filter touches costs one function call per filter.
+another replica), or decorate the result (telemetry).
+
+The chain is compiled per tool: for each (server, tool) the pipeline keeps the chain of the
+filters with work to do for it, composed once. A filter says so with an optional
+`wanted(server, tool, info) -> bool` (no such method: always wanted); one whose answers can
+change at run time also has `plan_state()`, called once per call, whose result (compared by
+identity) rebuilds every tool's chain when it changes (the rules filter: its rule set, re-read
+from the file). A filter with `rewrites = True` may change the call itself (its `info`, tool,
+arguments: the rules filter), so every filter after it is kept for a tool it is wanted for.
+A tool's chain is also rebuilt when the call's `info` is another object (a new catalog), and
+all of them when the filter list is set.
 """
 
 from __future__ import annotations
@@ -69,21 +78,63 @@ class Filter(Protocol):
 
 
 class Pipeline:
-    """Composes filters around a terminal; `await pipeline(call)` runs the chain."""
+    """Composes filters around a terminal; `await pipeline(call)` runs the call's chain.
 
-    def __init__(self, terminal: Next, filters: Sequence[Filter] = ()) -> None:
+    Args:
+        terminal: the innermost step (the upstream).
+        filters: outermost first.
+        timed_terminal: the terminal records its own time in `call.attrs` (`terminal_ms`,
+            `upstream_ms`): filters marked `times_terminal` (the telemetry's `UpstreamTimer`) are
+            then left out of every chain.
+    """
+
+    def __init__(self, terminal: Next, filters: Sequence[Filter] = (), *, timed_terminal: bool = False) -> None:
         self._terminal = terminal
+        self.timed_terminal = timed_terminal
         self.filters: list[Filter] = []
-        self._entry: Next = terminal
+        self._plans: dict[tuple[str, str], tuple[ToolInfo, Next]] = {}
+        self._state: Callable[[], object] | None = None
+        self._seen: object = None
         self.set_filters(filters)
 
     def set_filters(self, filters: Sequence[Filter]) -> None:
         """Replace the filter list (outermost first); takes effect for the next call."""
         self.filters = list(filters)
+        states = [f.plan_state for f in self.filters if callable(getattr(f, "plan_state", None))]  # type: ignore[attr-defined]
+        # One callable per call: the only filter's own (the usual case), or one tupling them all.
+        self._state = states[0] if len(states) == 1 else (lambda: tuple(s() for s in states)) if states else None
+        self._seen = self._state() if self._state is not None else None
+        self._plans = {}
+
+    def chain(self, server: str, tool: str, info: ToolInfo = UNKNOWN) -> list[Filter]:
+        """The filters a call to `server`'s `tool` with `info` runs through, outermost first."""
+        kept: list[Filter] = []
+        rewritten = False
+        for flt in self.filters:
+            if self.timed_terminal and getattr(flt, "times_terminal", False):
+                continue
+            wanted = getattr(flt, "wanted", None)
+            if not rewritten and wanted is not None and not wanted(server, tool, info):
+                continue
+            kept.append(flt)
+            rewritten = rewritten or bool(getattr(flt, "rewrites", False))
+        return kept
+
+    def _compile(self, call: ToolCall) -> Next:
         entry: Next = self._terminal
-        for flt in reversed(self.filters):
+        for flt in reversed(self.chain(call.server, call.tool, call.info)):
             entry = partial(flt, next=entry)  # type: ignore[call-arg]
-        self._entry = entry
+        self._plans[(call.server, call.tool)] = (call.info, entry)
+        return entry
 
     def __call__(self, call: ToolCall) -> Awaitable[ToolResult]:
-        return self._entry(call)
+        state = self._state
+        if state is not None:
+            now = state()
+            if now is not self._seen and now != self._seen:  # a tuple of states compares item by item
+                self._seen = now
+                self._plans = {}
+        plan = self._plans.get((call.server, call.tool))
+        if plan is None or plan[0] is not call.info:
+            return self._compile(call)(call)
+        return plan[1](call)

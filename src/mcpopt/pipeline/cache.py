@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from mcpopt.cache import ResultCache, cache_key
+from mcpopt.cache import ResultCache, cache_key, canonical_arguments
 from mcpopt.pipeline import Next, ToolCall, ToolResult
+from mcpopt.policy import ToolInfo
 
 
 class CacheFilter:
@@ -27,6 +28,11 @@ class CacheFilter:
     def __init__(self, cache: ResultCache, server_tools: Any) -> None:
         self.cache = cache
         self.server_tools = server_tools
+
+    def wanted(self, server: str, tool: str, info: ToolInfo) -> bool:
+        """False for a read-only tool that is not cached (no TTL, or the cache off: `cache.enabled`
+        is fixed for the cache's life, from `gateway.cache.enabled`): nothing to do."""
+        return not info.read_only or (info.ttl_ms > 0 and self.cache.enabled)
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         info = call.info
@@ -71,14 +77,21 @@ class CoalesceFilter:
     """
 
     def __init__(self) -> None:
-        self._inflight: dict[tuple[str, str, str], list[asyncio.Future[ToolResult]]] = {}
+        self._inflight: dict[tuple[str, str, str, bytes], list[asyncio.Future[ToolResult]]] = {}
+        """Per (server, tool, partition, canonical arguments): the followers of the call in flight."""
         self.coalesced = 0
         """Calls answered by another call's upstream request."""
+
+    def wanted(self, server: str, tool: str, info: ToolInfo) -> bool:
+        """Only read-only calls are coalesced."""
+        return info.read_only
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not call.info.read_only:
             return await next(call)
-        key = cache_key(call.server, call.tool, call.arguments, call.partition)
+        # The arguments' canonical bytes themselves, not their digest (`cache_key`): a dict key
+        # needs no cryptographic hash, only equality.
+        key = (call.server, call.tool, call.partition, canonical_arguments(call.tool, call.params.get("arguments")))
         followers = self._inflight.get(key)
         if followers is not None:
             fut: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
@@ -102,7 +115,7 @@ class CoalesceFilter:
 
     def _settle(
         self,
-        key: tuple[str, str, str],
+        key: tuple[str, str, str, bytes],
         followers: list[asyncio.Future[ToolResult]],
         result: ToolResult | None,
         exc: BaseException | None,

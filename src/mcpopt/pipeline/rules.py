@@ -446,6 +446,18 @@ class RulesFilter:
             self.check_file()
         return self.ruleset
 
+    rewrites = True
+    """It may change a call (its info, tool, arguments): the pipeline keeps every filter after it."""
+
+    def plan_state(self) -> RuleSet:
+        """The rule set in force, the file re-read when due (the pipeline calls this once per call and
+        recompiles its chains when another set took effect)."""
+        return self._current()
+
+    def wanted(self, server: str, tool: str, info: Any) -> bool:
+        """Whether any rule in force concerns `server`'s `tool` (else the pipeline leaves this out)."""
+        return bool(self.ruleset.for_tool(server, tool))
+
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         matched = self._current().for_tool(call.server, call.tool)
         if not matched:

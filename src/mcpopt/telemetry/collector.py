@@ -39,7 +39,7 @@ from mcpopt.errors import (
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.telemetry.otel import parse_traceparent
 from mcpopt.telemetry.privacy import hash_arguments, redact_text, redacted_json
-from mcpopt.telemetry.record import CallRecord, estimate_tokens
+from mcpopt.telemetry.record import CallRecord
 
 REQUEST_TIMEOUT = -32001
 """The SDK's own request-timeout code (mcp.shared.exceptions)."""
@@ -83,6 +83,9 @@ class TelemetryFilter:
         self._pending = pending
         self._cap = cap
 
+    def wanted(self, server: str, tool: str, info: Any) -> bool:
+        return self.enabled
+
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not self.enabled:
             return await next(call)
@@ -113,8 +116,14 @@ class UpstreamTimer:
 
     __slots__ = ("enabled",)
 
+    times_terminal = True
+    """Left out of a pipeline whose terminal times itself (`Pipeline(timed_terminal=True)`)."""
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+
+    def wanted(self, server: str, tool: str, info: Any) -> bool:
+        return self.enabled
 
     async def __call__(self, call: ToolCall, next: Next) -> ToolResult:
         if not self.enabled:
@@ -176,35 +185,45 @@ def _size(obj: Any) -> int:
         return len(repr(obj))
 
 
+_NO_TASK: dict[str, Any] = {}
+
+
 def task_info(call: ToolCall) -> dict[str, Any]:
-    """The client's task description: `call.attrs["task"]`, else `_meta` (or `_meta["mcpopt/task"]`)."""
+    """The client's task description: `call.attrs["task"]`, else `_meta` (or `_meta["mcpopt/task"]`).
+    The dict returned is not to be modified (it may be shared)."""
     task = call.attrs.get("task")
     if isinstance(task, dict):
         return task
     meta = call.params.get("_meta")
-    if not isinstance(meta, dict):
-        return {}
+    if not meta or not isinstance(meta, dict):
+        return _NO_TASK
     nested = meta.get("mcpopt/task")
     if isinstance(nested, dict):
         return nested
+    if "user_intent" not in meta and "task_type" not in meta and "performance_target" not in meta:
+        return _NO_TASK  # the usual case: no frame for the comprehension below
     return {k: meta[k] for k in TASK_KEYS if k in meta}
 
 
 def build_record(hub: RecordContext, item: Pending) -> CallRecord:
     """Turn a pending call into a `CallRecord`, applying the privacy level (off the request path)."""
     call, t0, t1, result, exc = item
-    outcome, code = classify(result, exc)
+    if exc is None and type(result) is dict:
+        outcome, code = ("tool_error" if result.get("isError") else "ok"), None
+    else:
+        outcome, code = classify(result, exc)
     attrs = call.attrs
+    get = attrs.get
     total = (t1 - t0) * 1000
-    queue_ms = float(attrs.get("queue_ms") or 0.0)
-    upstream = attrs.get("upstream_ms")
+    queue_ms = float(get("queue_ms") or 0.0)
+    upstream = get("upstream_ms")
     if upstream is None:
-        terminal = attrs.get("terminal_ms")
+        terminal = get("terminal_ms")
         upstream = max(0.0, terminal - queue_ms) if terminal is not None else 0.0
     upstream = float(upstream)
     req = _size(call.params)
     resp = _size(result)
-    cache = attrs.get("cache", "")
+    cache = get("cache", "")
     level = hub.level
     trace_id = span_id = parent_span_id = session = args_hash = arguments = ""
     task_type = user_intent = performance_target = ""
@@ -213,7 +232,7 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
     who = call.principal
     if who is not None and level != "minimal":
         principal = who.audit_id(level, hub.principal_hash)
-    trace = attrs.get("_trace")
+    trace = get("_trace")
     if level != "minimal":
         if trace is not None:
             trace_id, span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
@@ -243,13 +262,13 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
         round(max(0.0, total - queue_ms - upstream), 3),
         req,
         resp,
-        estimate_tokens(req),
-        estimate_tokens(resp),
-        int(attrs.get("tokens_saved") or 0),
+        (req + 3) // 4,  # estimate_tokens, inline
+        (resp + 3) // 4,
+        int(get("tokens_saved") or 0),
         cache if isinstance(cache, str) else "",
-        bool(attrs.get("coalesced")),
-        int(attrs.get("retries") or 0),
-        attrs.get("replica"),
+        bool(get("coalesced")),
+        int(get("retries") or 0),
+        get("replica"),
         code,
         session,
         seq,
@@ -264,7 +283,7 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
         level,
         ",".join(attrs["variants"]) if "variants" in attrs else "",
         principal,
-        str(attrs.get("decision") or ""),
-        str(attrs.get("policy_rule") or "")[:200],
+        str(get("decision") or ""),
+        str(get("policy_rule") or "")[:200],
         getattr(hub, "replica_id", ""),
     )

@@ -72,6 +72,22 @@ class ThreadedSink:
             self._wake.set()
         return True
 
+    def offer_many(self, items: list[Any]) -> int:
+        """Queue `items` in order as `offer` would one by one (those past the queue's room are
+        dropped and counted), waking the writer once; returns how many were queued."""
+        room = self.queue_size - len(self.queue)
+        n = len(items)
+        if n > room:
+            self.dropped += n - max(room, 0)
+            items = items[: max(room, 0)]
+            n = len(items)
+        if n:
+            self.queue.extend(items)
+            self._offered += n
+            if not self._wake.is_set():
+                self._wake.set()
+        return n
+
     def start(self) -> None:
         if self._thread is not None:
             return

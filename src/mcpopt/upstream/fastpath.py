@@ -23,6 +23,8 @@ from mcpopt.upstream.pipes import CorkedWriter
 from mcpopt.wire import dumps_request
 
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+Fail = Callable[[Exception, str, float], Exception]
+"""`(failure, method, timeout_s) -> the exception to raise instead` (see `FastChannel.request`)."""
 ID_PREFIX = "~"
 _HIGH_WATER = 1 << 16
 PROGRESS_DRAIN_S = 5.0
@@ -111,9 +113,18 @@ class FastChannel:
 
     # ---- called by the gateway -----------------------------------------------------------
     async def request(
-        self, method: str, params: Mapping[str, Any], timeout_s: float, on_progress: ProgressFn | None = None
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        timeout_s: float,
+        on_progress: ProgressFn | None = None,
+        fail: Fail | None = None,
     ) -> dict[str, Any]:
         """Send one request and wait for its result dict.
+
+        `fail(exc, method, timeout_s)`, when given, turns each failure below (`MCPError`,
+        `TimeoutError`, `ChannelClosed`) into the exception raised instead (the `Upstream`'s own
+        errors naming the server), so the caller needs no coroutine of its own around this one.
 
         Raises:
             MCPError: the server answered with a JSON-RPC error.
@@ -122,6 +133,8 @@ class FastChannel:
             InvalidParams: the params cannot be serialized (nothing was sent; not the server's fault).
         """
         if self._closed or self._writer.is_closing():
+            if fail is not None:
+                raise fail(ChannelClosed(), method, timeout_s)
             raise ChannelClosed()
         self._next += 1
         rid = f"{ID_PREFIX}{self._next}"
@@ -152,7 +165,7 @@ class FastChannel:
                 if relays:
                     await asyncio.wait(relays, timeout=PROGRESS_DRAIN_S)
             return result
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError) as exc:
             # Tell the server to stop (MCP cancellation, basic/utilities/cancellation).
             with contextlib.suppress(Exception):
                 reason = "cancelled by the client" if fut.cancelled() or not fut.done() else "timed out"
@@ -163,8 +176,20 @@ class FastChannel:
                         "params": {"requestId": rid, "reason": reason},
                     }
                 )
+            if fail is not None and isinstance(exc, TimeoutError):
+                raise fail(exc, method, timeout_s) from None
+            raise
+        except MCPError as exc:
+            if fail is not None:
+                raise fail(exc, method, timeout_s) from None
+            raise
+        except ChannelClosed as exc:
+            if fail is not None:
+                raise fail(exc, method, timeout_s) from None
             raise
         except (BrokenPipeError, ConnectionResetError, RuntimeError) as exc:
+            if fail is not None:
+                raise fail(ChannelClosed(), method, timeout_s) from None
             raise ChannelClosed() from exc
         finally:
             timer.cancel()

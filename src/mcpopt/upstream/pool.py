@@ -215,7 +215,7 @@ class ServerPool:
     @property
     def busy(self) -> int:
         """Requests in flight or waiting for a slot now."""
-        return self._active
+        return self._active + self._waiting
 
     @property
     def last_activity(self) -> float:
@@ -549,32 +549,22 @@ class ServerPool:
                 call was not safe to repeat, or every attempt failed.
             MCPError: the server's own JSON-RPC error, passed on as it is.
         """
-        meta = call.params.get("_meta")
+        params = call.params
+        meta = params.get("_meta")
+        pin = None
         if meta and PIN_META_KEY in meta:
-            return self._call_pinned(call, meta)
+            params, pin = self._unpin(params, meta)
+        info = call.info
         return self._invoke(
-            "tools/call",
-            call.params,
-            call.on_progress,
-            tool=call.tool,
-            safe=bool(call.info.read_only or call.info.idempotent),
-            session=call.session_id or call.partition,
-            timeout_s=None,
-            attrs=call.attrs,
-        )
-
-    async def _call_pinned(self, call: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
-        params, pin = self._unpin(call.params, meta)
-        return await self._invoke(
             "tools/call",
             params,
             call.on_progress,
-            tool=call.tool,
-            safe=bool(call.info.read_only or call.info.idempotent),
-            session=call.session_id or call.partition,
-            timeout_s=None,
-            attrs=call.attrs,
-            pin=pin,
+            call.tool,
+            bool(info.read_only or info.idempotent),
+            call.session_id or call.partition,
+            None,
+            call.attrs,
+            pin,
         )
 
     def _unpin(self, params: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -618,15 +608,8 @@ class ServerPool:
         if method in _BROADCAST:
             return await self._broadcast(method, params)
         tool = params.get("name") if method == "tools/call" and params else None
-        return await self._invoke(
-            method,
-            params,
-            on_progress,
-            tool=tool if isinstance(tool, str) else None,
-            safe=method in SAFE_METHODS,
-            session="",
-            timeout_s=timeout_s,
-        )
+        tool = tool if isinstance(tool, str) else None
+        return await self._invoke(method, params, on_progress, tool, method in SAFE_METHODS, "", timeout_s)
 
     async def _broadcast(self, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
         result: dict[str, Any] | None = None
@@ -645,48 +628,60 @@ class ServerPool:
             return result
         raise error or self._no_replica(method)
 
-    async def _invoke(
+    def _invoke(
         self,
         method: str,
         params: Mapping[str, Any] | None,
         on_progress: ProgressFn | None,
-        *,
         tool: str | None,
         safe: bool,
         session: str,
         timeout_s: float | None,
         attrs: dict[str, Any] | None = None,
         pin: int | None = None,
+    ) -> Awaitable[dict[str, Any]]:
+        """The call's awaitable: `_attempts` itself, behind a concurrency slot when `max_concurrency`
+        is set (`_limited`). `attrs` (a ToolCall's) receives `queue_ms` (waiting for a slot),
+        `upstream_ms` (time in sends, all attempts; when none was sent, the time spent trying),
+        `retries` and `replica` (1-based), for telemetry: the gateway's pipeline needs no timer
+        around its terminal. `pin`: the only replica (0-based) the call may go to."""
+        if self._sem is None:
+            return self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
+        return self._limited(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
+
+    async def _limited(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        on_progress: ProgressFn | None,
+        tool: str | None,
+        safe: bool,
+        session: str,
+        timeout_s: float | None,
+        attrs: dict[str, Any] | None,
+        pin: int | None,
     ) -> dict[str, Any]:
-        """`attrs` (a ToolCall's) receives `queue_ms` (waiting for a slot), `upstream_ms` (time in
-        sends, all attempts), `retries` and `replica` (1-based), for telemetry. `pin`: the only
-        replica (0-based) the call may go to."""
-        self._active += 1
-        self._last_activity = time.monotonic()
-        try:
-            sem = self._sem
-            if sem is None:
-                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
-            if sem.locked():
-                if self._waiting >= self.cfg.max_queue:
-                    raise self._rejected(method, tool)
-                self._waiting += 1
-                queued = time.perf_counter()
-                try:
-                    await sem.acquire()
-                finally:
-                    self._waiting -= 1
-                    if attrs is not None:
-                        attrs["queue_ms"] = (time.perf_counter() - queued) * 1000
-            else:
-                await sem.acquire()
-            try:
-                return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
-            finally:
-                sem.release()
-        finally:
-            self._active -= 1
+        """`_attempts` within one of `max_concurrency` slots; at most `max_queue` calls wait for one."""
+        sem = self._sem
+        assert sem is not None
+        if sem.locked():
+            if self._waiting >= self.cfg.max_queue:
+                raise self._rejected(method, tool)
+            self._waiting += 1
             self._last_activity = time.monotonic()
+            queued = time.perf_counter()
+            try:
+                await sem.acquire()
+            finally:
+                self._waiting -= 1
+                if attrs is not None:
+                    attrs["queue_ms"] = (time.perf_counter() - queued) * 1000
+        else:
+            await sem.acquire()
+        try:
+            return await self._attempts(method, params, on_progress, tool, safe, session, timeout_s, attrs, pin)
+        finally:
+            sem.release()
 
     async def _attempts(
         self,
@@ -710,61 +705,71 @@ class ServerPool:
         replicas (or none) are available it first sleeps `backoff_s`. A timed-out call is
         retried only by failing over (the same replica would likely time out again).
         """
-        if not self._live:
-            await self.ensure_started()
-        elif self._primary() is None:  # starting (returns at once when every replica's first attempt settled)
-            await self._await_any_ready(self.cfg.startup_timeout_ms / 1000)
-        retry = self.cfg.retry
-        key = tool if tool is not None else method
-        tried: list[int] = []
-        sent_error: GatewayError | None = None
-        last: GatewayError | None = None
-        for attempt in range(retry.attempts):
-            if pin is not None:
-                r = self._pinned(pin)
-                if attempt and r is not None:
+        self._active += 1
+        self._last_activity = entered = time.monotonic()
+        try:
+            if not self._live:
+                await self.ensure_started()
+            elif self._primary() is None:  # starting (returns at once when every replica's first attempt settled)
+                await self._await_any_ready(self.cfg.startup_timeout_ms / 1000)
+            retry = self.cfg.retry
+            key = tool if tool is not None else method
+            tried: list[int] = []
+            sent_error: GatewayError | None = None
+            last: GatewayError | None = None
+            for attempt in range(retry.attempts):
+                if pin is not None:
+                    r = self._pinned(pin)
+                    if attempt and r is not None:
+                        await anyio.sleep(backoff_s(attempt, retry.initial_backoff_ms, retry.max_backoff_ms))
+                    if r is None:
+                        last = self._pin_unavailable(pin)
+                        continue
+                    try:
+                        if attrs is not None:
+                            attrs["retries"] = attempt
+                            attrs["replica"] = r.index + 1
+                        return await self._send(r, method, params, timeout_s, on_progress, key, attrs)
+                    except GatewayError as exc:
+                        last = exc
+                        if not may_retry(exc, safe):
+                            raise
+                        continue
+                r = self.router.pick(self.replicas, key, session, tried)
+                if attempt and (r is None or r.index in tried):
+                    if isinstance(last, UpstreamTimeout):
+                        break
                     await anyio.sleep(backoff_s(attempt, retry.initial_backoff_ms, retry.max_backoff_ms))
+                    r = self.router.pick(self.replicas, key, session, tried)
                 if r is None:
-                    last = self._pin_unavailable(pin)
+                    last = self._no_replica(method)
                     continue
+                timeout = timeout_s
+                if timeout is None and self.timeouts is not None:
+                    timeout = self.timeouts.timeout_s(key)
+                if attrs is not None:
+                    attrs["retries"] = attempt
+                    attrs["replica"] = r.index + 1
                 try:
-                    if attrs is not None:
-                        attrs["retries"] = attempt
-                        attrs["replica"] = r.index + 1
-                    return await self._send(r, method, params, timeout_s, on_progress, key, attrs)
+                    return await self._send(r, method, params, timeout, on_progress, key, attrs)
                 except GatewayError as exc:
-                    last = exc
+                    last = sent_error = exc
                     if not may_retry(exc, safe):
                         raise
-                    continue
-            r = self.router.pick(self.replicas, key, session, tried)
-            if attempt and (r is None or r.index in tried):
-                if isinstance(last, UpstreamTimeout):
-                    break
-                await anyio.sleep(backoff_s(attempt, retry.initial_backoff_ms, retry.max_backoff_ms))
-                r = self.router.pick(self.replicas, key, session, tried)
-            if r is None:
-                last = self._no_replica(method)
-                continue
-            timeout = timeout_s
-            if timeout is None and self.timeouts is not None:
-                timeout = self.timeouts.timeout_s(key)
-            if attrs is not None:
-                attrs["retries"] = attempt
-                attrs["replica"] = r.index + 1
-            try:
-                return await self._send(r, method, params, timeout, on_progress, key, attrs)
-            except GatewayError as exc:
-                last = sent_error = exc
-                if not may_retry(exc, safe):
-                    raise
-                tried.append(r.index)
-                if attempt + 1 < retry.attempts:
-                    logger.info("%s; retrying (attempt %d of %d)", exc, attempt + 2, retry.attempts)
-        assert last is not None
-        if isinstance(last, NoReplicaAvailable) and sent_error is not None:
-            raise sent_error  # what actually happened beats "no replica left to retry on"
-        raise last
+                    tried.append(r.index)
+                    if attempt + 1 < retry.attempts:
+                        logger.info("%s; retrying (attempt %d of %d)", exc, attempt + 2, retry.attempts)
+            assert last is not None
+            if isinstance(last, NoReplicaAvailable) and sent_error is not None:
+                raise sent_error  # what actually happened beats "no replica left to retry on"
+            raise last
+        finally:
+            self._active -= 1
+            self._last_activity = now = time.monotonic()
+            if attrs is not None and "upstream_ms" not in attrs:
+                # No attempt was sent (no replica, a start that failed): the time spent waiting for
+                # one is the upstream's, as an `UpstreamTimer` around the pool would have counted it.
+                attrs["upstream_ms"] = (now - entered) * 1000
 
     async def _send(
         self,

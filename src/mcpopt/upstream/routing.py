@@ -312,6 +312,9 @@ class Router:
             The chosen `Replica`, or None when no replica is ready with a breaker that allows a
             call. The caller sends the call and updates `inflight`, the EWMAs and the breaker.
         """
+        if len(replicas) == 1 and not (tool is not None and self.sticky_tools):
+            only = replicas[0]  # one replica, nothing sticky: it or none (what the general case gives)
+            return only if only.target.state == "ready" and only.breaker.allows() else None
         cands = [r for r in replicas if r.target.state == "ready" and r.breaker.allows()]
         if not cands:
             return None

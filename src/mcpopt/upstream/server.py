@@ -406,17 +406,20 @@ class Upstream:
             raise UpstreamUnavailable(f"{self.label} is unavailable ({self.state}){why}", server=self.name)
         return session
 
-    async def request(
+    def request(
         self,
         method: str,
         params: Mapping[str, Any] | None,
         *,
         timeout_s: float | None = None,
         on_progress: ProgressFn | None = None,
-    ) -> dict[str, Any]:
-        """Send one request as raw JSON-RPC params and return the raw result dict.
+    ) -> Awaitable[dict[str, Any]]:
+        """Send one request as raw JSON-RPC params; the awaitable of the raw result dict.
 
-        This is the forwarding hot path: nothing is re-validated that is only passed on.
+        This is the forwarding hot path: nothing is re-validated that is only passed on. On a stdio
+        side channel it returns the channel's own coroutine (no frame of this method in the call's
+        stack), the channel translating its failures with `_fail`. Callers await it at once (an
+        unavailable server raises on the call itself).
 
         A `_meta` `io.modelcontextprotocol/clientCapabilities` in `params` is the calling client's
         own: a 2026-07-28 server gets it in place of the session's (so it asks only for what that
@@ -434,59 +437,65 @@ class Upstream:
         assert send is not None and stamp is not None
         timeout = timeout_s or self.timeout_s
         fast = self._fast
+        out: Mapping[str, Any]
         if fast is not None and not self._modern:
             # A handshake-era session's stamp only sets HTTP headers the side channel sets itself:
             # the params go as they are (no copy), unless they carry a 2026-07-28 client's
             # capabilities, which are not this era's to send.
-            legacy = params or {}
-            meta = legacy.get("_meta")
+            out = params or {}
+            meta = out.get("_meta")
             if isinstance(meta, dict) and CLIENT_CAPABILITIES_META_KEY in meta:
-                legacy = {**legacy, "_meta": {k: v for k, v in meta.items() if k != CLIENT_CAPABILITIES_META_KEY}}
-            try:
-                return await fast.request(method, legacy, timeout, on_progress)
-            except MCPError as exc:
-                raise self._cut_off(exc, method, timeout) from None
-            except TimeoutError:
-                raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
-            except ChannelClosed:
-                raise self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout) from None
-        if type(fast) is FastChannel and method not in TASK_ROUTED_METHODS:
+                out = {**out, "_meta": {k: v for k, v in meta.items() if k != CLIENT_CAPABILITIES_META_KEY}}
+        elif type(fast) is FastChannel and method not in TASK_ROUTED_METHODS:
             # 2026-07-28 on a stdio side channel: the stamp's `_meta` keys, without its HTTP headers (a
             # pipe sends none; the HTTP side channel stamps its own below).
             stamped = self._stamped
             if stamped is None or stamped.stamp is not stamp:
                 stamped = self._stamped = StampedMeta(stamp)
-            try:
-                return await fast.request(method, stamped.merge(params), timeout, on_progress)
-            except MCPError as exc:
-                raise self._cut_off(exc, method, timeout) from None
-            except TimeoutError:
-                raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
-            except ChannelClosed:
-                raise self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout) from None
-        data: dict[str, Any] = {"method": method, "params": dict(params) if params else {}}
-        meta = data["params"].get("_meta")
-        if isinstance(meta, dict):
-            meta = data["params"]["_meta"] = dict(meta)  # the stamp writes into it: never the caller's
-            if not self._modern:
-                meta.pop(CLIENT_CAPABILITIES_META_KEY, None)
-        opts: dict[str, Any] = {"timeout": timeout}
-        stamp(data, opts)  # the era's envelope: 2026-07-28 `_meta` keys, or nothing
-        if fast is not None:
-            try:
-                return await fast.request(method, data["params"], timeout, on_progress)
-            except MCPError as exc:
-                raise self._cut_off(exc, method, timeout) from None
-            except TimeoutError:
-                raise self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout) from None
-            except ChannelClosed:
-                raise self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout) from None
-        if on_progress is not None:
-            opts["on_progress"] = on_progress
+            out = stamped.merge(params)
+        else:
+            data: dict[str, Any] = {"method": method, "params": dict(params) if params else {}}
+            meta = data["params"].get("_meta")
+            if isinstance(meta, dict):
+                meta = data["params"]["_meta"] = dict(meta)  # the stamp writes into it: never the caller's
+                if not self._modern:
+                    meta.pop(CLIENT_CAPABILITIES_META_KEY, None)
+            opts: dict[str, Any] = {"timeout": timeout}
+            stamp(data, opts)  # the era's envelope: 2026-07-28 `_meta` keys, or nothing
+            if fast is None:
+                if on_progress is not None:
+                    opts["on_progress"] = on_progress
+                return self._via_session(send, method, data["params"] or None, opts, timeout)
+            out = data["params"]
+        if type(fast) is FastChannel:
+            return fast.request(method, out, timeout, on_progress, self._fail)
+        return self._via_channel(fast, method, out, timeout, on_progress)
+
+    async def _via_channel(
+        self, fast: Any, method: str, params: Mapping[str, Any], timeout: float, on_progress: ProgressFn | None
+    ) -> dict[str, Any]:
+        """A side channel without a failure hook (HTTP): its failures translated here."""
         try:
-            return await send(method, data["params"] or None, opts)
+            return await fast.request(method, params, timeout, on_progress)
+        except (MCPError, TimeoutError, ChannelClosed) as exc:
+            raise self._fail(exc, method, timeout) from None
+
+    async def _via_session(
+        self, send: Callable[..., Awaitable[dict[str, Any]]], method: str, params: Any, opts: Any, timeout: float
+    ) -> dict[str, Any]:
+        try:
+            return await send(method, params, opts)
         except MCPError as exc:
             raise self._translate(exc, method, timeout) from None
+
+    def _fail(self, exc: Exception, method: str, timeout_s: float) -> Exception:
+        """What a side channel's failure means for the gateway: a JSON-RPC error the server sent
+        (`_cut_off`), an `UpstreamTimeout` for `TimeoutError`, an `UpstreamClosed` for `ChannelClosed`."""
+        if isinstance(exc, MCPError):
+            return self._cut_off(exc, method, timeout_s)
+        if isinstance(exc, TimeoutError):
+            return self._translate(MCPError(code=REQUEST_TIMEOUT, message="timeout"), method, timeout_s)
+        return self._translate(MCPError(code=CONNECTION_CLOSED, message="closed"), method, timeout_s)
 
     async def call(self, call: Any) -> dict[str, Any]:
         """Send a pipeline `ToolCall` (the single-replica terminal; `ServerPool` routes replicas)."""
