@@ -157,3 +157,47 @@ def test_header_map_is_built_once_per_header_list_and_keeps_the_first_value() ->
     trimmed = {**scope, "headers": [(b"host", b"c")]}
     assert header_map(trimmed) == {b"host": b"c"}
     assert header_map({"type": "http"}) == {}
+
+
+async def test_a_cancel_absorbed_by_a_call_that_then_fails_is_withdrawn_from_the_serving_task() -> None:
+    """A client's cancel that the call absorbs (an upstream adapter turning it into its own failure)
+    and a call that then fails: the answer is that failure's error (never code 0), and the serving
+    task is left with no cancel request, as after a call that succeeds. The failure is a stand-in
+    gateway: no real upstream absorbs a cancel and then fails on demand."""
+    from types import SimpleNamespace
+
+    import orjson
+
+    from mcpopt.errors import UpstreamClosed
+    from mcpopt.gateway.http_front import _Exchange
+
+    sent: list[dict[str, Any]] = []
+    started = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    class AbsorbsThenFails:
+        async def call_tool(self, params: Any, link: Any) -> Any:
+            started.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+            raise UpstreamClosed("the upstream closed its pipe", server="demo")
+
+    conn = SimpleNamespace(protocol_version="2025-06-18", session_id="s1", outbound=None)
+    exchange = _Exchange(send, b"s1", 7, conn, transport=None)  # type: ignore[arg-type]
+
+    async def serve() -> int:
+        await exchange.run(AbsorbsThenFails(), {"name": "demo__t", "arguments": {}}, "")  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    serving_task = asyncio.ensure_future(serve())
+    await started.wait()
+    exchange.cancel()
+    assert await serving_task == 0
+    answer = orjson.loads(sent[-1]["body"])
+    assert answer["id"] == 7
+    assert answer["error"]["code"] == UpstreamClosed.code != 0
+    assert answer["error"]["data"] == {"server": "demo"}

@@ -336,6 +336,10 @@ class _Exchange:
                 "error": {"code": REQUEST_CANCELLED, "message": "Request cancelled"},
             }
         except Exception as exc:  # noqa: BLE001 - that call's error (-32602/-32603, never code 0 or internals)
+            if self.cancelled and task is not None:
+                # The call absorbed the client's cancel and then failed: withdraw the request as on
+                # success, or a later timeout scope in this task (the drain below) would misread it.
+                task.uncancel()
             message = {"jsonrpc": "2.0", "id": self.rid, "error": faults.error_for(exc, self.what)}
             if isinstance(exc, MCPError):
                 status, headers = _refusal_status(exc, self.metadata_url)
