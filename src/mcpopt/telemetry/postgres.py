@@ -26,7 +26,7 @@ from typing import Any
 
 from mcpopt.telemetry.record import CallRecord
 from mcpopt.telemetry.sinks import ThreadedSink
-from mcpopt.telemetry.store import FIELDS, Store, _column
+from mcpopt.telemetry.store import FIELDS, Store, column_sql
 
 _PG_TYPES = {"REAL": "DOUBLE PRECISION", "INTEGER": "BIGINT", "TEXT": "TEXT"}
 _BOOL = {
@@ -44,7 +44,7 @@ def is_postgres_url(target: object) -> bool:
 
 
 def _pg_column(name: str) -> str:
-    _, kind, *rest = _column(name).split(" ")  # e.g. "ts REAL NOT NULL"
+    _, kind, *rest = column_sql(name).split(" ")  # e.g. "ts REAL NOT NULL"
     pg = "BOOLEAN" if name in _BOOL else _PG_TYPES.get(kind, "TEXT")
     return " ".join([name, pg, *rest])
 

@@ -41,7 +41,13 @@ _TYPES = {
 }
 
 
-def _column(name: str) -> str:
+def column_sql(name: str) -> str:
+    """The SQL column definition of the `CallRecord` field `name`, e.g. `"ts REAL NOT NULL"`
+    (SQLite affinities; `telemetry.postgres` maps them to PostgreSQL types).
+
+    Raises:
+        KeyError: `name` is not a `CallRecord` field.
+    """
     kind = _TYPES.get(name)
     if kind is None:
         hint = CallRecord.__annotations__[name]
@@ -51,7 +57,7 @@ def _column(name: str) -> str:
 
 
 _CREATE = [
-    f"CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, {', '.join(_column(f) for f in FIELDS)})",
+    f"CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, {', '.join(column_sql(f) for f in FIELDS)})",
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts)",
     "CREATE INDEX IF NOT EXISTS calls_tool ON calls(server, tool, ts)",
     "CREATE INDEX IF NOT EXISTS calls_session ON calls(session, seq)",
@@ -106,7 +112,7 @@ class Store:
                 have = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
                 for name in FIELDS:
                     if name not in have:
-                        self.db.execute(f"ALTER TABLE calls ADD COLUMN {_column(name)}")
+                        self.db.execute(f"ALTER TABLE calls ADD COLUMN {column_sql(name)}")
                 self.db.execute(
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
