@@ -207,3 +207,60 @@ async def test_a_cancel_absorbed_by_a_call_that_then_fails_is_withdrawn_from_the
     assert answer["id"] == 7
     assert answer["error"]["code"] == UpstreamClosed.code != 0
     assert answer["error"]["data"] == {"server": "demo"}
+
+
+async def test_a_pinger_started_while_the_answer_waits_on_a_request_is_stopped_with_the_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call whose upstream's request on the stream (e.g. roots/list) is still out when it returns
+    waits for that answer; the ping timer may start the call's pinger meanwhile. Once the response
+    ends the stream, that pinger is cancelled at once, not left to sleep `PING_S` (1 h here) and
+    exit. The gateway is a stand-in: the ordering (a ping due exactly during that wait) cannot be
+    produced on demand with a real upstream."""
+    from types import SimpleNamespace
+
+    import orjson
+
+    from mcpopt.gateway import http_front
+    from mcpopt.gateway.http_front import _Exchange
+
+    monkeypatch.setattr(http_front, "PING_S", 3600.0)
+    sent: list[dict[str, Any]] = []
+    returned = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    conn = SimpleNamespace(protocol_version="2025-06-18", session_id="s1", outbound=None)
+    exchange = _Exchange(send, b"s1", 9, conn, transport=None)  # type: ignore[arg-type]
+
+    class ReturnsWithARequestOut:
+        async def call_tool(self, params: Any, link: Any) -> Any:
+            exchange.asking = 1  # as `send_raw_request` leaves it while the client has not answered
+            exchange.answered = asyncio.Event()
+            returned.set()
+            return {"content": [], "isError": False}
+
+    serving = asyncio.ensure_future(exchange.run(ReturnsWithARequestOut(), {"name": "demo__t"}, ""))  # type: ignore[arg-type]
+    await returned.wait()  # the serving task now waits in the drain: nothing resumes it but `answered`
+    assert not serving.done()
+    exchange.start_pinger()  # what `HttpFront._ping_due` does for a call silent for `PING_S`
+    pinger = exchange.pinger
+    assert pinger is not None
+    for _ in range(100):
+        if any(b": ping" in m.get("body", b"") for m in sent):
+            break
+        await asyncio.sleep(0)
+    assert any(b": ping" in m.get("body", b"") for m in sent), sent
+    exchange.asking = 0
+    exchange.answered.set()
+    try:
+        await serving
+        last = sent[-1]
+        assert last["more_body"] is False
+        assert orjson.loads(last["body"].split(b"data: ", 1)[1])["id"] == 9
+        assert pinger.cancelling() or pinger.done(), "the pinger outlives the answer"
+    finally:
+        pinger.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pinger

@@ -350,13 +350,19 @@ class _Exchange:
         finally:
             if self.pinger is not None:
                 self.pinger.cancel()
-        if self.asking and self.answered is not None:
-            # A request the upstream sent on this call's stream (e.g. roots/list) is still out: the
-            # stream ends with the response, so the response waits for its answer (bounded).
-            with anyio.move_on_after(ASK_DRAIN_S):
-                await self.answered.wait()
-        await self._unroute()
-        await self._finish(message, status, headers)
+        try:
+            if self.asking and self.answered is not None:
+                # A request the upstream sent on this call's stream (e.g. roots/list) is still out: the
+                # stream ends with the response, so the response waits for its answer (bounded).
+                with anyio.move_on_after(ASK_DRAIN_S):
+                    await self.answered.wait()
+            await self._unroute()
+            await self._finish(message, status, headers)
+        finally:
+            if self.pinger is not None:
+                # The ping timer may have started one during the drain (it keeps that wait alive);
+                # the stream has ended, so stop it now rather than after its next `PING_S` sleep.
+                self.pinger.cancel()
 
     def cancel(self) -> None:
         """The client cancelled the call: interrupt `Gateway.call_tool` (answered -32800)."""
