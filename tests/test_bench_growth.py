@@ -40,3 +40,23 @@ def test_catalog_server_lists_the_catalogs_tools() -> None:
     tools = catalog_tools(CATALOG)
     assert len(tools) == len({t["name"] for t in tools}) == 527
     assert all("__" in t["name"] and t["inputSchema"] for t in tools)
+
+
+def test_alternate_times_every_server_count_at_once() -> None:
+    """`--alternate N`: every server count's gateway runs at once and each gets N timed calls,
+    none failed, with its own CPU per call; rows in the order of `--servers`."""
+    args = ["bench", "growth", "--servers", "1,2", "--clients", "1", "--seconds", "0.5", "--rate", "50"]
+    done = subprocess.run(
+        [MCPOPT, *args, "--lists", "2", "--alternate", "12", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)["servers_alternated"]
+    assert [r["path"] for r in rows] == ["1 server", "2 servers"]
+    for r in rows:
+        assert r["calls"] == 12 and r["errors"] == 0
+        # CPU is psutil's (10 ms ticks): 12 short calls may well read 0; present is what is checked.
+        assert r["p50_ms"] > 0 and r["cpu_us_per_call"] is not None and r["cpu_us_per_call"] >= 0

@@ -245,6 +245,8 @@ class Growth:
     load: tuple[float, float, float] = (0.0, 0.0, 0.0)
     rate: float = 0.0
     start_rss_mib: dict[int, float] = field(default_factory=dict)
+    servers_alternated: list[dict[str, Any]] = field(default_factory=list)
+    """`mcpopt.bench.growth_servers.alternate_servers`' rows (`PathResult` as a dict), when run."""
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -376,7 +378,7 @@ async def serving(config: Path) -> AsyncIterator[tuple[int, psutil.Process]]:
         yield port, psutil.Process(gw.pid)
 
 
-async def _ready(port: int, timeout_s: float = 120) -> None:
+async def wait_ready(port: int, timeout_s: float = 120) -> None:
     """Wait until `/healthz` says every upstream is ready (without listing anything: the first
     measured `tools/list` is then the one that builds the list)."""
     deadline = time.monotonic() + timeout_s
@@ -412,7 +414,7 @@ async def run_growth(
         tmp = Path(d)
         for n in servers:
             async with serving(gateway_config(n, tmp, max(clients))) as (port, proc):
-                await _ready(port)
+                await wait_ready(port)
                 out.start_rss_mib[n] = proc.memory_info().rss / 2**20
                 out.lists.append(await measure_lists(port, proc, n, list_requests))
                 for c in clients:
@@ -420,7 +422,7 @@ async def run_growth(
         for n in catalog_servers or ([1, 6] if catalog is not None else []):
             assert catalog is not None
             async with serving(catalog_config(n, tmp, catalog)) as (port, proc):
-                await _ready(port)
+                await wait_ready(port)
                 row = await measure_lists(port, proc, n, list_requests)
                 row.kind = "catalog"
                 out.lists.append(row)
@@ -482,6 +484,25 @@ def report(g: Growth, as_json: bool = False) -> None:
             f"{call.idle_session_kib:.1f}",
         )
     console.print(t)
+    if g.servers_alternated:
+        rows = g.servers_alternated
+        t = Table(title="tools/call s0__echo, one client per gateway, every server count at once, alternated")
+        for col in ("gateway", "calls", "errors", "p50 ms", "p95 ms", "p99 ms", "p50 vs first", "gateway CPU us/call"):
+            t.add_column(col, justify="right")
+        first = rows[0]["p50_ms"]
+        for r in rows:
+            cpu = r.get("cpu_us_per_call")
+            t.add_row(
+                r["path"],
+                str(r["calls"]),
+                str(r["errors"]),
+                f"{r['p50_ms']:.3f}",
+                f"{r['p95_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
+                f"{(r['p50_ms'] / first - 1) * 100:+.1f}%",
+                "-" if cpu is None else f"{cpu:.0f}",
+            )
+        console.print(t)
     starts = ", ".join(f"{n} servers {mib:.0f} MiB" for n, mib in g.start_rss_mib.items())
     console.print(f"gateway RSS once ready: {starts}")
     console.print(f"load average at the end: {g.load[0]:.2f} {g.load[1]:.2f} {g.load[2]:.2f} ({os.cpu_count()} cores)")

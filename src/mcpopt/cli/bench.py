@@ -180,17 +180,28 @@ def bench_growth_cmd(
     catalog: str = typer.Option(
         "", "--catalog", help="A LiveMCPBench tools.json: also time lists of 527 and 3,162 real tool definitions."
     ),
+    alternate: int = typer.Option(
+        0,
+        "--alternate",
+        help="Also time this many tools/call per server count with every count's gateway running at once, "
+        "alternated (call p50 against servers on the same machine state). 0: off.",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run."""
+    import os
+    import tempfile
+    from dataclasses import asdict
     from pathlib import Path
 
     from mcpopt.bench.growth import plot, report, run_growth
+    from mcpopt.bench.growth_servers import alternate_servers
 
     install_reaper()
+    sizes = [int(x) for x in servers.split(",")]
     result = run(
         run_growth(
-            [int(x) for x in servers.split(",")],
+            sizes,
             [int(x) for x in clients.split(",")],
             rate=rate,
             seconds=seconds,
@@ -198,6 +209,11 @@ def bench_growth_cmd(
             catalog=Path(catalog) if catalog else None,
         )
     )
+    if alternate > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run(alternate_servers(sizes, Path(tmp), calls=alternate))
+        result.servers_alternated = [asdict(r) for r in rows]
+        result.load = os.getloadavg()  # the report prints it as the load "at the end"
     report(result, as_json)
     if png:
         plot(result, Path(png))
