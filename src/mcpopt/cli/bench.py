@@ -180,9 +180,16 @@ def bench_growth_cmd(
     catalog: str = typer.Option(
         "", "--catalog", help="A LiveMCPBench tools.json: also time lists of 527 and 3,162 real tool definitions."
     ),
+    park_ms: int = typer.Option(
+        10_000,
+        "--park-ms",
+        min=0,
+        help="The gateway's session_park_ms: idle sessions park after this (ms; 0: never, no parked figures).",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run."""
+    """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run
+    (memory per idle session open, and once parked)."""
     from pathlib import Path
 
     from mcpopt.bench.growth import plot, report, run_growth
@@ -196,6 +203,7 @@ def bench_growth_cmd(
             seconds=seconds,
             list_requests=list_requests,
             catalog=Path(catalog) if catalog else None,
+            park_ms=park_ms,
         )
     )
     report(result, as_json)
