@@ -20,10 +20,13 @@ server-memory in turn, so the catalog grows as a real deployment's does) a fresh
   - *parked, RSS kept*: once `/healthz` (`sessions: {open, parked, ...}`) says all of them parked,
     and 1 s to settle, the same RSS growth over them: what the OS still sees after the burst,
     the freed SDK machinery the allocator keeps included;
-  - *parked, each more*: as many sessions again are opened and left to park; the RSS they add,
-    the first batch's freed memory being there to reuse: their records and what fragmentation
-    costs (`scripts/bench_parking.py` measures the same with sessions parking while others open).
-    That second batch is then deleted.
+  - *parked, arriving in waves*: on a second, fresh gateway (same servers, `WAVE_PARK_MS`), as
+    many sessions arrive `WAVE` at a time, each wave opened once `/healthz` says the previous
+    ones parked; the RSS growth over them once all parked and settled. At most a wave holds the
+    SDK machinery at once, and a first wave opened, parked and deleted before leaves it to reuse,
+    so this is what a parked session itself costs (its record and the fragmentation around it),
+    as `scripts/bench_parking.py` measures it; on the first gateway the burst's freed memory
+    would absorb it instead (which is why it is not measured there).
 
   A parked figure is only given when the gateway said they all parked; otherwise it is `None`
   ("not parked (parked/clients)"). Then every client reconnects (resuming its parked session,
@@ -72,6 +75,10 @@ PARK_MS = 10_000
 """The benchmark gateway's `gateway.http.session_park_ms` by default (ms): above the ~5 s 1,000
 clients take to open on a loaded 2-core machine and the 5 s between one client's calls at 1,000
 clients and 200 calls/s, so neither the open figure nor the calls see parked sessions."""
+WAVE = 50
+"""Sessions per wave of the arriving-in-waves figure."""
+WAVE_PARK_MS = 500
+"""The waves gateway's `session_park_ms` (ms): each wave parks within about 1 s."""
 SETTLE_S = 1.0
 """Seconds between the gateway saying the sessions parked and the RSS read (as bench_parking)."""
 NODE_MODULES = ROOT / "node_modules" / "@modelcontextprotocol"
@@ -102,9 +109,9 @@ def server_entry(i: int, tmp: Path) -> dict[str, Any]:
 
 
 def gateway_config(n: int, tmp: Path, max_clients: int, park_ms: int = 0) -> Path:
-    """The gateway's config file for `n` servers with room for twice `max_clients` sessions (the
-    parked second batch), sessions parked after `park_ms` idle (0: never)."""
-    room = 2 * max_clients + 64
+    """The gateway's config file for `n` servers with room for `max_clients` sessions, sessions
+    parked after `park_ms` idle (0: never)."""
+    room = max_clients + 64
     data = {
         "mcpServers": {f"s{i}": server_entry(i, tmp) for i in range(n)},
         "gateway": {
@@ -118,7 +125,7 @@ def gateway_config(n: int, tmp: Path, max_clients: int, park_ms: int = 0) -> Pat
             "telemetry": {"data_dir": str(tmp / "telemetry")},
         },
     }
-    path = tmp / f"growth-{n}.json"
+    path = tmp / f"growth-{n}-{park_ms}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
@@ -273,10 +280,10 @@ class CallFigures:
     """How many of them `/healthz` said were parked when the parked figures were read."""
     parked_session_kib: float | None = None
     """Per parked idle session, RSS kept: the same RSS growth once they all parked and settled."""
-    parked_more_kib: float | None = None
-    """Per parked idle session, each more: RSS a second batch of `clients` sessions adds once parked."""
-    parked_more: int = 0
-    """How many of the second batch `/healthz` said were parked then."""
+    parked_waves_kib: float | None = None
+    """Per parked idle session, arriving in waves (`WAVE` at a time, on a fresh gateway)."""
+    parked_waves: int = 0
+    """How many of those `/healthz` said were parked then."""
     calls_resumed: int = 0
     """Parked sessions the timed calls resumed (`/healthz` `resumes`): 0 unless `park_ms` is too short."""
 
@@ -403,19 +410,10 @@ async def measure_clients(
 
     # Parked: the same sessions once the gateway says they all parked, then a second batch.
     parked = await wait_parked(port, base, clients, park_ms)
-    parked_kib = more_kib = None
-    more_parked = 0
+    parked_kib = None
     if parked >= clients:
         await asyncio.sleep(SETTLE_S)
-        rss2 = proc.memory_info().rss
-        parked_kib = (rss2 - rss0) / clients / 1024
-        after = await session_counts(port)
-        more = await open_idle(port, clients)
-        more_parked = await wait_parked(port, after, clients, park_ms)
-        if more_parked >= clients:
-            await asyncio.sleep(SETTLE_S)
-            more_kib = (proc.memory_info().rss - rss2) / clients / 1024
-        await _gather_limited([s.delete() for s in more])
+        parked_kib = (proc.memory_info().rss - rss0) / clients / 1024
 
     name, args = WORK_TOOL
     params = {"name": name, "arguments": args}
@@ -475,10 +473,32 @@ async def measure_clients(
         idle_open,
         max(0, parked),
         parked_kib,
-        more_kib,
-        max(0, more_parked),
-        resumed,
+        calls_resumed=resumed,
     )
+
+
+async def measure_parked_waves(port: int, proc: psutil.Process, clients: int) -> tuple[float | None, int]:
+    """RSS growth per parked session (KiB) when `clients` sessions arrive `WAVE` at a time, each
+    wave opened once `/healthz` says every earlier one parked (the gateway parks after
+    `WAVE_PARK_MS`); the sessions are deleted after.
+
+    Returns `(KiB per session, parked)`; `(None, parked)` when not all of them parked."""
+    gc.collect()
+    base = await session_counts(port)
+    rss0 = proc.memory_info().rss
+    sessions: list[LeanSession] = []
+    parked = 0
+    while len(sessions) < clients:
+        sessions += await open_idle(port, min(WAVE, clients - len(sessions)))
+        parked = await wait_parked(port, base, len(sessions), WAVE_PARK_MS)
+        if parked < len(sessions):
+            break
+    kib = None
+    if parked >= clients:
+        await asyncio.sleep(SETTLE_S)
+        kib = (proc.memory_info().rss - rss0) / clients / 1024
+    await _gather_limited([s.delete() for s in sessions])
+    return kib, parked
 
 
 @contextlib.asynccontextmanager
@@ -532,8 +552,19 @@ async def run_growth(
                 await _ready(port)
                 out.start_rss_mib[n] = proc.memory_info().rss / 2**20
                 out.lists.append(await measure_lists(port, proc, n, list_requests))
-                for c in clients:
-                    out.calls.append(await measure_clients(port, proc, n, c, rate, seconds, park_ms))
+                rows = [await measure_clients(port, proc, n, c, rate, seconds, park_ms) for c in clients]
+            if park_ms:
+                async with serving(gateway_config(n, tmp, max(clients), WAVE_PARK_MS)) as (port, proc):
+                    await _ready(port)
+                    # One wave opened, parked and deleted first: the one-time costs and one wave's SDK
+                    # machinery (which a wave reuses) are not counted per parked session.
+                    base = await session_counts(port)
+                    warm = await open_idle(port, min(WAVE, max(clients)))
+                    await wait_parked(port, base, len(warm), WAVE_PARK_MS)
+                    await _gather_limited([s.delete() for s in warm])
+                    for step in rows:
+                        step.parked_waves_kib, step.parked_waves = await measure_parked_waves(port, proc, step.clients)
+            out.calls += rows
         for n in catalog_servers or ([1, 6] if catalog is not None else []):
             assert catalog is not None
             async with serving(catalog_config(n, tmp, catalog)) as (port, proc):
@@ -599,7 +630,8 @@ def report(g: Growth, as_json: bool = False) -> None:
     console.print(t)
     park = f"parked after {g.park_ms} ms idle (gateway.http.session_park_ms)" if g.park_ms else "parking off"
     t = Table(title=f"memory per idle session, KiB of gateway RSS ({park})")
-    for col in ("servers", "clients", "open", "parked: RSS kept", "parked: each more", "calls resumed"):
+    waves = f"parked: arriving {WAVE} at a time"
+    for col in ("servers", "clients", "open", "parked: RSS kept", waves, "calls resumed"):
         t.add_column(col, justify="right")
     for call in g.calls:
         t.add_row(
@@ -608,14 +640,15 @@ def report(g: Growth, as_json: bool = False) -> None:
             f"{call.idle_session_kib:.1f}"
             + ("" if call.idle_open >= call.clients else f" ({call.clients - call.idle_open} parked already)"),
             _parked_cell(call.parked_session_kib, call.parked, call.clients),
-            _parked_cell(call.parked_more_kib, call.parked_more, call.clients),
+            _parked_cell(call.parked_waves_kib, call.parked_waves, call.clients),
             str(call.calls_resumed),
         )
     console.print(t)
     console.print(
-        "open: RSS growth per session opened, before they park; parked, RSS kept: the same once /healthz says "
-        "all parked (what the allocator kept of the burst included); parked, each more: RSS a second batch adds "
-        "once parked, reusing the first's freed memory"
+        "open: RSS growth per session opened at once, before they park; parked, RSS kept: the same once /healthz "
+        "says all parked (what the allocator kept of the burst included); parked, arriving in waves: RSS growth "
+        f"per session on a fresh gateway (parking after {WAVE_PARK_MS} ms) when each wave opens once the earlier "
+        "ones parked"
     )
     starts = ", ".join(f"{n} servers {mib:.0f} MiB" for n, mib in g.start_rss_mib.items())
     console.print(f"gateway RSS once ready: {starts}")
@@ -664,7 +697,7 @@ def plot(g: Growth, path: Path) -> None:
         (axes[0][1], "call latency (p50 solid, p99 dashed)", "ms"),
         (axes[0][2], "gateway CPU per call", "us"),
         (axes[1][0], "gateway RSS (idle sessions open before calls)", "MiB"),
-        (axes[1][1], f"RSS per idle session ({park})\nopen o-, parked: RSS kept s--, each more ^:", "KiB"),
+        (axes[1][1], f"RSS per idle session ({park})\nopen o-, parked: RSS kept s--, in waves ^:", "KiB"),
     ]
     axes[1][2].axis("off")
 
@@ -679,7 +712,7 @@ def plot(g: Growth, path: Path) -> None:
         panels[2][0].plot(cs, [r.rss_mib for r in rows], "o-", label=f"{n} servers")
         (line,) = panels[3][0].plot(cs, [r.idle_session_kib for r in rows], "o-", label=f"{n} servers")
         panels[3][0].plot(cs, [kib(r.parked_session_kib) for r in rows], "s--", color=line.get_color())
-        panels[3][0].plot(cs, [kib(r.parked_more_kib) for r in rows], "^:", color=line.get_color())
+        panels[3][0].plot(cs, [kib(r.parked_waves_kib) for r in rows], "^:", color=line.get_color())
     panels[0][0].set_yscale("log")
     for ax, title, unit in panels:
         ax.set_xscale("log")
