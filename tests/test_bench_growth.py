@@ -1,5 +1,7 @@
 """`mcpopt bench growth` end to end at its smallest (1 server, 1 and 3 clients): every figure is
-there, no call failed, and the PNG is written. Behaviour only; the figures are not judged."""
+there, no call failed, the sessions parked (the gateway said so) and their figures are given,
+and the PNG is written; with parking off the parked figures are absent, never made up.
+Behaviour only; the figures are not judged."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def test_growth_runs_and_reports_every_step(tmp_path: Path) -> None:
     png = tmp_path / "growth.png"
     args = ["bench", "growth", "--servers", "1", "--clients", "1,3", "--seconds", "0.5", "--rate", "50"]
     done = subprocess.run(
-        [MCPOPT, *args, "--lists", "5", "--json", "--png", str(png)],
+        [MCPOPT, *args, "--lists", "5", "--park-ms", "300", "--json", "--png", str(png)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -30,9 +32,30 @@ def test_growth_runs_and_reports_every_step(tmp_path: Path) -> None:
     (lists,) = data["lists"]
     assert lists["servers"] == 1 and lists["tools"] > 10 and lists["requests"] == 5
     assert [(c["servers"], c["clients"]) for c in data["calls"]] == [(1, 1), (1, 3)]
+    assert data["park_ms"] == 300
     for step in data["calls"]:
+        # Parked sessions resumed by the calls answer as live ones did.
         assert step["errors"] == 0 and step["calls"] >= 2 * step["clients"]
+        assert step["parked"] == step["parked_waves"] == step["clients"]
+        assert isinstance(step["parked_session_kib"], float) and isinstance(step["parked_waves_kib"], float)
+        assert isinstance(step["idle_session_kib"], float) and 0 <= step["idle_open"] <= step["clients"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_growth_without_parking_reports_no_parked_figure() -> None:
+    args = ["bench", "growth", "--servers", "1", "--clients", "2", "--seconds", "0.3", "--rate", "50"]
+    done = subprocess.run(
+        [MCPOPT, *args, "--lists", "2", "--park-ms", "0"], capture_output=True, text=True, timeout=300, cwd=str(ROOT)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parking off" in done.stdout and "not parked (0/2)" in done.stdout
+
+
+def test_growth_refuses_a_negative_park_time() -> None:
+    done = subprocess.run(
+        [MCPOPT, "bench", "growth", "--park-ms", "-1"], capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+    )
+    assert done.returncode == 2 and "--park-ms" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(not CATALOG.exists(), reason="the LiveMCPBench dataset is not on this machine")

@@ -8,15 +8,36 @@ server-memory in turn, so the catalog grows as a real deployment's does) a fresh
 - **lists**: one handshake-era session asks `tools/list` `list_requests` times: the first answer
   (built) and the p50/p99 of the rest, wall time from a lean client, plus the gateway's CPU per
   list (psutil, user+sys of the gateway process over the timed requests only);
-- for each number of clients (default 1, 10, 100, 1,000): that many sessions are opened
-  (initialize + initialized, each on its own connection, which is then closed: an idle session
-  holds no socket), the gateway's RSS before and after gives **memory per idle session**; then
-  every client reconnects and calls server-everything's `echo` through the gateway at a fixed
+- for each number of clients (default 1, 10, 100, 1,000), **memory per idle session** (KiB of
+  gateway RSS per session), with the gateway parking idle sessions after `park_ms`
+  (`gateway.http.session_park_ms`; 10 s here by default, 45 s in a deployment's default config):
+
+  - *open*: that many sessions are opened (initialize + initialized, each on its own connection,
+    which is then closed: an idle session holds no socket); the RSS growth over them, before they
+    park (SDK transport, dispatcher, streams). `/healthz` says how many were still open just
+    after the RSS read: if some had parked already (`park_ms` shorter than the opening took), the
+    table says so;
+  - *parked, RSS kept*: once `/healthz` (`sessions: {open, parked, ...}`) says all of them parked,
+    and 1 s to settle, the same RSS growth over them: what the OS still sees after the burst,
+    the freed SDK machinery the allocator keeps included;
+  - *parked, arriving in waves*: on a second, fresh gateway (same servers, `WAVE_PARK_MS`), as
+    many sessions arrive `WAVE` at a time, each wave opened once `/healthz` says the previous
+    ones parked; the RSS growth over them once all parked and settled. At most a wave holds the
+    SDK machinery at once, and a first wave opened, parked and deleted before leaves it to reuse,
+    so this is what a parked session itself costs (its record and the fragmentation around it),
+    as `scripts/bench_parking.py` measures it; on the first gateway the burst's freed memory
+    would absorb it instead (which is why it is not measured there).
+
+  A parked figure is only given when the gateway said they all parked; otherwise it is `None`
+  ("not parked (parked/clients)"). Then every client reconnects (resuming its parked session,
+  untimed) and calls server-everything's `echo` through the gateway at a fixed
   total offered rate (`rate` calls/s, spread evenly over the clients, each client at most one call
   in flight), so the figures show the cost of *more clients*, not of more load: **call p50/p99**
   (wall, from the client's send to the whole answer), **gateway CPU per call** and the client's
   own CPU per call (the benchmark process, counted separately; its garbage collector is off
-  during the timed calls, so its pauses are not counted as the gateway's latency).
+  during the timed calls, so its pauses are not counted as the gateway's latency). `park_ms`
+  must exceed the period of one client's calls (`clients / rate`), or the calls resume parked
+  sessions: `calls_resumed` counts them.
 
 The client is a minimal HTTP/1.1 keep-alive client on asyncio streams (microseconds per call),
 so the gateway's figures are not hidden behind an SDK client's own ~0.3 ms. Percentiles are
@@ -50,6 +71,16 @@ import psutil
 
 from mcpopt.bench.overhead import ROOT, SERVERS_PY, background, free_port, mcpopt_cmd, percentile, wait_port
 
+PARK_MS = 10_000
+"""The benchmark gateway's `gateway.http.session_park_ms` by default (ms): above the ~5 s 1,000
+clients take to open on a loaded 2-core machine and the 5 s between one client's calls at 1,000
+clients and 200 calls/s, so neither the open figure nor the calls see parked sessions."""
+WAVE = 50
+"""Sessions per wave of the arriving-in-waves figure."""
+WAVE_PARK_MS = 500
+"""The waves gateway's `session_park_ms` (ms): each wave parks within about 1 s."""
+SETTLE_S = 1.0
+"""Seconds between the gateway saying the sessions parked and the RSS read (as bench_parking)."""
 NODE_MODULES = ROOT / "node_modules" / "@modelcontextprotocol"
 LEGACY = "2025-11-25"
 WORK_TOOL = ("s0__echo", {"message": "growth"})
@@ -77,7 +108,9 @@ def server_entry(i: int, tmp: Path) -> dict[str, Any]:
     }
 
 
-def gateway_config(n: int, tmp: Path, max_clients: int) -> Path:
+def gateway_config(n: int, tmp: Path, max_clients: int, park_ms: int = 0) -> Path:
+    """The gateway's config file for `n` servers with room for `max_clients` sessions, sessions
+    parked after `park_ms` idle (0: never)."""
     room = max_clients + 64
     data = {
         "mcpServers": {f"s{i}": server_entry(i, tmp) for i in range(n)},
@@ -87,11 +120,12 @@ def gateway_config(n: int, tmp: Path, max_clients: int) -> Path:
                 "max_sessions_per_client": room,  # every benchmark client comes from 127.0.0.1
                 "max_connections": room,
                 "keep_alive_timeout_ms": 120_000,
+                "session_park_ms": park_ms,
             },
             "telemetry": {"data_dir": str(tmp / "telemetry")},
         },
     }
-    path = tmp / f"growth-{n}.json"
+    path = tmp / f"growth-{n}-{park_ms}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
@@ -226,6 +260,9 @@ class ListFigures:
 
 @dataclass
 class CallFigures:
+    """One (servers, clients) step: call latency (ms), CPU (us per call), RSS (MiB) and memory per
+    idle session (KiB of gateway RSS per session; `None`: the sessions did not all park)."""
+
     servers: int
     clients: int
     calls: int
@@ -236,6 +273,19 @@ class CallFigures:
     client_cpu_us: float
     rss_mib: float
     idle_session_kib: float
+    """Per open idle session: RSS growth from the `clients` sessions opened, before they park."""
+    idle_open: int = 0
+    """Of those sessions, how many `/healthz` said were open (not parked) just after that RSS read."""
+    parked: int = 0
+    """How many of them `/healthz` said were parked when the parked figures were read."""
+    parked_session_kib: float | None = None
+    """Per parked idle session, RSS kept: the same RSS growth once they all parked and settled."""
+    parked_waves_kib: float | None = None
+    """Per parked idle session, arriving in waves (`WAVE` at a time, on a fresh gateway)."""
+    parked_waves: int = 0
+    """How many of those `/healthz` said were parked then."""
+    calls_resumed: int = 0
+    """Parked sessions the timed calls resumed (`/healthz` `resumes`): 0 unless `park_ms` is too short."""
 
 
 @dataclass
@@ -247,6 +297,8 @@ class Growth:
     start_rss_mib: dict[int, float] = field(default_factory=dict)
     servers_alternated: list[dict[str, Any]] = field(default_factory=list)
     """`mcpopt.bench.growth_servers.alternate_servers`' rows (`PathResult` as a dict), when run."""
+    park_ms: int = PARK_MS
+    """The gateway's `session_park_ms` (ms; 0: sessions never park, the parked figures are `None`)."""
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -302,17 +354,68 @@ async def measure_lists(port: int, proc: psutil.Process, servers: int, requests:
     )
 
 
-async def measure_clients(
-    port: int, proc: psutil.Process, servers: int, clients: int, rate: float, seconds: float
-) -> CallFigures:
-    gc.collect()
-    rss0 = proc.memory_info().rss
+async def session_counts(port: int) -> dict[str, int]:
+    """`/healthz`'s `sessions` details (`{"open", "parked", "parks", "resumes"}`, counts since the
+    gateway started for the last two); `{}` when the gateway gives none (not an HTTP front with
+    parking, or details not shown to this client)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = await reader.read()
+    finally:
+        writer.close()
+    body = data.split(b"\r\n\r\n", 1)[-1]
+    try:
+        sessions = orjson.loads(body).get("sessions") or {}
+    except orjson.JSONDecodeError:
+        return {}
+    return {k: int(v) for k, v in sessions.items()}
+
+
+async def wait_parked(port: int, base: dict[str, int], n: int, park_ms: int) -> int:
+    """Wait until `/healthz` says `n` more sessions are parked than in `base` and no more are open.
+
+    Returns how many more are parked then (`n`), or at the deadline (`3 * park_ms` + 60 s) how
+    many were: fewer than `n` means they did not all park. 0 at once when `park_ms` is 0."""
+    if park_ms <= 0:
+        return 0
+    deadline = time.monotonic() + 3 * park_ms / 1000 + 60
+    while True:
+        now = await session_counts(port)
+        parked = now.get("parked", 0) - base.get("parked", 0)
+        if parked >= n and now.get("open", 0) <= base.get("open", 0):
+            return parked
+        if time.monotonic() > deadline or not now:
+            return max(0, parked)
+        await asyncio.sleep(0.2)
+
+
+async def open_idle(port: int, clients: int) -> list[LeanSession]:
+    """Open `clients` sessions (initialize + initialized) and close their connections."""
     sessions = [LeanSession(port) for _ in range(clients)]
     await _gather_limited([s.open() for s in sessions])
     await _gather_limited([s.close_connection() for s in sessions])
+    return sessions
+
+
+async def measure_clients(
+    port: int, proc: psutil.Process, servers: int, clients: int, rate: float, seconds: float, park_ms: int = 0
+) -> CallFigures:
+    gc.collect()
+    base = await session_counts(port)
+    rss0 = proc.memory_info().rss
+    sessions = await open_idle(port, clients)
     await asyncio.sleep(0.5)  # let the gateway notice the closed connections
     rss1 = proc.memory_info().rss
     idle_kib = (rss1 - rss0) / clients / 1024
+    idle_open = (await session_counts(port)).get("open", 0) - base.get("open", 0)
+
+    # Parked: the same sessions once the gateway says they all parked, then a second batch.
+    parked = await wait_parked(port, base, clients, park_ms)
+    parked_kib = None
+    if parked >= clients:
+        await asyncio.sleep(SETTLE_S)
+        parked_kib = (proc.memory_info().rss - rss0) / clients / 1024
 
     name, args = WORK_TOOL
     params = {"name": name, "arguments": args}
@@ -343,6 +446,7 @@ async def measure_clients(
     # The client's own collector stays out of the timed calls: a full collection of 1,000 sessions'
     # objects here took 100-230 ms, which the gateway's p99 would otherwise carry.
     gc.collect()
+    resumes0 = (await session_counts(port)).get("resumes", 0)
     gc.disable()
     try:
         c0, own0 = _cpu(proc), _own_cpu()
@@ -354,6 +458,7 @@ async def measure_clients(
     gw_cpu = (_cpu(proc) - c0) / max(1, calls) * 1e6
     own_cpu = (_own_cpu() - own0) / max(1, calls) * 1e6
     rss = proc.memory_info().rss / 2**20
+    resumed = (await session_counts(port)).get("resumes", 0) - resumes0
     await _gather_limited([s.delete() for s in sessions])
     samples.sort()
     return CallFigures(
@@ -367,7 +472,35 @@ async def measure_clients(
         own_cpu,
         rss,
         idle_kib,
+        idle_open,
+        max(0, parked),
+        parked_kib,
+        calls_resumed=resumed,
     )
+
+
+async def measure_parked_waves(port: int, proc: psutil.Process, clients: int) -> tuple[float | None, int]:
+    """RSS growth per parked session (KiB) when `clients` sessions arrive `WAVE` at a time, each
+    wave opened once `/healthz` says every earlier one parked (the gateway parks after
+    `WAVE_PARK_MS`); the sessions are deleted after.
+
+    Returns `(KiB per session, parked)`; `(None, parked)` when not all of them parked."""
+    gc.collect()
+    base = await session_counts(port)
+    rss0 = proc.memory_info().rss
+    sessions: list[LeanSession] = []
+    parked = 0
+    while len(sessions) < clients:
+        sessions += await open_idle(port, min(WAVE, clients - len(sessions)))
+        parked = await wait_parked(port, base, len(sessions), WAVE_PARK_MS)
+        if parked < len(sessions):
+            break
+    kib = None
+    if parked >= clients:
+        await asyncio.sleep(SETTLE_S)
+        kib = (proc.memory_info().rss - rss0) / clients / 1024
+    await _gather_limited([s.delete() for s in sessions])
+    return kib, parked
 
 
 @contextlib.asynccontextmanager
@@ -403,22 +536,37 @@ async def run_growth(
     list_requests: int = 200,
     catalog: Path | None = None,
     catalog_servers: list[int] | None = None,
+    park_ms: int = PARK_MS,
 ) -> Growth:
     """Run the benchmark (see the module docstring); figures in ms, us of CPU, MiB and KiB.
+
+    `park_ms` is the gateway's `session_park_ms` (ms, >= 0; 0: sessions never park and the parked
+    figures are `None`).
 
     With `catalog` (a LiveMCPBench `tools.json`), lists are also measured in front of
     `catalog_servers` copies of `mcpopt.bench.catalog_server` (527 real tool definitions each;
     default 1 and 6 copies: 527 and 3,162 tools)."""
-    out = Growth(rate=rate)
+    out = Growth(rate=rate, park_ms=park_ms)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for n in servers:
-            async with serving(gateway_config(n, tmp, max(clients))) as (port, proc):
+            async with serving(gateway_config(n, tmp, max(clients), park_ms)) as (port, proc):
                 await wait_ready(port)
                 out.start_rss_mib[n] = proc.memory_info().rss / 2**20
                 out.lists.append(await measure_lists(port, proc, n, list_requests))
-                for c in clients:
-                    out.calls.append(await measure_clients(port, proc, n, c, rate, seconds))
+                rows = [await measure_clients(port, proc, n, c, rate, seconds, park_ms) for c in clients]
+            if park_ms:
+                async with serving(gateway_config(n, tmp, max(clients), WAVE_PARK_MS)) as (port, proc):
+                    await wait_ready(port)
+                    # One wave opened, parked and deleted first: the one-time costs and one wave's SDK
+                    # machinery (which a wave reuses) are not counted per parked session.
+                    base = await session_counts(port)
+                    warm = await open_idle(port, min(WAVE, max(clients)))
+                    await wait_parked(port, base, len(warm), WAVE_PARK_MS)
+                    await _gather_limited([s.delete() for s in warm])
+                    for step in rows:
+                        step.parked_waves_kib, step.parked_waves = await measure_parked_waves(port, proc, step.clients)
+            out.calls += rows
         for n in catalog_servers or ([1, 6] if catalog is not None else []):
             assert catalog is not None
             async with serving(catalog_config(n, tmp, catalog)) as (port, proc):
@@ -465,7 +613,6 @@ def report(g: Growth, as_json: bool = False) -> None:
         "gateway CPU us/call",
         "client CPU us/call",
         "gateway RSS MiB",
-        "KiB / idle session",
     ):
         t.add_column(col, justify="right")
     base = {r.servers: r.p99_ms for r in g.calls if r.clients == min(c.clients for c in g.calls)}
@@ -481,7 +628,6 @@ def report(g: Growth, as_json: bool = False) -> None:
             f"{call.gateway_cpu_us:.0f}",
             f"{call.client_cpu_us:.0f}",
             f"{call.rss_mib:.0f}",
-            f"{call.idle_session_kib:.1f}",
         )
     console.print(t)
     if g.servers_alternated:
@@ -503,9 +649,37 @@ def report(g: Growth, as_json: bool = False) -> None:
                 "-" if cpu is None else f"{cpu:.0f}",
             )
         console.print(t)
+    park = f"parked after {g.park_ms} ms idle (gateway.http.session_park_ms)" if g.park_ms else "parking off"
+    t = Table(title=f"memory per idle session, KiB of gateway RSS ({park})")
+    waves = f"parked: arriving {WAVE} at a time"
+    for col in ("servers", "clients", "open", "parked: RSS kept", waves, "calls resumed"):
+        t.add_column(col, justify="right")
+    for call in g.calls:
+        t.add_row(
+            str(call.servers),
+            str(call.clients),
+            f"{call.idle_session_kib:.1f}"
+            + ("" if call.idle_open >= call.clients else f" ({call.clients - call.idle_open} parked already)"),
+            _parked_cell(call.parked_session_kib, call.parked, call.clients),
+            _parked_cell(call.parked_waves_kib, call.parked_waves, call.clients),
+            str(call.calls_resumed),
+        )
+    console.print(t)
+    console.print(
+        "open: RSS growth per session opened at once, before they park; parked, RSS kept: the same once /healthz "
+        "says all parked (what the allocator kept of the burst included); parked, arriving in waves: RSS growth "
+        f"per session on a fresh gateway (parking after {WAVE_PARK_MS} ms) when each wave opens once the earlier "
+        "ones parked"
+    )
     starts = ", ".join(f"{n} servers {mib:.0f} MiB" for n, mib in g.start_rss_mib.items())
     console.print(f"gateway RSS once ready: {starts}")
     console.print(f"load average at the end: {g.load[0]:.2f} {g.load[1]:.2f} {g.load[2]:.2f} ({os.cpu_count()} cores)")
+
+
+def _parked_cell(kib: float | None, parked: int, clients: int) -> str:
+    if kib is not None:
+        return f"{kib:.1f}"
+    return f"not parked ({parked}/{clients})"
 
 
 def plot(g: Growth, path: Path) -> None:
@@ -521,7 +695,7 @@ def plot(g: Growth, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("--png needs matplotlib: pip install 'mcpopt[bench]'") from None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     ax = axes[0][0]
     lists = sorted(g.lists, key=lambda r: r.tools)
     xs = [r.tools for r in lists]
@@ -539,17 +713,27 @@ def plot(g: Growth, path: Path) -> None:
     by_servers: dict[int, list[CallFigures]] = {}
     for c in g.calls:
         by_servers.setdefault(c.servers, []).append(c)
+    park = f"parked after {g.park_ms} ms" if g.park_ms else "parking off"
     panels = [
         (axes[0][1], "call latency (p50 solid, p99 dashed)", "ms"),
-        (axes[1][0], "gateway CPU per call", "us"),
-        (axes[1][1], "gateway RSS (idle sessions open before calls)", "MiB"),
+        (axes[0][2], "gateway CPU per call", "us"),
+        (axes[1][0], "gateway RSS (idle sessions open before calls)", "MiB"),
+        (axes[1][1], f"RSS per idle session ({park})\nopen o-, parked: RSS kept s--, in waves ^:", "KiB"),
     ]
+    axes[1][2].axis("off")
+
+    def kib(value: float | None) -> float:
+        return float("nan") if value is None else value
+
     for n, rows in by_servers.items():
         cs = [r.clients for r in rows]
         (line,) = panels[0][0].plot(cs, [r.p50_ms for r in rows], "o-", label=f"{n} servers")
         panels[0][0].plot(cs, [r.p99_ms for r in rows], "o--", color=line.get_color())
         panels[1][0].plot(cs, [r.gateway_cpu_us for r in rows], "o-", label=f"{n} servers")
         panels[2][0].plot(cs, [r.rss_mib for r in rows], "o-", label=f"{n} servers")
+        (line,) = panels[3][0].plot(cs, [r.idle_session_kib for r in rows], "o-", label=f"{n} servers")
+        panels[3][0].plot(cs, [kib(r.parked_session_kib) for r in rows], "s--", color=line.get_color())
+        panels[3][0].plot(cs, [kib(r.parked_waves_kib) for r in rows], "^:", color=line.get_color())
     panels[0][0].set_yscale("log")
     for ax, title, unit in panels:
         ax.set_xscale("log")

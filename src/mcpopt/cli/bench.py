@@ -186,9 +186,16 @@ def bench_growth_cmd(
         help="Also time this many tools/call per server count with every count's gateway running at once, "
         "alternated (call p50 against servers on the same machine state). 0: off.",
     ),
+    park_ms: int = typer.Option(
+        10_000,
+        "--park-ms",
+        min=0,
+        help="The gateway's session_park_ms: idle sessions park after this (ms; 0: never, no parked figures).",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run."""
+    """How list time, call p50/p99, CPU per call and memory grow with servers and clients, in one run
+    (memory per idle session open, and once parked)."""
     import os
     import tempfile
     from dataclasses import asdict
@@ -207,6 +214,7 @@ def bench_growth_cmd(
             seconds=seconds,
             list_requests=list_requests,
             catalog=Path(catalog) if catalog else None,
+            park_ms=park_ms,
         )
     )
     if alternate > 0:
