@@ -34,7 +34,7 @@ def test_request_head_is_the_one_built_in_full() -> None:
 
 
 def test_response_headers_are_read_as_a_line_parser_reads_them() -> None:
-    from mcpopt.upstream.http_fast import _headers
+    from mcpopt.upstream.http_wire import response_headers
 
     head = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Content-Length: 9\r\ncache-control: no-cache\r\n"
@@ -56,6 +56,6 @@ def test_response_headers_are_read_as_a_line_parser_reads_them() -> None:
         if name.lower() in wanted:
             key = name.lower()
             expected[key] = f"{expected[key]}, {value.strip()}" if key in expected else value.strip()
-    assert _headers(head) == expected
+    assert response_headers(head) == expected
     assert expected["set-cookie"] == "a=1, b=2" and "content-length" not in expected
-    assert _headers(b"HTTP/1.1 204 No Content") == {}
+    assert response_headers(b"HTTP/1.1 204 No Content") == {}

@@ -8,8 +8,17 @@ written with orjson on a small pool of keep-alive HTTP/1.1 connections (a raw as
 protocol), the `application/json` or `text/event-stream` answer parsed here, the result
 handed back as a plain dict.
 
+This module holds the MCP side of that channel: `HttpFastChannel` (the SDK session's wiring,
+building a request, what an answer's status, content type and messages mean, stream
+resumption, cancellation) and `side_channel`, which attaches it to the SDK's streams. The
+seams below it: `http_pool.ConnectionPool` (the channel's base class: which connection a
+request takes, and when one is reused or closed) and `http_wire` (the bytes of HTTP/1.1
+responses and SSE events). Each of the three is read and tested on its own terms (MCP
+semantics, connection lifecycle, byte framing); a base class, not a held object, so the split
+adds no call on the per-request path.
+
 Why not httpx2, as the SDK? Measured here, one httpx2 POST costs ~2.4 ms of CPU against
-~0.3 ms for the protocol below, and the SDK adds pydantic models, memory-stream hops and a task
+~0.3 ms for the raw protocol (`http_wire`), and the SDK adds pydantic models, memory-stream hops and a task
 per POST. The wire is the SDK's: its session's `mcp-session-id` (from the `initialize` answer
 and its own requests, seen by httpx2 event hooks on its client), the headers the session's era
 stamp computes for the request (`MCP-Protocol-Version`; on 2026-07-28 also `Mcp-Method`,
@@ -42,9 +51,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import re
-import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,19 +65,14 @@ from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, METHOD
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpopt.upstream.fastpath import ChannelClosed
+from mcpopt.upstream.http_pool import ConnectionPool
+from mcpopt.upstream.http_wire import Eof, Response, SseParser, with_path
 from mcpopt.wire import dumps_request
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 ID_PREFIX = "~"
-_MAX_IDLE = 16
-"""Idle keep-alive connections kept per upstream."""
-_MAX_CONNECTIONS = 100
-"""Connections open at once per upstream (httpx2's default limit); more requests wait for one."""
-_DEFAULT_KEEPALIVE_S = 4.0
-"""Idle connections older than this are not reused (or than the server's `Keep-Alive: timeout=N`, less 0.5 s)."""
-_MAX_HEAD = 1 << 16
 _RECONNECT_ATTEMPTS = 2
 _DEFAULT_RETRY_MS = 1000
 _DROP = frozenset(
@@ -81,269 +82,7 @@ _DROP = frozenset(
 _SSE_ACCEPT = b"application/json, text/event-stream"
 
 
-class _Eof(Exception):
-    """The connection closed before the response was complete."""
-
-
-class _Conn(asyncio.Protocol):
-    """One HTTP/1.1 connection: a byte buffer and a waiter (no StreamReader machinery)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.buf = bytearray()
-        self.eof = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.transport: asyncio.Transport | None = None
-        self.idle_since = 0.0
-        self.keepalive_s = _DEFAULT_KEEPALIVE_S
-        self.tail: _Response | None = None
-        """A response whose rest (usually just the last chunk) had not arrived when it was pooled."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def more(self) -> bool:
-        """Wait for more bytes; False once the peer closed (nothing more will come)."""
-        if self.eof:
-            return False
-        waiter = self.loop.create_future()
-        self.waiter = waiter
-        await waiter
-        return True
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def close(self) -> None:
-        self.eof = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def reusable(self, now: float) -> bool:
-        if self.tail is not None:
-            if not self.tail.finish_now():
-                return False
-            self.tail = None
-        t = self.transport
-        return (
-            t is not None
-            and not self.eof
-            and not t.is_closing()
-            and not self.buf
-            and now - self.idle_since < self.keepalive_s
-        )
-
-
-class _Response:
-    """The head of one response and an incremental reader of its body."""
-
-    __slots__ = ("conn", "status", "headers", "chunked", "remaining", "keep", "done", "settled")
-
-    def __init__(self, conn: _Conn, status: int, version: bytes, headers: dict[str, str]) -> None:
-        self.conn = conn
-        self.status = status
-        self.headers = headers
-        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = headers.get("content-length")
-        self.remaining: int | None = None
-        if length is not None and not self.chunked:
-            if not length.isdigit():
-                raise _Eof()  # a malformed response: treated as a broken connection
-            self.remaining = int(length)
-        connection = headers.get("connection", "").lower()
-        if version == b"HTTP/1.1":
-            self.keep = "close" not in connection
-        else:
-            self.keep = "keep-alive" in connection
-        if not self.chunked and self.remaining is None:
-            self.keep = False  # delimited by the close
-        self.done = False
-        self.settled = False
-        """The connection went back to the pool, was closed, or was handed to a drain task."""
-        ka = headers.get("keep-alive")
-        if ka:
-            for part in ka.split(","):
-                key, _, value = part.strip().partition("=")
-                if key.strip().lower() == "timeout" and value.strip().isdigit():
-                    conn.keepalive_s = max(0.0, int(value.strip()) - 0.5)
-
-    async def read(self) -> bytes | None:
-        """The next piece of the body, or None at its end.
-
-        Raises:
-            _Eof: the connection closed inside a length- or chunk-delimited body.
-        """
-        if self.done:
-            return None
-        c = self.conn
-        buf = c.buf
-        if self.chunked:
-            while True:
-                i = buf.find(b"\r\n")
-                if i >= 0:
-                    break
-                if not await c.more():
-                    raise _Eof()
-            try:
-                size = int(bytes(buf[:i]).split(b";", 1)[0], 16)
-            except ValueError:
-                raise _Eof() from None
-            if size == 0:
-                while True:
-                    end = buf.find(b"\r\n\r\n", i)
-                    if end >= 0:
-                        del buf[: end + 4]
-                        break
-                    if not await c.more():
-                        raise _Eof()
-                self.done = True
-                return None
-            need = i + 2 + size + 2
-            while len(buf) < need:
-                if not await c.more():
-                    raise _Eof()
-            data = bytes(buf[i + 2 : i + 2 + size])
-            del buf[:need]
-            return data
-        if self.remaining is not None:
-            if self.remaining == 0:
-                self.done = True
-                return None
-            while not buf:
-                if not await c.more():
-                    raise _Eof()
-            n = min(len(buf), self.remaining)
-            data = bytes(buf[:n])
-            del buf[:n]
-            self.remaining -= n
-            return data
-        while not buf:
-            if not await c.more():
-                self.done = True
-                return None
-        data = bytes(buf)
-        buf.clear()
-        return data
-
-    async def read_all(self) -> bytes:
-        if self.remaining is not None and not self.chunked:
-            c = self.conn
-            while len(c.buf) < self.remaining:
-                if not await c.more():
-                    raise _Eof()
-            data = bytes(c.buf[: self.remaining])
-            del c.buf[: self.remaining]
-            self.remaining = 0
-            self.done = True
-            return data
-        parts = []
-        while (piece := await self.read()) is not None:
-            parts.append(piece)
-        return b"".join(parts)
-
-    def finish_now(self) -> bool:
-        """Read past what is left of the body if it is all buffered (no await); True once it has ended."""
-        if self.done:
-            return True
-        buf = self.conn.buf
-        if self.chunked:
-            while True:
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    return False
-                try:
-                    size = int(bytes(buf[:i]).split(b";", 1)[0], 16)
-                except ValueError:
-                    return False
-                if size == 0:
-                    end = buf.find(b"\r\n\r\n", i)
-                    if end < 0:
-                        return False
-                    del buf[: end + 4]
-                    self.done = True
-                    return True
-                need = i + 2 + size + 2
-                if len(buf) < need:
-                    return False
-                del buf[:need]
-        if self.remaining is not None:
-            n = min(len(buf), self.remaining)
-            del buf[:n]
-            self.remaining -= n
-            self.done = self.remaining == 0
-        return self.done
-
-
-class _Sse:
-    """Minimal `text/event-stream` parser (WHATWG): `(event, data)` pairs, last event id, retry."""
-
-    __slots__ = ("buf", "last_id", "retry")
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.last_id: str | None = None
-        self.retry: int | None = None
-
-    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
-        buf = self.buf + data if self.buf else data
-        if b"\r" in buf:
-            cr = buf.endswith(b"\r")  # may be the first half of a CRLF split across pieces
-            if cr:
-                buf = buf[:-1]
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if cr:
-                buf += b"\r"
-        blocks = buf.split(b"\n\n")
-        self.buf = blocks.pop()
-        events = []
-        for block in blocks:
-            event = "message"
-            data_lines: list[bytes] | None = None
-            for line in block.split(b"\n"):
-                if not line or line[0] == 0x3A:  # empty, or a ":" comment
-                    continue
-                name, sep, value = line.partition(b":")
-                if sep and value[:1] == b" ":
-                    value = value[1:]
-                if name == b"data":
-                    if data_lines is None:
-                        data_lines = [value]
-                    else:
-                        data_lines.append(value)
-                elif name == b"event":
-                    event = value.decode("utf-8", "replace") or "message"
-                elif name == b"id":
-                    if b"\0" not in value:
-                        self.last_id = value.decode("utf-8", "replace")
-                elif name == b"retry" and value.isdigit():
-                    self.retry = int(value)
-            if data_lines is not None:
-                events.append((event, data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)))
-        return events
-
-
-class HttpFastChannel:
+class HttpFastChannel(ConnectionPool):
     """Forwarded requests to one Streamable HTTP upstream, beside its SDK session.
 
     Build with `create` (None when the side channel cannot be used for this client), let the
@@ -352,18 +91,10 @@ class HttpFastChannel:
     """
 
     def __init__(self, url: str, base_headers: dict[str, str], http: Any) -> None:
+        super().__init__(url)
         parts = urlsplit(url)
-        self.url = url
         self._http = http
-        self._scheme = parts.scheme
-        self._host = parts.hostname or "localhost"
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._ssl: ssl.SSLContext | None = None
-        if parts.scheme == "https":
-            import httpcore2
-
-            self._ssl = httpcore2.default_ssl_context()
         host_header = parts.netloc.rpartition("@")[2]
         headers = {k.lower(): v for k, v in base_headers.items() if k.lower() not in _DROP}
         if parts.username is not None:
@@ -375,15 +106,10 @@ class HttpFastChannel:
         self._host_header = host_header
         self._head_cache: tuple[tuple[Any, ...], bytes] | None = None
         """The last `(key, head without content-length)` built by `_head`."""
-        self._idle: list[_Conn] = []
-        self._active: set[_Conn] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._opening = 0
-        self._current: dict[str, _Response] = {}
+        self._current: dict[str, Response] = {}
         """A request's resumption GET, while it is being read."""
         self._next = 0
-        self._closed = False
         self._session: Any = None
         self._modern = False
         self.session_id: str | None = None
@@ -447,13 +173,7 @@ class HttpFastChannel:
 
     def close(self) -> None:
         """Fail every waiting request and drop every connection: the session is gone."""
-        self._closed = True
-        for conn in [*self._idle, *self._active]:
-            conn.close()
-        self._idle.clear()
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        super().close()
         for task in list(self._tasks):
             task.cancel()
 
@@ -516,7 +236,7 @@ class HttpFastChannel:
             data = self._head("POST", self._path, stamped, len(body)) + body
         except UnicodeEncodeError:
             return await self._via_sdk(method, params, opts, timeout_s, on_progress)
-        resp: _Response | None = None
+        resp: Response | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self._send(data)
@@ -525,7 +245,7 @@ class HttpFastChannel:
                     if path is None:
                         break
                     await self._drain(resp)
-                    data = _with_path(data, path)
+                    data = with_path(data, path)
                     resp = None
                     resp = await self._send(data)
                 return await self._answer(resp, rid, on_progress, stamped)
@@ -536,7 +256,7 @@ class HttpFastChannel:
                 reason = "timed out" if not _cancelling() else "cancelled by the client"
                 self._spawn(self._notify_cancel(rid, reason, stamped))
             raise
-        except _Eof:
+        except Eof:
             self._abandon(resp)
             raise ChannelClosed() from None
         except BaseException:
@@ -590,122 +310,8 @@ class HttpFastChannel:
         lines.append("\r\n")
         return "\r\n".join(lines).encode("latin-1")
 
-    async def _send(self, data: bytes) -> _Response:
-        """Write one request on a pooled connection and read its response head.
-
-        A keep-alive connection the server closed while idle is retried once on a new one
-        (nothing of the response arrived, so the server never saw the request).
-        """
-        for _ in range(2):
-            conn, reused = await self._acquire()
-            conn.write(data)
-            try:
-                return await self._read_head(conn)
-            except _Eof:
-                self._discard(conn)
-                if reused and not conn.buf:
-                    continue
-                raise
-        raise _Eof()
-
-    async def _acquire(self) -> tuple[_Conn, bool]:
-        while True:
-            now = time.monotonic()
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.reusable(now):
-                    self._active.add(conn)
-                    return conn, True
-                conn.close()
-            if self._closed:
-                raise ChannelClosed()
-            if len(self._active) + self._opening < _MAX_CONNECTIONS:
-                break
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-        loop = asyncio.get_running_loop()
-        self._opening += 1
-        try:
-            _, conn = await loop.create_connection(
-                lambda: _Conn(loop),
-                self._host,
-                self._port,
-                ssl=self._ssl,
-                server_hostname=self._host if self._ssl is not None else None,
-            )
-        except OSError as exc:
-            logger.debug("%s: connection failed: %s", self.url, exc)
-            self._dead()
-            raise ChannelClosed() from exc
-        finally:
-            self._opening -= 1
-            self._wake_one()
-        if self._closed:
-            conn.close()
-            raise ChannelClosed()
-        self._active.add(conn)
-        return conn, False
-
-    def _wake_one(self) -> None:
-        """A connection was freed: let the first waiting request try again."""
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def _release(self, resp: _Response) -> None:
-        if resp.settled:
-            return
-        resp.settled = True
-        conn = resp.conn
-        self._active.discard(conn)
-        if resp.keep and resp.done and not self._closed and not conn.buf and len(self._idle) < _MAX_IDLE:
-            conn.idle_since = time.monotonic()
-            self._idle.append(conn)
-        else:
-            conn.close()
-        if self._waiters:
-            self._wake_one()
-
-    def _discard(self, conn: _Conn) -> None:
-        self._active.discard(conn)
-        conn.close()
-        if self._waiters:
-            self._wake_one()
-
-    def _abandon(self, resp: _Response | None) -> None:
-        """Close the connection of a response not read to its end (unless already settled)."""
-        if resp is not None and not resp.settled:
-            resp.settled = True
-            self._discard(resp.conn)
-
-    async def _read_head(self, conn: _Conn) -> _Response:
-        while True:
-            buf = conn.buf
-            while (end := buf.find(b"\r\n\r\n")) < 0:
-                if len(buf) > _MAX_HEAD or not await conn.more():
-                    raise _Eof()
-            head = bytes(buf[:end])
-            del buf[: end + 4]
-            first = head[: head.find(b"\r\n")].split(b" ", 2) if b"\r\n" in head else head.split(b" ", 2)
-            try:
-                status = int(first[1])
-            except (IndexError, ValueError):
-                raise _Eof() from None
-            if 100 <= status < 200 and status != 101:
-                continue  # an interim response (100 Continue, 103 Early Hints)
-            headers = _headers(head)
-            if "set-cookie" in headers:
-                self._keep_cookies(head)
-            return _Response(conn, status, first[0], headers)
-
     async def _answer(
-        self, resp: _Response, rid: str, on_progress: ProgressFn | None, stamped: Mapping[str, str]
+        self, resp: Response, rid: str, on_progress: ProgressFn | None, stamped: Mapping[str, str]
     ) -> dict[str, Any]:
         status = resp.status
         ctype = resp.headers.get("content-type", "").lower()
@@ -757,7 +363,7 @@ class HttpFastChannel:
         await self._drain(resp)
         raise MCPError(code=INVALID_REQUEST, message=f"Unexpected content type: {ctype}")
 
-    def _redirect(self, resp: _Response) -> str | None:
+    def _redirect(self, resp: Response) -> str | None:
         """The path to re-send to, for a 307/308 within the endpoint's origin (as the SDK follows)."""
         if resp.status not in (307, 308):
             return None
@@ -771,7 +377,7 @@ class HttpFastChannel:
         return (target.path or "/") + (f"?{target.query}" if target.query else "")
 
     async def _stream(
-        self, resp: _Response, rid: str, on_progress: ProgressFn | None, stamped: Mapping[str, str]
+        self, resp: Response, rid: str, on_progress: ProgressFn | None, stamped: Mapping[str, str]
     ) -> dict[str, Any]:
         try:
             return await self._stream_events(resp, rid, on_progress, stamped)
@@ -782,9 +388,9 @@ class HttpFastChannel:
             self._current.pop(rid, None)
 
     async def _stream_events(
-        self, resp: _Response, rid: str, on_progress: ProgressFn | None, stamped: Mapping[str, str]
+        self, resp: Response, rid: str, on_progress: ProgressFn | None, stamped: Mapping[str, str]
     ) -> dict[str, Any]:
-        sse = _Sse()
+        sse = SseParser()
         attempts = 0
         while True:
             try:
@@ -802,7 +408,7 @@ class HttpFastChannel:
                                 self._finish(resp)
                                 return outcome
                 self._release(resp)
-            except _Eof:
+            except Eof:
                 self._abandon(resp)
             # The stream ended without the response: resume it if the server gave event ids.
             if not sse.last_id:
@@ -821,7 +427,7 @@ class HttpFastChannel:
                 )
                 try:
                     resp = await self._send(head)
-                except (_Eof, ChannelClosed):
+                except (Eof, ChannelClosed):
                     attempts += 1
                     continue
                 self._current[rid] = resp
@@ -834,39 +440,6 @@ class HttpFastChannel:
                 attempts = 0
                 sse.buf = b""
                 break
-
-    def _finish(self, resp: _Response) -> None:
-        """Pool the connection of a response whose answer was read.
-
-        What is left of the body (usually only the last chunk, still on its way) is read past
-        when the connection is next taken from the pool; if it has not come by then, the
-        connection is closed instead of reused.
-        """
-        if resp.finish_now():
-            self._release(resp)
-            return
-        conn = resp.conn
-        if resp.settled or not resp.keep or self._closed or len(self._idle) >= _MAX_IDLE:
-            self._abandon(resp)
-            return
-        resp.settled = True
-        self._active.discard(conn)
-        conn.tail = resp
-        conn.idle_since = time.monotonic()
-        self._idle.append(conn)
-        if self._waiters:
-            self._wake_one()
-
-    async def _drain(self, resp: _Response, timeout_s: float = 5.0) -> None:
-        """Read the rest of a body we do not need, then pool (or close) its connection."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                while await resp.read() is not None:
-                    pass
-        except (TimeoutError, _Eof, asyncio.CancelledError):
-            self._abandon(resp)
-            return
-        self._release(resp)
 
     async def _offer(self, msg: Any, rid: str, on_progress: ProgressFn | None) -> dict[str, Any] | None:
         """The result if `msg` is the response; progress for our token is relayed; the rest goes to the SDK."""
@@ -905,30 +478,6 @@ class HttpFastChannel:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-_WANTED = re.compile(
-    rb"\r\n(content-type|content-length|transfer-encoding|connection|keep-alive|location|set-cookie):([^\r\n]*)",
-    re.IGNORECASE,
-)
-"""The response headers the side channel reads (one scan of the head: no per-line parsing)."""
-
-
-def _headers(head: bytes) -> dict[str, str]:
-    """The wanted headers of a response head (names are case-insensitive; repeats are joined)."""
-    headers: dict[str, str] = {}
-    for match in _WANTED.finditer(head):
-        name = match[1].decode("latin-1").lower()
-        value = match[2].strip().decode("latin-1")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return headers
-
-
-def _with_path(data: bytes, path: str) -> bytes:
-    """The same request bytes, sent to another path."""
-    verb, _, rest = data.partition(b" ")
-    _, _, rest = rest.partition(b" ")
-    return verb + b" " + path.encode("latin-1") + b" " + rest
 
 
 def _error(err: dict[str, Any]) -> MCPError:
