@@ -659,9 +659,14 @@ def report(g: Growth, as_json: bool = False) -> None:
             str(call.servers),
             str(call.clients),
             f"{call.idle_session_kib:.1f}"
-            + ("" if call.idle_open >= call.clients else f" ({call.clients - call.idle_open} parked already)"),
-            _parked_cell(call.parked_session_kib, call.parked, call.clients),
-            _parked_cell(call.parked_waves_kib, call.parked_waves, call.clients),
+            # (With parking off nothing parks, and /healthz may give no session counts at all.)
+            + (
+                ""
+                if not g.park_ms or call.idle_open >= call.clients
+                else f" ({call.clients - call.idle_open} parked already)"
+            ),
+            _parked_cell(call.parked_session_kib, call.parked, call.clients, g.park_ms),
+            _parked_cell(call.parked_waves_kib, call.parked_waves, call.clients, g.park_ms),
             str(call.calls_resumed),
         )
     console.print(t)
@@ -676,7 +681,9 @@ def report(g: Growth, as_json: bool = False) -> None:
     console.print(f"load average at the end: {g.load[0]:.2f} {g.load[1]:.2f} {g.load[2]:.2f} ({os.cpu_count()} cores)")
 
 
-def _parked_cell(kib: float | None, parked: int, clients: int) -> str:
+def _parked_cell(kib: float | None, parked: int, clients: int, park_ms: int) -> str:
+    if not park_ms:
+        return "parking off"
     if kib is not None:
         return f"{kib:.1f}"
     return f"not parked ({parked}/{clients})"
