@@ -352,3 +352,47 @@ async def test_a_session_being_resumed_is_not_parked_again_before_its_request_re
     # which would discard the session under the request, answered 404.
     assert layer.parked_meanwhile == 0
     assert sid in manager._server_instances and sid not in parking.parked
+
+
+async def test_a_write_is_announced_only_when_it_changed_the_stored_record(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """`store_record` (a stateful answer's write, a parking one's): a write that leaves the stored
+    record as it was (but for its version) sends no message; one that changes it, one. The test's
+    own markers, published in between, show the order Redis delivered them in."""
+    server, store = redis_store
+    here, other = _layer(store), _layer(store)
+    sid = "s1"
+    plain = redis.Redis.from_url(server.url)
+    channel = store.prefix + CHANNEL
+    spy = plain.pubsub()
+    spy.subscribe(channel)
+    deadline = time.monotonic() + WAIT_S
+    while (confirmed := spy.get_message(timeout=1.0)) is None or confirmed["type"] != "subscribe":
+        assert time.monotonic() < deadline, "the spy never subscribed"
+    heard: list[dict[str, Any]] = []
+
+    def until_marker(n: int) -> None:
+        plain.publish(channel, orjson.dumps({"marker": n}))
+        deadline = time.monotonic() + WAIT_S
+        while not heard or heard[-1].get("marker") != n:
+            assert time.monotonic() < deadline, f"marker {n} never came: {heard}"
+            message = spy.get_message(timeout=1.0)
+            if message is not None and message["type"] == "message":
+                heard.append(orjson.loads(message["data"]))
+
+    try:
+        await here.store_record(sid, _record(), 60.0)  # a new session's first write: nobody else has it
+        until_marker(1)
+        await other.write(sid, _record(), 60.0)  # read there (resumed), so the version moved on
+        await here.store_record(sid, _record(), 60.0)  # a park with nothing new: no message
+        until_marker(2)
+        await here.store_record(sid, _record(level="error"), 60.0)  # a change: announced once
+        until_marker(3)
+        note = {"sid": sid, "from": here.token}
+        assert heard == [{"marker": 1}, {"marker": 2}, note, {"marker": 3}], heard
+        stored = SessionRecord.decode(await store.get(session_key(sid)) or b"")
+        assert stored is not None and stored.log_level == "error" and stored.version == 4, stored
+    finally:
+        spy.close()
+        plain.close()

@@ -15,8 +15,11 @@ the session guard, keeps a record of each session in the shared store instead:
   very next request, e.g. `notifications/initialized` on another replica, finds it), and before
   the answer to a `logging/setLevel`, `resources/subscribe` or `resources/unsubscribe` that
   changed it (before each body chunk of that answer, so also once its handler has ended: an SSE
-  answer may send a chunk first); a change is published so replicas holding a copy apply it at
-  once. A client's DELETE removes the record and ends the copies on every replica.
+  answer may send a chunk first), and when the session parks (`mcpopt.gateway.parking`; that
+  write also stores a change Redis could not take when it was made); a write that changed the
+  stored record is published so replicas holding a copy apply it at once
+  (`SharedSessions.store_record`). A client's DELETE removes the record and ends the copies on
+  every replica.
 * **concurrent writers**: a write is a compare-and-set (`RecordStore.update`: a Lua script, one
   round trip, or a WATCH/MULTI/EXEC transaction where Redis refuses scripts; retried on what is
   stored when another replica wrote in between) that merges this replica's changes since the
@@ -323,13 +326,37 @@ class SharedSessions:
         """Store `record` (this replica's view of `sid`) by compare-and-set: merged into the stored
         record (`SessionRecord.merge`, against the one this replica last wrote or read), so a change
         another replica stored meanwhile is kept; a change merged in from there is applied to the
-        live session here too (`conn`, when known). The bytes stored; raises `StateUnavailable`."""
+        live session here too (`conn`, when known). Not announced (`store_record` announces). The
+        bytes stored; raises `StateUnavailable`."""
+        return (await self._write(sid, record, ttl_s, conn))[0]
+
+    async def store_record(
+        self, sid: str, record: SessionRecord, ttl_s: float, conn: Connection | None = None
+    ) -> bytes:
+        """`write`, then announce the change on `CHANNEL` so replicas holding `sid` live apply it at
+        once -- only when the write changed the stored record (anything but its `version`) and this
+        replica had written or read it before (else no other replica can hold it: it was just
+        opened here). Every record write of a live session goes through here (a stateful answer's,
+        a parking one's). The bytes stored; raises `StateUnavailable` (the write's or the publish's)."""
+        known = sid in self._saved
+        raw, changed = await self._write(sid, record, ttl_s, conn)
+        if changed and known:
+            await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+        return raw
+
+    async def _write(
+        self, sid: str, record: SessionRecord, ttl_s: float, conn: Connection | None
+    ) -> tuple[bytes, bool]:
+        """`write`; and whether the stored record changed (absent before, or other than its version)."""
         previous = self._saved.get(sid)
         base = SessionRecord.decode(previous[0]) if previous is not None else None
         merged: list[SessionRecord] = []
+        changed = [True]
 
-        def change(current: bytes | None) -> bytes:
-            merged[:] = [record.merge(base, SessionRecord.decode(current) if current is not None else None)]
+        def change(current: bytes | None) -> bytes:  # run again on what is stored when the guess was wrong
+            stored = SessionRecord.decode(current) if current is not None else None
+            merged[:] = [record.merge(base, stored)]
+            changed[0] = stored is None or _content(stored) != _content(merged[0])
             return merged[0].encode()
 
         raw = await self.store.update(session_key(sid), change, ttl_s, expect=previous[0] if previous else None)
@@ -339,7 +366,7 @@ class SharedSessions:
             conn = conn or self.gateway.clients.by_session_id(sid)
             if conn is not None:
                 self._apply(conn, result)
-        return raw
+        return raw, changed[0]
 
     async def _save(self, sid: str, *, again: bool = False, conn: Connection | None = None) -> Connection | None:
         """Write `sid`'s record when it changed since last written or read (`again`: even if not);
@@ -351,13 +378,11 @@ class SharedSessions:
         previous = self._saved.get(sid)
         if previous is not None and not again:
             base = SessionRecord.decode(previous[0])
-            if base is not None and record == SessionRecord(**{**asdict(base), "version": record.version}):
+            if base is not None and _content(record) == _content(base):
                 return conn
         self._prune()
         try:
-            await self.write(sid, record, self.ttl_s, conn)
-            if previous is not None:
-                await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+            await self.store_record(sid, record, self.ttl_s, conn)
             self._up()
         except StateUnavailable as exc:
             if previous is None:
@@ -676,6 +701,13 @@ class SharedSessions:
         for task in [self._listener, *self._tasks]:
             if task is not None:
                 task.cancel()
+
+
+def _content(record: SessionRecord) -> dict[str, Any]:
+    """What a record says of its session: all but its `version` (which every write changes)."""
+    data = asdict(record)
+    del data["version"]
+    return data
 
 
 def _status_watch(send: Send, status: list[int]) -> Send:
