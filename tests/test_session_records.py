@@ -23,6 +23,7 @@ import redis
 from mcp.server.connection import Connection
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp_types import InitializeRequestParams
 
 from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.parking import LocalRecords, SessionParking
@@ -274,7 +275,8 @@ async def test_an_announcement_read_before_a_write_here_is_not_applied(
     redis_store: tuple[RedisServer, RedisStateStore],
 ) -> None:
     """The GET of an announced record returns, and this replica writes the session's record before
-    the GET's answer is applied: that answer is older than what this replica merged and stored."""
+    the GET's answer is applied: that answer is older than what this replica merged and stored, so
+    it is not applied; read again, it is the record written here (its level, set later, won)."""
     server, plain = redis_store
     layer: SharedSessions | None = None
     writing = False
@@ -282,8 +284,10 @@ async def test_an_announcement_read_before_a_write_here_is_not_applied(
 
     class WriteDuringGet(RedisStateStore):
         async def get(self, key: str) -> bytes | None:
+            nonlocal writing
             raw = await super().get(key)
             if writing:
+                writing = False
                 assert layer is not None
                 layer.gateway.clients.set_log_level(conn, "debug")
                 await layer.write("s1", _record(level="debug"), 60.0)  # a setLevel answered here meanwhile
@@ -396,3 +400,82 @@ async def test_a_write_is_announced_only_when_it_changed_the_stored_record(
     finally:
         spy.close()
         plain.close()
+
+
+def _served_here(layer: SharedSessions, sid: str) -> Connection:
+    """A live, initialized session `sid` on `layer` (what a request's handler changes: its `Connection`)."""
+    conn = Connection(cast(Any, None), protocol_version="2025-06-18", session_id=sid)
+    conn.client_params = InitializeRequestParams.model_validate(CLIENT, by_name=False)
+    layer.gateway.clients.seen(conn)
+    layer.gateway.namer = SimpleNamespace(resolve_uri=lambda uri: None)  # no upstream to subscribe again
+    layer.manager._server_instances[sid] = object()  # live here
+    return conn
+
+
+async def test_a_change_made_here_but_not_yet_stored_survives_an_announcement(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """A `resources/subscribe` handled here changes the live session before its record is written
+    (`_save`, as the answer's chunk goes out, several task switches later). Another replica's change
+    announced in between is applied onto that, not replaced by the stored record wholesale -- which
+    dropped the change made here, and `_save` then found nothing to write: lost on every replica."""
+    _server, store = redis_store
+    here, other = _layer(store), _layer(store)
+    sid = "s1"
+    conn = _served_here(here, sid)
+    await here._save(sid, conn=conn)  # the initialize answer's write
+    await other.write(sid, _record(), 60.0)  # resumed there too
+    here.gateway.clients.subscribe("a://x", conn)  # the handler here ...
+    await other.store_record(sid, _record("a://y"), 60.0)  # ... while there a://y is subscribed and announced
+    await here._remote_change(orjson.dumps({"sid": sid, "from": other.token}))
+    assert here.gateway.clients.session_state(conn)[1] == ["a://x", "a://y"]
+    await here._save(sid, conn=conn)  # the answer goes out
+    stored = SessionRecord.decode(await store.get(session_key(sid)) or b"")
+    assert stored is not None and sorted(stored.subscriptions) == ["a://x", "a://y"], stored
+
+
+async def test_a_change_announced_while_a_write_here_is_answered_is_applied(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """This replica's write is stored, then another replica's change merged onto it and announced;
+    the announcement is heard here, and its GET sent, before this write's answer is (two
+    connections: either may be read first). The GET's answer comes after this replica's record
+    changed, so it is not taken as is -- but read again, not dropped: it holds the other change."""
+    server, plain = redis_store
+    sid = "s1"
+    other = _layer(plain)
+    note = orjson.dumps({"sid": sid, "from": other.token})
+    sent = asyncio.Event()
+    heard: list[asyncio.Future[None]] = []
+
+    class LateAnswer(RedisStateStore):
+        late = False
+
+        async def update(self, key: str, change: Any, ttl_s: float, *, expect: bytes | None = None) -> bytes:
+            raw = await super().update(key, change, ttl_s, expect=expect)
+            if self.late:
+                self.late = False
+                await other.store_record(sid, _record(level="error"), 60.0)  # set there, after this write
+                heard.append(asyncio.ensure_future(here._remote_change(note)))
+                await sent.wait()  # the announcement's GET is on its way before this answer is read
+            return raw
+
+        async def get(self, key: str) -> bytes | None:
+            sent.set()
+            return await super().get(key)
+
+    store = LateAnswer(server.url)
+    try:
+        here = _layer(store)
+        conn = _served_here(here, sid)
+        await here._save(sid, conn=conn)
+        await other.write(sid, _record(), 60.0)  # resumed there too
+        here.gateway.clients.set_log_level(conn, "debug")  # a setLevel here ...
+        store.late = True
+        await here._save(sid, conn=conn)  # ... written; then the other replica's level, announced
+        await asyncio.gather(*heard)
+        stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
+        assert stored is not None and stored.log_level == "error", stored  # the later of the two
+        assert here.gateway.clients.session_state(conn)[0] == "error"
+    finally:
+        await store.aclose()

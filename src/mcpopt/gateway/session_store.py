@@ -25,8 +25,10 @@ the session guard, keeps a record of each session in the shared store instead:
   stored when another replica wrote in between) that merges this replica's changes since the
   record it last wrote or read into the stored one (`SessionRecord.merge`; each write adds one to
   the record's `version`), so two replicas changing one session at once both keep their change,
-  and a removal is never undone. An announced change is applied unless this replica wrote the
-  record while reading it (not by version: an older release's records have none).
+  and a removal is never undone. An announced record is applied the same way: onto what this
+  replica changed since it last wrote or read the record (a request's handler changes the live
+  session before its answer's write), and read again when this replica wrote the record while
+  reading it (not by version: an older release's records have none).
 * **re-hydration**: a request whose session id this replica does not know is looked up (one
   GET); when a record exists and the request's credential is the one the session is bound to,
   and the session guard admits it as it would a new session (room made at `max_sessions`, else
@@ -94,6 +96,9 @@ RETRY_S = 1.0
 """After a store failure, unknown sessions are not looked up for this long (each lookup would wait
 for the store's connect timeout); the listener and refreshes keep probing, and the first success
 ends it."""
+REREADS = 3
+"""An announced record is read again at most this many times when this replica wrote the session's
+record while reading it (`SharedSessions._remote_change`)."""
 _STATEFUL = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 _HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 
@@ -644,23 +649,33 @@ class SharedSessions:
                 if transport.idle_scope is not None:
                     transport.idle_scope.cancel()
             return
-        before = self._saved.get(sid)
-        try:
-            raw = await self.store.get(session_key(sid))
-        except StateUnavailable as exc:
-            self._warn(exc)
-            return
-        record = SessionRecord.decode(raw) if raw is not None else None
-        if record is None or conn is None:
-            return
-        previous = self._saved.get(sid)
-        if (previous[0] if previous else None) is not (before[0] if before else None):
-            # Written (or read) here during the GET: that write merged the stored record, and any
-            # write after it is announced again. Not a version comparison: a replica of an older
-            # release writes no version (read as 0), and a current one merging onto such a record
-            # counts again from 1, so versions do not order records across a rolling deploy.
-            return
-        self._apply(conn, record)
+        for _ in range(REREADS):
+            before = self._saved.get(sid)
+            try:
+                raw = await self.store.get(session_key(sid))
+            except StateUnavailable as exc:
+                self._warn(exc)
+                return
+            record = SessionRecord.decode(raw) if raw is not None else None
+            if record is None or conn is None:
+                return
+            previous = self._saved.get(sid)
+            if (previous[0] if previous else None) is (before[0] if before else None):
+                break
+            # Written (or read) here during the GET: its answer may be older than the record this
+            # replica holds now, so it is not applied; but the change announced may not be in that
+            # record either (this write was stored first, and answered here after the announcement
+            # came), so the record is read again -- a GET sent now sees both. Not a version
+            # comparison: a replica of an older release writes no version (read as 0), and a current
+            # one merging onto such a record counts again from 1, so versions do not order records
+            # across a rolling deploy.
+        else:
+            return  # written here during every read: the next write here applies what it merges in
+        # What this replica changed since it last wrote or read the record (a request's handler may
+        # have, its answer's write still to come) is kept: the changes stored since are applied onto it.
+        base = SessionRecord.decode(previous[0]) if previous is not None else None
+        live = self.record_of(sid, conn)
+        self._apply(conn, live.merge(base, record) if live is not None else record)
         assert raw is not None
         self._saved[sid] = (raw, previous[1] if previous is not None else time.monotonic())
 
