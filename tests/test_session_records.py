@@ -479,3 +479,35 @@ async def test_a_change_announced_while_a_write_here_is_answered_is_applied(
         assert here.gateway.clients.session_state(conn)[0] == "error"
     finally:
         await store.aclose()
+
+
+class _HearingWhileOpening(SharedSessions):
+    """`_open` as the real one runs after the record was read, but another replica changes the
+    session meanwhile and its announcement is heard here before the session is listed (as the
+    listener may, while `_open` waits on the SDK's task group)."""
+
+    other: SharedSessions | None = None
+    conn: Connection | None = None
+
+    async def _open(self, sid: str, record: SessionRecord, params: Any, requestor: Any) -> None:
+        assert self.other is not None
+        await self.other.store_record(sid, _record(level="error"), 60.0)
+        await self._remote_change(orjson.dumps({"sid": sid, "from": self.other.token}))
+        self.manager._server_instances[sid] = object()  # listed, as the SDK's manager lists it
+        self.conn = Connection(cast(Any, None), protocol_version=record.protocol_version, session_id=sid)
+        self.conn.client_params = params
+        self._restore(self.conn, record)
+
+
+async def test_a_change_announced_while_the_session_opens_here_is_applied(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    _server, store = redis_store
+    other, here = _layer(store), cast(_HearingWhileOpening, _layer(store, _HearingWhileOpening))
+    here.other = other
+    sid = "s1"
+    await other.write(sid, _record(level="info"), 60.0)  # the session lives on the other replica ...
+    scope = {"type": "http", "method": "POST", "path": "/mcp"}
+    assert await here._rehydrate(sid, scope) is None  # ... and is resumed here, from the record before
+    await _until(lambda: not here._tasks, "the announcement handled again")
+    assert here.conn is not None and here.gateway.clients.session_state(here.conn)[0] == "error"

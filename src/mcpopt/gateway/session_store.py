@@ -28,7 +28,8 @@ the session guard, keeps a record of each session in the shared store instead:
   and a removal is never undone. An announced record is applied the same way: onto what this
   replica changed since it last wrote or read the record (a request's handler changes the live
   session before its answer's write), and read again when this replica wrote the record while
-  reading it (not by version: an older release's records have none).
+  reading it (not by version: an older release's records have none); one heard while the session
+  is being opened here from its record is heard again once it is open.
 * **re-hydration**: a request whose session id this replica does not know is looked up (one
   GET); when a record exists and the request's credential is the one the session is bound to,
   and the session guard admits it as it would a new session (room made at `max_sessions`, else
@@ -635,6 +636,11 @@ class SharedSessions:
         live = self.manager._server_instances  # noqa: SLF001
         if origin == self.token:
             return
+        pending = self._hydrating.get(sid)
+        if pending is not None:
+            # Being opened here from a record that may predate this change (or deletion): heard
+            # again once it is open (before, it is not listed, or has no `Connection` yet).
+            self._spawn(self._once_open(pending, data))
         if note.get("deleted"):
             self._saved.pop(sid, None)
             if self.on_drop is not None:
@@ -678,6 +684,10 @@ class SharedSessions:
         self._apply(conn, live.merge(base, record) if live is not None else record)
         assert raw is not None
         self._saved[sid] = (raw, previous[1] if previous is not None else time.monotonic())
+
+    async def _once_open(self, pending: asyncio.Future[str | None], data: bytes) -> None:
+        await asyncio.shield(pending)
+        await self._heard(data)
 
     def _apply(self, conn: Connection, record: SessionRecord) -> None:
         """Make the live session's log level and subscriptions what `record` says."""
