@@ -511,3 +511,18 @@ async def test_a_change_announced_while_the_session_opens_here_is_applied(
     assert await here._rehydrate(sid, scope) is None  # ... and is resumed here, from the record before
     await _until(lambda: not here._tasks, "the announcement handled again")
     assert here.conn is not None and here.gateway.clients.session_state(here.conn)[0] == "error"
+
+
+async def test_the_first_command_after_redis_restarted_succeeds(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """A pooled connection opened before Redis restarted is replaced on its first use, not failed
+    (which lost the announcement a replica heard first after a restart, or answered a resumed
+    session's first request 404)."""
+    server, store = redis_store
+    await store.set("k", b"v", 60.0)  # a connection in the pool
+    server.stop()
+    server.start()  # empty, nothing used the pool meanwhile
+    assert await store.get("k") is None
+    await store.set("k", b"w", 60.0)
+    assert await store.get("k") == b"w"

@@ -152,9 +152,10 @@ def test_a_change_the_parking_write_stores_reaches_a_replica_holding_the_session
     and A parks the session: the parking write stores the level, and announces it, so B applies
     it (B parks nothing: its `session_park_ms` is an hour).
 
-    Before A parks, B is seen to read Redis again: a command on a pooled connection opened before
-    the restart fails once ("Connection closed by server"), so the announcement's GET on B would
-    fail and the announcement be lost for a reason other than the one tested here."""
+    Before A parks, B is seen to read Redis again, so the announcement's GET is not the first
+    command B sends after the restart: that one failed on a pooled connection from before it
+    (until `mcpopt.state.redis` retried it; `test_session_records`), which would lose the
+    announcement for a reason other than the one tested here."""
     hour = 3_600_000  # no TTL refresh (a quarter of it) during the test, on either replica
     config_a = _shared(tmp_path / "a", redis_server, session_idle_timeout_ms=hour)
     config_b = _shared(tmp_path / "b", redis_server, session_idle_timeout_ms=hour, session_park_ms=hour)
@@ -181,8 +182,8 @@ def test_a_change_the_parking_write_stores_reaches_a_replica_holding_the_session
                     while r.pubsub_numsub(channel)[0][1] < 2:  # both replicas listen again
                         assert time.monotonic() < deadline, "the replicas did not subscribe again"
                         time.sleep(0.05)
-                    # B's session store reads Redis again: its pooled connection from before the restart
-                    # fails once (see the test's note); a session resumed there from a record shows it.
+                    # B's session store reads Redis again (see the test's note): a session resumed
+                    # there from a record shows it.
                     probe = uuid.uuid4().hex
                     r.set(b"mcpopt:" + session_key(probe).encode(), SessionRecord("2025-06-18", CLIENT).encode())
                     probe_headers = {**s.headers, "mcp-session-id": probe}
