@@ -23,6 +23,7 @@ import redis
 from mcp.server.connection import Connection
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp_types import InitializeRequestParams
 
 from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.parking import LocalRecords, SessionParking
@@ -274,7 +275,8 @@ async def test_an_announcement_read_before_a_write_here_is_not_applied(
     redis_store: tuple[RedisServer, RedisStateStore],
 ) -> None:
     """The GET of an announced record returns, and this replica writes the session's record before
-    the GET's answer is applied: that answer is older than what this replica merged and stored."""
+    the GET's answer is applied: that answer is older than what this replica merged and stored, so
+    it is not applied; read again, it is the record written here (its level, set later, won)."""
     server, plain = redis_store
     layer: SharedSessions | None = None
     writing = False
@@ -282,8 +284,10 @@ async def test_an_announcement_read_before_a_write_here_is_not_applied(
 
     class WriteDuringGet(RedisStateStore):
         async def get(self, key: str) -> bytes | None:
+            nonlocal writing
             raw = await super().get(key)
             if writing:
+                writing = False
                 assert layer is not None
                 layer.gateway.clients.set_log_level(conn, "debug")
                 await layer.write("s1", _record(level="debug"), 60.0)  # a setLevel answered here meanwhile
@@ -352,3 +356,173 @@ async def test_a_session_being_resumed_is_not_parked_again_before_its_request_re
     # which would discard the session under the request, answered 404.
     assert layer.parked_meanwhile == 0
     assert sid in manager._server_instances and sid not in parking.parked
+
+
+async def test_a_write_is_announced_only_when_it_changed_the_stored_record(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """`store_record` (a stateful answer's write, a parking one's): a write that leaves the stored
+    record as it was (but for its version) sends no message; one that changes it, one. The test's
+    own markers, published in between, show the order Redis delivered them in."""
+    server, store = redis_store
+    here, other = _layer(store), _layer(store)
+    sid = "s1"
+    plain = redis.Redis.from_url(server.url)
+    channel = store.prefix + CHANNEL
+    spy = plain.pubsub()
+    spy.subscribe(channel)
+    deadline = time.monotonic() + WAIT_S
+    while (confirmed := spy.get_message(timeout=1.0)) is None or confirmed["type"] != "subscribe":
+        assert time.monotonic() < deadline, "the spy never subscribed"
+    heard: list[dict[str, Any]] = []
+
+    def until_marker(n: int) -> None:
+        plain.publish(channel, orjson.dumps({"marker": n}))
+        deadline = time.monotonic() + WAIT_S
+        while not heard or heard[-1].get("marker") != n:
+            assert time.monotonic() < deadline, f"marker {n} never came: {heard}"
+            message = spy.get_message(timeout=1.0)
+            if message is not None and message["type"] == "message":
+                heard.append(orjson.loads(message["data"]))
+
+    try:
+        await here.store_record(sid, _record(), 60.0)  # a new session's first write: nobody else has it
+        until_marker(1)
+        await other.write(sid, _record(), 60.0)  # read there (resumed), so the version moved on
+        await here.store_record(sid, _record(), 60.0)  # a park with nothing new: no message
+        until_marker(2)
+        await here.store_record(sid, _record(level="error"), 60.0)  # a change: announced once
+        until_marker(3)
+        note = {"sid": sid, "from": here.token}
+        assert heard == [{"marker": 1}, {"marker": 2}, note, {"marker": 3}], heard
+        stored = SessionRecord.decode(await store.get(session_key(sid)) or b"")
+        assert stored is not None and stored.log_level == "error" and stored.version == 4, stored
+    finally:
+        spy.close()
+        plain.close()
+
+
+def _served_here(layer: SharedSessions, sid: str) -> Connection:
+    """A live, initialized session `sid` on `layer` (what a request's handler changes: its `Connection`)."""
+    conn = Connection(cast(Any, None), protocol_version="2025-06-18", session_id=sid)
+    conn.client_params = InitializeRequestParams.model_validate(CLIENT, by_name=False)
+    layer.gateway.clients.seen(conn)
+    layer.gateway.namer = SimpleNamespace(resolve_uri=lambda uri: None)  # no upstream to subscribe again
+    layer.manager._server_instances[sid] = object()  # live here
+    return conn
+
+
+async def test_a_change_made_here_but_not_yet_stored_survives_an_announcement(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """A `resources/subscribe` handled here changes the live session before its record is written
+    (`_save`, as the answer's chunk goes out, several task switches later). Another replica's change
+    announced in between is applied onto that, not replaced by the stored record wholesale -- which
+    dropped the change made here, and `_save` then found nothing to write: lost on every replica."""
+    _server, store = redis_store
+    here, other = _layer(store), _layer(store)
+    sid = "s1"
+    conn = _served_here(here, sid)
+    await here._save(sid, conn=conn)  # the initialize answer's write
+    await other.write(sid, _record(), 60.0)  # resumed there too
+    here.gateway.clients.subscribe("a://x", conn)  # the handler here ...
+    await other.store_record(sid, _record("a://y"), 60.0)  # ... while there a://y is subscribed and announced
+    await here._remote_change(orjson.dumps({"sid": sid, "from": other.token}))
+    assert here.gateway.clients.session_state(conn)[1] == ["a://x", "a://y"]
+    await here._save(sid, conn=conn)  # the answer goes out
+    stored = SessionRecord.decode(await store.get(session_key(sid)) or b"")
+    assert stored is not None and sorted(stored.subscriptions) == ["a://x", "a://y"], stored
+
+
+async def test_a_change_announced_while_a_write_here_is_answered_is_applied(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """This replica's write is stored, then another replica's change merged onto it and announced;
+    the announcement is heard here, and its GET sent, before this write's answer is (two
+    connections: either may be read first). The GET's answer comes after this replica's record
+    changed, so it is not taken as is -- but read again, not dropped: it holds the other change."""
+    server, plain = redis_store
+    sid = "s1"
+    other = _layer(plain)
+    note = orjson.dumps({"sid": sid, "from": other.token})
+    sent = asyncio.Event()
+    heard: list[asyncio.Future[None]] = []
+
+    class LateAnswer(RedisStateStore):
+        late = False
+
+        async def update(self, key: str, change: Any, ttl_s: float, *, expect: bytes | None = None) -> bytes:
+            raw = await super().update(key, change, ttl_s, expect=expect)
+            if self.late:
+                self.late = False
+                await other.store_record(sid, _record(level="error"), 60.0)  # set there, after this write
+                heard.append(asyncio.ensure_future(here._remote_change(note)))
+                await sent.wait()  # the announcement's GET is on its way before this answer is read
+            return raw
+
+        async def get(self, key: str) -> bytes | None:
+            sent.set()
+            return await super().get(key)
+
+    store = LateAnswer(server.url)
+    try:
+        here = _layer(store)
+        conn = _served_here(here, sid)
+        await here._save(sid, conn=conn)
+        await other.write(sid, _record(), 60.0)  # resumed there too
+        here.gateway.clients.set_log_level(conn, "debug")  # a setLevel here ...
+        store.late = True
+        await here._save(sid, conn=conn)  # ... written; then the other replica's level, announced
+        await asyncio.gather(*heard)
+        stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
+        assert stored is not None and stored.log_level == "error", stored  # the later of the two
+        assert here.gateway.clients.session_state(conn)[0] == "error"
+    finally:
+        await store.aclose()
+
+
+class _HearingWhileOpening(SharedSessions):
+    """`_open` as the real one runs after the record was read, but another replica changes the
+    session meanwhile and its announcement is heard here before the session is listed (as the
+    listener may, while `_open` waits on the SDK's task group)."""
+
+    other: SharedSessions | None = None
+    conn: Connection | None = None
+
+    async def _open(self, sid: str, record: SessionRecord, params: Any, requestor: Any) -> None:
+        assert self.other is not None
+        await self.other.store_record(sid, _record(level="error"), 60.0)
+        await self._remote_change(orjson.dumps({"sid": sid, "from": self.other.token}))
+        self.manager._server_instances[sid] = object()  # listed, as the SDK's manager lists it
+        self.conn = Connection(cast(Any, None), protocol_version=record.protocol_version, session_id=sid)
+        self.conn.client_params = params
+        self._restore(self.conn, record)
+
+
+async def test_a_change_announced_while_the_session_opens_here_is_applied(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    _server, store = redis_store
+    other, here = _layer(store), cast(_HearingWhileOpening, _layer(store, _HearingWhileOpening))
+    here.other = other
+    sid = "s1"
+    await other.write(sid, _record(level="info"), 60.0)  # the session lives on the other replica ...
+    scope = {"type": "http", "method": "POST", "path": "/mcp"}
+    assert await here._rehydrate(sid, scope) is None  # ... and is resumed here, from the record before
+    await _until(lambda: not here._tasks, "the announcement handled again")
+    assert here.conn is not None and here.gateway.clients.session_state(here.conn)[0] == "error"
+
+
+async def test_the_first_command_after_redis_restarted_succeeds(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """A pooled connection opened before Redis restarted is replaced on its first use, not failed
+    (which lost the announcement a replica heard first after a restart, or answered a resumed
+    session's first request 404)."""
+    server, store = redis_store
+    await store.set("k", b"v", 60.0)  # a connection in the pool
+    server.stop()
+    server.start()  # empty, nothing used the pool meanwhile
+    assert await store.get("k") is None
+    await store.set("k", b"w", 60.0)
+    assert await store.get("k") == b"w"

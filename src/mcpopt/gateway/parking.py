@@ -241,8 +241,9 @@ class SessionParking:
         if ttl_s <= 0:
             return False  # the SDK's idle timeout ends it now anyway
         try:
-            # Merged into the stored record (compare-and-set): a change another replica stored meanwhile is kept.
-            await self.shared.write(sid, record, ttl_s, conn)
+            # Merged into the stored record (compare-and-set): a change another replica stored meanwhile is
+            # kept; one made here but not stored yet (Redis was down then) is announced, as any change is.
+            await self.shared.store_record(sid, record, ttl_s, conn)
         except Exception as exc:  # noqa: BLE001 - store down: the session stays as it is
             logger.warning("cannot park MCP session %s (%s); it stays open", sid[:12], exc)
             return False

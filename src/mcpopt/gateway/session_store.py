@@ -15,15 +15,21 @@ the session guard, keeps a record of each session in the shared store instead:
   very next request, e.g. `notifications/initialized` on another replica, finds it), and before
   the answer to a `logging/setLevel`, `resources/subscribe` or `resources/unsubscribe` that
   changed it (before each body chunk of that answer, so also once its handler has ended: an SSE
-  answer may send a chunk first); a change is published so replicas holding a copy apply it at
-  once. A client's DELETE removes the record and ends the copies on every replica.
+  answer may send a chunk first), and when the session parks (`mcpopt.gateway.parking`; that
+  write also stores a change Redis could not take when it was made); a write that changed the
+  stored record is published so replicas holding a copy apply it at once
+  (`SharedSessions.store_record`). A client's DELETE removes the record and ends the copies on
+  every replica.
 * **concurrent writers**: a write is a compare-and-set (`RecordStore.update`: a Lua script, one
   round trip, or a WATCH/MULTI/EXEC transaction where Redis refuses scripts; retried on what is
   stored when another replica wrote in between) that merges this replica's changes since the
   record it last wrote or read into the stored one (`SessionRecord.merge`; each write adds one to
   the record's `version`), so two replicas changing one session at once both keep their change,
-  and a removal is never undone. An announced change is applied unless this replica wrote the
-  record while reading it (not by version: an older release's records have none).
+  and a removal is never undone. An announced record is applied the same way: onto what this
+  replica changed since it last wrote or read the record (a request's handler changes the live
+  session before its answer's write), and read again when this replica wrote the record while
+  reading it (not by version: an older release's records have none); one heard while the session
+  is being opened here from its record is heard again once it is open.
 * **re-hydration**: a request whose session id this replica does not know is looked up (one
   GET); when a record exists and the request's credential is the one the session is bound to,
   and the session guard admits it as it would a new session (room made at `max_sessions`, else
@@ -91,6 +97,9 @@ RETRY_S = 1.0
 """After a store failure, unknown sessions are not looked up for this long (each lookup would wait
 for the store's connect timeout); the listener and refreshes keep probing, and the first success
 ends it."""
+REREADS = 3
+"""An announced record is read again at most this many times when this replica wrote the session's
+record while reading it (`SharedSessions._remote_change`)."""
 _STATEFUL = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 _HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 
@@ -323,13 +332,37 @@ class SharedSessions:
         """Store `record` (this replica's view of `sid`) by compare-and-set: merged into the stored
         record (`SessionRecord.merge`, against the one this replica last wrote or read), so a change
         another replica stored meanwhile is kept; a change merged in from there is applied to the
-        live session here too (`conn`, when known). The bytes stored; raises `StateUnavailable`."""
+        live session here too (`conn`, when known). Not announced (`store_record` announces). The
+        bytes stored; raises `StateUnavailable`."""
+        return (await self._write(sid, record, ttl_s, conn))[0]
+
+    async def store_record(
+        self, sid: str, record: SessionRecord, ttl_s: float, conn: Connection | None = None
+    ) -> bytes:
+        """`write`, then announce the change on `CHANNEL` so replicas holding `sid` live apply it at
+        once -- only when the write changed the stored record (anything but its `version`) and this
+        replica had written or read it before (else no other replica can hold it: it was just
+        opened here). Every record write of a live session goes through here (a stateful answer's,
+        a parking one's). The bytes stored; raises `StateUnavailable` (the write's or the publish's)."""
+        known = sid in self._saved
+        raw, changed = await self._write(sid, record, ttl_s, conn)
+        if changed and known:
+            await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+        return raw
+
+    async def _write(
+        self, sid: str, record: SessionRecord, ttl_s: float, conn: Connection | None
+    ) -> tuple[bytes, bool]:
+        """`write`; and whether the stored record changed (absent before, or other than its version)."""
         previous = self._saved.get(sid)
         base = SessionRecord.decode(previous[0]) if previous is not None else None
         merged: list[SessionRecord] = []
+        changed = [True]
 
-        def change(current: bytes | None) -> bytes:
-            merged[:] = [record.merge(base, SessionRecord.decode(current) if current is not None else None)]
+        def change(current: bytes | None) -> bytes:  # run again on what is stored when the guess was wrong
+            stored = SessionRecord.decode(current) if current is not None else None
+            merged[:] = [record.merge(base, stored)]
+            changed[0] = stored is None or _content(stored) != _content(merged[0])
             return merged[0].encode()
 
         raw = await self.store.update(session_key(sid), change, ttl_s, expect=previous[0] if previous else None)
@@ -339,7 +372,7 @@ class SharedSessions:
             conn = conn or self.gateway.clients.by_session_id(sid)
             if conn is not None:
                 self._apply(conn, result)
-        return raw
+        return raw, changed[0]
 
     async def _save(self, sid: str, *, again: bool = False, conn: Connection | None = None) -> Connection | None:
         """Write `sid`'s record when it changed since last written or read (`again`: even if not);
@@ -351,13 +384,11 @@ class SharedSessions:
         previous = self._saved.get(sid)
         if previous is not None and not again:
             base = SessionRecord.decode(previous[0])
-            if base is not None and record == SessionRecord(**{**asdict(base), "version": record.version}):
+            if base is not None and _content(record) == _content(base):
                 return conn
         self._prune()
         try:
-            await self.write(sid, record, self.ttl_s, conn)
-            if previous is not None:
-                await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+            await self.store_record(sid, record, self.ttl_s, conn)
             self._up()
         except StateUnavailable as exc:
             if previous is None:
@@ -605,6 +636,11 @@ class SharedSessions:
         live = self.manager._server_instances  # noqa: SLF001
         if origin == self.token:
             return
+        pending = self._hydrating.get(sid)
+        if pending is not None:
+            # Being opened here from a record that may predate this change (or deletion): heard
+            # again once it is open (before, it is not listed, or has no `Connection` yet).
+            self._spawn(self._once_open(pending, data))
         if note.get("deleted"):
             self._saved.pop(sid, None)
             if self.on_drop is not None:
@@ -619,25 +655,39 @@ class SharedSessions:
                 if transport.idle_scope is not None:
                     transport.idle_scope.cancel()
             return
-        before = self._saved.get(sid)
-        try:
-            raw = await self.store.get(session_key(sid))
-        except StateUnavailable as exc:
-            self._warn(exc)
-            return
-        record = SessionRecord.decode(raw) if raw is not None else None
-        if record is None or conn is None:
-            return
-        previous = self._saved.get(sid)
-        if (previous[0] if previous else None) is not (before[0] if before else None):
-            # Written (or read) here during the GET: that write merged the stored record, and any
-            # write after it is announced again. Not a version comparison: a replica of an older
-            # release writes no version (read as 0), and a current one merging onto such a record
-            # counts again from 1, so versions do not order records across a rolling deploy.
-            return
-        self._apply(conn, record)
+        for _ in range(REREADS):
+            before = self._saved.get(sid)
+            try:
+                raw = await self.store.get(session_key(sid))
+            except StateUnavailable as exc:
+                self._warn(exc)
+                return
+            record = SessionRecord.decode(raw) if raw is not None else None
+            if record is None or conn is None:
+                return
+            previous = self._saved.get(sid)
+            if (previous[0] if previous else None) is (before[0] if before else None):
+                break
+            # Written (or read) here during the GET: its answer may be older than the record this
+            # replica holds now, so it is not applied; but the change announced may not be in that
+            # record either (this write was stored first, and answered here after the announcement
+            # came), so the record is read again -- a GET sent now sees both. Not a version
+            # comparison: a replica of an older release writes no version (read as 0), and a current
+            # one merging onto such a record counts again from 1, so versions do not order records
+            # across a rolling deploy.
+        else:
+            return  # written here during every read: the next write here applies what it merges in
+        # What this replica changed since it last wrote or read the record (a request's handler may
+        # have, its answer's write still to come) is kept: the changes stored since are applied onto it.
+        base = SessionRecord.decode(previous[0]) if previous is not None else None
+        live = self.record_of(sid, conn)
+        self._apply(conn, live.merge(base, record) if live is not None else record)
         assert raw is not None
         self._saved[sid] = (raw, previous[1] if previous is not None else time.monotonic())
+
+    async def _once_open(self, pending: asyncio.Future[str | None], data: bytes) -> None:
+        await asyncio.shield(pending)
+        await self._heard(data)
 
     def _apply(self, conn: Connection, record: SessionRecord) -> None:
         """Make the live session's log level and subscriptions what `record` says."""
@@ -676,6 +726,13 @@ class SharedSessions:
         for task in [self._listener, *self._tasks]:
             if task is not None:
                 task.cancel()
+
+
+def _content(record: SessionRecord) -> dict[str, Any]:
+    """What a record says of its session: all but its `version` (which every write changes)."""
+    data = asdict(record)
+    del data["version"]
+    return data
 
 
 def _status_watch(send: Send, status: list[int]) -> Send:

@@ -54,10 +54,19 @@ SOCKET_TIMEOUT_S = 1.0
 
 def _client(url: str, *, timeouts: bool = True) -> Any:
     import redis.asyncio as aioredis
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     if timeouts:
-        # Bounds what an unreachable Redis can add to a call before it degrades to local state.
-        return aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S)
+        # Bounds what an unreachable Redis can add to a call before it degrades to local state. One
+        # retry, at once, on a broken connection only: a pooled connection from before a Redis
+        # restart fails its first command ("Connection closed by server"), which without it would
+        # fail too (a session not found, an announcement lost). A timeout is not retried (the bound).
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        return aioredis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, retry=retry
+        )
     # The subscriber blocks on reads for as long as no message comes: no read timeout there; a dead
     # server is seen as a closed connection (and by the periodic PING of health_check_interval).
     return aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=5)
