@@ -60,6 +60,14 @@ def test_growth_refuses_a_negative_park_time() -> None:
     assert done.returncode == 2 and "--park-ms" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(("option", "value"), [("--servers", "1,x"), ("--clients", "0"), ("--alternate", "-1")])
+def test_growth_refuses_bad_counts_naming_the_option(option: str, value: str) -> None:
+    done = subprocess.run(
+        [MCPOPT, "bench", "growth", option, value], capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+    )
+    assert done.returncode == 2 and option in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.skipif(not CATALOG.exists(), reason="the LiveMCPBench dataset is not on this machine")
 def test_catalog_server_lists_the_catalogs_tools() -> None:
     tools = catalog_tools(CATALOG)

@@ -167,6 +167,15 @@ def bench_telemetry_cmd(
     raise typer.Exit(0 if all(r["ok"] for r in rows) else 1)
 
 
+def _counts(text: str, option: str) -> list[int]:
+    """`"1,5,10"` -> `[1, 5, 10]`; raises `typer.BadParameter` (exit 2, naming `option`) unless every
+    item is a positive integer."""
+    items = [x.strip() for x in text.split(",")]
+    if not all(x.isdigit() and int(x) > 0 for x in items):
+        raise typer.BadParameter(f"expected positive integers separated by commas, got {text!r}", param_hint=option)
+    return [int(x) for x in items]
+
+
 @bench_app.command("growth")
 def bench_growth_cmd(
     servers: str = typer.Option("1,5,10,20", "--servers", help="Upstream server counts, comma-separated."),
@@ -183,6 +192,7 @@ def bench_growth_cmd(
     alternate: int = typer.Option(
         0,
         "--alternate",
+        min=0,
         help="Also time this many tools/call per server count with every count's gateway running at once, "
         "alternated (call p50 against servers on the same machine state). 0: off.",
     ),
@@ -204,12 +214,13 @@ def bench_growth_cmd(
     from mcpopt.bench.growth import plot, report, run_growth
     from mcpopt.bench.growth_servers import alternate_servers
 
+    sizes = _counts(servers, "--servers")
+    client_counts = _counts(clients, "--clients")
     install_reaper()
-    sizes = [int(x) for x in servers.split(",")]
     result = run(
         run_growth(
             sizes,
-            [int(x) for x in clients.split(",")],
+            client_counts,
             rate=rate,
             seconds=seconds,
             list_requests=list_requests,
