@@ -9,6 +9,7 @@ when idle, with a real MCP server (mcp-server-time) behind each.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -281,7 +282,9 @@ async def test_each_owner_gets_its_own_session_bounded_and_reaped() -> None:
         assert "UTC" in await call_time(c)
         # Idle past isolation_idle_ms (by the pools' own activity clock): reaped, processes gone.
         now[0] = time.monotonic() + 5
-        assert await sessions.reap() == 2 and not sessions.pools and sessions.reaped == 2
+        # The background reaper may take some first; two reaps at once still close each session once.
+        closed = await asyncio.gather(sessions.reap(), sessions.reap())
+        assert sum(closed) <= 2 and not sessions.pools and sessions.reaped == 2, (closed, sessions.stats())
         assert a.state == "stopped" and c.state == "stopped"
         assert wait_dead(mine) == []  # alice's and bob's
         assert wait_dead([p for p in time_processes() if p.pid not in others]) == []  # carol's too

@@ -78,6 +78,7 @@ class IsolatedSessions:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self._reaping = asyncio.Lock()
         self._closed = False
         self.opened = self.reaped = self.evicted = self.rejected = 0
 
@@ -134,15 +135,17 @@ class IsolatedSessions:
                 del self.pools[owner]
                 self._tasks.pop(owner, None)
 
-    async def _close(self, owner: str) -> None:
+    async def _close(self, owner: str) -> bool:
+        """Stop `owner`'s session; False when another caller (eviction, the reaper) already took it."""
         pool = self.pools.pop(owner, None)
         task = self._tasks.pop(owner, None)
         if pool is None:
-            return
+            return False
         await pool.stop()
         if task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, STOP_TIMEOUT_S)
+        return True
 
     async def _reap_loop(self) -> None:
         interval = min(REAP_INTERVAL_S, max(0.05, self.idle_s / 4))
@@ -151,15 +154,22 @@ class IsolatedSessions:
             await self.reap()
 
     async def reap(self) -> int:
-        """Close the sessions idle for `isolation_idle_ms` or longer; returns how many."""
-        now = self.clock()
-        idle = [o for o, p in list(self.pools.items()) if p.busy == 0 and now - p.last_activity >= self.idle_s]
-        for owner in idle:
-            await self._close(owner)
-            self.reaped += 1
-        if idle:
-            logger.info("MCP server %r: closed %d idle isolated session(s)", self.name, len(idle))
-        return len(idle)
+        """Close the sessions idle for `isolation_idle_ms` or longer; returns how many this call closed.
+
+        One reap at a time (the background loop and a caller's): a second one waits for the first,
+        so when it returns every session idle at its start is stopped, and none is counted twice.
+        """
+        async with self._reaping:
+            now = self.clock()
+            idle = [o for o, p in list(self.pools.items()) if p.busy == 0 and now - p.last_activity >= self.idle_s]
+            closed = 0
+            for owner in idle:
+                if await self._close(owner):
+                    closed += 1
+            self.reaped += closed
+        if closed:
+            logger.info("MCP server %r: closed %d idle isolated session(s)", self.name, closed)
+        return closed
 
     async def aclose(self) -> None:
         """Close every session (gateway shutdown)."""
