@@ -55,7 +55,7 @@ async def one_round(hub: Telemetry, calls: int) -> tuple[float, float, float]:
         return await timer(call, terminal)
 
     p0, t0 = time.process_time(), time.thread_time()
-    for i in range(calls):
+    for _ in range(calls):
         call = ToolCall(
             "time",
             "get_current_time",
