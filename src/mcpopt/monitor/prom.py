@@ -113,6 +113,8 @@ class _Histogram:
         return out
 
 
+BATCH_MIN = 8
+"""Smaller batches are counted record by record (the batch path's fixed cost would exceed its gain)."""
 _bucket = partial(bisect_left, BUCKETS)
 _TOOL = columns("server", "tool")
 _OUTCOME = column("outcome")
@@ -191,7 +193,12 @@ class PrometheusMetrics:
 
     def observe_many(self, recs: Sequence[CallRecord]) -> None:
         """`observe` each record in turn, the same figures: per (server, tool) of the batch, its
-        counters are added up with C-level passes over the records instead of one call each."""
+        counters are added up with C-level passes over the records instead of one call each
+        (batches under `BATCH_MIN` records one by one)."""
+        if len(recs) < BATCH_MIN:
+            for rec in recs:
+                self.observe(rec)
+            return
         for key, run in group(recs, _TOOL).items():
             series = self.series.get(key)
             if series is None:

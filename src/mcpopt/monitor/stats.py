@@ -135,8 +135,12 @@ class Series:
         self.bytes_in += sum(map(_BYTES_IN, recs))
         self.bytes_out += sum(map(_BYTES_OUT, recs))
         outcomes = self.outcomes
-        for outcome, n in Counter(outs).items():  # first-seen order, as one by one
-            outcomes[outcome] = outcomes.get(outcome, 0) + n
+        first = outs[0]
+        if outs.count(first) == len(outs):  # the usual batch: one outcome
+            outcomes[first] = outcomes.get(first, 0) + len(outs)
+        else:
+            for outcome, n in Counter(outs).items():  # first-seen order, as one by one
+                outcomes[outcome] = outcomes.get(outcome, 0) + n
         if self.detect:
             if "cancelled" in outs:  # cancelled calls feed neither detector
                 kept = [o != "cancelled" for o in outs]

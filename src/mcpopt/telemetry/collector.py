@@ -102,7 +102,13 @@ class TelemetryFilter:
         except BaseException as exc:
             self._done(call, t0, None, exc)
             raise
-        self._done(call, t0, result, None)
+        t1 = perf_counter()  # `_done`, inline on the usual path
+        self.inflight -= 1
+        pending = self._pending
+        if len(pending) < self._cap:
+            pending.append((call, t0, t1, result, None))
+        else:
+            self.dropped += 1
         return result
 
     def _done(self, call: ToolCall, t0: float, result: ToolResult | None, exc: BaseException | None) -> None:

@@ -139,10 +139,10 @@ class ThreadedSink:
             self._wake.clear()
             if woke and self.linger_s and not self._stopping and len(q) < self.batch:
                 time.sleep(self.linger_s)
+            popleft = q.popleft
             while q:
-                items: list[Any] = []
-                while q and len(items) < self.batch:
-                    items.append(q.popleft())
+                # Only this thread takes from the queue: the `len(q)` counted now are there to pop.
+                items: list[Any] = [popleft() for _ in range(min(len(q), self.batch))]
                 try:
                     self.write(items)
                     self.written += len(items)
