@@ -1,10 +1,12 @@
 """Telemetry processes finished calls a batch at a time (`build_records`, `Monitor.observe_many`,
 `PrometheusMetrics.observe_many`, `EwmaDetector.add_many`, `ArgumentHasher`): the records and every
-figure must be exactly those of processing them one at a time."""
+figure must be exactly those of processing them one at a time. The SQLite sink gathers up to a
+statement of rows per transaction (`fill`), its linger ended by a full batch or a `drain`."""
 
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -22,6 +24,8 @@ from mcpopt.pipeline import ToolCall
 from mcpopt.telemetry.collector import Pending, build_record, build_records
 from mcpopt.telemetry.privacy import ArgumentHasher, hash_arguments
 from mcpopt.telemetry.record import FIELDS, OUTCOMES, CallRecord, group
+from mcpopt.telemetry.sinks import FILL, LINGER_S, SqliteSink, ThreadedSink
+from mcpopt.telemetry.store import ROWS_PER_INSERT
 
 
 def _records(rng: random.Random, n: int, tools: list[tuple[str, str]], step_s: float) -> list[CallRecord]:
@@ -231,3 +235,35 @@ def test_cancelled_calls_feed_no_detector_in_a_batch() -> None:
         s_one.add(r, r.ts)
     s_many.add_many(recs, [r.ts for r in recs])
     assert _series_state(s_many) == _series_state(s_one) and s_many.latency.n == 10 and s_many.errors_ewma.n == 20
+
+
+class _Recording(ThreadedSink):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("recording", **kw)
+        self.batches: list[list[Any]] = []
+
+    def write(self, items: list[Any]) -> None:
+        self.batches.append(list(items))
+
+
+def test_a_sink_writes_once_fill_records_are_queued_without_waiting_out_its_linger() -> None:
+    sink = _Recording(linger_s=600.0, fill=8, batch=512)
+    sink.start()
+    try:
+        sink.offer_many(list(range(5)))
+        sink.offer_many(list(range(5, 8)))  # the 8th record ends the linger
+        deadline = time.monotonic() + 60
+        while sum(map(len, sink.batches)) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [x for b in sink.batches for x in b] == list(range(8))
+        sink.offer(8)  # fewer than `fill`: `drain` ends the linger
+        assert sink.drain(60) and sink.batches[-1] == [8]
+    finally:
+        sink.stop()
+    assert sink.written == 9 and sink.dropped == 0
+
+
+def test_the_sqlite_sink_gathers_a_statement_of_rows_per_transaction(tmp_path: Path) -> None:
+    sink = SqliteSink(tmp_path / "t.db")
+    assert (sink.linger_s, sink.fill) == (LINGER_S, FILL) and FILL == ROWS_PER_INSERT and LINGER_S >= 1.0
+    assert SqliteSink(tmp_path / "u.db", queue_size=100).fill == 100  # never more than the queue holds
