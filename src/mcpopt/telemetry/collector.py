@@ -5,10 +5,10 @@ two `perf_counter()` reads, an in-flight count, (when OTLP is on) new span ids a
 `traceparent` put in the upstream request's `_meta`, and one `deque.append` of
 `(call, t0, t1, result, exception)`. Everything else -- classifying the outcome, sizes,
 hashes, redaction, statistics, Prometheus, spans, the store -- happens later in
-`build_record` and the hub's background loop. The call is recorded whatever happens inside
-(a result, an `isError` result, any exception, a cancellation), and the exception goes on
-unchanged. When the hand-off queue is full (the loop is starved) the record is dropped and
-counted in `dropped`.
+`build_records` (a whole batch of pending calls at a time) and the hub's background loop.
+The call is recorded whatever happens inside (a result, an `isError` result, any exception,
+a cancellation), and the exception goes on unchanged. When the hand-off queue is full (the
+loop is starved) the record is dropped and counted in `dropped`.
 
 `UpstreamTimer` goes last (just before the upstream): it adds the time spent below it to
 `call.attrs["terminal_ms"]`, from which the record's `upstream_ms` is derived unless the
