@@ -223,6 +223,20 @@ def build_record(hub: RecordContext, item: Pending) -> CallRecord:
 
 
 _new_record = tuple.__new__
+_ATTRS = (
+    "queue_ms",
+    "upstream_ms",
+    "terminal_ms",
+    "cache",
+    "_trace",
+    "tokens_saved",
+    "coalesced",
+    "retries",
+    "replica",
+    "decision",
+    "policy_rule",
+)
+"""The `call.attrs` keys a record reads, in the order `build_records` unpacks them."""
 _NO_ARGS: dict[str, Any] = {}
 _SIZE_OPT = orjson.OPT_NON_STR_KEYS
 
@@ -257,12 +271,13 @@ def build_records(
             else:
                 outcome, code = classify(result, exc)
             attrs = call.attrs
-            get = attrs.get
+            # One C-level pass for the attrs a record reads (a missing one is None).
+            queue_ms, upstream, terminal, cache, trace, saved, coalesced, retries, replica, decision, rule = map(
+                attrs.get, _ATTRS
+            )
             total = (t1 - t0) * 1000
-            queue_ms = float(get("queue_ms") or 0.0)
-            upstream = get("upstream_ms")
+            queue_ms = float(queue_ms or 0.0)
             if upstream is None:
-                terminal = get("terminal_ms")
                 upstream = max(0.0, terminal - queue_ms) if terminal is not None else 0.0
             upstream = float(upstream)
             params = call.params
@@ -280,7 +295,6 @@ def build_records(
                     resp = len(repr(result))
             else:
                 resp = 0
-            cache = get("cache", "")
             trace_id = span_id = parent_span_id = session = args_hash = arguments = ""
             task_type = user_intent = performance_target = ""
             seq = 0
@@ -289,7 +303,6 @@ def build_records(
                 who = call.principal
                 if who is not None:
                     principal = who.audit_id(level, principal_hash)
-                trace = get("_trace")
                 if trace is not None:
                     trace_id, span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
                     parent_span_id = f"{trace[2]:016x}" if trace[2] else ""
@@ -323,11 +336,11 @@ def build_records(
                         resp,
                         (req + 3) // 4,  # estimate_tokens, inline
                         (resp + 3) // 4,
-                        int(get("tokens_saved") or 0),
+                        int(saved or 0),
                         cache if isinstance(cache, str) else "",
-                        bool(get("coalesced")),
-                        int(get("retries") or 0),
-                        get("replica"),
+                        bool(coalesced),
+                        int(retries or 0),
+                        replica,
                         code,
                         session,
                         seq,
@@ -342,8 +355,8 @@ def build_records(
                         level,
                         ",".join(attrs["variants"]) if "variants" in attrs else "",
                         principal,
-                        str(get("decision") or ""),
-                        str(get("policy_rule") or "")[:200],
+                        str(decision or ""),
+                        str(rule or "")[:200],
                         replica_id,
                     ),
                 )

@@ -261,6 +261,9 @@ class SqliteSink(ThreadedSink):
     def write(self, items: list[Any]) -> None:
         if self._store is None:
             self.open()
+        if all(map(CallRecord.__instancecheck__, items)):  # the usual batch: records only (C-level pass)
+            self._store.insert(items, ())
+            return
         records = [r for r in items if isinstance(r, CallRecord)]
         events = [e for e in items if not isinstance(e, CallRecord)]
         self._store.insert(records, events)
