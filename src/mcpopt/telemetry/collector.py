@@ -186,15 +186,6 @@ def classify(result: ToolResult | None, exc: BaseException | None) -> tuple[str,
     return "protocol_error", code
 
 
-def _size(obj: Any) -> int:
-    if not obj:
-        return 0
-    try:
-        return len(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS))
-    except TypeError:
-        return len(repr(obj))
-
-
 _NO_TASK: dict[str, Any] = {}
 
 
