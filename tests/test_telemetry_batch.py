@@ -267,3 +267,10 @@ def test_the_sqlite_sink_gathers_a_statement_of_rows_per_transaction(tmp_path: P
     sink = SqliteSink(tmp_path / "t.db")
     assert (sink.linger_s, sink.fill) == (LINGER_S, FILL) and FILL == ROWS_PER_INSERT and LINGER_S >= 1.0
     assert SqliteSink(tmp_path / "u.db", queue_size=100).fill == 100  # never more than the queue holds
+
+
+def test_process_pending_takes_at_most_limit_records_and_none_for_a_negative_limit(tmp_path: Path) -> None:
+    hub = Telemetry(TelemetrySettings(sqlite_path=""), data_dir=tmp_path)
+    hub.pending.extend(_pending(i) for i in range(5))
+    assert (hub.process_pending(-1), hub.process_pending(0), hub.process_pending(3)) == (0, 0, 3)
+    assert hub.process_pending() == 2 and hub.records == 5 and not hub.pending

@@ -257,7 +257,7 @@ class Telemetry:
         pending = self.pending
         if not pending:
             return 0
-        n = len(pending) if limit is None else min(limit, len(pending))
+        n = len(pending) if limit is None else max(0, min(limit, len(pending)))
         popleft = pending.popleft
         self.dispatch_batch(build_records(self, [popleft() for _ in range(n)], _log_failed))
         return n

@@ -96,12 +96,12 @@ class ArgumentHasher:
 
     `hasher(arguments)` returns exactly `hash_arguments(arguments, salt)` (16 hex characters, ""
     for no arguments). Only encodings of at most `max_bytes` bytes are remembered, so memory stays
-    under `size * max_bytes` bytes plus the digests.
+    under `size * max_bytes` bytes plus the digests (128 KiB by default).
     """
 
     __slots__ = ("_base", "_digests", "size", "max_bytes")
 
-    def __init__(self, salt: bytes, size: int = 1024, max_bytes: int = 512) -> None:
+    def __init__(self, salt: bytes, size: int = 256, max_bytes: int = 512) -> None:
         self._base = hashlib.blake2b(key=salt[:64], digest_size=8)
         self._digests: dict[bytes, str] = {}
         self.size = size
