@@ -526,3 +526,41 @@ async def test_the_first_command_after_redis_restarted_succeeds(
     assert await store.get("k") is None
     await store.set("k", b"w", 60.0)
     assert await store.get("k") == b"w"
+
+
+async def test_a_change_made_here_while_a_write_is_in_flight_is_kept(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """Two stateful requests on one session here: the first's write is in flight (it merges in
+    another replica's a://y) when the second's handler subscribes a://z. The write's merged result
+    is applied onto the live state as it is now, not in place of it -- which unsubscribed a://z."""
+    server, plain = redis_store
+    sid = "s1"
+    other = _layer(plain)
+
+    class InFlight(RedisStateStore):
+        during: Any = None
+
+        async def update(self, key: str, change: Any, ttl_s: float, *, expect: bytes | None = None) -> bytes:
+            raw = await super().update(key, change, ttl_s, expect=expect)
+            if self.during is not None:
+                self.during, during = None, self.during
+                during()  # the second request's handler, before this write's answer is read
+            return raw
+
+    store = InFlight(server.url)
+    try:
+        here = _layer(store)
+        conn = _served_here(here, sid)
+        await here._save(sid, conn=conn)
+        await other.write(sid, _record(), 60.0)  # resumed there too
+        await other.write(sid, _record("a://y"), 60.0)  # a://y subscribed there
+        here.gateway.clients.subscribe("a://x", conn)  # the first request here
+        store.during = lambda: here.gateway.clients.subscribe("a://z", conn)
+        await here._save(sid, conn=conn)
+        assert sorted(here.gateway.clients.session_state(conn)[1]) == ["a://x", "a://y", "a://z"]
+        await here._save(sid, conn=conn)  # the second request's answer goes out
+        stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
+        assert stored is not None and sorted(stored.subscriptions) == ["a://x", "a://y", "a://z"], stored
+    finally:
+        await store.aclose()

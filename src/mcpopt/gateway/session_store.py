@@ -370,8 +370,11 @@ class SharedSessions:
         result = merged[0]
         if result.subscriptions != record.subscriptions or result.log_level != record.log_level:
             conn = conn or self.gateway.clients.by_session_id(sid)
+            now = self.record_of(sid, conn) if conn is not None else None
             if conn is not None:
-                self._apply(conn, result)
+                # Onto the live state as it is now: a change made here while this write was in
+                # flight (another request on the session) is kept, as `merge` keeps it in a write.
+                self._apply(conn, now.merge(record, result) if now is not None else result)
         return raw, changed[0]
 
     async def _save(self, sid: str, *, again: bool = False, conn: Connection | None = None) -> Connection | None:
