@@ -29,6 +29,7 @@ from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.parking import LocalRecords, SessionParking
 from mcpopt.gateway.session_store import CHANNEL, SessionRecord, SharedSessions, session_key
 from mcpopt.gateway.sessions import SessionGuard
+from mcpopt.state import StateUnavailable
 from mcpopt.state.redis import RedisStateStore
 from test_shared_state import RedisServer
 
@@ -563,4 +564,44 @@ async def test_a_change_made_here_while_a_write_is_in_flight_is_kept(
         stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
         assert stored is not None and sorted(stored.subscriptions) == ["a://x", "a://y", "a://z"], stored
     finally:
+        await store.aclose()
+
+
+async def test_a_change_whose_announcement_failed_is_announced_later(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """A setLevel here is stored, but its announcement fails (the PUBLISH, not the write): it is
+    sent again once the store answers here (a TTL refresh), so a replica holding it live hears it."""
+    server, plain = redis_store
+    sid = "s1"
+    other = _layer(plain)
+    sent: list[bytes] = []
+
+    class FailingPublish(RedisStateStore):
+        fail = False
+
+        async def publish(self, channel: str, message: bytes) -> None:
+            if self.fail:
+                self.fail = False
+                raise StateUnavailable("publish failed")
+            await super().publish(channel, message)
+            sent.append(message)
+
+    store = FailingPublish(server.url)
+    try:
+        here = _layer(store)
+        conn = _served_here(here, sid)
+        await here._save(sid, conn=conn)
+        await other.write(sid, _record(), 60.0)  # resumed there too
+        here.gateway.clients.set_log_level(conn, "error")
+        store.fail = True
+        await here._save(sid, conn=conn)  # stored, not announced
+        stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
+        assert stored is not None and stored.log_level == "error"
+        assert sent == []
+        await here._refresh(sid, here._saved[sid][0])  # the store's next success here
+        await _until(lambda: sent, "the announcement sent again")
+        assert orjson.loads(sent[0]) == {"sid": sid, "from": here.token}
+    finally:
+        await here.aclose()
         await store.aclose()
