@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import MCPOPT, ROOT
 from mcpopt.bench.catalog_server import catalog_tools
+from mcpopt.bench.growth import WAVE, CallFigures, Growth, ListFigures, figure
 
 CATALOG = ROOT.parent / "shared" / "datasets" / "livemcpbench" / "tools.json"
 
@@ -93,3 +95,56 @@ def test_alternate_times_every_server_count_at_once() -> None:
         assert r["calls"] == 12 and r["errors"] == 0
         # CPU is psutil's (10 ms ticks): 12 short calls may well read 0; present is what is checked.
         assert r["p50_ms"] > 0 and r["cpu_us_per_call"] is not None and r["cpu_us_per_call"] >= 0
+
+
+def _growth(park_ms: int) -> Growth:
+    """Figures of the shape `run_growth` returns (the values are not judged)."""
+    g = Growth(rate=200.0, park_ms=park_ms, load=(1.0, 1.0, 1.0))
+    g.lists = [ListFigures(n, 24 * n, 15_000 * n, 2.0, 0.3, 3.0, 250.0, 200) for n in (1, 5)]
+    for n in (1, 5):
+        for c in (1, 10, 100):
+            parked = 40.0 if park_ms else None
+            waves = 2.5 if park_ms else None
+            g.calls.append(CallFigures(n, c, 600, 0, 1.5, 9.0, 900.0, 300.0, 90.0, 40.0, c, c, parked, waves, c))
+    return g
+
+
+def _legend_labels(ax: Any) -> list[str]:
+    legend = ax.get_legend()
+    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
+
+
+def test_png_names_every_line_style_and_server_count() -> None:
+    """The PNG's panels say what each line is: the latency panel names p50 and p99, the memory
+    panel's key (the sixth cell) names open / parked: RSS kept / parked: arriving WAVE at a time
+    and every server count, singular for one; the memory title gives the park time."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(_growth(10_000))
+    try:
+        latency, cpu, rss, memory, key = fig.axes[1:6]
+        assert {"1 server", "5 servers", "p50", "p99"} <= set(_legend_labels(latency))
+        assert {"1 server", "5 servers"} <= set(_legend_labels(cpu)) & set(_legend_labels(rss))
+        labels = _legend_labels(key)
+        assert labels[:2] == ["1 server", "5 servers"]
+        assert labels[2:] == [
+            "open (opened at once)",
+            "parked: RSS kept (same sessions)",
+            f"parked: arriving {WAVE} at a time",
+        ]
+        assert "10000 ms" in memory.get_title() and memory.get_ylabel() == "KiB per session"
+        assert all(ax.get_xlabel() == "clients" for ax in (latency, cpu, rss, memory))
+    finally:
+        plt.close(fig)
+
+
+def test_png_without_parking_has_no_parked_key() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(_growth(0))
+    try:
+        memory, key = fig.axes[4], fig.axes[5]
+        assert "parking off" in memory.get_title()
+        assert not [label for label in _legend_labels(key) if "parked" in label]
+    finally:
+        plt.close(fig)

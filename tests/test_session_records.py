@@ -29,6 +29,7 @@ from mcpopt.gateway.clients import Clients
 from mcpopt.gateway.parking import LocalRecords, SessionParking
 from mcpopt.gateway.session_store import CHANNEL, SessionRecord, SharedSessions, session_key
 from mcpopt.gateway.sessions import SessionGuard
+from mcpopt.state import StateUnavailable
 from mcpopt.state.redis import RedisStateStore
 from test_shared_state import RedisServer
 
@@ -526,3 +527,81 @@ async def test_the_first_command_after_redis_restarted_succeeds(
     assert await store.get("k") is None
     await store.set("k", b"w", 60.0)
     assert await store.get("k") == b"w"
+
+
+async def test_a_change_made_here_while_a_write_is_in_flight_is_kept(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """Two stateful requests on one session here: the first's write is in flight (it merges in
+    another replica's a://y) when the second's handler subscribes a://z. The write's merged result
+    is applied onto the live state as it is now, not in place of it -- which unsubscribed a://z."""
+    server, plain = redis_store
+    sid = "s1"
+    other = _layer(plain)
+
+    class InFlight(RedisStateStore):
+        during: Any = None
+
+        async def update(self, key: str, change: Any, ttl_s: float, *, expect: bytes | None = None) -> bytes:
+            raw = await super().update(key, change, ttl_s, expect=expect)
+            if self.during is not None:
+                self.during, during = None, self.during
+                during()  # the second request's handler, before this write's answer is read
+            return raw
+
+    store = InFlight(server.url)
+    try:
+        here = _layer(store)
+        conn = _served_here(here, sid)
+        await here._save(sid, conn=conn)
+        await other.write(sid, _record(), 60.0)  # resumed there too
+        await other.write(sid, _record("a://y"), 60.0)  # a://y subscribed there
+        here.gateway.clients.subscribe("a://x", conn)  # the first request here
+        store.during = lambda: here.gateway.clients.subscribe("a://z", conn)
+        await here._save(sid, conn=conn)
+        assert sorted(here.gateway.clients.session_state(conn)[1]) == ["a://x", "a://y", "a://z"]
+        await here._save(sid, conn=conn)  # the second request's answer goes out
+        stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
+        assert stored is not None and sorted(stored.subscriptions) == ["a://x", "a://y", "a://z"], stored
+    finally:
+        await store.aclose()
+
+
+async def test_a_change_whose_announcement_failed_is_announced_later(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """A setLevel here is stored, but its announcement fails (the PUBLISH, not the write): it is
+    sent again once the store answers here (a TTL refresh), so a replica holding it live hears it."""
+    server, plain = redis_store
+    sid = "s1"
+    other = _layer(plain)
+    sent: list[bytes] = []
+
+    class FailingPublish(RedisStateStore):
+        fail = False
+
+        async def publish(self, channel: str, message: bytes) -> None:
+            if self.fail:
+                self.fail = False
+                raise StateUnavailable("publish failed")
+            await super().publish(channel, message)
+            sent.append(message)
+
+    store = FailingPublish(server.url)
+    try:
+        here = _layer(store)
+        conn = _served_here(here, sid)
+        await here._save(sid, conn=conn)
+        await other.write(sid, _record(), 60.0)  # resumed there too
+        here.gateway.clients.set_log_level(conn, "error")
+        store.fail = True
+        await here._save(sid, conn=conn)  # stored, not announced
+        stored = SessionRecord.decode(await plain.get(session_key(sid)) or b"")
+        assert stored is not None and stored.log_level == "error"
+        assert sent == []
+        await here._refresh(sid, here._saved[sid][0])  # the store's next success here
+        await _until(lambda: sent, "the announcement sent again")
+        assert orjson.loads(sent[0]) == {"sid": sid, "from": here.token}
+    finally:
+        await here.aclose()
+        await store.aclose()

@@ -689,8 +689,16 @@ def _parked_cell(kib: float | None, parked: int, clients: int, park_ms: int) -> 
     return f"not parked ({parked}/{clients})"
 
 
-def plot(g: Growth, path: Path) -> None:
-    """A PNG of the curves (matplotlib, Agg backend: `pip install mcpopt[bench]`).
+def _servers_label(n: int) -> str:
+    return f"{n} server" + ("" if n == 1 else "s")
+
+
+def figure(g: Growth) -> Any:
+    """The curves as a matplotlib `Figure` (Agg backend), 2 x 3 panels: tools/list against tools
+    listed; call latency, gateway CPU per call, gateway RSS and RSS per idle session against
+    clients, one colour per server count. Line styles are named in each panel's legend (p50 / p99;
+    open / parked: RSS kept / parked: arriving `WAVE` at a time); the memory panel's legend sits
+    in the sixth cell, which has no axes of its own.
 
     Raises:
         RuntimeError: matplotlib is not installed.
@@ -700,6 +708,8 @@ def plot(g: Growth, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         raise RuntimeError("--png needs matplotlib: pip install 'mcpopt[bench]'") from None
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
@@ -720,36 +730,72 @@ def plot(g: Growth, path: Path) -> None:
     by_servers: dict[int, list[CallFigures]] = {}
     for c in g.calls:
         by_servers.setdefault(c.servers, []).append(c)
-    park = f"parked after {g.park_ms} ms" if g.park_ms else "parking off"
-    panels = [
-        (axes[0][1], "call latency (p50 solid, p99 dashed)", "ms"),
-        (axes[0][2], "gateway CPU per call", "us"),
-        (axes[1][0], "gateway RSS (idle sessions open before calls)", "MiB"),
-        (axes[1][1], f"RSS per idle session ({park})\nopen o-, parked: RSS kept s--, in waves ^:", "KiB"),
-    ]
-    axes[1][2].axis("off")
+    park = f"parked after {g.park_ms} ms idle" if g.park_ms else "parking off"
+    latency, cpu, rss, memory = axes[0][1], axes[0][2], axes[1][0], axes[1][1]
+    key = axes[1][2]
+    key.axis("off")
 
     def kib(value: float | None) -> float:
         return float("nan") if value is None else value
 
+    colours: list[Line2D] = []
     for n, rows in by_servers.items():
         cs = [r.clients for r in rows]
-        (line,) = panels[0][0].plot(cs, [r.p50_ms for r in rows], "o-", label=f"{n} servers")
-        panels[0][0].plot(cs, [r.p99_ms for r in rows], "o--", color=line.get_color())
-        panels[1][0].plot(cs, [r.gateway_cpu_us for r in rows], "o-", label=f"{n} servers")
-        panels[2][0].plot(cs, [r.rss_mib for r in rows], "o-", label=f"{n} servers")
-        (line,) = panels[3][0].plot(cs, [r.idle_session_kib for r in rows], "o-", label=f"{n} servers")
-        panels[3][0].plot(cs, [kib(r.parked_session_kib) for r in rows], "s--", color=line.get_color())
-        panels[3][0].plot(cs, [kib(r.parked_waves_kib) for r in rows], "^:", color=line.get_color())
-    panels[0][0].set_yscale("log")
-    for ax, title, unit in panels:
+        (line,) = latency.plot(cs, [r.p50_ms for r in rows], "o-", label=_servers_label(n))
+        colour = line.get_color()
+        colours.append(Line2D([], [], color=colour, marker="o", label=_servers_label(n)))
+        latency.plot(cs, [r.p99_ms for r in rows], "o--", color=colour)
+        cpu.plot(cs, [r.gateway_cpu_us for r in rows], "o-", color=colour, label=_servers_label(n))
+        rss.plot(cs, [r.rss_mib for r in rows], "o-", color=colour, label=_servers_label(n))
+        memory.plot(cs, [r.idle_session_kib for r in rows], "o-", color=colour)
+        memory.plot(cs, [kib(r.parked_session_kib) for r in rows], "s--", color=colour)
+        memory.plot(cs, [kib(r.parked_waves_kib) for r in rows], "^:", color=colour)
+    grey = "0.35"
+    styles = [
+        Line2D([], [], color=grey, marker="o", linestyle="-", label="p50"),
+        Line2D([], [], color=grey, marker="o", linestyle="--", label="p99"),
+    ]
+    latency.legend(handles=colours + styles, fontsize=8, ncol=2, handlelength=3)
+    latency.set_yscale("log")
+    # Plain numbers (1, 2, 5, 10, 20, 50 ms), not 2 x 10^0 on every minor tick.
+    latency.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    latency.yaxis.set_major_formatter(ScalarFormatter())
+    latency.yaxis.set_minor_formatter(NullFormatter())
+    latency.set(title="tools/call latency", ylabel="ms")
+    cpu.set(title="gateway CPU per call", ylabel="us of CPU per call")
+    cpu.legend(fontsize=8)
+    rss.set(title="gateway RSS (idle sessions open before calls)", ylabel="MiB")
+    rss.legend(fontsize=8)
+    memory.set(title=f"RSS per idle session ({park})", ylabel="KiB per session")
+    marks = [
+        Line2D([], [], color=grey, marker="o", linestyle="-", label="open (opened at once)"),
+        Line2D([], [], color=grey, marker="s", linestyle="--", label="parked: RSS kept (same sessions)"),
+        Line2D([], [], color=grey, marker="^", linestyle=":", label=f"parked: arriving {WAVE} at a time"),
+    ]
+    # With parking off there are no parked figures (their lines are empty), so no key for them.
+    shown = marks if g.park_ms else marks[:1]
+    key.legend(
+        handles=colours + shown, title="RSS per idle session (left)", loc="center left", fontsize=9, handlelength=3
+    )
+    for ax in (latency, cpu, rss, memory):
         ax.set_xscale("log")
-        ax.set(title=title, xlabel="clients", ylabel=unit)
-        ax.legend(fontsize=8)
+        ax.set_xlabel("clients")
     fig.suptitle(
         f"mcpopt bench growth ({g.rate:.0f} calls/s offered; load {g.load[0]:.1f} on {os.cpu_count()} cores)",
         fontsize=11,
     )
     fig.tight_layout()
+    return fig
+
+
+def plot(g: Growth, path: Path) -> None:
+    """Write `figure(g)` to `path` as a PNG (matplotlib, Agg backend: `pip install mcpopt[bench]`).
+
+    Raises:
+        RuntimeError: matplotlib is not installed.
+    """
+    fig = figure(g)  # first: it raises the clear error when matplotlib is missing
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)

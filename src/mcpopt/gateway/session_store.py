@@ -97,6 +97,9 @@ RETRY_S = 1.0
 """After a store failure, unknown sessions are not looked up for this long (each lookup would wait
 for the store's connect timeout); the listener and refreshes keep probing, and the first success
 ends it."""
+ANNOUNCE_RETRY_S = 1.0
+"""An announcement that failed after its write was stored is sent again after this long (seconds),
+and at once after the store's next success here, until sent."""
 REREADS = 3
 """An announced record is read again at most this many times when this replica wrote the session's
 record while reading it (`SharedSessions._remote_change`)."""
@@ -241,6 +244,10 @@ class SharedSessions:
         self._saved: dict[str, tuple[bytes, float]] = {}
         """Session id -> (the record last written or read, when its TTL was last refreshed)."""
         self._hydrating: dict[str, asyncio.Future[str | None]] = {}
+        self._unannounced: set[str] = set()
+        """Sessions whose stored change's announcement failed (`store_record`): sent again by
+        `_announce_pending` (a repeated announcement is harmless, a lost one leaves copies stale)."""
+        self._announcing: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._down = False
@@ -347,8 +354,39 @@ class SharedSessions:
         known = sid in self._saved
         raw, changed = await self._write(sid, record, ttl_s, conn)
         if changed and known:
-            await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+            self._unannounced.add(sid)
+        if self._unannounced:
+            try:
+                await self._announce(sid if sid in self._unannounced else None)
+            except StateUnavailable:
+                self._retry_announcements(after=ANNOUNCE_RETRY_S)
+                raise
         return raw
+
+    async def _announce(self, first: str | None) -> None:
+        """Publish every pending announcement (`first`'s first); raises `StateUnavailable`, keeping
+        the ones not sent yet pending."""
+        for sid in ([first] if first is not None else []) + sorted(self._unannounced - {first}):
+            if sid in self._unannounced:
+                await self.store.publish(CHANNEL, orjson.dumps({"sid": sid, "from": self.token}))
+                self._unannounced.discard(sid)
+
+    def _retry_announcements(self, *, after: float = 0.0) -> None:
+        """Send the pending announcements in the background (one task at a time), `after` seconds
+        from now, then every `ANNOUNCE_RETRY_S` until sent (or the layer is closed)."""
+        if self._unannounced and (self._announcing is None or self._announcing.done()):
+            self._announcing = asyncio.ensure_future(self._announce_pending(after))
+            self._tasks.add(self._announcing)
+            self._announcing.add_done_callback(self._tasks.discard)
+
+    async def _announce_pending(self, after: float) -> None:
+        await asyncio.sleep(after)
+        while self._unannounced:
+            try:
+                await self._announce(None)
+            except StateUnavailable as exc:
+                self._warn(exc)
+                await asyncio.sleep(ANNOUNCE_RETRY_S)
 
     async def _write(
         self, sid: str, record: SessionRecord, ttl_s: float, conn: Connection | None
@@ -370,8 +408,11 @@ class SharedSessions:
         result = merged[0]
         if result.subscriptions != record.subscriptions or result.log_level != record.log_level:
             conn = conn or self.gateway.clients.by_session_id(sid)
+            now = self.record_of(sid, conn) if conn is not None else None
             if conn is not None:
-                self._apply(conn, result)
+                # Onto the live state as it is now: a change made here while this write was in
+                # flight (another request on the session) is kept, as `merge` keeps it in a write.
+                self._apply(conn, now.merge(record, result) if now is not None else result)
         return raw, changed[0]
 
     async def _save(self, sid: str, *, again: bool = False, conn: Connection | None = None) -> Connection | None:
@@ -429,6 +470,7 @@ class SharedSessions:
 
     async def _drop_everywhere(self, sid: str) -> None:
         self._saved.pop(sid, None)
+        self._unannounced.discard(sid)  # its deletion is announced instead
         if self.on_drop is not None:
             self.on_drop(sid)
         try:
@@ -717,6 +759,7 @@ class SharedSessions:
             report_down(str(self.store.url), "shared session store (sessions stay on their replica)", exc)
 
     def _up(self) -> None:
+        self._retry_announcements()  # the store answers again: what failed to be announced is sent
         if self._down:
             self._down = False
             report_up(str(self.store.url), "shared session store (sessions stay on their replica)")

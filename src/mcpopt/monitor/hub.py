@@ -31,8 +31,8 @@ from typing import Any
 from mcpopt.config import TelemetrySettings, config_data_dir, default_data_dir
 from mcpopt.monitor.alerts import AlertEvent, WebhookSink
 from mcpopt.monitor.monitor import Monitor
-from mcpopt.telemetry.collector import Pending, TelemetryFilter, UpstreamTimer, build_record
-from mcpopt.telemetry.privacy import hash_id, load_salt
+from mcpopt.telemetry.collector import Pending, TelemetryFilter, UpstreamTimer, build_records
+from mcpopt.telemetry.privacy import ArgumentHasher, hash_id, load_salt
 from mcpopt.telemetry.record import CallRecord
 from mcpopt.telemetry.sinks import JsonlSink, SqliteSink, ThreadedSink
 from mcpopt.telemetry.store import store_path
@@ -46,6 +46,10 @@ SLICE = 32
 arrives meanwhile waits at most about that long)."""
 _SESSIONS = 10_000
 """Sessions whose call counter is kept (least recently used go first)."""
+
+
+def _log_failed(exc: Exception) -> None:
+    logger.error("telemetry: a record could not be processed", exc_info=exc)
 
 
 class Telemetry:
@@ -99,6 +103,7 @@ class Telemetry:
         self.sqlite: SqliteSink | None = None
         self.webhook: WebhookSink | None = None
         self._salt: bytes | None = None
+        self._hasher: ArgumentHasher | None = None
         self._seqs: OrderedDict[str, int] = OrderedDict()
         self._session_hashes: dict[str, str] = {}
         self._wall0 = time.time()
@@ -231,6 +236,14 @@ class Telemetry:
         """The audit id of a principal at `standard`: `hash_id` of its key with this install's salt."""
         return self.session_hash("principal\0" + key)
 
+    def hash_arguments(self, arguments: Any) -> str:
+        """`privacy.hash_arguments(arguments, salt)` (16 hex characters, "" for none), by an
+        `ArgumentHasher` made at the first call."""
+        hasher = self._hasher
+        if hasher is None:
+            hasher = self._hasher = ArgumentHasher(self.salt)
+        return hasher(arguments)
+
     def next_seq(self, session: str) -> int:
         seqs = self._seqs
         n = seqs.pop(session, 0) + 1
@@ -244,17 +257,9 @@ class Telemetry:
         pending = self.pending
         if not pending:
             return 0
-        n = 0
+        n = len(pending) if limit is None else max(0, min(limit, len(pending)))
         popleft = pending.popleft
-        batch: list[CallRecord] = []
-        while pending and (limit is None or n < limit):
-            item = popleft()
-            n += 1
-            try:
-                batch.append(build_record(self, item))
-            except Exception:  # noqa: BLE001
-                logger.exception("telemetry: a record could not be processed")
-        self.dispatch_batch(batch)
+        self.dispatch_batch(build_records(self, [popleft() for _ in range(n)], _log_failed))
         return n
 
     def dispatch(self, rec: CallRecord) -> None:
@@ -266,15 +271,15 @@ class Telemetry:
         (one queue extension and one wake-up of its writer per batch, not per record)."""
         if not recs:
             return
-        observe = self.monitor.observe
-        prom = self.prometheus.observe if self.prometheus is not None else None
-        for rec in recs:
+        try:
+            self.monitor.observe_many(recs)
+        except Exception:  # noqa: BLE001
+            logger.exception("telemetry: records could not be added to the monitor")
+        if self.prometheus is not None:
             try:
-                observe(rec)
-                if prom is not None:
-                    prom(rec)
+                self.prometheus.observe_many(recs)
             except Exception:  # noqa: BLE001
-                logger.exception("telemetry: a record could not be processed")
+                logger.exception("telemetry: records could not be counted for Prometheus")
         self.records += len(recs)
         for sink in self.sinks:
             if sink is not self.webhook:

@@ -12,15 +12,34 @@ error rate < 1%; B < 100 ms and < 2%; C < 200 ms and < 5%; D < 500 ms and < 10%;
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import add, mod, sub, truediv
 from typing import Any
 
 from mcpopt.monitor.anomaly import EwmaDetector
-from mcpopt.telemetry.record import ERROR_OUTCOMES, CallRecord
+from mcpopt.telemetry.record import ERROR_OUTCOMES, CallRecord, column
 
 MAX_SAMPLES = 2048
 DEFAULT_GRADES = ((50.0, 0.01), (100.0, 0.02), (200.0, 0.05), (500.0, 0.10))
+
+
+_TS = column("ts")
+_OUTCOME = column("outcome")
+_TOTAL = column("total_ms")
+_CACHE = column("cache")
+_TOKENS_IN = column("tokens_in")
+_TOKENS_OUT = column("tokens_out")
+_TOKENS_SAVED = column("tokens_saved")
+_BYTES_IN = column("request_bytes")
+_BYTES_OUT = column("response_bytes")
+_is_error = ERROR_OUTCOMES.__contains__
+
+
+def end_times(recs: Sequence[CallRecord]) -> list[float]:
+    """Each record's end, Unix seconds: `ts + total_ms / 1000` (C-level passes)."""
+    return list(map(add, map(_TS, recs), map(truediv, map(_TOTAL, recs), repeat(1000))))
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -95,6 +114,40 @@ class Series:
             if not err:
                 self.latency.add(total_ms)
             self.errors_ewma.add(1.0 if err else 0.0)
+
+    def add_many(self, recs: Sequence[CallRecord], ends: Sequence[float]) -> None:
+        """`add` each record in turn (`ends[i]` the end of `recs[i]`): the same samples, totals and
+        detector states, from C-level passes over the batch."""
+        if not recs:
+            return
+        outs = list(map(_OUTCOME, recs))
+        totals = list(map(_TOTAL, recs))
+        errs = list(map(_is_error, outs))
+        self.samples.extend(zip(ends, totals, errs, strict=True))
+        self.calls += len(recs)
+        self.errors += sum(errs)
+        caches = list(map(_CACHE, recs))
+        self.hits += caches.count("hit")
+        self.misses += caches.count("miss")
+        self.tokens_in += sum(map(_TOKENS_IN, recs))
+        self.tokens_out += sum(map(_TOKENS_OUT, recs))
+        self.tokens_saved += sum(map(_TOKENS_SAVED, recs))
+        self.bytes_in += sum(map(_BYTES_IN, recs))
+        self.bytes_out += sum(map(_BYTES_OUT, recs))
+        outcomes = self.outcomes
+        first = outs[0]
+        if outs.count(first) == len(outs):  # the usual batch: one outcome
+            outcomes[first] = outcomes.get(first, 0) + len(outs)
+        else:
+            for outcome, n in Counter(outs).items():  # first-seen order, as one by one
+                outcomes[outcome] = outcomes.get(outcome, 0) + n
+        if self.detect:
+            if "cancelled" in outs:  # cancelled calls feed neither detector
+                kept = [o != "cancelled" for o in outs]
+                totals = list(compress(totals, kept))
+                errs = list(compress(errs, kept))
+            self.latency.add_many(compress(totals, [not e for e in errs]) if any(errs) else totals)
+            self.errors_ewma.add_many(map(float, errs))
 
     def window(self, since: float) -> tuple[list[float], int]:
         """Latencies (ascending) and the error count of samples that ended at or after `since`."""
@@ -216,6 +269,28 @@ class Timeline:
             self._hits += cache == "hit"
             self._misses += cache == "miss"
         self._saved += rec.tokens_saved
+
+    def add_many(self, recs: Sequence[CallRecord], ends: Sequence[float]) -> None:
+        """`add` each record in turn (`ends[i]` the end of `recs[i]`); a batch within the current
+        bucket (the usual case) is added with C-level passes."""
+        if not recs:
+            return
+        bucket_s = self.bucket_s
+        starts = list(map(sub, ends, map(mod, ends, repeat(bucket_s))))
+        current = self._start if self._start is not None else starts[0]
+        if max(starts) > current:  # a new bucket begins in this batch: one by one
+            for end, rec in zip(ends, recs, strict=True):
+                self.add(end, rec)
+            return
+        self._start = current
+        room = 4096 - len(self._lat)
+        if room > 0:
+            self._lat.extend(map(_TOTAL, recs[:room]))
+        self._errors += sum(map(_is_error, map(_OUTCOME, recs)))
+        caches = list(map(_CACHE, recs))
+        self._hits += caches.count("hit")
+        self._misses += caches.count("miss")
+        self._saved += sum(map(_TOKENS_SAVED, recs))
 
     def _point(self) -> dict[str, Any]:
         lat = sorted(self._lat)

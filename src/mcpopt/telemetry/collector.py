@@ -5,10 +5,10 @@ two `perf_counter()` reads, an in-flight count, (when OTLP is on) new span ids a
 `traceparent` put in the upstream request's `_meta`, and one `deque.append` of
 `(call, t0, t1, result, exception)`. Everything else -- classifying the outcome, sizes,
 hashes, redaction, statistics, Prometheus, spans, the store -- happens later in
-`build_record` and the hub's background loop. The call is recorded whatever happens inside
-(a result, an `isError` result, any exception, a cancellation), and the exception goes on
-unchanged. When the hand-off queue is full (the loop is starved) the record is dropped and
-counted in `dropped`.
+`build_records` (a whole batch of pending calls at a time) and the hub's background loop.
+The call is recorded whatever happens inside (a result, an `isError` result, any exception,
+a cancellation), and the exception goes on unchanged. When the hand-off queue is full (the
+loop is starved) the record is dropped and counted in `dropped`.
 
 `UpstreamTimer` goes last (just before the upstream): it adds the time spent below it to
 `call.attrs["terminal_ms"]`, from which the record's `upstream_ms` is derived unless the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable, Iterable
 from random import getrandbits
 from time import perf_counter
 from typing import Any, Protocol
@@ -38,7 +39,7 @@ from mcpopt.errors import (
 )
 from mcpopt.pipeline import Next, ToolCall, ToolResult
 from mcpopt.telemetry.otel import parse_traceparent
-from mcpopt.telemetry.privacy import hash_arguments, redact_text, redacted_json
+from mcpopt.telemetry.privacy import redact_text, redacted_json
 from mcpopt.telemetry.record import CallRecord
 
 REQUEST_TIMEOUT = -32001
@@ -49,7 +50,8 @@ TASK_KEYS = ("user_intent", "task_type", "performance_target")
 
 
 class RecordContext(Protocol):
-    """What `build_record` needs of the hub: the privacy level, the salt, per-session ids and the clock."""
+    """What `build_records` needs of the hub: the privacy level, salted hashes (`hash_arguments` is
+    `privacy.hash_arguments` under the hub's salt), per-session ids and the clock."""
 
     @property
     def level(self) -> str: ...
@@ -60,6 +62,8 @@ class RecordContext(Protocol):
     def session_hash(self, session: str) -> str: ...
 
     def principal_hash(self, key: str) -> str: ...
+
+    def hash_arguments(self, arguments: Any) -> str: ...
 
     def next_seq(self, session: str) -> int: ...
 
@@ -98,7 +102,13 @@ class TelemetryFilter:
         except BaseException as exc:
             self._done(call, t0, None, exc)
             raise
-        self._done(call, t0, result, None)
+        t1 = perf_counter()  # `_done`, inline on the usual path
+        self.inflight -= 1
+        pending = self._pending
+        if len(pending) < self._cap:
+            pending.append((call, t0, t1, result, None))
+        else:
+            self.dropped += 1
         return result
 
     def _done(self, call: ToolCall, t0: float, result: ToolResult | None, exc: BaseException | None) -> None:
@@ -176,15 +186,6 @@ def classify(result: ToolResult | None, exc: BaseException | None) -> tuple[str,
     return "protocol_error", code
 
 
-def _size(obj: Any) -> int:
-    if not obj:
-        return 0
-    try:
-        return len(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS))
-    except TypeError:
-        return len(repr(obj))
-
-
 _NO_TASK: dict[str, Any] = {}
 
 
@@ -206,84 +207,153 @@ def task_info(call: ToolCall) -> dict[str, Any]:
 
 
 def build_record(hub: RecordContext, item: Pending) -> CallRecord:
-    """Turn a pending call into a `CallRecord`, applying the privacy level (off the request path)."""
-    call, t0, t1, result, exc = item
-    if exc is None and type(result) is dict:
-        outcome, code = ("tool_error" if result.get("isError") else "ok"), None
-    else:
-        outcome, code = classify(result, exc)
-    attrs = call.attrs
-    get = attrs.get
-    total = (t1 - t0) * 1000
-    queue_ms = float(get("queue_ms") or 0.0)
-    upstream = get("upstream_ms")
-    if upstream is None:
-        terminal = get("terminal_ms")
-        upstream = max(0.0, terminal - queue_ms) if terminal is not None else 0.0
-    upstream = float(upstream)
-    req = _size(call.params)
-    resp = _size(result)
-    cache = get("cache", "")
+    """Turn a pending call into a `CallRecord`, applying the privacy level (off the request path).
+
+    Raises whatever building it raised (see `build_records`)."""
+    return build_records(hub, (item,))[0]
+
+
+_new_record = tuple.__new__
+_ATTRS = (
+    "queue_ms",
+    "upstream_ms",
+    "terminal_ms",
+    "cache",
+    "_trace",
+    "tokens_saved",
+    "coalesced",
+    "retries",
+    "replica",
+    "decision",
+    "policy_rule",
+)
+"""The `call.attrs` keys a record reads, in the order `build_records` unpacks them."""
+_NO_ARGS: dict[str, Any] = {}
+_SIZE_OPT = orjson.OPT_NON_STR_KEYS
+
+
+def build_records(
+    hub: RecordContext, items: Iterable[Pending], on_error: Callable[[Exception], None] | None = None
+) -> list[CallRecord]:
+    """`CallRecord`s of pending calls, in order, applying the privacy level (off the request path).
+
+    One loop for a whole batch: the hub's level, salt hasher and clock are looked up once, and
+    each record is made as a tuple of its fields in column order (`CallRecord`'s own `__new__`
+    is a Python function of 35 arguments). A call whose record cannot be built is left out and its
+    exception passed to `on_error`; with `on_error` None it is raised.
+    """
     level = hub.level
-    trace_id = span_id = parent_span_id = session = args_hash = arguments = ""
-    task_type = user_intent = performance_target = ""
-    seq = 0
-    principal = ""
-    who = call.principal
-    if who is not None and level != "minimal":
-        principal = who.audit_id(level, hub.principal_hash)
-    trace = get("_trace")
-    if level != "minimal":
-        if trace is not None:
-            trace_id, span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
-            parent_span_id = f"{trace[2]:016x}" if trace[2] else ""
-        sid = call.session_id or call.partition
-        if sid:
-            session = hub.session_hash(sid)
-            seq = hub.next_seq(session)
-        arguments_in = call.arguments
-        args_hash = hash_arguments(arguments_in, hub.salt)
-        task = task_info(call)
-        if task:
-            task_type = str(task.get("task_type") or "")[:200]
-            performance_target = str(task.get("performance_target") or "")[:200]
-            user_intent = redact_text(str(task.get("user_intent") or ""))[:1000]
-        if level == "detailed":
-            arguments = redacted_json(arguments_in)
-    return CallRecord(
-        hub.wall(t0),
-        call.server,
-        call.tool,
-        call.name,
-        outcome,
-        round(total, 3),
-        round(queue_ms, 3),
-        round(upstream, 3),
-        round(max(0.0, total - queue_ms - upstream), 3),
-        req,
-        resp,
-        (req + 3) // 4,  # estimate_tokens, inline
-        (resp + 3) // 4,
-        int(get("tokens_saved") or 0),
-        cache if isinstance(cache, str) else "",
-        bool(get("coalesced")),
-        int(get("retries") or 0),
-        get("replica"),
-        code,
-        session,
-        seq,
-        args_hash,
-        arguments,
-        task_type,
-        user_intent,
-        performance_target,
-        trace_id,
-        span_id,
-        parent_span_id,
-        level,
-        ",".join(attrs["variants"]) if "variants" in attrs else "",
-        principal,
-        str(get("decision") or ""),
-        str(get("policy_rule") or "")[:200],
-        getattr(hub, "replica_id", ""),
-    )
+    named = level != "minimal"
+    detailed = level == "detailed"
+    hash_args = hub.hash_arguments if named else None
+    session_hash = hub.session_hash
+    next_seq = hub.next_seq
+    principal_hash = hub.principal_hash
+    wall = hub.wall
+    replica_id = getattr(hub, "replica_id", "")
+    dumps = orjson.dumps
+    out: list[CallRecord] = []
+    append = out.append
+    for item in items:
+        try:
+            call, t0, t1, result, exc = item
+            if exc is None and type(result) is dict:
+                outcome, code = ("tool_error" if result.get("isError") else "ok"), None
+            else:
+                outcome, code = classify(result, exc)
+            attrs = call.attrs
+            # One C-level pass for the attrs a record reads (a missing one is None).
+            queue_ms, upstream, terminal, cache, trace, saved, coalesced, retries, replica, decision, rule = map(
+                attrs.get, _ATTRS
+            )
+            total = (t1 - t0) * 1000
+            queue_ms = float(queue_ms or 0.0)
+            if upstream is None:
+                upstream = max(0.0, terminal - queue_ms) if terminal is not None else 0.0
+            upstream = float(upstream)
+            params = call.params
+            if params:
+                try:
+                    req = len(dumps(params, option=_SIZE_OPT))
+                except TypeError:
+                    req = len(repr(params))
+            else:
+                req = 0
+            if result:
+                try:
+                    resp = len(dumps(result, option=_SIZE_OPT))
+                except TypeError:
+                    resp = len(repr(result))
+            else:
+                resp = 0
+            trace_id = span_id = parent_span_id = session = args_hash = arguments = ""
+            task_type = user_intent = performance_target = ""
+            seq = 0
+            principal = ""
+            if named:
+                who = call.principal
+                if who is not None:
+                    principal = who.audit_id(level, principal_hash)
+                if trace is not None:
+                    trace_id, span_id = f"{trace[0]:032x}", f"{trace[1]:016x}"
+                    parent_span_id = f"{trace[2]:016x}" if trace[2] else ""
+                sid = call.session_id or call.partition
+                if sid:
+                    session = session_hash(sid)
+                    seq = next_seq(session)
+                arguments_in = params.get("arguments") or _NO_ARGS  # `call.arguments`, inline
+                args_hash = hash_args(arguments_in)  # type: ignore[misc]
+                task = task_info(call)
+                if task:
+                    task_type = str(task.get("task_type") or "")[:200]
+                    performance_target = str(task.get("performance_target") or "")[:200]
+                    user_intent = redact_text(str(task.get("user_intent") or ""))[:1000]
+                if detailed:
+                    arguments = redacted_json(arguments_in)
+            append(
+                _new_record(
+                    CallRecord,
+                    (
+                        wall(t0),
+                        call.server,
+                        call.tool,
+                        call.name,
+                        outcome,
+                        round(total, 3),
+                        round(queue_ms, 3) if queue_ms else 0.0,
+                        round(upstream, 3),
+                        round(max(0.0, total - queue_ms - upstream), 3),
+                        req,
+                        resp,
+                        (req + 3) // 4,  # estimate_tokens, inline
+                        (resp + 3) // 4,
+                        int(saved or 0),
+                        cache if isinstance(cache, str) else "",
+                        bool(coalesced),
+                        int(retries or 0),
+                        replica,
+                        code,
+                        session,
+                        seq,
+                        args_hash,
+                        arguments,
+                        task_type,
+                        user_intent,
+                        performance_target,
+                        trace_id,
+                        span_id,
+                        parent_span_id,
+                        level,
+                        ",".join(attrs["variants"]) if "variants" in attrs else "",
+                        principal,
+                        str(decision or ""),
+                        str(rule or "")[:200],
+                        replica_id,
+                    ),
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad call must not cost the batch its records
+            if on_error is None:
+                raise
+            on_error(exc)
+    return out

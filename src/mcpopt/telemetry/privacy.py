@@ -89,6 +89,44 @@ def hash_arguments(arguments: Mapping[str, Any] | None, salt: bytes) -> str:
     return hashlib.blake2b(data, key=salt[:64], digest_size=8).hexdigest()
 
 
+class ArgumentHasher:
+    """`hash_arguments` under one salt, for the record path: the keyed BLAKE2b state is made once
+    (each hash copies it), and the digests of the last `size` distinct short encodings are kept
+    (a tool called again with the same arguments costs one serialization and one dict lookup).
+
+    `hasher(arguments)` returns exactly `hash_arguments(arguments, salt)` (16 hex characters, ""
+    for no arguments). Only encodings of at most `max_bytes` bytes are remembered, so memory stays
+    under `size * max_bytes` bytes plus the digests (128 KiB by default).
+    """
+
+    __slots__ = ("_base", "_digests", "size", "max_bytes")
+
+    def __init__(self, salt: bytes, size: int = 256, max_bytes: int = 512) -> None:
+        self._base = hashlib.blake2b(key=salt[:64], digest_size=8)
+        self._digests: dict[bytes, str] = {}
+        self.size = size
+        self.max_bytes = max_bytes
+
+    def __call__(self, arguments: Mapping[str, Any] | None) -> str:
+        if not arguments:
+            return ""
+        try:
+            data = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            data = repr(arguments).encode()
+        digests = self._digests
+        digest = digests.get(data)
+        if digest is None:
+            h = self._base.copy()
+            h.update(data)
+            digest = h.hexdigest()
+            if len(data) <= self.max_bytes:
+                if len(digests) >= self.size:
+                    del digests[next(iter(digests))]  # the oldest one in
+                digests[data] = digest
+        return digest
+
+
 def hash_id(value: str, salt: bytes) -> str:
     """A salted digest of an identifier (session ids are never stored as given)."""
     if not value:

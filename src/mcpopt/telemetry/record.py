@@ -17,6 +17,8 @@ Outcomes (the `outcome` field, the Prometheus `outcome` label, the OTel `error.t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 OUTCOMES = (
@@ -123,3 +125,41 @@ FIELDS: tuple[str, ...] = CallRecord._fields
 def estimate_tokens(n_bytes: int) -> int:
     """A rough token count: 4 bytes of JSON per token (the usual rule of thumb for English/JSON)."""
     return (n_bytes + 3) // 4
+
+
+def column(name: str) -> itemgetter[Any]:
+    """A C-level getter of the field `name` of `CallRecord`s (for readers of whole batches:
+    `map(column("total_ms"), records)`).
+
+    Raises:
+        ValueError: `name` is not a field.
+    """
+    return itemgetter(FIELDS.index(name))
+
+
+def columns(*names: str) -> itemgetter[Any]:
+    """A C-level getter of the tuple of the fields `names` (e.g. `columns("server", "tool")`).
+
+    Raises:
+        ValueError: a name is not a field.
+    """
+    return itemgetter(*(FIELDS.index(name) for name in names))
+
+
+def group(records: Sequence[CallRecord], key: Callable[[CallRecord], Any]) -> dict[Any, list[CallRecord]]:
+    """`records` by `key(record)`: each group in the records' order, the groups in the order of
+    their first record (a batch of one key, the usual case, costs two C-level passes)."""
+    if not records:
+        return {}
+    keys = list(map(key, records))
+    first = keys[0]
+    if keys.count(first) == len(keys):
+        return {first: list(records)}
+    out: dict[Any, list[CallRecord]] = {}
+    for k, rec in zip(keys, records, strict=True):
+        part = out.get(k)
+        if part is None:
+            out[k] = [rec]
+        else:
+            part.append(rec)
+    return out
