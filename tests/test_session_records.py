@@ -10,6 +10,7 @@ which `_Live.record_of` returns (the record a replica builds from its `Connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -605,3 +606,23 @@ async def test_a_change_whose_announcement_failed_is_announced_later(
     finally:
         await here.aclose()
         await store.aclose()
+
+
+async def test_a_closed_layer_starts_no_announcement_retries() -> None:
+    """A write that returns after `aclose` (shutdown with a request in flight) leaves no task behind
+    that would retry its announcement every second against a closed store."""
+
+    class Down:
+        async def publish(self, channel: str, message: bytes) -> None:
+            raise StateUnavailable("closed")
+
+    layer = _layer(Down())
+    layer._unannounced.add("s1")
+    layer._retry_announcements()
+    started = layer._announcing
+    assert started is not None  # open: a retry is scheduled
+    await layer.aclose()
+    with contextlib.suppress(asyncio.CancelledError):
+        await started
+    layer._retry_announcements()
+    assert layer._announcing is started and not any(not t.done() for t in layer._tasks)

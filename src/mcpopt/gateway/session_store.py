@@ -248,6 +248,7 @@ class SharedSessions:
         """Sessions whose stored change's announcement failed (`store_record`): sent again by
         `_announce_pending` (a repeated announcement is harmless, a lost one leaves copies stale)."""
         self._announcing: asyncio.Task[None] | None = None
+        self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._down = False
@@ -374,6 +375,8 @@ class SharedSessions:
     def _retry_announcements(self, *, after: float = 0.0) -> None:
         """Send the pending announcements in the background (one task at a time), `after` seconds
         from now, then every `ANNOUNCE_RETRY_S` until sent (or the layer is closed)."""
+        if self._closed:  # a write that finished after `aclose` spawns nothing that would outlive it
+            return
         if self._unannounced and (self._announcing is None or self._announcing.done()):
             self._announcing = asyncio.ensure_future(self._announce_pending(after))
             self._tasks.add(self._announcing)
@@ -381,7 +384,7 @@ class SharedSessions:
 
     async def _announce_pending(self, after: float) -> None:
         await asyncio.sleep(after)
-        while self._unannounced:
+        while self._unannounced and not self._closed:
             try:
                 await self._announce(None)
             except StateUnavailable as exc:
@@ -766,6 +769,7 @@ class SharedSessions:
 
     async def aclose(self) -> None:
         """Stop the listener and background refreshes (the store is closed by its owner)."""
+        self._closed = True
         for task in [self._listener, *self._tasks]:
             if task is not None:
                 task.cancel()
