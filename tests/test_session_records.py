@@ -626,3 +626,48 @@ async def test_a_closed_layer_starts_no_announcement_retries() -> None:
         await started
     layer._retry_announcements()
     assert layer._announcing is started and not any(not t.done() for t in layer._tasks)
+
+
+class _Transport:
+    """What `_remote_change` ends of a listed session: terminated, and its idle scope (none here)."""
+
+    is_terminated = False
+    idle_scope = None
+
+    async def terminate(self) -> None:
+        self.is_terminated = True
+
+
+class _DeletedWhileOpening(SharedSessions):
+    """`_open` runs after the record was read; meanwhile the client DELETEs the session on another
+    replica, whose announcement is heard here before the session is listed."""
+
+    other: SharedSessions | None = None
+    transport = _Transport()
+
+    async def _open(self, sid: str, record: SessionRecord, params: Any, requestor: Any) -> None:
+        assert self.other is not None
+        await self.other._drop_everywhere(sid)  # deleted there: the record is gone, the deletion announced
+        await self._remote_change(orjson.dumps({"sid": sid, "from": self.other.token, "deleted": True}))
+        self.manager._server_instances[sid] = self.transport  # listed, as the SDK's manager lists it
+        conn = Connection(cast(Any, None), protocol_version=record.protocol_version, session_id=sid)
+        conn.client_params = params
+        self._restore(conn, record)
+
+
+async def test_a_session_deleted_while_it_opens_here_is_ended_once_open(
+    redis_store: tuple[RedisServer, RedisStateStore],
+) -> None:
+    """Resumed here from a record read before the DELETE elsewhere: the session must not outlive
+    its deletion on this replica (its id answers 404 here too, and nothing writes its record back)."""
+    _server, store = redis_store
+    other, here = _layer(store), cast(_DeletedWhileOpening, _layer(store, _DeletedWhileOpening))
+    here.other = other
+    here.transport = _Transport()
+    sid = "s1"
+    await other.write(sid, _record(level="info"), 60.0)  # the session lives on the other replica ...
+    scope = {"type": "http", "method": "POST", "path": "/mcp"}
+    assert await here._rehydrate(sid, scope) is None  # ... and is resumed here, from the record before
+    await _until(lambda: not here._tasks, "the deletion handled again")
+    assert sid not in here.manager._server_instances and here.transport.is_terminated
+    assert sid not in here._saved and await store.get(session_key(sid)) is None
