@@ -671,3 +671,41 @@ async def test_a_session_deleted_while_it_opens_here_is_ended_once_open(
     await _until(lambda: not here._tasks, "the deletion handled again")
     assert sid not in here.manager._server_instances and here.transport.is_terminated
     assert sid not in here._saved and await store.get(session_key(sid)) is None
+
+
+class _Reopening(_Live):
+    """`_open` lists a new transport under the id, as the real one does (the SDK's manager lists it at
+    once); the session's server task is not run here, its late ending is played by the test."""
+
+    opened: StreamableHTTPServerTransport | None = None
+
+    async def _open(self, sid: str, record: SessionRecord, params: Any, requestor: Any) -> None:
+        self.opened = StreamableHTTPServerTransport(mcp_session_id=sid)
+        self.manager._server_instances[sid] = self.opened
+
+
+async def test_a_parked_session_resumed_at_once_survives_its_old_server_task_ending() -> None:
+    """Parking discards the session and cancels its server task; that task's `finally` discards it
+    once more some loop turns later. A request that resumed the session in between had its new
+    transport taken away by that late call, and was answered 404 (the saturated-suite flake of
+    issue 15). With `discard_only_own`, a discard forgets the id only for the transport listed."""
+    store = LocalRecords()
+    manager = _manager()
+    guard = SessionGuard(None, manager, max_sessions=10, max_sessions_per_client=10, path="/mcp")
+    layer = _Reopening(None, SimpleNamespace(clients=Clients([])), manager, store, ttl_s=600.0, guard=guard)
+    layer.state = _record(level="info")
+    parking = SessionParking(layer, guard, manager, park_s=0.001, idle_timeout_s=600.0)
+    sid = "s1"
+    old = manager._server_instances[sid] = StreamableHTTPServerTransport(mcp_session_id=sid)
+    guard.adopt(sid, "client")
+    guard.held[sid].last -= 60.0
+    assert await parking.park(sid, cast(Connection, _Conn(sid)))
+    assert sid not in manager._server_instances and sid in parking.parked and old.is_terminated
+    scope = {"type": "http", "method": "POST", "path": "/mcp"}
+    assert await layer._rehydrate(sid, scope) is None  # the next request resumes it: a new transport
+    new = layer.opened
+    assert new is not None and manager._server_instances.get(sid) is new
+    await manager._discard_session(sid, old)  # the parked session's server task winds down now
+    assert manager._server_instances.get(sid) is new and not new.is_terminated
+    await manager._discard_session(sid, new)  # the listed transport is still discarded as before
+    assert sid not in manager._server_instances and new.is_terminated

@@ -81,7 +81,7 @@ from pydantic import ValidationError
 
 from mcpopt.gateway.clients import LEVELS
 from mcpopt.gateway.edge import MESSAGE_SCOPE_KEY
-from mcpopt.gateway.sessions import SessionGuard, client_key, refuse, session_id_of
+from mcpopt.gateway.sessions import SessionGuard, client_key, discard_only_own, refuse, session_id_of
 from mcpopt.state import StateUnavailable
 from mcpopt.state.redis import RedisStateStore, report_down, report_up
 
@@ -235,6 +235,7 @@ class SharedSessions:
         self.app = app
         self.gateway = gateway
         self.manager = manager
+        discard_only_own(manager)  # ids are reused here: a late discard must not end the new session
         self.store = store
         self.ttl_s = ttl_s
         self.guard = guard

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 from mcp_types import INTERNAL_ERROR
 
@@ -227,6 +228,34 @@ class SessionGuard:
             idle.cancel()  # ends its server task now rather than at the idle timeout
         if self.on_evict is not None:
             await self.on_evict(sid)  # its record too: an evicted session is not resumed anywhere
+
+
+def discard_only_own(manager: Any) -> None:
+    """Make the SDK manager's `_discard_session(sid, transport)` forget `sid` only while `transport`
+    is the one listed under it; another transport is only terminated. Idempotent.
+
+    The SDK forgets by id alone, and each session's server task calls it once more when it winds
+    down (`finally`), some loop turns after the session was discarded and its idle scope
+    cancelled. A session that is parked (`mcpopt.gateway.parking`) or ended here by another
+    replica's DELETE and then resumed under the same id at once is listed under that id with a new
+    transport by then: the old task's late call took the new one away, and the request that had
+    just resumed it was answered 404 "Session not found" (issue 15, the saturated-suite flake in
+    `test_parked_sessions_count_toward_max_sessions_and_are_evicted_as_records`). Re-hydration
+    (`SharedSessions`) is what reuses ids, so it installs this.
+    """
+    if getattr(manager, "_mcpopt_discard_only_own", False):
+        return
+    forget = manager._discard_session  # noqa: SLF001
+
+    async def discard(session_id: str, transport: Any) -> None:
+        if manager._server_instances.get(session_id) is transport:  # noqa: SLF001
+            await forget(session_id, transport)
+        elif not transport.is_terminated:
+            with anyio.CancelScope(shield=True):  # as the SDK's: completes even while the caller is cancelled
+                await transport.terminate()
+
+    manager._discard_session = discard  # noqa: SLF001
+    manager._mcpopt_discard_only_own = True  # noqa: SLF001
 
 
 def session_id_of(scope: Scope) -> str | None:
