@@ -35,8 +35,8 @@ async def main() -> int:
     logging.getLogger("mcpopt").setLevel(logging.WARNING)
     from mcpopt.optimize.proof import run_proof
     from mcpopt.optimize.report import build_report, write_reports
-    from mcpopt.pipeline.rules import RuleStore, rules_summary
     from mcpopt.optimize.score import suite_scores
+    from mcpopt.pipeline.rules import RuleStore, rules_summary
 
     with tempfile.TemporaryDirectory(prefix="mcpopt-proof-") as work:
         result = await run_proof(work)
