@@ -5,7 +5,8 @@ against the configured servers as they are, they would commit to the user's repo
 their files. `sandbox_config` rewrites a config so that every stdio server works on copies:
 
 - an argument naming an existing directory: a git work tree is cloned (`git clone --shared`,
-  cheap: objects are borrowed, the clone has its own index, HEAD and branches), a folder inside
+  cheap: objects are borrowed, the clone has its own index, HEAD and branches; a detached HEAD is
+  put on a branch of the clone, `_attach_head`), a folder inside
   such a work tree maps to the same place in the clone, any other folder is copied (up to
   `max_copy_bytes`);
 - the value after a flag that names a file (`--db-path`, `--file`, `--database`, ...) and an env
@@ -86,6 +87,7 @@ def _copy_dir(src: Path, dst: Path, max_bytes: int) -> None:
         # The clone must be able to commit whatever the user's git config says.
         for key, value in (("user.name", "mcpopt sandbox"), ("user.email", "sandbox@mcpopt.invalid")):
             subprocess.run(["git", "-C", str(dst), "config", key, value], capture_output=True, timeout=10)
+        _attach_head(dst)
         return
     size = _size(src, max_bytes)
     if size > max_bytes:
@@ -94,6 +96,32 @@ def _copy_dir(src: Path, dst: Path, max_bytes: int) -> None:
             "(raise max_copy_bytes, or run with --no-sandbox to use the real folder)"
         )
     shutil.copytree(src, dst, symlinks=True)
+
+
+SANDBOX_BRANCH = "mcpopt-sandbox"
+"""The branch a clone of a work tree with a detached HEAD is put on (at the same commit)."""
+
+
+def _attach_head(repo: Path) -> None:
+    """Put a clone whose HEAD is detached on a local branch at the same commit (`SANDBOX_BRANCH`).
+
+    A work tree checked out at a commit rather than a branch (CI checkouts, `git worktree add`
+    without a branch, bisect) clones with a detached HEAD, and a git server cannot branch from it
+    (mcp-server-git's `git_create_branch`: "HEAD is detached, so there is no branch to base on"):
+    a scenario that branches would fail in the sandbox where it passes on a branch. The branch lives
+    in the clone only. Raises `SandboxError` when git cannot create it.
+    """
+    attached = subprocess.run(["git", "-C", str(repo), "symbolic-ref", "-q", "HEAD"], capture_output=True, timeout=10)
+    if attached.returncode == 0:
+        return
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "checkout", "--quiet", "-b", SANDBOX_BRANCH],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        raise SandboxError(f"cannot put the sandbox clone {repo} on a branch: {proc.stderr.strip()[:300]}")
 
 
 class _Copier:
