@@ -236,9 +236,10 @@ def discard_only_own(manager: Any) -> None:
 
     The SDK forgets by id alone, and each session's server task calls it once more when it winds
     down (`finally`), some loop turns after the session was discarded and its idle scope
-    cancelled. A session that is parked (`mcpopt.gateway.parking`) or ended here by another
-    replica's DELETE and then resumed under the same id at once is listed under that id with a new
-    transport by then: the old task's late call took the new one away, and the request that had
+    cancelled. A session that is parked (`mcpopt.gateway.parking`), or evicted while its record
+    stays in Redis (`SessionGuard`; it may be live on another replica), and then resumed under the
+    same id at once is listed under that id with a new transport by then: the old task's late
+    call took the new one away, and the request that had
     just resumed it was answered 404 "Session not found" (issue 15, the saturated-suite flake in
     `test_parked_sessions_count_toward_max_sessions_and_are_evicted_as_records`). Re-hydration
     (`SharedSessions`) is what reuses ids, so it installs this.
